@@ -1,0 +1,330 @@
+//! The `bkp` command line. Silent on success unless `--verbose`; a
+//! one-line reason and a non-zero exit on failure; `--json` for scripts.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use bkp_common::snapshot::{SnapshotKind, SnapshotSummary};
+use bkp_common::tree::Entry;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::{ClientConfig, FileConfig};
+use crate::conn::Client;
+use crate::progress::{Progress, Silent};
+use crate::push::{push, PushOptions, Source};
+use crate::restore::{restore, RestoreOptions, TreeReader};
+use crate::select::resolve;
+
+#[derive(Parser)]
+#[command(name = "bkp", version, about = "bkp backup client")]
+struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Print a summary line on success.
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct ConnArgs {
+    /// Server address, host:port [env: BKP_SERVER]
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// SHA-256 fingerprint of the server certificate [env: BKP_FINGERPRINT]
+    #[arg(long, global = true)]
+    fingerprint: Option<String>,
+    /// Trust a CA file instead of pinning a fingerprint.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+    /// Token [env: BKP_TOKEN]; prefer --token-file, which ps cannot show.
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// File holding the token [env: BKP_TOKEN_FILE]
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Client config file (default ~/.config/bkp/client.toml, /etc/bkp/client.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Back up file trees, stdin, or a command's output.
+    Push {
+        /// Backup set name [default: "files" for trees].
+        #[arg(long)]
+        name: Option<String>,
+        /// Read the backup from standard input.
+        #[arg(long, conflicts_with = "paths")]
+        stdin: bool,
+        /// Skip paths matching this glob (a name anywhere, or an absolute path).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// zstd level for new chunks.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(-7..=19))]
+        level: i32,
+        /// Files and directories to back up.
+        paths: Vec<PathBuf>,
+        /// Command whose standard output is the backup (after `--`).
+        #[arg(last = true)]
+        command: Vec<OsString>,
+    },
+    /// List snapshots.
+    Snapshots {
+        #[arg(long)]
+        name: Option<String>,
+        /// Another host's snapshots (admin tokens).
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// List the contents of a snapshot.
+    Ls {
+        snapshot: String,
+        path: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Restore a snapshot to a directory or to stdout.
+    Restore {
+        snapshot: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, required_unless_present = "stdout", conflicts_with = "stdout")]
+        target: Option<PathBuf>,
+        #[arg(long)]
+        stdout: bool,
+        /// Restore only these paths (and what is below them).
+        #[arg(long)]
+        include: Vec<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bkp: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bkp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Bars {
+    bar: ProgressBar,
+    read: std::sync::atomic::AtomicU64,
+    sent: std::sync::atomic::AtomicU64,
+}
+
+impl Progress for Bars {
+    fn read(&self, b: u64) {
+        let r = self.read.fetch_add(b, std::sync::atomic::Ordering::Relaxed) + b;
+        let s = self.sent.load(std::sync::atomic::Ordering::Relaxed);
+        self.bar.set_position(r);
+        self.bar.set_message(format!("new {}", indicatif::HumanBytes(s)));
+    }
+    fn file_done(&self) {
+        self.bar.inc_length(0);
+    }
+    fn uploaded(&self, b: u64) {
+        self.sent.fetch_add(b, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn restored(&self, b: u64) {
+        self.bar.inc(b);
+    }
+}
+
+fn progress() -> Arc<dyn Progress> {
+    if !std::io::stderr().is_terminal() {
+        return Arc::new(Silent);
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bytes} read, {msg} ({bytes_per_sec}) {elapsed}")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    Arc::new(Bars { bar, read: 0.into(), sent: 0.into() })
+}
+
+fn fmt_time(ns: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn connect(c: &ConnArgs) -> Result<Arc<Client>> {
+    let flags = FileConfig {
+        server: c.server.clone(),
+        fingerprint: c.fingerprint.clone(),
+        token: c.token.clone(),
+        token_file: c.token_file.clone(),
+        ca_file: c.ca_file.clone(),
+    };
+    let cfg = ClientConfig::resolve(flags, c.config.as_deref())?;
+    Ok(Arc::new(Client::connect(&cfg).await?))
+}
+
+async fn pick(client: &Client, spec: &str, name: Option<&str>) -> Result<bkp_common::SnapshotId> {
+    let list = client.snapshots(None, name.map(str::to_string)).await?;
+    Ok(resolve(spec, name, &list)?)
+}
+
+fn print_snapshots(list: &[SnapshotSummary]) {
+    println!("{:<10} {:<21} {:<16} {:<16} {:<7} {:>9} {:>12}", "ID", "TIME", "HOST", "NAME", "KIND", "FILES", "SIZE");
+    for s in list {
+        let kind = if s.kind == SnapshotKind::Tree { "tree" } else { "stream" };
+        println!(
+            "{:<10} {:<21} {:<16} {:<16} {:<7} {:>9} {:>12}",
+            s.id.short(),
+            fmt_time(s.time_ns),
+            s.host,
+            s.name,
+            kind,
+            s.stats.files,
+            indicatif::HumanBytes(s.stats.bytes).to_string()
+        );
+    }
+}
+
+async fn execute(cli: Cli) -> Result<()> {
+    let client = connect(&cli.conn).await?;
+    let result = run(&cli, client.clone()).await;
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    result
+}
+
+async fn run(cli: &Cli, client: Arc<Client>) -> Result<()> {
+    match &cli.cmd {
+        Cmd::Push { name, stdin, exclude, level, paths, command } => {
+            let source = match (*stdin, paths.is_empty(), command.is_empty()) {
+                (true, true, true) => Source::Stdin,
+                (false, true, false) => Source::Command(command.clone()),
+                (false, false, true) => Source::Paths { paths: paths.clone(), excludes: exclude.clone() },
+                _ => anyhow::bail!("give PATHs, --stdin, or -- CMD (exactly one)"),
+            };
+            let name = match (name, &source) {
+                (Some(n), _) => n.clone(),
+                (None, Source::Paths { .. }) => "files".to_string(),
+                (None, _) => anyhow::bail!("--name is required for --stdin and -- CMD"),
+            };
+            let opts = PushOptions { name, source, zstd_level: *level };
+            let r = push(client, opts, progress()).await?;
+            for w in &r.warnings {
+                eprintln!("bkp: warning: {w}");
+            }
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else if cli.verbose {
+                let mbps = r.bytes_read as f64 / 1e6 / r.seconds.max(1e-9);
+                eprintln!(
+                    "snapshot {} {}/{}: {} files, {} read, {} sent ({} chunks of {}), {:.1} MB/s",
+                    r.snapshot.id.short(),
+                    r.snapshot.host,
+                    r.snapshot.name,
+                    r.snapshot.stats.files,
+                    indicatif::HumanBytes(r.bytes_read),
+                    indicatif::HumanBytes(r.bytes_sent),
+                    r.chunks_sent,
+                    r.chunks,
+                    mbps
+                );
+            }
+            Ok(())
+        }
+        Cmd::Snapshots { name, host } => {
+            let list = client.snapshots(host.clone(), name.clone()).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_snapshots(&list);
+            }
+            Ok(())
+        }
+        Cmd::Ls { snapshot, path, name } => {
+            let id = pick(&client, snapshot, name.as_deref()).await?;
+            let snap = client.snapshot(id).await?;
+            let prefix = path.as_deref().map(|p| p.trim_matches('/').to_string());
+            let handle = tokio::runtime::Handle::current();
+            let json = cli.json;
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut r = TreeReader::new(client, handle, &snap);
+                let mut size = 0u64;
+                while let Some(e) = r.next_entry()? {
+                    let (kind, p, mode) = match &e {
+                        Entry::Dir { path, meta } => ("d", path, meta.mode),
+                        Entry::File { path, meta, size: s } => {
+                            size = *s;
+                            ("-", path, meta.mode)
+                        }
+                        Entry::Symlink { path, meta, .. } => ("l", path, meta.mode),
+                        Entry::Hardlink { path, .. } => ("h", path, 0),
+                        Entry::Special { path, meta, .. } => ("s", path, meta.mode),
+                        _ => continue,
+                    };
+                    let p = String::from_utf8_lossy(p);
+                    if let Some(pre) = &prefix {
+                        if !(p == pre.as_str() || p.starts_with(&format!("{pre}/"))) {
+                            continue;
+                        }
+                    }
+                    let sz = if kind == "-" { size } else { 0 };
+                    if json {
+                        println!("{}", serde_json::json!({"type": kind, "path": p, "mode": mode, "size": sz}));
+                    } else {
+                        println!("{kind} {mode:04o} {sz:>12} {p}");
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .context("listing thread")??;
+            Ok(())
+        }
+        Cmd::Restore { snapshot, name, target, stdout, include } => {
+            let id = pick(&client, snapshot, name.as_deref()).await?;
+            let opts = RestoreOptions { target: if *stdout { None } else { target.clone() }, include: include.clone() };
+            let prog: Arc<dyn Progress> = if *stdout { Arc::new(Silent) } else { progress() };
+            let r = restore(client, id, opts, prog).await?;
+            for e in &r.errors {
+                eprintln!("bkp: {e}");
+            }
+            if cli.json {
+                eprintln!("{}", serde_json::to_string(&r)?);
+            } else if cli.verbose {
+                eprintln!("restored {} files, {}", r.files, indicatif::HumanBytes(r.bytes));
+            }
+            if !r.errors.is_empty() {
+                anyhow::bail!("{} entries were not restored (see above)", r.errors.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_time() {
+        assert_eq!(super::fmt_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::fmt_time(1_700_000_000_000_000_000), "2023-11-14T22:13:20Z");
+    }
+}

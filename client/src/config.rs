@@ -1,0 +1,138 @@
+//! Where the client finds its server, the server's certificate and its
+//! token: flags, else environment, else `~/.config/bkp/client.toml`, else
+//! `/etc/bkp/client.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: Option<String>,
+    pub fingerprint: Option<String>,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How the client checks the server's certificate.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// SHA-256 of the server certificate (printed by `bkp-server init`).
+    Fingerprint(String),
+    /// A PEM file of CA certificates.
+    CaFile(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub server: String,
+    pub trust: Trust,
+    pub token: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no {0} configured: pass {1}, set {2}, or put `{3}` in ~/.config/bkp/client.toml")]
+    Missing(&'static str, &'static str, &'static str, &'static str),
+    #[error("config file {0}: {1}")]
+    File(String, String),
+    #[error("token file {0}: {1}")]
+    TokenFile(String, std::io::Error),
+    #[error("fingerprint {0:?} is not 64 hex digits (the SHA-256 that `bkp-server init` printed)")]
+    Fingerprint(String),
+}
+
+fn load_file(path: &Path) -> Result<Option<FileConfig>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => toml::from_str(&t).map(Some).map_err(|e| ConfigError::File(path.display().to_string(), e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ConfigError::File(path.display().to_string(), e.to_string())),
+    }
+}
+
+pub fn normalize_fingerprint(s: &str) -> Result<String, ConfigError> {
+    let hex: String = s.trim().trim_start_matches("sha256:").chars().filter(|c| *c != ':').collect();
+    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(hex.to_ascii_lowercase())
+    } else {
+        Err(ConfigError::Fingerprint(s.to_string()))
+    }
+}
+
+impl ClientConfig {
+    /// Merges flags (`flags`) over the environment over the config file.
+    pub fn resolve(flags: FileConfig, config_file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let file = match config_file {
+            Some(p) => load_file(p)?.ok_or_else(|| ConfigError::File(p.display().to_string(), "not found".into()))?,
+            None => {
+                let home = env("HOME").map(|h| PathBuf::from(h).join(".config/bkp/client.toml"));
+                let mut found = None;
+                for p in home.into_iter().chain([PathBuf::from("/etc/bkp/client.toml")]) {
+                    if let Some(c) = load_file(&p)? {
+                        found = Some(c);
+                        break;
+                    }
+                }
+                found.unwrap_or_default()
+            }
+        };
+        let server = flags.server.or_else(|| env("BKP_SERVER")).or(file.server).ok_or(ConfigError::Missing(
+            "server",
+            "--server",
+            "BKP_SERVER",
+            "server = \"host:7443\"",
+        ))?;
+        let trust = match (flags.fingerprint.or_else(|| env("BKP_FINGERPRINT")), flags.ca_file) {
+            (Some(f), _) => Trust::Fingerprint(normalize_fingerprint(&f)?),
+            (None, Some(ca)) => Trust::CaFile(ca),
+            (None, None) => match (file.fingerprint, file.ca_file) {
+                (Some(f), _) => Trust::Fingerprint(normalize_fingerprint(&f)?),
+                (None, Some(ca)) => Trust::CaFile(ca),
+                (None, None) => {
+                    return Err(ConfigError::Missing(
+                        "server fingerprint",
+                        "--fingerprint",
+                        "BKP_FINGERPRINT",
+                        "fingerprint = \"...\"",
+                    ))
+                }
+            },
+        };
+        let token_file = flags.token_file.or_else(|| env("BKP_TOKEN_FILE").map(PathBuf::from));
+        let token = match (flags.token.or_else(|| env("BKP_TOKEN")), token_file) {
+            (Some(t), _) => t,
+            (None, Some(p)) => read_token(&p)?,
+            (None, None) => match (file.token, file.token_file) {
+                (Some(t), _) => t,
+                (None, Some(p)) => read_token(&p)?,
+                (None, None) => {
+                    return Err(ConfigError::Missing("token", "--token-file", "BKP_TOKEN_FILE", "token_file = \"...\""))
+                }
+            },
+        };
+        Ok(Self { server, trust, token })
+    }
+}
+
+fn read_token(p: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(p)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| ConfigError::TokenFile(p.display().to_string(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints() {
+        let h = "ab".repeat(32);
+        assert_eq!(normalize_fingerprint(&h.to_uppercase()).unwrap(), h);
+        let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
+        assert_eq!(normalize_fingerprint(&colons.join(":")).unwrap(), h);
+        assert!(normalize_fingerprint("abc").is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! A connection to the server: TLS with a pinned certificate (or a CA),
+//! the hello handshake, and one method per request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bkp_common::blob;
+use bkp_common::io::{read_frame, write_frame};
+use bkp_common::protocol::{Request, Response, Role, ALPN, MAGIC, VERSION};
+use bkp_common::snapshot::{Snapshot, SnapshotKind, SnapshotSummary};
+use bkp_common::{ChunkId, SnapshotId};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ClientConfig, Trust};
+use crate::error::{ClientError, Result};
+
+/// Accepts exactly one certificate, by SHA-256 of its DER bytes, and still
+/// checks the handshake signature so the server must hold its key.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: String,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let got = hex::encode(Sha256::digest(end_entity.as_ref()));
+        if got == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server certificate fingerprint {got} does not match the pinned {}",
+                self.fingerprint
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not allowed".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60s fits")));
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    t
+}
+
+fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Connect("tls".into(), e.to_string()))?;
+    let mut cfg = match trust {
+        Trust::Fingerprint(fp) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                fingerprint: fp.clone(),
+                algs: provider.signature_verification_algorithms,
+            }))
+            .with_no_client_auth(),
+        Trust::CaFile(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| ClientError::Connect(path.display().to_string(), e.to_string()))?;
+            for c in certs {
+                roots.add(c).map_err(|e| ClientError::Connect(path.display().to_string(), e.to_string()))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// An authenticated connection.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    pub host: String,
+    pub role: Role,
+}
+
+fn unexpected(r: Response) -> ClientError {
+    match r {
+        Response::Error { code, message } => ClientError::Server(message, code),
+        other => ClientError::Protocol(format!("unexpected response {:?}", std::mem::discriminant(&other))),
+    }
+}
+
+impl Client {
+    pub async fn connect(cfg: &ClientConfig) -> Result<Self> {
+        let err = |m: String| ClientError::Connect(cfg.server.clone(), m);
+        let addr: SocketAddr = tokio::net::lookup_host(&cfg.server)
+            .await
+            .map_err(|e| err(format!("{e} (expected host:port)")))?
+            .next()
+            .ok_or_else(|| err("no address".into()))?;
+        let name = cfg.server.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("bkp-server");
+        let tls = tls_config(&cfg.trust)?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?;
+        let mut qcfg = quinn::ClientConfig::new(Arc::new(quic));
+        qcfg.transport_config(Arc::new(transport()));
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("bind address");
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| err(e.to_string()))?;
+        endpoint.set_default_client_config(qcfg);
+        let conn =
+            endpoint.connect(addr, name).map_err(|e| err(e.to_string()))?.await.map_err(|e| err(e.to_string()))?;
+        // The token is sent only now, after the certificate was checked.
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+        let hello = Request::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            token: cfg.token.clone(),
+            client: format!("bkp {}", bkp_common::VERSION),
+        };
+        write_frame(&mut send, &hello).await?;
+        let _ = send.finish();
+        match read_frame::<Response, _>(&mut recv).await {
+            Ok(Some(Response::Welcome { host, role, .. })) => Ok(Self { endpoint, conn, host, role }),
+            Ok(Some(r)) => Err(unexpected(r)),
+            Ok(None) => Err(err("server closed the connection during hello".into())),
+            Err(e) => Err(err(format!("during hello: {e}"))),
+        }
+    }
+
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        self.conn.open_bi().await.map_err(|e| ClientError::Io(e.to_string()))
+    }
+
+    /// One request, one response.
+    async fn call(&self, req: &Request) -> Result<Response> {
+        let (mut send, mut recv) = self.open().await?;
+        write_frame(&mut send, req).await?;
+        let _ = send.finish();
+        match read_frame::<Response, _>(&mut recv).await? {
+            Some(Response::Error { code, message }) => Err(ClientError::Server(message, code)),
+            Some(r) => Ok(r),
+            None => Err(ClientError::Io("stream closed before the answer".into())),
+        }
+    }
+
+    pub async fn start_push(&self, name: &str, kind: SnapshotKind) -> Result<u64> {
+        match self.call(&Request::StartPush { name: name.to_string(), kind }).await? {
+            Response::PushStarted { session } => Ok(session),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Indices of `ids` that must be uploaded.
+    pub async fn missing(&self, session: u64, ids: Vec<ChunkId>) -> Result<Vec<u32>> {
+        let n = ids.len() as u32;
+        match self.call(&Request::HasChunks { session, ids }).await? {
+            Response::Missing(m) if m.iter().all(|&i| i < n) => Ok(m),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Uploads encoded chunk blobs on one stream; returns bytes the server
+    /// newly stored.
+    pub async fn put(&self, session: u64, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<u64> {
+        let (mut send, mut recv) = self.open().await?;
+        for (id, blob) in chunks {
+            write_frame(&mut send, &Request::PutChunk { session, id, blob }).await?;
+        }
+        let _ = send.finish();
+        match read_frame::<Response, _>(&mut recv).await? {
+            Some(Response::PutOk { new_bytes, .. }) => Ok(new_bytes),
+            Some(r) => Err(unexpected(r)),
+            None => Err(ClientError::Io("upload stream closed without an answer".into())),
+        }
+    }
+
+    pub async fn commit(&self, session: u64, tree: Vec<ChunkId>) -> Result<SnapshotSummary> {
+        match self.call(&Request::Commit { session, tree }).await? {
+            Response::Committed(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn snapshots(&self, host: Option<String>, name: Option<String>) -> Result<Vec<SnapshotSummary>> {
+        match self.call(&Request::ListSnapshots { host, name }).await? {
+            Response::Snapshots(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
+        match self.call(&Request::GetSnapshot { id }).await? {
+            Response::Snapshot { id: got, snapshot } if got == id => Ok(snapshot),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Fetches one chunk and checks it against its id.
+    pub async fn chunk(&self, id: ChunkId) -> Result<Vec<u8>> {
+        let (mut send, mut recv) = self.open().await?;
+        write_frame(&mut send, &Request::GetChunks { ids: vec![id] }).await?;
+        let _ = send.finish();
+        match read_frame::<Response, _>(&mut recv).await? {
+            Some(Response::Chunk { id: got, blob }) if got == id => tokio::task::spawn_blocking(move || {
+                blob::decode_verified(&blob, &id).map_err(|e| ClientError::Corrupt(e.to_string()))
+            })
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))?,
+            Some(r) => Err(unexpected(r)),
+            None => Err(ClientError::Io("stream closed before the chunk".into())),
+        }
+    }
+}

@@ -1,0 +1,29 @@
+use bkp_common::protocol::ErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("connecting to {0}: {1}")]
+    Connect(String, String),
+    #[error("server refused: {0}")]
+    Server(String, ErrorCode),
+    #[error("protocol error: {0}; are client and server the same version?")]
+    Protocol(String),
+    #[error("connection lost: {0}")]
+    Io(String),
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Restore(String),
+    #[error("corrupt data from server: {0}")]
+    Corrupt(String),
+}
+
+impl From<bkp_common::io::IoError> for ClientError {
+    fn from(e: bkp_common::io::IoError) -> Self {
+        ClientError::Io(e.to_string())
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

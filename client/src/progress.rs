@@ -1,0 +1,17 @@
+//! Progress reporting. The library calls a [`Progress`]; only the CLI
+//! draws bars.
+
+pub trait Progress: Send + Sync {
+    /// Input bytes read and chunked.
+    fn read(&self, _bytes: u64) {}
+    /// A file (or the stream) was fully read.
+    fn file_done(&self) {}
+    /// Bytes sent to the server that it did not already have (compressed).
+    fn uploaded(&self, _bytes: u64) {}
+    /// Bytes written by a restore.
+    fn restored(&self, _bytes: u64) {}
+}
+
+/// Reports nothing.
+pub struct Silent;
+impl Progress for Silent {}

@@ -1,0 +1,175 @@
+//! Chunk blob: how one chunk travels on the wire and sits in the store.
+//!
+//! ```text
+//! offset size field
+//! 0      4    magic "BKPC"
+//! 4      1    version (1)
+//! 5      1    codec: 0 = stored, 1 = zstd
+//! 6      4    raw length, u32 little endian, at most MAX_CHUNK
+//! 10     ..   payload
+//! ```
+//! The raw length is checked against [`MAX_CHUNK`] before anything is
+//! allocated, so a crafted blob cannot make a reader allocate more than
+//! one maximum chunk.
+
+use crate::chunker::MAX_CHUNK;
+use crate::ids::ChunkId;
+
+pub const MAGIC: &[u8; 4] = b"BKPC";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 10;
+/// Largest valid blob: a stored (uncompressed) maximum chunk.
+pub const MAX_BLOB: usize = HEADER_LEN + MAX_CHUNK as usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    Stored = 0,
+    Zstd = 1,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BlobError {
+    #[error("chunk blob too short ({0} bytes)")]
+    Short(usize),
+    #[error("chunk blob has bad magic (not a bkp chunk)")]
+    Magic,
+    #[error("chunk blob version {0} is not supported by this build; upgrade bkp")]
+    Version(u8),
+    #[error("chunk blob codec {0} is unknown")]
+    Codec(u8),
+    #[error("chunk blob claims {0} bytes, more than the {MAX_CHUNK}-byte maximum")]
+    TooLarge(u64),
+    #[error("chunk blob of {0} bytes is larger than the maximum {MAX_BLOB}")]
+    BlobTooLarge(usize),
+    #[error("chunk blob does not decompress: {0}")]
+    Corrupt(String),
+    #[error("chunk blob decompressed to {got} bytes, header says {want}")]
+    Length { got: usize, want: usize },
+    #[error("chunk content hashes to {got:?}, expected {want:?}")]
+    Hash { got: ChunkId, want: ChunkId },
+}
+
+/// Encodes a chunk, compressing it with zstd when that makes it smaller.
+pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
+    assert!(data.len() <= MAX_CHUNK as usize, "chunk larger than MAX_CHUNK");
+    let mut out = Vec::with_capacity(HEADER_LEN + data.len() / 2);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(Codec::Zstd as u8);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    match zstd::bulk::compress(data, level) {
+        // Incompressible data (already compressed files) is stored as is,
+        // so restore does not pay for a useless decompression.
+        Ok(c) if c.len() < data.len() => out.extend_from_slice(&c),
+        _ => {
+            out[5] = Codec::Stored as u8;
+            out.truncate(HEADER_LEN);
+            out.extend_from_slice(data);
+        }
+    }
+    out
+}
+
+/// Header fields of a blob, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub codec: Codec,
+    pub raw_len: u32,
+}
+
+pub fn header(blob: &[u8]) -> Result<Header, BlobError> {
+    if blob.len() < HEADER_LEN {
+        return Err(BlobError::Short(blob.len()));
+    }
+    if blob.len() > MAX_BLOB {
+        return Err(BlobError::BlobTooLarge(blob.len()));
+    }
+    if &blob[..4] != MAGIC {
+        return Err(BlobError::Magic);
+    }
+    if blob[4] != VERSION {
+        return Err(BlobError::Version(blob[4]));
+    }
+    let codec = match blob[5] {
+        0 => Codec::Stored,
+        1 => Codec::Zstd,
+        c => return Err(BlobError::Codec(c)),
+    };
+    let raw_len = u32::from_le_bytes(blob[6..10].try_into().expect("4 bytes"));
+    if raw_len > MAX_CHUNK {
+        return Err(BlobError::TooLarge(raw_len as u64));
+    }
+    Ok(Header { codec, raw_len })
+}
+
+/// Decodes a blob into the chunk's plaintext.
+pub fn decode(blob: &[u8]) -> Result<Vec<u8>, BlobError> {
+    let h = header(blob)?;
+    let payload = &blob[HEADER_LEN..];
+    let data = match h.codec {
+        Codec::Stored => payload.to_vec(),
+        // The capacity is the header's length, already capped above, so
+        // a zstd bomb stops at MAX_CHUNK.
+        Codec::Zstd => {
+            zstd::bulk::decompress(payload, h.raw_len as usize).map_err(|e| BlobError::Corrupt(e.to_string()))?
+        }
+    };
+    if data.len() != h.raw_len as usize {
+        return Err(BlobError::Length { got: data.len(), want: h.raw_len as usize });
+    }
+    Ok(data)
+}
+
+/// Decodes a blob and checks that it is the chunk `want`.
+pub fn decode_verified(blob: &[u8], want: &ChunkId) -> Result<Vec<u8>, BlobError> {
+    let data = decode(blob)?;
+    let got = ChunkId::of(&data);
+    if got != *want {
+        return Err(BlobError::Hash { got, want: *want });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_compressible_and_not() {
+        let text = b"abcabcabc".repeat(1000);
+        let b = encode(&text, 3);
+        assert_eq!(header(&b).unwrap().codec, Codec::Zstd);
+        assert!(b.len() < text.len());
+        assert_eq!(decode(&b).unwrap(), text);
+
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let b = encode(&noise, 3);
+        assert_eq!(decode_verified(&b, &ChunkId::of(&noise)).unwrap(), noise);
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let b = encode(b"hi", 3);
+        // "hi" does not shrink under zstd, so it is stored.
+        assert_eq!(b, [b'B', b'K', b'P', b'C', 1, 0, 2, 0, 0, 0, b'h', b'i']);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(decode(b"BKP"), Err(BlobError::Short(3)));
+        assert_eq!(decode(b"XXXX\x01\x00\x00\x00\x00\x00"), Err(BlobError::Magic));
+        assert_eq!(decode(b"BKPC\x02\x00\x00\x00\x00\x00"), Err(BlobError::Version(2)));
+        assert_eq!(decode(b"BKPC\x01\x07\x00\x00\x00\x00"), Err(BlobError::Codec(7)));
+        assert!(matches!(decode(b"BKPC\x01\x01\xff\xff\xff\xff"), Err(BlobError::TooLarge(_))));
+        // A stored blob whose header lies about its length.
+        assert!(matches!(decode(b"BKPC\x01\x00\x05\x00\x00\x00ab"), Err(BlobError::Length { .. })));
+        // A zstd bomb: 4 MiB + 1 of zeros claimed as 10 bytes.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_CHUNK as usize + 1], 3).unwrap();
+        let mut b = b"BKPC\x01\x01\x0a\x00\x00\x00".to_vec();
+        b.extend_from_slice(&bomb);
+        assert!(decode(&b).is_err());
+        let good = encode(b"data", 1);
+        assert!(matches!(decode_verified(&good, &ChunkId::of(b"other")), Err(BlobError::Hash { .. })));
+    }
+}

@@ -1,0 +1,229 @@
+//! The wire protocol, without I/O: messages and their framing over byte
+//! buffers.
+//!
+//! A connection is QUIC with TLS 1.3 and ALPN [`ALPN`]. The client's first
+//! bidirectional stream carries [`Request::Hello`] (magic, version, token);
+//! the server answers [`Response::Welcome`] or an error and closes. After
+//! that every operation is one bidirectional stream: one request, then its
+//! responses. Uploads put many [`Request::PutChunk`] frames on one stream
+//! and the server answers once when the stream finishes.
+//!
+//! ```text
+//! frame = len:u32 BE (<= MAX_FRAME) postcard(message)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::blob::MAX_BLOB;
+use crate::ids::{ChunkId, SnapshotId};
+use crate::snapshot::{Snapshot, SnapshotKind, SnapshotSummary};
+
+pub const ALPN: &[u8] = b"bkp/1";
+pub const MAGIC: [u8; 4] = *b"BKP\0";
+pub const VERSION: u16 = 1;
+/// One chunk blob plus its envelope; every other message is smaller.
+pub const MAX_FRAME: usize = MAX_BLOB + 1024;
+/// Ids per has-chunk query and per chunk fetch.
+pub const MAX_IDS: usize = 8192;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Push,
+    Restore,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Push => "push",
+            Role::Restore => "restore",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "push" => Ok(Role::Push),
+            "restore" => Ok(Role::Restore),
+            "admin" => Ok(Role::Admin),
+            _ => Err(format!("unknown role {s:?}: use push, restore or admin")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Hello {
+        magic: [u8; 4],
+        version: u16,
+        token: String,
+        client: String,
+    },
+    StartPush {
+        name: String,
+        kind: SnapshotKind,
+    },
+    /// Which of these does the server hold for this host? Answered with
+    /// [`Response::Missing`].
+    HasChunks {
+        session: u64,
+        ids: Vec<ChunkId>,
+    },
+    PutChunk {
+        session: u64,
+        id: ChunkId,
+        #[serde(with = "serde_bytes")]
+        blob: Vec<u8>,
+    },
+    Commit {
+        session: u64,
+        tree: Vec<ChunkId>,
+    },
+    ListSnapshots {
+        /// Admin only; other roles always see their own host.
+        host: Option<String>,
+        name: Option<String>,
+    },
+    GetSnapshot {
+        id: SnapshotId,
+    },
+    /// Answered with one [`Response::Chunk`] per id, in order.
+    GetChunks {
+        ids: Vec<ChunkId>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Rejected,
+    Internal,
+    Busy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Welcome {
+        host: String,
+        role: Role,
+        server: String,
+    },
+    PushStarted {
+        session: u64,
+    },
+    /// Indices (into the query) of the chunks the client must upload.
+    Missing(Vec<u32>),
+    PutOk {
+        chunks: u32,
+        new_chunks: u32,
+        new_bytes: u64,
+    },
+    Committed(SnapshotSummary),
+    Snapshots(Vec<SnapshotSummary>),
+    Snapshot {
+        id: SnapshotId,
+        snapshot: Snapshot,
+    },
+    Chunk {
+        id: ChunkId,
+        #[serde(with = "serde_bytes")]
+        blob: Vec<u8>,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte cap")]
+    TooLarge(usize),
+    #[error("frame does not decode: {0}")]
+    Decode(String),
+}
+
+/// Encodes a message as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let out = postcard::to_extend(msg, vec![0u8; 4]).expect("postcard to Vec");
+    let len = (out.len() - 4) as u32;
+    let mut out = out;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Checks a frame's length prefix before the body is read or allocated.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (without its length prefix).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    postcard::from_bytes(body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// Splits complete frames off the front of a buffer. Used by the fuzzer
+/// and by tests; the async readers use [`frame_len`] and [`decode`].
+pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = frame_len(buf[..4].try_into().expect("4 bytes"))?;
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    Ok(Some((&buf[4..4 + len], 4 + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let msgs = vec![
+            Request::Hello { magic: MAGIC, version: VERSION, token: "t".into(), client: "c".into() },
+            Request::HasChunks { session: 9, ids: vec![ChunkId::of(b"a")] },
+            Request::PutChunk { session: 1, id: ChunkId::of(b"a"), blob: vec![1, 2, 3] },
+            Request::ListSnapshots { host: None, name: Some("db".into()) },
+        ];
+        for m in msgs {
+            let f = encode(&m);
+            let (body, used) = split_frame(&f).unwrap().unwrap();
+            assert_eq!(used, f.len());
+            assert_eq!(decode::<Request>(body).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let f = encode(&Request::Hello { magic: MAGIC, version: 1, token: "t".into(), client: "c".into() });
+        assert_eq!(f, [0, 0, 0, 10, 0, b'B', b'K', b'P', 0, 1, 1, b't', 1, b'c']);
+        let f = encode(&Response::Missing(vec![0, 300]));
+        assert_eq!(f, [0, 0, 0, 5, 2, 2, 0, 0xac, 0x02]);
+    }
+
+    #[test]
+    fn rejects_oversize_and_garbage() {
+        assert!(matches!(frame_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(_))));
+        assert!(split_frame(&[0, 0, 0]).unwrap().is_none());
+        assert!(decode::<Request>(&[200, 1, 2]).is_err());
+        // A has-chunks query claiming 2^31 ids in a 10-byte body fails
+        // without allocating for them.
+        assert!(decode::<Request>(&[2, 1, 0xff, 0xff, 0xff, 0xff, 0x07]).is_err());
+    }
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a step needs, only when missing.
+#   build: libclang and clang (bindgen for RocksDB's C API)
+#   test:  PostgreSQL server and client tools (pg_dump round-trip test)
+set -euo pipefail
+
+want=()
+case "${1:-build}" in
+  build)
+    dpkg -s libclang-dev >/dev/null 2>&1 || want+=(libclang-dev)
+    command -v clang >/dev/null 2>&1 || want+=(clang)
+    command -v c++ >/dev/null 2>&1 || want+=(g++)
+    command -v make >/dev/null 2>&1 || want+=(make)
+    ;;
+  test)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || want+=(postgresql)
+    command -v psql >/dev/null 2>&1 || want+=(postgresql-client)
+    command -v runuser >/dev/null 2>&1 || want+=(util-linux)
+    ;;
+  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+esac
+
+[ ${#want[@]} -eq 0 ] && exit 0
+echo "installing: ${want[*]}" >&2
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "need root (or sudo) to install: ${want[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+# Debian starts a cluster on install; the tests run their own.
+if [ -d /etc/postgresql ] && command -v pg_ctlcluster >/dev/null 2>&1; then
+  $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
+fi

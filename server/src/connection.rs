@@ -1,0 +1,305 @@
+//! One client connection: the hello handshake, then one task per stream.
+//! Everything here treats the peer as hostile: lengths are capped by the
+//! frame reader, every request is checked against the token's role and
+//! host, and errors go back on the stream instead of ending the server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bkp_common::io::{read_frame, write_frame, IoError};
+use bkp_common::names::check_set_name;
+use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, MAX_IDS, VERSION};
+use bkp_common::snapshot::{Snapshot, SnapshotKind};
+use bkp_common::ChunkId;
+use quinn::{RecvStream, SendStream};
+use tracing::{debug, info, warn};
+
+use crate::commit::{check_tree, CommitError};
+use crate::server::ServerState;
+use crate::store::{StoreError, VerifiedChunk};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Chunks verified and written together on an upload stream.
+const PUT_BATCH: usize = 16;
+/// Chunks per GetChunks request.
+pub const MAX_FETCH: usize = 64;
+
+struct PushSession {
+    name: String,
+    kind: SnapshotKind,
+}
+
+struct Conn {
+    state: Arc<ServerState>,
+    host: String,
+    role: Role,
+    client: String,
+    sessions: Mutex<HashMap<u64, PushSession>>,
+}
+
+/// An error that goes back to the client on the stream it came from.
+struct Fail(ErrorCode, String);
+
+type Reply = Result<(), Fail>;
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        warn!("store error: {e}");
+        Fail(ErrorCode::Internal, format!("server storage error: {e}"))
+    }
+}
+
+impl From<IoError> for Fail {
+    fn from(e: IoError) -> Self {
+        Fail(ErrorCode::BadRequest, e.to_string())
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Fail> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Fail(ErrorCode::Internal, format!("server task failed: {e}")))
+}
+
+pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    let ctx = match tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, state)).await {
+        Ok(Ok(ctx)) => Arc::new(ctx),
+        Ok(Err(msg)) => {
+            info!(%remote, "refused: {msg}");
+            conn.close(1u32.into(), b"refused");
+            return;
+        }
+        Err(_) => {
+            conn.close(1u32.into(), b"hello timeout");
+            return;
+        }
+    };
+    info!(%remote, host = %ctx.host, role = ctx.role.as_str(), "connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { ctx.stream(send, recv).await });
+            }
+            Err(e) => {
+                debug!(%remote, "connection ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<Conn, String> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let req: Option<Request> = read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+    let refuse = |code, message: String| Response::Error { code, message };
+    let (token, client) = match req {
+        Some(Request::Hello { magic, version, token, client }) if magic == MAGIC && version == VERSION => {
+            (token, client)
+        }
+        Some(Request::Hello { version, .. }) => {
+            let msg = format!("protocol version {version} not supported (server speaks {VERSION}); upgrade bkp");
+            let _ = write_frame(&mut send, &refuse(ErrorCode::BadRequest, msg.clone())).await;
+            let _ = send.finish();
+            return Err(msg);
+        }
+        _ => return Err("first request was not a hello".into()),
+    };
+    let tokens = state.tokens();
+    let rec = tokio::task::spawn_blocking(move || tokens.authenticate(&token))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let Some(rec) = rec else {
+        let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
+        let _ = write_frame(&mut send, &refuse(ErrorCode::Unauthorized, msg.clone())).await;
+        let _ = send.finish();
+        // Let the error reach the client before the close.
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        return Err(msg);
+    };
+    let welcome = Response::Welcome { host: rec.host.clone(), role: rec.role, server: bkp_common::VERSION.to_string() };
+    write_frame(&mut send, &welcome).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(Conn { state, host: rec.host, role: rec.role, client, sessions: Mutex::new(HashMap::new()) })
+}
+
+impl Conn {
+    async fn stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
+        let result = match read_frame::<Request, _>(&mut recv).await {
+            Ok(Some(req)) => self.dispatch(req, &mut send, &mut recv).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(Fail::from(e)),
+        };
+        if let Err(Fail(code, message)) = result {
+            debug!(host = %self.host, "request failed: {message}");
+            let _ = write_frame(&mut send, &Response::Error { code, message }).await;
+            let _ = recv.stop(0u32.into());
+        }
+        let _ = send.finish();
+    }
+
+    fn require(&self, allowed: &[Role]) -> Reply {
+        if allowed.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(Fail(ErrorCode::Forbidden, format!("a {} token may not do this", self.role.as_str())))
+        }
+    }
+
+    fn session(&self, id: u64) -> Result<(String, SnapshotKind), Fail> {
+        let s = self.sessions.lock().expect("session lock");
+        s.get(&id)
+            .map(|p| (p.name.clone(), p.kind))
+            .ok_or_else(|| Fail(ErrorCode::NotFound, "unknown push session; start the push again".into()))
+    }
+
+    async fn dispatch(&self, req: Request, send: &mut SendStream, recv: &mut RecvStream) -> Reply {
+        let store = self.state.store.clone();
+        let host = self.host.clone();
+        let resp = match req {
+            Request::Hello { .. } => return Err(Fail(ErrorCode::BadRequest, "hello sent twice".into())),
+            Request::StartPush { name, kind } => {
+                self.require(&[Role::Push, Role::Admin])?;
+                check_set_name(&name).map_err(|e| Fail(ErrorCode::BadRequest, e.to_string()))?;
+                let id = rand::random::<u64>();
+                self.sessions.lock().expect("session lock").insert(id, PushSession { name, kind });
+                Response::PushStarted { session: id }
+            }
+            Request::HasChunks { session, ids } => {
+                self.session(session)?;
+                if ids.len() > MAX_IDS {
+                    return Err(Fail(ErrorCode::BadRequest, format!("more than {MAX_IDS} ids")));
+                }
+                let have = blocking(move || store.host_has(&host, &ids)).await??;
+                Response::Missing(have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32).collect())
+            }
+            Request::PutChunk { session, id, blob } => return self.upload(session, id, blob, send, recv).await,
+            Request::Commit { session, tree } => {
+                let (name, kind) = self.session(session)?;
+                let client = self.client.clone();
+                let summary = blocking(move || {
+                    let stats = check_tree(store.as_ref(), &host, kind, &tree)?;
+                    let snap = Snapshot { host, name, time_ns: now_ns(), kind, stats, tree, client };
+                    Ok::<_, CommitError>(store.commit_snapshot(&snap)?)
+                })
+                .await?
+                .map_err(|e| match e {
+                    CommitError::Rejected(m) => Fail(ErrorCode::Rejected, m),
+                    CommitError::Store(s) => s.into(),
+                })?;
+                self.sessions.lock().expect("session lock").remove(&session);
+                info!(host = %self.host, name = %summary.name, id = %summary.id.short(), "snapshot committed");
+                Response::Committed(summary)
+            }
+            Request::ListSnapshots { host: want, name } => {
+                let filter = match (self.role, want) {
+                    (Role::Admin, w) => w,
+                    (_, Some(w)) if w != self.host => {
+                        return Err(Fail(ErrorCode::Forbidden, "only an admin token lists other hosts".into()))
+                    }
+                    _ => Some(self.host.clone()),
+                };
+                Response::Snapshots(blocking(move || store.list_snapshots(filter.as_deref(), name.as_deref())).await??)
+            }
+            Request::GetSnapshot { id } => {
+                let snap = blocking(move || store.snapshot(&id)).await??;
+                match snap {
+                    // Another host's snapshot is reported as absent, not forbidden.
+                    Some(s) if self.role == Role::Admin || s.host == self.host => {
+                        Response::Snapshot { id, snapshot: s }
+                    }
+                    _ => return Err(Fail(ErrorCode::NotFound, format!("no snapshot {}", id.short()))),
+                }
+            }
+            Request::GetChunks { ids } => return self.fetch(ids, send).await,
+        };
+        write_frame(send, &resp).await?;
+        Ok(())
+    }
+
+    /// An upload stream: PutChunk frames until the client finishes it.
+    async fn upload(
+        &self,
+        session: u64,
+        first_id: ChunkId,
+        first_blob: Vec<u8>,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+    ) -> Reply {
+        self.session(session)?;
+        let mut next = Some((first_id, first_blob));
+        let (mut chunks, mut new_chunks, mut new_bytes) = (0u32, 0u32, 0u64);
+        let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(PUT_BATCH);
+        loop {
+            let done = next.is_none();
+            if let Some(c) = next.take() {
+                batch.push(c);
+            }
+            if batch.len() >= PUT_BATCH || (done && !batch.is_empty()) {
+                let store = self.state.store.clone();
+                let host = self.host.clone();
+                let items = std::mem::take(&mut batch);
+                let n = items.len() as u32;
+                // Decompress and re-hash every chunk before it is stored.
+                let stats = blocking(move || {
+                    let verified = items
+                        .into_iter()
+                        .map(|(id, b)| {
+                            VerifiedChunk::verify(id, b)
+                                .map_err(|e| Fail(ErrorCode::Rejected, format!("chunk {} refused: {e}", id.short())))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok::<_, Fail>(store.put_chunks(&host, &verified)?)
+                })
+                .await??;
+                chunks += n;
+                new_chunks += stats.new_chunks;
+                new_bytes += stats.new_bytes;
+            }
+            if done {
+                break;
+            }
+            match read_frame::<Request, _>(recv).await? {
+                None => {}
+                Some(Request::PutChunk { session: s, id, blob }) if s == session => next = Some((id, blob)),
+                Some(_) => return Err(Fail(ErrorCode::BadRequest, "only chunks may follow a chunk".into())),
+            }
+        }
+        write_frame(send, &Response::PutOk { chunks, new_chunks, new_bytes }).await?;
+        Ok(())
+    }
+
+    async fn fetch(&self, ids: Vec<ChunkId>, send: &mut SendStream) -> Reply {
+        self.require(&[Role::Push, Role::Restore, Role::Admin])?;
+        if ids.len() > MAX_FETCH {
+            return Err(Fail(ErrorCode::BadRequest, format!("more than {MAX_FETCH} chunks in one request")));
+        }
+        if self.role != Role::Admin {
+            let (store, host, q) = (self.state.store.clone(), self.host.clone(), ids.clone());
+            let have = blocking(move || store.host_has(&host, &q)).await??;
+            if let Some(i) = have.iter().position(|h| !h) {
+                return Err(Fail(ErrorCode::NotFound, format!("no chunk {} for this host", ids[i].short())));
+            }
+        }
+        for id in ids {
+            let store = self.state.store.clone();
+            let blob = blocking(move || store.chunk_blob(&id)).await??.ok_or_else(|| {
+                Fail(ErrorCode::NotFound, format!("chunk {} is missing from the store; run verify", id.short()))
+            })?;
+            write_frame(send, &Response::Chunk { id, blob }).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,14 @@
+//! bkp-server: QUIC endpoint, authentication, snapshot commits and the
+//! RocksDB chunk store. See `store` for the storage design and
+//! docs/ARCHITECTURE.md for the whole system.
+
+pub mod cli;
+pub mod commit;
+pub mod config;
+mod connection;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod tokens;
+
+pub use server::{bind, run, ServerState};

@@ -1,0 +1,86 @@
+//! The server as a library: open a data directory, bind an endpoint, run
+//! until `shutdown` resolves. Tests call [`run`] on 127.0.0.1:0.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::config::ServerConfig;
+use crate::store::rocks::RocksStore;
+use crate::store::{Store, StoreError};
+use crate::tls::{self, TlsError};
+use crate::tokens::Tokens;
+
+pub const DB_DIR: &str = "db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("binding {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("{0} is not an initialised data directory; run `bkp-server init --data {0}`")]
+    NotInitialised(String),
+}
+
+pub struct ServerState {
+    pub store: Arc<dyn Store>,
+    pub data_dir: PathBuf,
+    pub config: ServerConfig,
+}
+
+impl ServerState {
+    pub fn open(data_dir: &Path, config: ServerConfig) -> Result<Arc<Self>, ServerError> {
+        if !data_dir.join(tls::CERT_FILE).exists() {
+            return Err(ServerError::NotInitialised(data_dir.display().to_string()));
+        }
+        let store = RocksStore::open(&data_dir.join(DB_DIR), config.cache_mb << 20)?;
+        Ok(Arc::new(Self { store: Arc::new(store), data_dir: data_dir.to_path_buf(), config }))
+    }
+
+    pub fn tokens(&self) -> Arc<Tokens> {
+        Arc::new(Tokens::new(&self.data_dir))
+    }
+}
+
+/// Binds the QUIC endpoint with the data directory's certificate.
+pub fn bind(data_dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint, ServerError> {
+    let cfg = tls::server_config(data_dir)?;
+    quinn::Endpoint::server(cfg, listen).map_err(|e| ServerError::Bind(listen, e))
+}
+
+/// Serves connections until `shutdown` resolves, then closes them and
+/// waits (briefly) for in-flight work.
+pub async fn run(endpoint: quinn::Endpoint, state: Arc<ServerState>, shutdown: impl Future<Output = ()>) {
+    let limit = Arc::new(Semaphore::new(state.config.max_connections));
+    tokio::pin!(shutdown);
+    info!(addr = ?endpoint.local_addr().ok(), "serving");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            inc = endpoint.accept() => {
+                let Some(inc) = inc else { break };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    warn!("connection limit reached; refusing {}", inc.remote_address());
+                    inc.refuse();
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    crate::connection::handle(inc, state).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"server shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    info!("stopped");
+}

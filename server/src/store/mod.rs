@@ -1,0 +1,81 @@
+//! Storage. The server talks to a [`Store`]; [`rocks::RocksStore`] is the
+//! one implementation and the only module that imports `rocksdb`.
+//!
+//! # Design
+//! * A chunk is stored once, whatever host sent it, as the blob the client
+//!   uploaded (compressed by the client, re-hashed by the server before it
+//!   gets here: see [`VerifiedChunk`]).
+//! * `host_chunks` records which host has proven it holds which chunk,
+//!   by uploading it. A host may skip an upload, and may read a chunk,
+//!   only when that record exists: asking about a hash never reveals
+//!   another host's data and a hash alone never reads a chunk.
+//! * A snapshot is one synced write (record and set index together), made
+//!   only after every chunk its tree references was checked (see
+//!   `crate::commit`). Chunk writes before it are not synced: RocksDB's
+//!   WAL is ordered, so the commit's sync makes them durable too, and an
+//!   interrupted push leaves only unreferenced chunks for GC.
+//!
+//! # Which operations may overlap
+//! | pair            | allowed | what protects it                                   |
+//! |-----------------|---------|----------------------------------------------------|
+//! | push / push     | yes     | chunk puts are idempotent; commits are single batches |
+//! | push / restore  | yes     | readers see only committed snapshots               |
+//! | restore/restore | yes     | read-only                                          |
+
+pub mod rocks;
+pub mod schema;
+
+use bkp_common::blob;
+use bkp_common::snapshot::{Snapshot, SnapshotSummary};
+use bkp_common::{ChunkId, SnapshotId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(String),
+    #[error("stored data is corrupt: {0}; run a verify job and restore from another copy")]
+    Corrupt(String),
+    #[error("data directory {0}: {1}")]
+    Open(String, String),
+}
+
+/// A chunk whose blob was decoded and re-hashed by the server. The only
+/// way to build one is [`VerifiedChunk::verify`], so nothing unchecked
+/// reaches the store.
+#[derive(Debug)]
+pub struct VerifiedChunk {
+    id: ChunkId,
+    blob: Vec<u8>,
+    raw_len: u32,
+}
+
+impl VerifiedChunk {
+    pub fn verify(id: ChunkId, blob: Vec<u8>) -> Result<Self, blob::BlobError> {
+        let data = blob::decode_verified(&blob, &id)?;
+        Ok(Self { id, blob, raw_len: data.len() as u32 })
+    }
+
+    pub fn id(&self) -> &ChunkId {
+        &self.id
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PutStats {
+    pub new_chunks: u32,
+    pub new_bytes: u64,
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// For each id: may `host` reuse this chunk without uploading it?
+    fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
+    /// Stores chunks and records that `host` holds them.
+    fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError>;
+    /// The stored blob of a chunk.
+    fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes a checked snapshot durably; returns its id and summary.
+    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError>;
+    fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError>;
+    /// Summaries, oldest first, filtered by host and set name.
+    fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError>;
+}

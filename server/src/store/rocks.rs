@@ -1,0 +1,247 @@
+//! RocksDB implementation of [`Store`].
+
+use std::path::Path;
+
+use bkp_common::snapshot::{Snapshot, SnapshotSummary};
+use bkp_common::{ChunkId, SnapshotId};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch,
+    WriteOptions, DB,
+};
+
+use super::schema::{self, ChunkMeta};
+use super::{PutStats, Store, StoreError, VerifiedChunk};
+
+/// Summaries in the set index carry their own version byte.
+const SUMMARY_VERSION: u8 = 1;
+
+pub struct RocksStore {
+    db: DB,
+}
+
+fn db_err(e: rocksdb::Error) -> StoreError {
+    StoreError::Db(e.into_string())
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the database under `dir`.
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let cache = Cache::new_lru_cache(cache_bytes);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_bytes_per_sync(1 << 20);
+
+        let table = |bloom: bool| {
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            if bloom {
+                t.set_bloom_filter(10.0, false);
+            }
+            t.set_cache_index_and_filter_blocks(true);
+            t
+        };
+        let cfs = schema::ALL_CFS.iter().map(|&name| {
+            let mut o = Options::default();
+            match name {
+                schema::CF_CHUNKS => {
+                    // Chunk values live in blob files, out of the LSM tree,
+                    // so compactions do not rewrite chunk data. Blobs are
+                    // already zstd-compressed by the client.
+                    o.set_enable_blob_files(true);
+                    o.set_min_blob_size(0);
+                    o.set_blob_file_size(256 << 20);
+                    o.set_blob_compression_type(DBCompressionType::None);
+                    o.set_enable_blob_gc(true);
+                    o.set_compression_type(DBCompressionType::None);
+                    o.set_block_based_table_factory(&table(true));
+                }
+                schema::CF_CHUNK_META | schema::CF_HOST_CHUNKS => {
+                    o.set_compression_type(DBCompressionType::Lz4);
+                    o.set_block_based_table_factory(&table(true));
+                }
+                _ => {
+                    o.set_compression_type(DBCompressionType::Lz4);
+                    o.set_block_based_table_factory(&table(false));
+                }
+            }
+            ColumnFamilyDescriptor::new(name, o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|e| {
+            let msg = e.into_string();
+            let hint = if msg.contains("lock") { " (is another bkp-server using this data directory?)" } else { "" };
+            StoreError::Open(dir.display().to_string(), format!("{msg}{hint}"))
+        })?;
+        let store = Self { db };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let cf = self.cf(schema::CF_META);
+        match self.db.get_cf(cf, schema::META_SCHEMA_VERSION).map_err(db_err)? {
+            None => {
+                self.db.put_cf(cf, schema::META_SCHEMA_VERSION, schema::SCHEMA_VERSION.to_le_bytes()).map_err(db_err)
+            }
+            Some(v) if v == schema::SCHEMA_VERSION.to_le_bytes() => Ok(()),
+            Some(v) => Err(StoreError::Corrupt(format!(
+                "store schema {v:?} is not {}: this bkp-server is too old for this data directory",
+                schema::SCHEMA_VERSION
+            ))),
+        }
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
+        postcard::to_extend(s, vec![SUMMARY_VERSION]).expect("postcard to Vec")
+    }
+
+    fn decode_summary(b: &[u8]) -> Result<SnapshotSummary, StoreError> {
+        match b.split_first() {
+            Some((&SUMMARY_VERSION, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("snapshot summary: {e}")))
+            }
+            _ => Err(StoreError::Corrupt("snapshot summary version".into())),
+        }
+    }
+}
+
+impl Store for RocksStore {
+    fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        let cf = self.cf(schema::CF_HOST_CHUNKS);
+        let keys: Vec<_> = ids.iter().map(|id| (cf, schema::host_chunk_key(host, id))).collect();
+        self.db.multi_get_cf(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(db_err)).collect()
+    }
+
+    fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
+        let meta_cf = self.cf(schema::CF_CHUNK_META);
+        let existing = self.db.multi_get_cf(chunks.iter().map(|c| (meta_cf, c.id.as_bytes().to_vec())));
+        let mut batch = WriteBatch::default();
+        let mut stats = PutStats::default();
+        for (c, found) in chunks.iter().zip(existing) {
+            if found.map_err(db_err)?.is_none() {
+                let meta = ChunkMeta { raw_len: c.raw_len, stored_len: c.blob.len() as u32 };
+                batch.put_cf(self.cf(schema::CF_CHUNKS), c.id.as_bytes(), &c.blob);
+                batch.put_cf(meta_cf, c.id.as_bytes(), meta.encode());
+                stats.new_chunks += 1;
+                stats.new_bytes += c.blob.len() as u64;
+            }
+            batch.put_cf(self.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key(host, &c.id), []);
+        }
+        self.db.write(batch).map_err(db_err)?;
+        Ok(stats)
+    }
+
+    fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(schema::CF_CHUNKS), id.as_bytes()).map_err(db_err)
+    }
+
+    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
+        let record = snapshot.encode();
+        let id = SnapshotId::of(&record);
+        let summary = snapshot.summary(id);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes(), &record);
+        batch.put_cf(
+            self.cf(schema::CF_SETS),
+            schema::set_key(&snapshot.host, &snapshot.name, snapshot.time_ns, &id),
+            Self::encode_summary(&summary),
+        );
+        let mut wo = WriteOptions::default();
+        // Acknowledged means on disk, and with it every chunk written before.
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(db_err)?;
+        Ok(summary)
+    }
+
+    fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
+        match self.db.get_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes()).map_err(db_err)? {
+            None => Ok(None),
+            Some(b) => {
+                Snapshot::decode(&b).map(Some).map_err(|e| StoreError::Corrupt(format!("snapshot {}: {e}", id.short())))
+            }
+        }
+    }
+
+    fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError> {
+        let prefix = match (host, name) {
+            (Some(h), Some(n)) => schema::set_prefix(h, n),
+            (Some(h), None) => schema::host_prefix(h),
+            (None, _) => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(schema::CF_SETS), &prefix) {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let s = Self::decode_summary(&v)?;
+            if host.is_none() && name.is_some_and(|n| n != s.name) {
+                continue;
+            }
+            out.push(s);
+        }
+        out.sort_by_key(|s| s.time_ns);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bkp_common::blob;
+    use bkp_common::snapshot::{SnapshotKind, SnapshotStats};
+
+    fn chunk(data: &[u8]) -> VerifiedChunk {
+        VerifiedChunk::verify(ChunkId::of(data), blob::encode(data, 3)).unwrap()
+    }
+
+    #[test]
+    fn host_index_and_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+        let a = chunk(b"aaaa");
+        let ids = [*a.id(), ChunkId::of(b"zz")];
+        assert_eq!(s.host_has("h1", &ids).unwrap(), [false, false]);
+        let st = s.put_chunks("h1", &[a]).unwrap();
+        assert_eq!(st.new_chunks, 1);
+        assert_eq!(s.host_has("h1", &ids).unwrap(), [true, false]);
+        // Another host does not learn that h1 holds the chunk...
+        assert_eq!(s.host_has("h2", &ids).unwrap(), [false, false]);
+        // ...and its upload is stored once.
+        assert_eq!(s.put_chunks("h2", &[chunk(b"aaaa")]).unwrap().new_chunks, 0);
+        assert_eq!(s.host_has("h2", &ids).unwrap(), [true, false]);
+        assert_eq!(blob::decode(&s.chunk_blob(&ids[0]).unwrap().unwrap()).unwrap(), b"aaaa");
+    }
+
+    #[test]
+    fn snapshots_survive_reopen_and_list_by_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |host: &str, name: &str, t| Snapshot {
+            host: host.into(),
+            name: name.into(),
+            time_ns: t,
+            kind: SnapshotKind::Tree,
+            stats: SnapshotStats::default(),
+            tree: vec![],
+            client: "test".into(),
+        };
+        let id = {
+            let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+            s.commit_snapshot(&mk("ab", "db", 2)).unwrap();
+            s.commit_snapshot(&mk("a", "db", 1)).unwrap();
+            s.commit_snapshot(&mk("a", "files", 3)).unwrap().id
+        };
+        let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(s.list_snapshots(Some("a"), None).unwrap().len(), 2);
+        assert_eq!(s.list_snapshots(Some("a"), Some("db")).unwrap().len(), 1);
+        assert_eq!(s.list_snapshots(None, Some("db")).unwrap().len(), 2);
+        assert_eq!(s.list_snapshots(None, None).unwrap().iter().map(|x| x.time_ns).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(s.snapshot(&id).unwrap().unwrap().name, "files");
+    }
+}

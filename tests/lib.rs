@@ -1,0 +1,154 @@
+//! Test harness: a real `bkp-server` (in process, on 127.0.0.1:0, with a
+//! real RocksDB in a temp dir) and the real `bkp` binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bkp_common::protocol::Role;
+use bkp_server::config::ServerConfig;
+use bkp_server::tokens::Tokens;
+use tokio::sync::oneshot;
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub fingerprint: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fingerprint = bkp_server::tls::init(dir.path()).expect("tls init");
+        let mut s = Self { dir, addr: "127.0.0.1:0".parse().unwrap(), fingerprint, stop: None, thread: None };
+        s.boot(None);
+        s
+    }
+
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn boot(&mut self, port: Option<u16>) {
+        let data = self.dir.path().to_path_buf();
+        let listen: SocketAddr = format!("127.0.0.1:{}", port.unwrap_or(0)).parse().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let state = bkp_server::ServerState::open(&data, ServerConfig { cache_mb: 16, ..Default::default() })
+                    .expect("open server state");
+                let ep = bkp_server::bind(&data, listen).expect("bind");
+                addr_tx.send(ep.local_addr().unwrap()).unwrap();
+                bkp_server::run(ep, state, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            });
+        });
+        self.addr = addr_rx.recv().expect("server started");
+        self.stop = Some(stop_tx);
+        self.thread = Some(thread);
+    }
+
+    /// Stops the server and releases its database.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("server thread");
+        }
+    }
+
+    /// Stops and starts again on the same data directory and port.
+    pub fn restart(&mut self) {
+        let port = self.addr.port();
+        self.stop();
+        self.boot(Some(port));
+    }
+
+    /// Creates a token and writes it to a file; returns the file.
+    pub fn token(&self, host: &str, role: Role) -> PathBuf {
+        let (tok, rec) = Tokens::new(self.data()).create(host, role).expect("token");
+        let p = self.data().join(format!("token-{}", rec.id));
+        std::fs::write(&p, tok).unwrap();
+        p
+    }
+
+    pub fn client_config(&self, token_file: &Path) -> bkp_client::config::ClientConfig {
+        bkp_client::config::ClientConfig {
+            server: self.addr.to_string(),
+            trust: bkp_client::config::Trust::Fingerprint(self.fingerprint.clone()),
+            token: std::fs::read_to_string(token_file).unwrap(),
+        }
+    }
+
+    pub async fn client(&self, token_file: &Path) -> Arc<bkp_client::Client> {
+        Arc::new(bkp_client::Client::connect(&self.client_config(token_file)).await.expect("connect"))
+    }
+
+    /// A `bkp` command wired to this server with `token_file`.
+    pub fn bkp(&self, token_file: &Path) -> Command {
+        let mut c = Command::new(bin("bkp"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.data())
+            .env("BKP_SERVER", self.addr.to_string())
+            .env("BKP_FINGERPRINT", &self.fingerprint)
+            .env("BKP_TOKEN_FILE", token_file);
+        c
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A binary of this workspace, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --release --bins` first (make test does)", p.display());
+    p
+}
+
+/// Runs a command and panics with its stderr unless it succeeds.
+pub fn ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "{:?} failed: {}\n{}", cmd, out.status, String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Deterministic incompressible bytes.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// Deterministic text that compresses like a SQL dump.
+pub fn dump_like(lines: usize, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(lines * 60);
+    for i in 0..lines {
+        let v: u32 = r.gen_range(0..1_000_000);
+        out.extend_from_slice(format!("{i}\t{v}\tuser{}@example.com\t2026-11-{:02}\n", v % 977, 1 + v % 28).as_bytes());
+    }
+    out
+}
+
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
