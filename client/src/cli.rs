@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -129,22 +130,31 @@ pub fn main() -> ExitCode {
 
 struct Bars {
     bar: ProgressBar,
-    read: std::sync::atomic::AtomicU64,
-    sent: std::sync::atomic::AtomicU64,
+    read: AtomicU64,
+    sent: AtomicU64,
+    files: AtomicU64,
+}
+
+impl Bars {
+    fn refresh(&self) {
+        let (r, s, f) = (self.read.load(Relaxed), self.sent.load(Relaxed), self.files.load(Relaxed));
+        self.bar.set_position(r);
+        let ratio = if s > 0 { r as f64 / s as f64 } else { 0.0 };
+        self.bar.set_message(format!("{f} files, {} new, ratio {ratio:.1}x", indicatif::HumanBytes(s)));
+    }
 }
 
 impl Progress for Bars {
     fn read(&self, b: u64) {
-        let r = self.read.fetch_add(b, std::sync::atomic::Ordering::Relaxed) + b;
-        let s = self.sent.load(std::sync::atomic::Ordering::Relaxed);
-        self.bar.set_position(r);
-        self.bar.set_message(format!("new {}", indicatif::HumanBytes(s)));
+        self.read.fetch_add(b, Relaxed);
+        self.refresh();
     }
     fn file_done(&self) {
-        self.bar.inc_length(0);
+        self.files.fetch_add(1, Relaxed);
     }
     fn uploaded(&self, b: u64) {
-        self.sent.fetch_add(b, std::sync::atomic::Ordering::Relaxed);
+        self.sent.fetch_add(b, Relaxed);
+        self.refresh();
     }
     fn restored(&self, b: u64) {
         self.bar.inc(b);
@@ -157,11 +167,11 @@ fn progress() -> Arc<dyn Progress> {
     }
     let bar = ProgressBar::new_spinner();
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {bytes} read, {msg} ({bytes_per_sec}) {elapsed}")
+        ProgressStyle::with_template("{spinner} {bytes} read, {msg}, {bytes_per_sec} {elapsed}")
             .expect("valid template"),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    Arc::new(Bars { bar, read: 0.into(), sent: 0.into() })
+    Arc::new(Bars { bar, read: 0.into(), sent: 0.into(), files: 0.into() })
 }
 
 fn fmt_time(ns: u64) -> String {

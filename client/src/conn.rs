@@ -201,12 +201,24 @@ impl Client {
     /// newly stored.
     pub async fn put(&self, session: u64, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<u64> {
         let (mut send, mut recv) = self.open().await?;
+        let mut write_err = None;
         for (id, blob) in chunks {
-            write_frame(&mut send, &Request::PutChunk { session, id, blob }).await?;
+            if let Err(e) = write_frame(&mut send, &Request::PutChunk { session, id, blob }).await {
+                // The server stops reading after a refused chunk; its
+                // answer says why, so read it before reporting the write.
+                write_err = Some(e);
+                break;
+            }
         }
         let _ = send.finish();
+        if let Some(e) = write_err {
+            return match read_frame::<Response, _>(&mut recv).await {
+                Ok(Some(r)) => Err(unexpected(r)),
+                _ => Err(e.into()),
+            };
+        }
         match read_frame::<Response, _>(&mut recv).await? {
-            Some(Response::PutOk { new_bytes, .. }) => Ok(new_bytes),
+            Some(Response::PutOk { bytes, .. }) => Ok(bytes),
             Some(r) => Err(unexpected(r)),
             None => Err(ClientError::Io("upload stream closed without an answer".into())),
         }

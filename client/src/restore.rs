@@ -363,7 +363,8 @@ impl TreeWriter {
             set_owner(p, m).map_err(|e| io_err(p, e))?;
         }
         fs::set_permissions(p, fs::Permissions::from_mode(m.mode)).map_err(|e| io_err(p, e))?;
-        filetime::set_file_mtime(p, mtime(m)).map_err(|e| io_err(p, e))
+        // utimensat on the path: opening a FIFO to set its time would block.
+        filetime::set_symlink_file_times(p, mtime(m), mtime(m)).map_err(|e| io_err(p, e))
     }
 
     fn file_end(&mut self, want: ContentHash) -> Result<()> {

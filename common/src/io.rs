@@ -16,6 +16,15 @@ pub enum IoError {
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
 pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<T>, IoError> {
+    read_frame_capped(r, crate::protocol::MAX_FRAME).await
+}
+
+/// Like [`read_frame`] with a smaller cap, for frames read before the
+/// peer is authenticated.
+pub async fn read_frame_capped<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, IoError> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -29,6 +38,9 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) ->
         got += n;
     }
     let len = frame_len(prefix)?;
+    if len > max {
+        return Err(FrameError::TooLarge(len).into());
+    }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
     Ok(Some(decode(&body)?))

@@ -120,10 +120,11 @@ pub enum Response {
     },
     /// Indices (into the query) of the chunks the client must upload.
     Missing(Vec<u32>),
+    /// Chunks and blob bytes accepted on this upload stream. Whether the
+    /// store already held them from another host is never said.
     PutOk {
         chunks: u32,
-        new_chunks: u32,
-        new_bytes: u64,
+        bytes: u64,
     },
     Committed(SnapshotSummary),
     Snapshots(Vec<SnapshotSummary>),

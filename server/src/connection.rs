@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bkp_common::io::{read_frame, write_frame, IoError};
+use bkp_common::io::{read_frame, read_frame_capped, write_frame, IoError};
 use bkp_common::names::check_set_name;
 use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, MAX_IDS, VERSION};
 use bkp_common::snapshot::{Snapshot, SnapshotKind};
@@ -20,6 +20,7 @@ use crate::server::ServerState;
 use crate::store::{StoreError, VerifiedChunk};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const HELLO_MAX: usize = 4096;
 /// Chunks verified and written together on an upload stream.
 const PUT_BATCH: usize = 16;
 /// Chunks per GetChunks request.
@@ -102,7 +103,8 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>) {
 
 async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<Conn, String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    let req: Option<Request> = read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+    // Unauthenticated peers get a small frame budget.
+    let req: Option<Request> = read_frame_capped(&mut recv, HELLO_MAX).await.map_err(|e| e.to_string())?;
     let refuse = |code, message: String| Response::Error { code, message };
     let (token, client) = match req {
         Some(Request::Hello { magic, version, token, client }) if magic == MAGIC && version == VERSION => {
@@ -240,7 +242,7 @@ impl Conn {
     ) -> Reply {
         self.session(session)?;
         let mut next = Some((first_id, first_blob));
-        let (mut chunks, mut new_chunks, mut new_bytes) = (0u32, 0u32, 0u64);
+        let (mut chunks, mut new_bytes) = (0u32, 0u64);
         let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(PUT_BATCH);
         loop {
             let done = next.is_none();
@@ -252,6 +254,7 @@ impl Conn {
                 let host = self.host.clone();
                 let items = std::mem::take(&mut batch);
                 let n = items.len() as u32;
+                let received: u64 = items.iter().map(|(_, b)| b.len() as u64).sum();
                 // Decompress and re-hash every chunk before it is stored.
                 let stats = blocking(move || {
                     let verified = items
@@ -265,8 +268,11 @@ impl Conn {
                 })
                 .await??;
                 chunks += n;
-                new_chunks += stats.new_chunks;
-                new_bytes += stats.new_bytes;
+                // What the store newly kept stays on the server: telling
+                // the uploader would reveal that another host holds the
+                // same content.
+                debug!(host = %self.host, new = stats.new_chunks, bytes = stats.new_bytes, "chunks stored");
+                new_bytes += received;
             }
             if done {
                 break;
@@ -277,7 +283,7 @@ impl Conn {
                 Some(_) => return Err(Fail(ErrorCode::BadRequest, "only chunks may follow a chunk".into())),
             }
         }
-        write_frame(send, &Response::PutOk { chunks, new_chunks, new_bytes }).await?;
+        write_frame(send, &Response::PutOk { chunks, bytes: new_bytes }).await?;
         Ok(())
     }
 

@@ -81,7 +81,7 @@ fn tree_round_trip_keeps_every_type_and_metadata() {
     assert_eq!(a.ino(), b.ino());
     let sparse = fs::metadata(restored.join("sparse")).unwrap();
     assert_eq!(sparse.len(), 16 << 20);
-    assert!(sparse.blocks() * 512 < 4 << 20, "sparse file allocated {} blocks", sparse.blocks());
+    assert!(sparse.blocks() * 512 < 8 << 20, "sparse file allocated {} blocks", sparse.blocks());
 
     // ls shows the tree; --include restores a part of it.
     let ls = ok(server.bkp(&token).args(["ls", "latest"]));
