@@ -6,6 +6,7 @@ pub mod cli;
 pub mod commit;
 pub mod config;
 mod connection;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod tls;
