@@ -16,17 +16,36 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub fingerprint: String,
+    pub config: ServerConfig,
+    state: Option<Arc<bkp_server::ServerState>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl TestServer {
     pub fn start() -> Self {
+        Self::start_with(ServerConfig { cache_mb: 16, ..Default::default() })
+    }
+
+    pub fn start_with(config: ServerConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let fingerprint = bkp_server::tls::init(dir.path()).expect("tls init");
-        let mut s = Self { dir, addr: "127.0.0.1:0".parse().unwrap(), fingerprint, stop: None, thread: None };
+        let mut s = Self {
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            fingerprint,
+            config,
+            state: None,
+            stop: None,
+            thread: None,
+        };
         s.boot(None);
         s
+    }
+
+    /// The running server's state, for jobs and hooks in process.
+    pub fn state(&self) -> Arc<bkp_server::ServerState> {
+        self.state.clone().expect("server running")
     }
 
     pub fn data(&self) -> &Path {
@@ -38,26 +57,34 @@ impl TestServer {
         let listen: SocketAddr = format!("127.0.0.1:{}", port.unwrap_or(0)).parse().unwrap();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let config = self.config.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
-                let state = bkp_server::ServerState::open(&data, ServerConfig { cache_mb: 16, ..Default::default() })
-                    .expect("open server state");
+                let state = bkp_server::ServerState::open(&data, config).expect("open server state");
                 let ep = bkp_server::bind(&data, listen).expect("bind");
-                addr_tx.send(ep.local_addr().unwrap()).unwrap();
+                let control = bkp_server::control::bind(&data).expect("control socket");
+                let ctl = tokio::spawn(bkp_server::control::serve(control, state.clone()));
+                addr_tx.send((ep.local_addr().unwrap(), state.clone())).unwrap();
                 bkp_server::run(ep, state, async {
                     let _ = stop_rx.await;
                 })
                 .await;
+                ctl.abort();
+                let _ = ctl.await;
+                let _ = std::fs::remove_file(bkp_server::control::socket_path(&data));
             });
         });
-        self.addr = addr_rx.recv().expect("server started");
+        let (addr, state) = addr_rx.recv().expect("server started");
+        self.addr = addr;
+        self.state = Some(state);
         self.stop = Some(stop_tx);
         self.thread = Some(thread);
     }
 
     /// Stops the server and releases its database.
     pub fn stop(&mut self) {
+        self.state = None;
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -109,6 +136,13 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// `bkp-server ARGS --data DIR` for this server's data directory.
+impl TestServer {
+    pub fn admin(&self, args: &[&str]) -> Output {
+        ok(Command::new(bin("bkp-server")).args(args).arg("--data").arg(self.data()))
     }
 }
 

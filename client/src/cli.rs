@@ -95,6 +95,21 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Delete a snapshot (admin tokens only); GC frees its data later.
+    Forget {
+        snapshot: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Protect a snapshot from prune (admin tokens only).
+    Protect {
+        snapshot: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Lift the protection instead.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Restore a snapshot to a directory or to stdout.
     Restore {
         snapshot: String,
@@ -307,6 +322,19 @@ async fn run(cli: &Cli, client: Arc<Client>) -> Result<()> {
             })
             .await
             .context("listing thread")??;
+            Ok(())
+        }
+        Cmd::Forget { snapshot, name } => {
+            let id = pick(&client, snapshot, name.as_deref()).await?;
+            client.forget(id).await?;
+            if cli.verbose {
+                eprintln!("forgot snapshot {}", id.short());
+            }
+            Ok(())
+        }
+        Cmd::Protect { snapshot, name, remove } => {
+            let id = pick(&client, snapshot, name.as_deref()).await?;
+            client.protect(id, !remove).await?;
             Ok(())
         }
         Cmd::Restore { snapshot, name, target, stdout, include } => {

@@ -245,6 +245,22 @@ impl Client {
         }
     }
 
+    /// Admin: deletes a snapshot.
+    pub async fn forget(&self, id: SnapshotId) -> Result<()> {
+        match self.call(&Request::Forget { id }).await? {
+            Response::Done => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Admin: protects a snapshot from prune, or lifts that.
+    pub async fn protect(&self, id: SnapshotId, protected: bool) -> Result<()> {
+        match self.call(&Request::Protect { id, protected }).await? {
+            Response::Done => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// Fetches one chunk and checks it against its id.
     pub async fn chunk(&self, id: ChunkId) -> Result<Vec<u8>> {
         let (mut send, mut recv) = self.open().await?;

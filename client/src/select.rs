@@ -44,6 +44,7 @@ mod tests {
             time_ns: t,
             kind: SnapshotKind::Tree,
             stats: SnapshotStats::default(),
+            protected: false,
         }
     }
 

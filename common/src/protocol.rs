@@ -95,6 +95,15 @@ pub enum Request {
     GetChunks {
         ids: Vec<ChunkId>,
     },
+    /// Admin only: delete one snapshot (its chunks go at the next GC).
+    Forget {
+        id: SnapshotId,
+    },
+    /// Admin only: protect a snapshot from prune, or lift that.
+    Protect {
+        id: SnapshotId,
+        protected: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +150,7 @@ pub enum Response {
         code: ErrorCode,
         message: String,
     },
+    Done,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

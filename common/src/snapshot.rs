@@ -44,6 +44,8 @@ pub struct SnapshotSummary {
     pub time_ns: u64,
     pub kind: SnapshotKind,
     pub stats: SnapshotStats,
+    /// Protected snapshots are never removed by prune.
+    pub protected: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +101,7 @@ impl Snapshot {
             time_ns: self.time_ns,
             kind: self.kind,
             stats: self.stats.clone(),
+            protected: false,
         }
     }
 }

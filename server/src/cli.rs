@@ -9,6 +9,8 @@ use bkp_common::protocol::Role;
 use clap::{Parser, Subcommand};
 
 use crate::config::ServerConfig;
+use crate::control::{ControlRequest, ControlResponse};
+use crate::jobs::{JobKind, JobRecord};
 use crate::server::{bind, run, ServerState};
 use crate::tokens::Tokens;
 
@@ -33,8 +35,39 @@ enum Cmd {
         /// Listen address (default 127.0.0.1:7443, or the config's).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Server config (default: DATA/server.toml when present).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Apply retention policies (through the running server if there is one).
+    Prune {
+        #[arg(long)]
+        data: PathBuf,
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        /// Config with the [retention] policies, when no server is running
+        /// (default: DATA/server.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Free chunks no snapshot references, and their disk space.
+    Gc {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recent job runs.
+    Jobs {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Manage host tokens (works whether or not `serve` is running).
     Token {
@@ -100,10 +133,7 @@ fn execute(cli: Cli) -> Result<()> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let mut cfg = match config {
-                Some(p) => ServerConfig::load(&p)?,
-                None => ServerConfig::default(),
-            };
+            let mut cfg = load_config(&data, config.as_deref())?;
             if let Some(l) = listen {
                 cfg.listen = l;
             }
@@ -111,11 +141,23 @@ fn execute(cli: Cli) -> Result<()> {
             rt.block_on(async move {
                 let state = ServerState::open(&data, cfg.clone())?;
                 let endpoint = bind(&data, cfg.listen)?;
+                let control = crate::control::bind(&data).context("binding the control socket")?;
+                tokio::spawn(crate::control::serve(control, state.clone()));
+                tokio::spawn(crate::jobs::scheduler(state.clone()));
                 eprintln!("bkp-server listening on {}", endpoint.local_addr()?);
                 run(endpoint, state, shutdown_signal()).await;
+                let _ = std::fs::remove_file(crate::control::socket_path(&data));
                 Ok(())
             })
         }
+        Cmd::Prune { data, dry_run, json, config } => {
+            let cfg = load_config(&data, config.as_deref())?;
+            job(&data, ControlRequest::Run { kind: JobKind::Prune, dry_run }, cfg, json)
+        }
+        Cmd::Gc { data, json } => {
+            job(&data, ControlRequest::Run { kind: JobKind::Gc, dry_run: false }, load_config(&data, None)?, json)
+        }
+        Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
                 let (token, rec) = Tokens::new(&data).create(&host, role)?;
@@ -142,6 +184,96 @@ fn execute(cli: Cli) -> Result<()> {
             }
         },
     }
+}
+
+/// `--config FILE`, else `DATA/server.toml` when present, else defaults.
+fn load_config(data: &Path, explicit: Option<&Path>) -> Result<ServerConfig> {
+    let default = data.join("server.toml");
+    Ok(match explicit {
+        Some(p) => ServerConfig::load(p)?,
+        None if default.exists() => ServerConfig::load(&default)?,
+        None => ServerConfig::default(),
+    })
+}
+
+/// Runs a control request through the running server, or locally when
+/// none is running.
+fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Result<()> {
+    let resp = match crate::control::call(data, &req) {
+        Some(r) => r.map_err(|e| anyhow::anyhow!("talking to the running server: {e}"))?,
+        None => {
+            let state = ServerState::open(data, cfg)?;
+            crate::control::answer(&state, req)
+        }
+    };
+    match resp {
+        ControlResponse::Error(e) => anyhow::bail!(e),
+        ControlResponse::Job(rec) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rec)?);
+            } else {
+                print_job(&rec);
+            }
+            if let Some(e) = rec.error {
+                anyhow::bail!(e);
+            }
+            Ok(())
+        }
+        ControlResponse::Jobs(list) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<22} {:<6} {:<7} {:>9}  RESULT", "START", "KIND", "STATUS", "SECONDS");
+                for r in &list {
+                    let secs = (r.end_ns.saturating_sub(r.start_ns)) as f64 / 1e9;
+                    let status = if r.ok { "ok" } else { "failed" };
+                    let detail = r.error.clone().unwrap_or_else(|| summary(r));
+                    println!(
+                        "{:<22} {:<6} {:<7} {:>9.1}  {}",
+                        fmt_time(r.start_ns),
+                        r.kind.as_str(),
+                        status,
+                        secs,
+                        detail
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn fmt_time(ns: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)).to_string()
+}
+
+fn summary(r: &JobRecord) -> String {
+    let f = &r.figures;
+    match r.kind {
+        JobKind::Prune => format!("{} kept, {} removed in {} sets", f["kept"], f["removed"], f["sets"]),
+        JobKind::Gc => format!(
+            "{} chunks freed ({} bytes), disk {} -> {} bytes",
+            f["chunks_deleted"], f["bytes_freed"], f["disk_bytes_before"], f["disk_bytes_after"]
+        ),
+    }
+}
+
+fn print_job(r: &JobRecord) {
+    if r.kind == JobKind::Prune {
+        for set in r.figures["plan"].as_array().into_iter().flatten() {
+            println!("{}/{}:", set["host"].as_str().unwrap_or("?"), set["name"].as_str().unwrap_or("?"));
+            for v in set["verdicts"].as_array().into_iter().flatten() {
+                let reasons: Vec<&str> =
+                    v["keep"].as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect();
+                let verb = if reasons.is_empty() { "remove" } else { "keep  " };
+                let id = v["id"].as_str().unwrap_or("?");
+                let t = fmt_time(v["time_ns"].as_u64().unwrap_or(0));
+                println!("  {verb} {} {t} {}", &id[..8.min(id.len())], reasons.join(","));
+            }
+        }
+    }
+    let dry = if r.dry_run { " (dry run: nothing changed)" } else { "" };
+    println!("{}: {}{dry}", r.kind.as_str(), summary(r));
 }
 
 async fn shutdown_signal() {

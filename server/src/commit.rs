@@ -1,9 +1,10 @@
-//! The check a snapshot passes before it is committed: the server reads
-//! the whole tree stream the client sent, checks its grammar, and checks
-//! that the host has proven it holds every chunk the tree references
-//! (uploaded it, in this push or an earlier one). Without that check a
-//! host could name another host's chunk ids in a crafted tree and then
-//! restore them.
+//! Reading a snapshot's tree on the server, for two callers:
+//!
+//! * the check a snapshot passes before it is committed: grammar, and that
+//!   the host has proven it holds every chunk the tree references (uploaded
+//!   it, in this push or an earlier one). Without that check a host could
+//!   name another host's chunk ids in a crafted tree and then restore them;
+//! * the garbage collector's mark phase, which needs every reference.
 
 use bkp_common::blob;
 use bkp_common::snapshot::{SnapshotKind, SnapshotStats};
@@ -24,28 +25,17 @@ pub enum CommitError {
     Store(#[from] StoreError),
 }
 
-fn require_all(store: &dyn Store, host: &str, ids: &[ChunkId]) -> Result<(), CommitError> {
-    let have = store.host_has(host, ids)?;
-    if let Some(i) = have.iter().position(|h| !h) {
-        return Err(CommitError::Rejected(format!(
-            "chunk {} is referenced but was never uploaded by host {host}",
-            ids[i].short()
-        )));
-    }
-    Ok(())
-}
-
-/// Walks the tree and returns the snapshot's statistics.
-pub fn check_tree(
+/// Walks a tree stream, handing every referenced chunk id (the tree's own
+/// chunks first, then data chunks in batches) to `refs`.
+pub fn walk_tree(
     store: &dyn Store,
-    host: &str,
-    kind: SnapshotKind,
     tree: &[ChunkId],
+    refs: &mut dyn FnMut(&[ChunkId]) -> Result<(), CommitError>,
 ) -> Result<SnapshotStats, CommitError> {
     if tree.is_empty() || tree.len() > MAX_TREE_CHUNKS {
         return Err(CommitError::Rejected(format!("tree of {} chunks", tree.len())));
     }
-    require_all(store, host, tree)?;
+    refs(tree)?;
     let mut dec = TreeDecoder::new();
     let mut stats = SnapshotStats::default();
     let mut pending: Vec<ChunkId> = Vec::with_capacity(BATCH);
@@ -65,11 +55,11 @@ pub fn check_tree(
                     stats.files += 1;
                     stats.bytes += size;
                 }
-                Entry::Chunks(refs) => {
-                    stats.data_chunks += refs.len() as u64;
-                    pending.extend(refs.iter().map(|r| r.id));
+                Entry::Chunks(list) => {
+                    stats.data_chunks += list.len() as u64;
+                    pending.extend(list.iter().map(|r| r.id));
                     if pending.len() >= BATCH {
-                        require_all(store, host, &pending)?;
+                        refs(&pending)?;
                         pending.clear();
                     }
                 }
@@ -79,12 +69,35 @@ pub fn check_tree(
         }
     }
     dec.finish().map_err(|e| CommitError::Rejected(e.to_string()))?;
-    require_all(store, host, &pending)?;
-    if kind == SnapshotKind::Stream && (stats.files != 1 || stats.dirs + stats.others != 0) {
-        return Err(CommitError::Rejected("a stream snapshot holds exactly one file".into()));
-    }
+    refs(&pending)?;
     if entries == 0 {
         return Err(CommitError::Rejected("empty tree".into()));
+    }
+    Ok(stats)
+}
+
+/// The commit check. `touch` is called with every referenced chunk id
+/// before it is checked (see `sessions`: that protects it from a sweep).
+pub fn check_tree(
+    store: &dyn Store,
+    host: &str,
+    kind: SnapshotKind,
+    tree: &[ChunkId],
+    touch: &mut dyn FnMut(&[ChunkId]),
+) -> Result<SnapshotStats, CommitError> {
+    let stats = walk_tree(store, tree, &mut |ids| {
+        touch(ids);
+        let have = store.host_has(host, ids)?;
+        match have.iter().position(|h| !h) {
+            None => Ok(()),
+            Some(i) => Err(CommitError::Rejected(format!(
+                "chunk {} is referenced but was never uploaded by host {host} (or was garbage-collected; push again)",
+                ids[i].short()
+            ))),
+        }
+    })?;
+    if kind == SnapshotKind::Stream && (stats.files != 1 || stats.dirs + stats.others != 0) {
+        return Err(CommitError::Rejected("a stream snapshot holds exactly one file".into()));
     }
     Ok(stats)
 }

@@ -14,11 +14,23 @@ pub struct ServerConfig {
     pub cache_mb: usize,
     /// Simultaneous client connections; more are refused.
     pub max_connections: usize,
+    /// A push silent for this long loses its session (and its claim on
+    /// chunks against garbage collection); its commit then fails.
+    pub session_lease_secs: u64,
+    pub retention: crate::prune::RetentionConfig,
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:7443".parse().expect("valid default address"), cache_mb: 128, max_connections: 256 }
+        Self {
+            listen: "127.0.0.1:7443".parse().expect("valid default address"),
+            cache_mb: 128,
+            max_connections: 256,
+            session_lease_secs: 3600,
+            retention: Default::default(),
+            jobs: Default::default(),
+        }
     }
 }
 
@@ -33,7 +45,11 @@ impl ServerConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let err = |msg: String| ConfigError { path: path.display().to_string(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| err(e.to_string()))
+        let cfg: Self = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        for expr in [&cfg.jobs.prune, &cfg.jobs.gc].into_iter().flatten() {
+            crate::jobs::parse_schedule(expr).map_err(err)?;
+        }
+        Ok(cfg)
     }
 }
 
@@ -47,5 +63,12 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.cache_mb, 64);
         assert!(toml::from_str::<ServerConfig>("lisen = \"x\"").is_err());
+        let c: ServerConfig = toml::from_str(
+            "[retention.default]\nkeep_daily = 30\n[retention.sets.\"web01/pgdump\"]\nkeep_within = \"90d\"\n[jobs]\nprune = \"0 4 * * *\"",
+        )
+        .unwrap();
+        assert_eq!(c.retention.default.keep_daily, 30);
+        assert_eq!(c.retention.policy("web01", "pgdump").keep_within, Some(std::time::Duration::from_secs(90 * 86400)));
+        assert_eq!(c.retention.policy("web01", "files").keep_daily, 30);
     }
 }

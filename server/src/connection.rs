@@ -3,20 +3,20 @@
 //! frame reader, every request is checked against the token's role and
 //! host, and errors go back on the stream instead of ending the server.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bkp_common::io::{read_frame, read_frame_capped, write_frame, IoError};
 use bkp_common::names::check_set_name;
 use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, MAX_IDS, VERSION};
-use bkp_common::snapshot::{Snapshot, SnapshotKind};
+use bkp_common::snapshot::Snapshot;
 use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
 use crate::commit::{check_tree, CommitError};
 use crate::server::ServerState;
+use crate::sessions::SessionError;
 use crate::store::{StoreError, VerifiedChunk};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,17 +26,11 @@ const PUT_BATCH: usize = 16;
 /// Chunks per GetChunks request.
 pub const MAX_FETCH: usize = 64;
 
-struct PushSession {
-    name: String,
-    kind: SnapshotKind,
-}
-
 struct Conn {
     state: Arc<ServerState>,
     host: String,
     role: Role,
     client: String,
-    sessions: Mutex<HashMap<u64, PushSession>>,
 }
 
 /// An error that goes back to the client on the stream it came from.
@@ -48,6 +42,12 @@ impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
         warn!("store error: {e}");
         Fail(ErrorCode::Internal, format!("server storage error: {e}"))
+    }
+}
+
+impl From<SessionError> for Fail {
+    fn from(e: SessionError) -> Self {
+        Fail(ErrorCode::Rejected, e.to_string())
     }
 }
 
@@ -134,7 +134,7 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<Conn
     let welcome = Response::Welcome { host: rec.host.clone(), role: rec.role, server: bkp_common::VERSION.to_string() };
     write_frame(&mut send, &welcome).await.map_err(|e| e.to_string())?;
     let _ = send.finish();
-    Ok(Conn { state, host: rec.host, role: rec.role, client, sessions: Mutex::new(HashMap::new()) })
+    Ok(Conn { state, host: rec.host, role: rec.role, client })
 }
 
 impl Conn {
@@ -160,13 +160,6 @@ impl Conn {
         }
     }
 
-    fn session(&self, id: u64) -> Result<(String, SnapshotKind), Fail> {
-        let s = self.sessions.lock().expect("session lock");
-        s.get(&id)
-            .map(|p| (p.name.clone(), p.kind))
-            .ok_or_else(|| Fail(ErrorCode::NotFound, "unknown push session; start the push again".into()))
-    }
-
     async fn dispatch(&self, req: Request, send: &mut SendStream, recv: &mut RecvStream) -> Reply {
         let store = self.state.store.clone();
         let host = self.host.clone();
@@ -175,33 +168,43 @@ impl Conn {
             Request::StartPush { name, kind } => {
                 self.require(&[Role::Push, Role::Admin])?;
                 check_set_name(&name).map_err(|e| Fail(ErrorCode::BadRequest, e.to_string()))?;
-                let id = rand::random::<u64>();
-                self.sessions.lock().expect("session lock").insert(id, PushSession { name, kind });
-                Response::PushStarted { session: id }
+                Response::PushStarted { session: self.state.sessions.start(&self.host, &name, kind) }
             }
             Request::HasChunks { session, ids } => {
-                self.session(session)?;
                 if ids.len() > MAX_IDS {
                     return Err(Fail(ErrorCode::BadRequest, format!("more than {MAX_IDS} ids")));
                 }
-                let have = blocking(move || store.host_has(&host, &ids)).await??;
-                Response::Missing(have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32).collect())
+                let state = self.state.clone();
+                let missing = blocking(move || {
+                    let guard = state.sessions.enter(session, &host)?;
+                    let have = store.host_has(&host, &ids)?;
+                    // What the push is told is stored, a sweep must spare.
+                    guard.touch(ids.iter().zip(&have).filter(|(_, h)| **h).map(|(id, _)| *id));
+                    Ok::<_, Fail>(have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32).collect())
+                })
+                .await??;
+                Response::Missing(missing)
             }
             Request::PutChunk { session, id, blob } => return self.upload(session, id, blob, send, recv).await,
             Request::Commit { session, tree } => {
-                let (name, kind) = self.session(session)?;
                 let client = self.client.clone();
+                let state = self.state.clone();
                 let summary = blocking(move || {
-                    let stats = check_tree(store.as_ref(), &host, kind, &tree)?;
+                    let guard = state.sessions.enter(session, &host)?;
+                    let kind = guard.info.kind;
+                    let stats =
+                        check_tree(store.as_ref(), &host, kind, &tree, &mut |ids| guard.touch(ids.iter().copied()))
+                            .map_err(|e| match e {
+                                CommitError::Rejected(m) => Fail(ErrorCode::Rejected, m),
+                                CommitError::Store(s) => s.into(),
+                            })?;
+                    let name = guard.info.name.clone();
                     let snap = Snapshot { host, name, time_ns: now_ns(), kind, stats, tree, client };
-                    Ok::<_, CommitError>(store.commit_snapshot(&snap)?)
+                    let summary = store.commit_snapshot(&snap)?;
+                    guard.finish();
+                    Ok::<_, Fail>(summary)
                 })
-                .await?
-                .map_err(|e| match e {
-                    CommitError::Rejected(m) => Fail(ErrorCode::Rejected, m),
-                    CommitError::Store(s) => s.into(),
-                })?;
-                self.sessions.lock().expect("session lock").remove(&session);
+                .await??;
                 info!(host = %self.host, name = %summary.name, id = %summary.id.short(), "snapshot committed");
                 Response::Committed(summary)
             }
@@ -226,6 +229,21 @@ impl Conn {
                 }
             }
             Request::GetChunks { ids } => return self.fetch(ids, send).await,
+            Request::Forget { id } => {
+                self.require(&[Role::Admin])?;
+                if !blocking(move || store.delete_snapshot(&id)).await?? {
+                    return Err(Fail(ErrorCode::NotFound, format!("no snapshot {}", id.short())));
+                }
+                info!(host = %self.host, id = %id.short(), "snapshot forgotten");
+                Response::Done
+            }
+            Request::Protect { id, protected } => {
+                self.require(&[Role::Admin])?;
+                if !blocking(move || store.set_protected(&id, protected)).await?? {
+                    return Err(Fail(ErrorCode::NotFound, format!("no snapshot {}", id.short())));
+                }
+                Response::Done
+            }
         };
         write_frame(send, &resp).await?;
         Ok(())
@@ -240,7 +258,6 @@ impl Conn {
         send: &mut SendStream,
         recv: &mut RecvStream,
     ) -> Reply {
-        self.session(session)?;
         let mut next = Some((first_id, first_blob));
         let (mut chunks, mut new_bytes) = (0u32, 0u64);
         let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(PUT_BATCH);
@@ -250,7 +267,7 @@ impl Conn {
                 batch.push(c);
             }
             if batch.len() >= PUT_BATCH || (done && !batch.is_empty()) {
-                let store = self.state.store.clone();
+                let state = self.state.clone();
                 let host = self.host.clone();
                 let items = std::mem::take(&mut batch);
                 let n = items.len() as u32;
@@ -264,7 +281,10 @@ impl Conn {
                                 .map_err(|e| Fail(ErrorCode::Rejected, format!("chunk {} refused: {e}", id.short())))
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok::<_, Fail>(store.put_chunks(&host, &verified)?)
+                    let guard = state.sessions.enter(session, &host)?;
+                    let stats = state.store.put_chunks(&host, &verified)?;
+                    guard.touch(verified.iter().map(|c| *c.id()));
+                    Ok::<_, Fail>(stats)
                 })
                 .await??;
                 chunks += n;

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::ServerConfig;
+use crate::sessions::Sessions;
 use crate::store::rocks::RocksStore;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
@@ -32,6 +33,8 @@ pub enum ServerError {
 
 pub struct ServerState {
     pub store: Arc<dyn Store>,
+    pub sessions: Sessions,
+    pub running: crate::jobs::Running,
     pub data_dir: PathBuf,
     pub config: ServerConfig,
 }
@@ -42,7 +45,14 @@ impl ServerState {
             return Err(ServerError::NotInitialised(data_dir.display().to_string()));
         }
         let store = RocksStore::open(&data_dir.join(DB_DIR), config.cache_mb << 20)?;
-        Ok(Arc::new(Self { store: Arc::new(store), data_dir: data_dir.to_path_buf(), config }))
+        let sessions = Sessions::new(Duration::from_secs(config.session_lease_secs));
+        Ok(Arc::new(Self {
+            store: Arc::new(store),
+            sessions,
+            running: Default::default(),
+            data_dir: data_dir.to_path_buf(),
+            config,
+        }))
     }
 
     pub fn tokens(&self) -> Arc<Tokens> {

@@ -67,7 +67,9 @@ pub struct PutStats {
 }
 
 pub trait Store: Send + Sync + 'static {
-    /// For each id: may `host` reuse this chunk without uploading it?
+    /// For each id: may `host` reuse this chunk without uploading it? True
+    /// only when the host has proven it holds the chunk and the chunk is
+    /// still stored.
     fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
     /// Stores chunks and records that `host` holds them.
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError>;
@@ -76,6 +78,30 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a checked snapshot durably; returns its id and summary.
     fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError>;
     fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError>;
+    /// Removes a snapshot (record and index) durably. Its chunks stay
+    /// until garbage collection. Returns false if it did not exist.
+    fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError>;
+    /// Marks a snapshot protected (prune never removes it) or not.
+    fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError>;
+    /// Up to `limit` stored chunk ids after `after`, in key order.
+    fn chunk_ids(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError>;
+    /// Up to `limit` (host, chunk) possession records after `after`.
+    fn host_chunks(
+        &self,
+        after: Option<&(String, ChunkId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, ChunkId)>, StoreError>;
+    /// Deletes chunks; returns the stored bytes freed.
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError>;
+    fn delete_host_chunks(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError>;
+    /// Compacts so that deleted data really leaves the disk (blob files
+    /// included).
+    fn reclaim_space(&self) -> Result<(), StoreError>;
+    /// Bytes the database occupies on disk.
+    fn disk_bytes(&self) -> Result<u64, StoreError>;
+    fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;
+    /// The newest `limit` job records, newest first.
+    fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
     /// Summaries, oldest first, filtered by host and set name.
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError>;
 }

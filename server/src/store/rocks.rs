@@ -17,6 +17,7 @@ const SUMMARY_VERSION: u8 = 1;
 
 pub struct RocksStore {
     db: DB,
+    dir: std::path::PathBuf,
 }
 
 fn db_err(e: rocksdb::Error) -> StoreError {
@@ -74,7 +75,7 @@ impl RocksStore {
             let hint = if msg.contains("lock") { " (is another bkp-server using this data directory?)" } else { "" };
             StoreError::Open(dir.display().to_string(), format!("{msg}{hint}"))
         })?;
-        let store = Self { db };
+        let store = Self { db, dir: dir.to_path_buf() };
         store.check_schema()?;
         Ok(store)
     }
@@ -97,6 +98,12 @@ impl RocksStore {
         self.db.cf_handle(name).expect("column family created at open")
     }
 
+    fn synced() -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        wo
+    }
+
     fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
         postcard::to_extend(s, vec![SUMMARY_VERSION]).expect("postcard to Vec")
     }
@@ -113,9 +120,19 @@ impl RocksStore {
 
 impl Store for RocksStore {
     fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        let cf = self.cf(schema::CF_HOST_CHUNKS);
-        let keys: Vec<_> = ids.iter().map(|id| (cf, schema::host_chunk_key(host, id))).collect();
-        self.db.multi_get_cf(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(db_err)).collect()
+        let (hc, meta) = (self.cf(schema::CF_HOST_CHUNKS), self.cf(schema::CF_CHUNK_META));
+        let keys = ids
+            .iter()
+            .map(|id| (hc, schema::host_chunk_key(host, id)))
+            .chain(ids.iter().map(|id| (meta, id.as_bytes().to_vec())));
+        let found: Vec<bool> = self
+            .db
+            .multi_get_cf(keys)
+            .into_iter()
+            .map(|r| r.map(|v| v.is_some()).map_err(db_err))
+            .collect::<Result<_, _>>()?;
+        let (held, stored) = found.split_at(ids.len());
+        Ok(held.iter().zip(stored).map(|(h, s)| *h && *s).collect())
     }
 
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
@@ -166,6 +183,123 @@ impl Store for RocksStore {
                 Snapshot::decode(&b).map(Some).map_err(|e| StoreError::Corrupt(format!("snapshot {}: {e}", id.short())))
             }
         }
+    }
+
+    fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError> {
+        let Some(snap) = self.snapshot(id)? else { return Ok(false) };
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes());
+        batch.delete_cf(self.cf(schema::CF_SETS), schema::set_key(&snap.host, &snap.name, snap.time_ns, id));
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
+        Ok(true)
+    }
+
+    fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError> {
+        let Some(snap) = self.snapshot(id)? else { return Ok(false) };
+        let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
+        let cf = self.cf(schema::CF_SETS);
+        let Some(v) = self.db.get_cf(cf, &key).map_err(db_err)? else { return Ok(false) };
+        let mut summary = Self::decode_summary(&v)?;
+        summary.protected = protected;
+        self.db.put_cf_opt(cf, key, Self::encode_summary(&summary), &Self::synced()).map_err(db_err)?;
+        Ok(true)
+    }
+
+    fn chunk_ids(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError> {
+        let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::with_capacity(limit);
+        for item in self.db.iterator_cf(self.cf(schema::CF_CHUNK_META), mode) {
+            let (k, _) = item.map_err(db_err)?;
+            let id = ChunkId::from_slice(&k).ok_or_else(|| StoreError::Corrupt("chunk_meta key length".into()))?;
+            if Some(&id) == after {
+                continue;
+            }
+            out.push(id);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn host_chunks(
+        &self,
+        after: Option<&(String, ChunkId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, ChunkId)>, StoreError> {
+        let start = after.map(|(h, c)| schema::host_chunk_key(h, c)).unwrap_or_default();
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::with_capacity(limit);
+        for item in self.db.iterator_cf(self.cf(schema::CF_HOST_CHUNKS), mode) {
+            let (k, _) = item.map_err(db_err)?;
+            if after.is_some() && k.as_ref() == start.as_slice() {
+                continue;
+            }
+            out.push(schema::split_host_chunk_key(&k).ok_or_else(|| StoreError::Corrupt("host_chunks key".into()))?);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError> {
+        let meta_cf = self.cf(schema::CF_CHUNK_META);
+        let metas = self.db.multi_get_cf(ids.iter().map(|id| (meta_cf, id.as_bytes().to_vec())));
+        let mut freed = 0u64;
+        let mut batch = WriteBatch::default();
+        for (id, m) in ids.iter().zip(metas) {
+            if let Some(m) = m.map_err(db_err)?.as_deref().and_then(ChunkMeta::decode) {
+                freed += m.stored_len as u64;
+            }
+            batch.delete_cf(self.cf(schema::CF_CHUNKS), id.as_bytes());
+            batch.delete_cf(meta_cf, id.as_bytes());
+        }
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
+        Ok(freed)
+    }
+
+    fn delete_host_chunks(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (h, c) in keys {
+            batch.delete_cf(self.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key(h, c));
+        }
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)
+    }
+
+    fn reclaim_space(&self) -> Result<(), StoreError> {
+        let chunks = self.cf(schema::CF_CHUNKS);
+        // Blob files only shrink when compaction relocates their live
+        // blobs; an age cutoff of 1.0 makes this compaction consider all
+        // of them, so every freed chunk really leaves the disk.
+        self.db.set_options_cf(chunks, &[("blob_garbage_collection_age_cutoff", "1.0")]).map_err(db_err)?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for name in schema::ALL_CFS {
+            self.db.compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        self.db.set_options_cf(chunks, &[("blob_garbage_collection_age_cutoff", "0.25")]).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn disk_bytes(&self) -> Result<u64, StoreError> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| StoreError::Db(e.to_string()))?;
+        Ok(rd.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+    }
+
+    fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .put_cf_opt(self.cf(schema::CF_JOBS), schema::job_key(start_ns, kind), record, &Self::synced())
+            .map_err(db_err)
+    }
+
+    fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.db
+            .iterator_cf(self.cf(schema::CF_JOBS), rocksdb::IteratorMode::End)
+            .take(limit)
+            .map(|r| r.map(|(_, v)| v.to_vec()).map_err(db_err))
+            .collect()
     }
 
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError> {

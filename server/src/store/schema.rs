@@ -10,6 +10,7 @@
 //! | `snapshots`   | snapshot id (32)                      | snapshot record        |
 //! | `sets`        | host NUL name NUL time_ns:u64 BE id   | snapshot summary       |
 //! | `meta`        | ASCII key                             | store metadata         |
+//! | `jobs`        | start_ns:u64 BE, kind                 | job run record (JSON)  |
 //!
 //! Host and set names never contain NUL (see `bkp_common::names`), so the
 //! NUL terminator makes tuple order and byte order agree.
@@ -22,7 +23,8 @@ pub const CF_HOST_CHUNKS: &str = "host_chunks";
 pub const CF_SNAPSHOTS: &str = "snapshots";
 pub const CF_SETS: &str = "sets";
 pub const CF_META: &str = "meta";
-pub const ALL_CFS: [&str; 6] = [CF_CHUNKS, CF_CHUNK_META, CF_HOST_CHUNKS, CF_SNAPSHOTS, CF_SETS, CF_META];
+pub const CF_JOBS: &str = "jobs";
+pub const ALL_CFS: [&str; 7] = [CF_CHUNKS, CF_CHUNK_META, CF_HOST_CHUNKS, CF_SNAPSHOTS, CF_SETS, CF_META, CF_JOBS];
 
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub const SCHEMA_VERSION: u32 = 1;
@@ -32,6 +34,19 @@ pub fn host_chunk_key(host: &str, id: &ChunkId) -> Vec<u8> {
     k.extend_from_slice(host.as_bytes());
     k.push(0);
     k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Splits a `host_chunks` key back into its host and chunk id.
+pub fn split_host_chunk_key(k: &[u8]) -> Option<(String, ChunkId)> {
+    let nul = k.iter().position(|&b| b == 0)?;
+    let host = std::str::from_utf8(&k[..nul]).ok()?.to_string();
+    Some((host, ChunkId::from_slice(&k[nul + 1..])?))
+}
+
+pub fn job_key(start_ns: u64, kind: &str) -> Vec<u8> {
+    let mut k = start_ns.to_be_bytes().to_vec();
+    k.extend_from_slice(kind.as_bytes());
     k
 }
 
@@ -117,6 +132,9 @@ mod tests {
         assert!(k.starts_with(&set_prefix("ab", "db")));
         let c = host_chunk_key("ab", &ChunkId::from_bytes([9; 32]));
         assert!(c.starts_with(&host_prefix("ab")) && !c.starts_with(&host_prefix("a")));
+        assert_eq!(split_host_chunk_key(&c), Some(("ab".to_string(), ChunkId::from_bytes([9; 32]))));
+        assert_eq!(split_host_chunk_key(b"nonul"), None);
+        assert!(job_key(1, "gc") < job_key(256, "gc") && job_key(2, "gc") < job_key(2, "prune"));
     }
 
     #[test]

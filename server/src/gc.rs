@@ -1,0 +1,169 @@
+//! Garbage collection: mark every chunk a snapshot references, then
+//! sweep the rest, while pushes go on.
+//!
+//! # Which operations may overlap
+//! | pair          | allowed | what protects it |
+//! |---------------|---------|------------------|
+//! | push / GC     | yes | every chunk a push was told is stored, uploaded or referenced is in its session's `touched` set; each sweep batch runs under the write side of the session fence and spares touched chunks (see `sessions`) |
+//! | commit / GC   | yes | a commit touches every chunk it checks, under the fence; a snapshot committed after the mark phase listed snapshots keeps its chunks in `gc_protect` until the GC ends |
+//! | frozen push / GC | yes | a session silent past its lease is dropped at the next sweep batch and its commit fails; `host_has` also requires the chunk itself, so a stale possession record never lets a push skip an upload |
+//! | prune or forget / GC | yes | deleting a snapshot only removes its record; a snapshot gone when mark reaches it is skipped; one deleted after it was marked keeps its chunks until the next GC |
+//! | restore / GC  | yes, for snapshots not being deleted | restores read committed snapshots; GC never frees a chunk a listed snapshot references |
+//! | GC / GC       | no  | one run of a kind at a time (`jobs`) |
+//! | verify / GC   | not built yet | |
+//!
+//! Any error while marking cancels the run before anything is deleted. A
+//! crash in the middle of a sweep leaves a store where every snapshot is
+//! still whole (only unreferenced chunks were being removed); the next GC
+//! finishes the work.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bkp_common::ChunkId;
+use serde::Serialize;
+use tracing::info;
+
+use crate::commit::{walk_tree, CommitError};
+use crate::server::ServerState;
+use crate::sessions::Sessions;
+use crate::store::StoreError;
+
+const SWEEP_BATCH: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error("garbage collection cancelled while marking snapshot {0}: {1}; nothing was deleted")]
+    Mark(String, String),
+    #[error("garbage collection failed while sweeping: {0}")]
+    Sweep(#[from] StoreError),
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct GcReport {
+    pub snapshots: u64,
+    pub referenced_chunks: u64,
+    pub chunks_deleted: u64,
+    pub possession_records_deleted: u64,
+    pub bytes_freed: u64,
+    pub disk_bytes_before: u64,
+    pub disk_bytes_after: u64,
+    pub seconds: f64,
+}
+
+/// Test hooks: points where a test can act in the middle of a run.
+#[derive(Default)]
+pub struct GcHooks {
+    /// After the snapshot list is read, before any tree is walked.
+    pub after_listing: Option<Box<dyn Fn() + Send + Sync>>,
+    /// After marking, before the first sweep batch.
+    pub before_sweep: Option<Box<dyn Fn() + Send + Sync>>,
+    /// A pause after each sweep batch (to kill a server mid-sweep).
+    pub batch_delay: Option<Duration>,
+    /// Smaller sweep batches.
+    pub batch_size: Option<usize>,
+}
+
+impl GcHooks {
+    /// Hooks a test sets through the environment of a server process.
+    pub fn from_env() -> Self {
+        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        GcHooks {
+            batch_delay: num("BKP_TEST_GC_BATCH_DELAY_MS").map(Duration::from_millis),
+            batch_size: num("BKP_TEST_GC_BATCH").map(|n| n.max(1) as usize),
+            ..Default::default()
+        }
+    }
+}
+
+/// Ends the GC epoch however the run ends.
+struct Epoch<'a>(&'a Sessions);
+impl Drop for Epoch<'_> {
+    fn drop(&mut self) {
+        self.0.gc_end();
+    }
+}
+
+pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
+    let started = Instant::now();
+    let store = state.store.as_ref();
+    let mut report = GcReport { disk_bytes_before: store.disk_bytes()?, ..Default::default() };
+    state.sessions.gc_begin();
+    let epoch = Epoch(&state.sessions);
+
+    // Mark.
+    let summaries = store.list_snapshots(None, None)?;
+    if let Some(h) = &hooks.after_listing {
+        h();
+    }
+    let mut hosts: HashMap<String, u32> = HashMap::new();
+    let mut marked: HashSet<ChunkId> = HashSet::new();
+    let mut marked_host: HashSet<(u32, ChunkId)> = HashSet::new();
+    for s in &summaries {
+        let mark_err = |e: String| GcError::Mark(s.id.short(), e);
+        // Deleted since the listing: nothing of it needs keeping.
+        let Some(snap) = store.snapshot(&s.id).map_err(|e| mark_err(e.to_string()))? else { continue };
+        let next = hosts.len() as u32;
+        let h = *hosts.entry(snap.host.clone()).or_insert(next);
+        walk_tree(store, &snap.tree, &mut |ids| {
+            for id in ids {
+                marked.insert(*id);
+                marked_host.insert((h, *id));
+            }
+            Ok(())
+        })
+        .map_err(|e: CommitError| mark_err(e.to_string()))?;
+        report.snapshots += 1;
+    }
+    report.referenced_chunks = marked.len() as u64;
+    if let Some(h) = &hooks.before_sweep {
+        h();
+    }
+    let batch = hooks.batch_size.unwrap_or(SWEEP_BATCH);
+    let pause = || {
+        if let Some(d) = hooks.batch_delay {
+            std::thread::sleep(d);
+        }
+    };
+
+    // Sweep possession records first, then chunks: a record is never left
+    // pointing at a chunk this run deleted (and `host_has` checks both).
+    let mut after = None;
+    loop {
+        let keys = store.host_chunks(after.as_ref(), batch)?;
+        let Some(last) = keys.last().cloned() else { break };
+        let candidates: Vec<_> =
+            keys.into_iter().filter(|(h, c)| hosts.get(h).is_none_or(|i| !marked_host.contains(&(*i, *c)))).collect();
+        if !candidates.is_empty() {
+            let n = state.sessions.sweep(|protected| {
+                let doomed: Vec<_> = candidates.into_iter().filter(|(h, c)| !protected(c, Some(h))).collect();
+                store.delete_host_chunks(&doomed).map(|_| doomed.len())
+            })?;
+            report.possession_records_deleted += n as u64;
+        }
+        after = Some(last);
+        pause();
+    }
+    let mut after: Option<ChunkId> = None;
+    loop {
+        let ids = store.chunk_ids(after.as_ref(), batch)?;
+        let Some(last) = ids.last().copied() else { break };
+        let candidates: Vec<_> = ids.into_iter().filter(|c| !marked.contains(c)).collect();
+        if !candidates.is_empty() {
+            let (n, freed) = state.sessions.sweep(|protected| {
+                let doomed: Vec<_> = candidates.into_iter().filter(|c| !protected(c, None)).collect();
+                store.delete_chunks(&doomed).map(|freed| (doomed.len(), freed))
+            })?;
+            report.chunks_deleted += n as u64;
+            report.bytes_freed += freed;
+        }
+        after = Some(last);
+        pause();
+    }
+    drop(epoch);
+    store.reclaim_space()?;
+    report.disk_bytes_after = store.disk_bytes()?;
+    report.seconds = started.elapsed().as_secs_f64();
+    info!(?report, "gc finished");
+    Ok(report)
+}
