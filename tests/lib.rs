@@ -63,16 +63,12 @@ impl TestServer {
             rt.block_on(async move {
                 let state = bkp_server::ServerState::open(&data, config).expect("open server state");
                 let ep = bkp_server::bind(&data, listen).expect("bind");
-                let control = bkp_server::control::bind(&data).expect("control socket");
-                let ctl = tokio::spawn(bkp_server::control::serve(control, state.clone()));
                 addr_tx.send((ep.local_addr().unwrap(), state.clone())).unwrap();
-                bkp_server::run(ep, state, async {
+                bkp_server::serve(ep, state, async {
                     let _ = stop_rx.await;
                 })
-                .await;
-                ctl.abort();
-                let _ = ctl.await;
-                let _ = std::fs::remove_file(bkp_server::control::socket_path(&data));
+                .await
+                .expect("serve");
             });
         });
         let (addr, state) = addr_rx.recv().expect("server started");

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::config::ServerConfig;
 use crate::control::{ControlRequest, ControlResponse};
 use crate::jobs::{JobKind, JobRecord};
-use crate::server::{bind, run, ServerState};
+use crate::server::{bind, ServerState};
 use crate::tokens::Tokens;
 
 #[derive(Parser)]
@@ -141,12 +141,8 @@ fn execute(cli: Cli) -> Result<()> {
             rt.block_on(async move {
                 let state = ServerState::open(&data, cfg.clone())?;
                 let endpoint = bind(&data, cfg.listen)?;
-                let control = crate::control::bind(&data).context("binding the control socket")?;
-                tokio::spawn(crate::control::serve(control, state.clone()));
-                tokio::spawn(crate::jobs::scheduler(state.clone()));
                 eprintln!("bkp-server listening on {}", endpoint.local_addr()?);
-                run(endpoint, state, shutdown_signal()).await;
-                let _ = std::fs::remove_file(crate::control::socket_path(&data));
+                crate::server::serve(endpoint, state, shutdown_signal()).await.context("serving")?;
                 Ok(())
             })
         }

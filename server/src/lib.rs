@@ -17,4 +17,4 @@ pub mod store;
 pub mod tls;
 pub mod tokens;
 
-pub use server::{bind, run, ServerState};
+pub use server::{bind, run, serve, ServerState};

@@ -66,6 +66,26 @@ pub fn bind(data_dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint, Serv
     quinn::Endpoint::server(cfg, listen).map_err(|e| ServerError::Bind(listen, e))
 }
 
+/// Everything `bkp-server serve` runs: the QUIC endpoint, the control
+/// socket and the job scheduler, until `shutdown` resolves.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    state: Arc<ServerState>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let control = crate::control::bind(&state.data_dir)?;
+    let ctl = tokio::spawn(crate::control::serve(control, state.clone()));
+    let sched = tokio::spawn(crate::jobs::scheduler(state.clone()));
+    let data = state.data_dir.clone();
+    run(endpoint, state, shutdown).await;
+    ctl.abort();
+    sched.abort();
+    let _ = ctl.await;
+    let _ = sched.await;
+    let _ = std::fs::remove_file(crate::control::socket_path(&data));
+    Ok(())
+}
+
 /// Serves connections until `shutdown` resolves, then closes them and
 /// waits (briefly) for in-flight work.
 pub async fn run(endpoint: quinn::Endpoint, state: Arc<ServerState>, shutdown: impl Future<Output = ()>) {

@@ -311,3 +311,42 @@ fn pushes_and_deletions_while_gc_runs_back_to_back() {
         assert!(restore_stdout(&server, token, id) == *data, "snapshot {id} after the last GC");
     }
 }
+
+#[test]
+fn one_run_of_a_kind_at_a_time() {
+    let server = TestServer::start();
+    let state = server.state();
+    let inner = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (st, seen) = (state.clone(), inner.clone());
+    let hooks = GcHooks {
+        before_sweep: Some(Box::new(move || {
+            let gc = bkp_server::jobs::run(&st, bkp_server::jobs::JobKind::Gc, false, &GcHooks::default());
+            let prune = bkp_server::jobs::run(&st, bkp_server::jobs::JobKind::Prune, true, &GcHooks::default());
+            *seen.lock().unwrap() = Some((gc, prune));
+        })),
+        ..Default::default()
+    };
+    let outer = bkp_server::jobs::run(&state, bkp_server::jobs::JobKind::Gc, false, &hooks);
+    assert!(outer.ok, "{:?}", outer.error);
+    let (gc, prune) = inner.lock().unwrap().take().expect("hook ran");
+    assert!(!gc.ok && gc.error.unwrap().contains("already in progress"));
+    assert!(prune.ok, "a prune may run beside a GC: {:?}", prune.error);
+}
+
+#[test]
+fn serve_runs_scheduled_jobs() {
+    let mut cfg = ServerConfig { cache_mb: 16, ..Default::default() };
+    cfg.jobs.gc = Some("* * * * *".into());
+    let server = TestServer::start_with(cfg);
+    // Every minute, on the minute: within 65 s a run is recorded.
+    for _ in 0..130 {
+        let jobs = json(&server.admin(&["jobs", "--json"]));
+        if let Some(j) = jobs.as_array().unwrap().first() {
+            assert_eq!(j["kind"], "gc");
+            assert_eq!(j["ok"], true, "{j}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("no scheduled gc ran within 65 s");
+}
