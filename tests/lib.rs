@@ -137,6 +137,24 @@ impl Drop for TestServer {
 
 /// `bkp-server ARGS --data DIR` for this server's data directory.
 impl TestServer {
+    /// `bkp push --stdin --json` of `data`; returns the JSON report.
+    pub fn push_stdin(&self, token: &Path, name: &str, data: &[u8]) -> serde_json::Value {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = self
+            .bkp(token)
+            .args(["push", "--json", "--stdin", "--name", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bkp");
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        json(&out)
+    }
+
     pub fn admin(&self, args: &[&str]) -> Output {
         ok(Command::new(bin("bkp-server")).args(args).arg("--data").arg(self.data()))
     }

@@ -2,7 +2,6 @@
 //! the races that lost data in other backup systems as deterministic
 //! tests.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -21,18 +20,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn push_stdin(server: &TestServer, token: &std::path::Path, name: &str, data: &[u8]) -> String {
-    let mut child = server
-        .bkp(token)
-        .args(["push", "--json", "--stdin", "--name", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    json(&out)["snapshot"]["id"].as_str().unwrap().to_string()
+    server.push_stdin(token, name, data)["snapshot"]["id"].as_str().unwrap().to_string()
 }
 
 fn restore_stdout(server: &TestServer, token: &std::path::Path, id: &str) -> Vec<u8> {

@@ -1,30 +1,12 @@
-use std::io::Write;
-use std::process::Stdio;
-
 use bkp_common::protocol::Role;
 use bkp_tests::{dump_like, json, ok, TestServer};
-
-fn push_stdin(server: &TestServer, token: &std::path::Path, name: &str, data: &[u8]) -> serde_json::Value {
-    let mut child = server
-        .bkp(token)
-        .args(["push", "--json", "--stdin", "--name", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    json(&out)
-}
 
 #[test]
 fn stdin_round_trip_and_changed_dump_sends_little() {
     let server = TestServer::start();
     let token = server.token("db01", Role::Push);
     let dump = dump_like(1_500_000, 5); // about 70 MB
-    let first = push_stdin(&server, &token, "pgdump", &dump);
+    let first = server.push_stdin(&token, "pgdump", &dump);
     assert_eq!(first["bytes_read"].as_u64().unwrap(), dump.len() as u64);
     assert!(first["bytes_sent"].as_u64().unwrap() < dump.len() as u64 / 2, "zstd compresses text");
 
@@ -35,7 +17,7 @@ fn stdin_round_trip_and_changed_dump_sends_little() {
     let mut changed = dump.clone();
     let mid = changed.len() / 2;
     changed.splice(mid..mid + 10, b"UPDATED ROW, LONGER THAN BEFORE".iter().copied());
-    let second = push_stdin(&server, &token, "pgdump", &changed);
+    let second = server.push_stdin(&token, "pgdump", &changed);
     let sent = second["bytes_sent"].as_u64().unwrap();
     let chunks_sent = second["chunks_sent"].as_u64().unwrap();
     assert!(chunks_sent <= 4, "sent {chunks_sent} chunks");
