@@ -171,6 +171,7 @@ impl Conn {
                 Response::PushStarted { session: self.state.sessions.start(&self.host, &name, kind) }
             }
             Request::HasChunks { session, ids } => {
+                self.require(&[Role::Push, Role::Admin])?;
                 if ids.len() > MAX_IDS {
                     return Err(Fail(ErrorCode::BadRequest, format!("more than {MAX_IDS} ids")));
                 }
@@ -185,8 +186,12 @@ impl Conn {
                 .await??;
                 Response::Missing(missing)
             }
-            Request::PutChunk { session, id, blob } => return self.upload(session, id, blob, send, recv).await,
+            Request::PutChunk { session, id, blob } => {
+                self.require(&[Role::Push, Role::Admin])?;
+                return self.upload(session, id, blob, send, recv).await;
+            }
             Request::Commit { session, tree } => {
+                self.require(&[Role::Push, Role::Admin])?;
                 let client = self.client.clone();
                 let state = self.state.clone();
                 let summary = blocking(move || {
