@@ -12,6 +12,11 @@ pub fn resolve(spec: &str, name: Option<&str>, list: &[SnapshotSummary]) -> Resu
         if name.is_none() && list.iter().any(|s| s.name != list[0].name) {
             return Err(ClientError::Input("`latest` needs --name when a host has several backup sets".into()));
         }
+        // An admin token sees every host: never pick another host's backup
+        // by accident.
+        if list.iter().any(|s| s.host != list[0].host) {
+            return Err(ClientError::Input("`latest` matches several hosts; give a snapshot id".into()));
+        }
         return list
             .iter()
             .max_by_key(|s| s.time_ns)
@@ -59,5 +64,8 @@ mod tests {
         assert!(resolve("abab", None, &l2).is_err());
         assert!(resolve("latest", None, &l2).is_err());
         assert!(resolve("latest", None, &[]).is_err());
+        let mut other = s(0xee, "db", 9);
+        other.host = "h2".into();
+        assert!(resolve("latest", Some("db"), &[s(0xab, "db", 1), other]).is_err());
     }
 }

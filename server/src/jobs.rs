@@ -55,6 +55,11 @@ pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
     if fields != 5 {
         return Err(format!("schedule {expr:?} must have 5 fields (minute hour day month weekday)"));
     }
+    // The cron crate numbers weekdays 1 = Sunday, crontab 0 = Sunday: names
+    // mean the same in both, numbers would silently shift a day.
+    if expr.split_whitespace().nth(4).is_some_and(|w| w.chars().any(|c| c.is_ascii_digit())) {
+        return Err(format!("schedule {expr:?}: write weekdays as names (MON-FRI, SUN), not numbers"));
+    }
     cron::Schedule::from_str(&format!("0 {expr}")).map_err(|e| format!("schedule {expr:?}: {e}"))
 }
 
@@ -76,16 +81,25 @@ pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -
         JobKind::Gc => &state.running.gc,
     };
     let start_ns = now_ns();
-    let Ok(_guard) = lock.try_lock() else {
-        return JobRecord {
+    let refuse = |msg: String| {
+        let rec = JobRecord {
             kind,
             start_ns,
             end_ns: start_ns,
             ok: false,
             dry_run,
-            error: Some(format!("a {} run is already in progress; try again when it ends", kind.as_str())),
+            error: Some(msg),
             figures: serde_json::Value::Null,
         };
+        record(state, &rec);
+        rec
+    };
+    if kind == JobKind::Gc && dry_run {
+        return refuse("gc has no dry run; `bkp-server prune --dry-run` previews what a prune would remove".into());
+    }
+    let Ok(_guard) = lock.try_lock() else {
+        // Recorded, so a schedule that keeps colliding shows in `jobs`.
+        return refuse(format!("a {} run is already in progress; try again when it ends", kind.as_str()));
     };
     info!(job = kind.as_str(), dry_run, "job started");
     let result: Result<serde_json::Value, String> = match kind {
@@ -106,17 +120,23 @@ pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -
         error: result.as_ref().err().cloned(),
         figures: result.unwrap_or(serde_json::Value::Null),
     };
-    if !dry_run {
-        let body = serde_json::to_vec(&rec).expect("record to json");
-        if let Err(e) = state.store.put_job(start_ns, kind.as_str(), &body) {
-            error!("recording job: {e}");
-        }
-    }
+    record(state, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
         Some(e) => error!(job = kind.as_str(), "job failed: {e}"),
     }
     rec
+}
+
+/// Stores a run's record; dry runs change nothing and are not kept.
+fn record(state: &ServerState, rec: &JobRecord) {
+    if rec.dry_run {
+        return;
+    }
+    let body = serde_json::to_vec(rec).expect("record to json");
+    if let Err(e) = state.store.put_job(rec.start_ns, rec.kind.as_str(), &body) {
+        error!("recording job: {e}");
+    }
 }
 
 /// The newest `limit` job records.
@@ -168,5 +188,8 @@ mod tests {
         assert_eq!(s.after(&from).next().unwrap().to_rfc3339(), "2026-11-24T04:00:00+00:00");
         assert!(parse_schedule("0 4 * *").is_err());
         assert!(parse_schedule("99 4 * * *").is_err());
+        assert!(parse_schedule("0 4 * * 1").is_err());
+        let mon = parse_schedule("0 4 * * MON").unwrap();
+        assert_eq!(mon.after(&from).next().unwrap().to_rfc3339(), "2026-11-30T04:00:00+00:00");
     }
 }

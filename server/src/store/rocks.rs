@@ -18,6 +18,9 @@ const SUMMARY_VERSION: u8 = 1;
 pub struct RocksStore {
     db: DB,
     dir: std::path::PathBuf,
+    /// Serialises read-modify-writes of snapshot records and their index
+    /// (protect racing forget must not resurrect an index entry).
+    snapshot_lock: std::sync::Mutex<()>,
 }
 
 fn db_err(e: rocksdb::Error) -> StoreError {
@@ -75,7 +78,7 @@ impl RocksStore {
             let hint = if msg.contains("lock") { " (is another bkp-server using this data directory?)" } else { "" };
             StoreError::Open(dir.display().to_string(), format!("{msg}{hint}"))
         })?;
-        let store = Self { db, dir: dir.to_path_buf() };
+        let store = Self { db, dir: dir.to_path_buf(), snapshot_lock: Default::default() };
         store.check_schema()?;
         Ok(store)
     }
@@ -186,6 +189,7 @@ impl Store for RocksStore {
     }
 
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError> {
+        let _l = self.snapshot_lock.lock().expect("snapshot lock");
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes());
@@ -195,6 +199,7 @@ impl Store for RocksStore {
     }
 
     fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError> {
+        let _l = self.snapshot_lock.lock().expect("snapshot lock");
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
         let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
         let cf = self.cf(schema::CF_SETS);
