@@ -172,10 +172,8 @@ impl Store for RocksStore {
             schema::set_key(&snapshot.host, &snapshot.name, snapshot.time_ns, &id),
             Self::encode_summary(&summary),
         );
-        let mut wo = WriteOptions::default();
         // Acknowledged means on disk, and with it every chunk written before.
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(db_err)?;
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
         Ok(summary)
     }
 
