@@ -212,18 +212,22 @@ async fn pick(client: &Client, spec: &str, name: Option<&str>) -> Result<bkp_com
 }
 
 fn print_snapshots(list: &[SnapshotSummary]) {
-    println!("{:<10} {:<21} {:<16} {:<16} {:<7} {:>9} {:>12}", "ID", "TIME", "HOST", "NAME", "KIND", "FILES", "SIZE");
+    println!(
+        "{:<10} {:<21} {:<16} {:<16} {:<7} {:>9} {:>12}  FLAGS",
+        "ID", "TIME", "HOST", "NAME", "KIND", "FILES", "SIZE"
+    );
     for s in list {
         let kind = if s.kind == SnapshotKind::Tree { "tree" } else { "stream" };
         println!(
-            "{:<10} {:<21} {:<16} {:<16} {:<7} {:>9} {:>12}",
+            "{:<10} {:<21} {:<16} {:<16} {:<7} {:>9} {:>12}  {}",
             s.id.short(),
             fmt_time(s.time_ns),
             s.host,
             s.name,
             kind,
             s.stats.files,
-            indicatif::HumanBytes(s.stats.bytes).to_string()
+            indicatif::HumanBytes(s.stats.bytes).to_string(),
+            if s.protected { "protected" } else { "" }
         );
     }
 }

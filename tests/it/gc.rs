@@ -50,6 +50,8 @@ fn prune_then_gc_frees_disk_and_keeps_what_policy_keeps() {
     let out = server.bkp(&push).args(["forget", &ids[0]]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("may not"));
     ok(server.bkp(&admin).args(["protect", &ids[0]]));
+    let listing = String::from_utf8(ok(server.bkp(&push).arg("snapshots")).stdout).unwrap();
+    assert_eq!(listing.matches("protected").count(), 1, "{listing}");
 
     let dry = json(&server.admin(&["prune", "--dry-run", "--json"]));
     assert_eq!(dry["figures"]["removed"], 1, "{dry}");
