@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use bkp_common::protocol::Role;
+use bkp_common::tree::{ChunkRef, Entry, Meta, TreeEncoder};
+use bkp_common::{ChunkId, ContentHash};
 use bkp_server::config::ServerConfig;
 use bkp_server::tokens::Tokens;
 use tokio::sync::oneshot;
@@ -135,7 +137,6 @@ impl Drop for TestServer {
     }
 }
 
-/// `bkp-server ARGS --data DIR` for this server's data directory.
 impl TestServer {
     /// `bkp push --stdin --json` of `data`; returns the JSON report.
     pub fn push_stdin(&self, token: &Path, name: &str, data: &[u8]) -> serde_json::Value {
@@ -155,6 +156,7 @@ impl TestServer {
         json(&out)
     }
 
+    /// `bkp-server ARGS --data DIR` for this server's data directory.
     pub fn admin(&self, args: &[&str]) -> Output {
         ok(Command::new(bin("bkp-server")).args(args).arg("--data").arg(self.data()))
     }
@@ -194,6 +196,26 @@ pub fn dump_like(lines: usize, seed: u64) -> Vec<u8> {
         out.extend_from_slice(format!("{i}\t{v}\tuser{}@example.com\t2026-11-{:02}\n", v % 977, 1 + v % 28).as_bytes());
     }
     out
+}
+
+/// Tree entries for one file made of `chunks` (which concatenate to
+/// `data`), for tests that craft snapshots by hand.
+pub fn file_entries(path: &[u8], data: &[u8], chunks: &[&[u8]]) -> Vec<Entry> {
+    let meta = Meta { mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
+    vec![
+        Entry::File { path: path.to_vec(), meta, size: data.len() as u64 },
+        Entry::Chunks(chunks.iter().map(|c| ChunkRef { id: ChunkId::of(c), len: c.len() as u32 }).collect()),
+        Entry::FileEnd { hash: ContentHash::from(blake3::hash(data)) },
+    ]
+}
+
+/// A tree stream of `entries`.
+pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
+    let mut enc = TreeEncoder::new();
+    for e in entries {
+        enc.push(e);
+    }
+    enc.take()
 }
 
 pub fn json(out: &Output) -> serde_json::Value {

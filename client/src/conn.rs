@@ -245,20 +245,22 @@ impl Client {
         }
     }
 
-    /// Admin: deletes a snapshot.
-    pub async fn forget(&self, id: SnapshotId) -> Result<()> {
-        match self.call(&Request::Forget { id }).await? {
+    /// A request whose only answer is `Done`.
+    async fn call_done(&self, req: &Request) -> Result<()> {
+        match self.call(req).await? {
             Response::Done => Ok(()),
             r => Err(unexpected(r)),
         }
     }
 
+    /// Admin: deletes a snapshot.
+    pub async fn forget(&self, id: SnapshotId) -> Result<()> {
+        self.call_done(&Request::Forget { id }).await
+    }
+
     /// Admin: protects a snapshot from prune, or lifts that.
     pub async fn protect(&self, id: SnapshotId, protected: bool) -> Result<()> {
-        match self.call(&Request::Protect { id, protected }).await? {
-            Response::Done => Ok(()),
-            r => Err(unexpected(r)),
-        }
+        self.call_done(&Request::Protect { id, protected }).await
     }
 
     /// Fetches one chunk and checks it against its id.

@@ -263,8 +263,11 @@ impl Conn {
         send: &mut SendStream,
         recv: &mut RecvStream,
     ) -> Reply {
+        // Refuse a stream for a dead session before decompressing anything.
+        let (state, host) = (self.state.clone(), self.host.clone());
+        blocking(move || state.sessions.enter(session, &host).map(drop)).await??;
         let mut next = Some((first_id, first_blob));
-        let (mut chunks, mut new_bytes) = (0u32, 0u64);
+        let (mut chunks, mut bytes) = (0u32, 0u64);
         let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(PUT_BATCH);
         loop {
             let done = next.is_none();
@@ -297,7 +300,7 @@ impl Conn {
                 // the uploader would reveal that another host holds the
                 // same content.
                 debug!(host = %self.host, new = stats.new_chunks, bytes = stats.new_bytes, "chunks stored");
-                new_bytes += received;
+                bytes += received;
             }
             if done {
                 break;
@@ -308,7 +311,7 @@ impl Conn {
                 Some(_) => return Err(Fail(ErrorCode::BadRequest, "only chunks may follow a chunk".into())),
             }
         }
-        write_frame(send, &Response::PutOk { chunks, bytes: new_bytes }).await?;
+        write_frame(send, &Response::PutOk { chunks, bytes }).await?;
         Ok(())
     }
 

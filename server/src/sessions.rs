@@ -140,9 +140,15 @@ impl Sessions {
     pub fn gc_begin(&self) {
         let _w = self.fence.write().expect("fence");
         let mut inner = self.inner.lock().expect("sessions lock");
-        let lease = self.lease;
-        inner.map.retain(|_, s| s.last_seen.elapsed() <= lease);
+        self.reap(&mut inner);
         inner.gc_protect = Some(HashSet::new());
+    }
+
+    /// Drops sessions past their lease. Called only under the write fence:
+    /// a session dropped then can never commit, so its chunks need no
+    /// protection from that moment on.
+    fn reap(&self, inner: &mut Inner) {
+        inner.map.retain(|_, s| s.last_seen.elapsed() <= self.lease);
     }
 
     pub fn gc_end(&self) {
@@ -154,10 +160,7 @@ impl Sessions {
     pub fn sweep<T>(&self, f: impl FnOnce(&dyn Fn(&ChunkId, Option<&str>) -> bool) -> T) -> T {
         let _w = self.fence.write().expect("fence");
         let mut inner = self.inner.lock().expect("sessions lock");
-        let lease = self.lease;
-        // Expiry is decided here, under the fence: a session dropped now can
-        // never commit, so its chunks need no protection.
-        inner.map.retain(|_, s| s.last_seen.elapsed() <= lease);
+        self.reap(&mut inner);
         let inner = &*inner;
         let protected = |c: &ChunkId, host: Option<&str>| {
             inner.gc_protect.as_ref().is_some_and(|p| p.contains(c))

@@ -9,11 +9,10 @@ use bkp_client::ClientError;
 use bkp_common::blob;
 use bkp_common::protocol::{ErrorCode, Role};
 use bkp_common::snapshot::SnapshotKind;
-use bkp_common::tree::{ChunkRef, Entry, Meta, TreeEncoder};
-use bkp_common::{ChunkId, ContentHash};
+use bkp_common::ChunkId;
 use bkp_server::config::ServerConfig;
 use bkp_server::gc::{self, GcHooks};
-use bkp_tests::{bin, json, ok, random_bytes, TestServer};
+use bkp_tests::{bin, encode_tree, file_entries, json, ok, random_bytes, TestServer};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -29,11 +28,8 @@ fn restore_stdout(server: &TestServer, token: &std::path::Path, id: &str) -> Vec
 
 /// A one-file stream tree over already uploaded data chunks.
 fn stream_tree(data: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
-    let mut enc = TreeEncoder::new();
-    enc.push(&Entry::File { path: b"s".to_vec(), meta: Meta::default(), size: data.len() as u64 });
-    enc.push(&Entry::Chunks(chunks.iter().map(|c| ChunkRef { id: ChunkId::of(c), len: c.len() as u32 }).collect()));
-    enc.push(&Entry::FileEnd { hash: ContentHash::from(blake3::hash(data)) });
-    enc.take()
+    let parts: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+    encode_tree(&file_entries(b"s", data, &parts))
 }
 
 #[test]

@@ -2,21 +2,12 @@ use bkp_client::ClientError;
 use bkp_common::blob;
 use bkp_common::protocol::{ErrorCode, Role};
 use bkp_common::snapshot::SnapshotKind;
-use bkp_common::tree::{ChunkRef, Entry, Meta, TreeEncoder};
-use bkp_common::{ChunkId, ContentHash};
-use bkp_tests::{json, ok, random_bytes, TestServer};
+use bkp_common::tree::{Entry, Meta};
+use bkp_common::ChunkId;
+use bkp_tests::{encode_tree, file_entries, json, ok, random_bytes, TestServer};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-fn file(path: &[u8], data: &[u8]) -> Vec<Entry> {
-    let meta = Meta { mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
-    vec![
-        Entry::File { path: path.to_vec(), meta, size: data.len() as u64 },
-        Entry::Chunks(vec![ChunkRef { id: ChunkId::of(data), len: data.len() as u32 }]),
-        Entry::FileEnd { hash: ContentHash::from(blake3::hash(data)) },
-    ]
 }
 
 #[test]
@@ -53,11 +44,7 @@ fn hosts_are_isolated_and_roles_enforced() {
             other => panic!("read another host's chunk: {:?}", other.map(|d| d.len())),
         }
         let session = c.start_push("steal", SnapshotKind::Stream).await.unwrap();
-        let mut enc = TreeEncoder::new();
-        for e in file(b"steal", &secret) {
-            enc.push(&e);
-        }
-        let tree = enc.take();
+        let tree = encode_tree(&file_entries(b"steal", &secret, &[&secret]));
         let tid = ChunkId::of(&tree);
         c.put(session, vec![(tid, blob::encode(&tree, 3))]).await.unwrap();
         match c.commit(session, vec![tid]).await {
@@ -121,22 +108,18 @@ fn crafted_snapshot_restores_nothing_outside_the_target() {
         let dir_meta = Meta { mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 };
         let out_abs = outside.path().to_str().unwrap().as_bytes().to_vec();
         let mut entries = vec![Entry::Dir { path: b"ok".to_vec(), meta: dir_meta.clone() }];
-        entries.extend(file(b"ok/good", &good));
-        entries.extend(file(b"../escape", &bad));
-        entries.extend(file(b"ok/../../escape2", &bad));
+        entries.extend(file_entries(b"ok/good", &good, &[&good]));
+        entries.extend(file_entries(b"../escape", &bad, &[&bad]));
+        entries.extend(file_entries(b"ok/../../escape2", &bad, &[&bad]));
         let mut abs = out_abs.clone();
         abs.extend_from_slice(b"/abs");
-        entries.extend(file(&abs, &bad));
+        entries.extend(file_entries(&abs, &bad, &[&bad]));
         entries.push(Entry::Symlink { path: b"evil".to_vec(), meta: dir_meta.clone(), target: out_abs.clone() });
-        entries.extend(file(b"evil/passwd", &bad));
+        entries.extend(file_entries(b"evil/passwd", &bad, &[&bad]));
         entries.push(Entry::Hardlink { path: b"ok/hl".to_vec(), target: b"evil/passwd".to_vec() });
         entries.push(Entry::Dir { path: b"..".to_vec(), meta: dir_meta });
-        entries.extend(file(b"ok/after", &good));
-        let mut enc = TreeEncoder::new();
-        for e in &entries {
-            enc.push(e);
-        }
-        let tree = enc.take();
+        entries.extend(file_entries(b"ok/after", &good, &[&good]));
+        let tree = encode_tree(&entries);
         let tid = ChunkId::of(&tree);
         c.put(session, vec![(tid, blob::encode(&tree, 3))]).await.unwrap();
         c.commit(session, vec![tid]).await.unwrap();
