@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a step needs, only when missing.
 #   build: libclang and clang (bindgen for RocksDB's C API)
-#   test:  PostgreSQL server and client tools (pg_dump round-trip test)
+#   test:  PostgreSQL server and client tools (pg_dump round-trip test),
+#          Prometheus and promtool (the metrics scrape test)
 set -euo pipefail
 
 want=()
@@ -16,6 +17,7 @@ case "${1:-build}" in
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || want+=(postgresql)
     command -v psql >/dev/null 2>&1 || want+=(postgresql-client)
     command -v runuser >/dev/null 2>&1 || want+=(util-linux)
+    command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
     ;;
   *) echo "usage: $0 build|test" >&2; exit 2 ;;
 esac
@@ -33,4 +35,8 @@ $sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
 # Debian starts a cluster on install; the tests run their own.
 if [ -d /etc/postgresql ] && command -v pg_ctlcluster >/dev/null 2>&1; then
   $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
+fi
+# Likewise Prometheus: the test starts its own on loopback.
+if command -v prometheus >/dev/null 2>&1; then
+  $sudo systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 fi

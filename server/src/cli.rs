@@ -13,6 +13,7 @@ use crate::control::{ControlRequest, ControlResponse};
 use crate::jobs::{JobKind, JobRecord};
 use crate::server::{bind, ServerState};
 use crate::tokens::Tokens;
+use crate::verify::Scope;
 
 #[derive(Parser)]
 #[command(name = "bkp-server", version, about = "bkp backup server")]
@@ -57,6 +58,23 @@ enum Cmd {
     Gc {
         #[arg(long)]
         data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove backups restorable: scrub stored chunks and rebuild snapshots
+    /// (through the running server if there is one). Exits non-zero when
+    /// damage is found.
+    Verify {
+        #[arg(long)]
+        data: PathBuf,
+        /// Every chunk and every snapshot (default: the next scheduled
+        /// slice and the configured drill sample).
+        #[arg(long, conflicts_with = "sample")]
+        full: bool,
+        /// Only a restore drill: the newest snapshot of each set plus this
+        /// share (0 to 1) of the older ones.
+        #[arg(long, value_name = "SHARE", value_parser = parse_share)]
+        sample: Option<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -153,6 +171,14 @@ fn execute(cli: Cli) -> Result<()> {
         Cmd::Gc { data, json } => {
             job(&data, ControlRequest::Run { kind: JobKind::Gc, dry_run: false }, load_config(&data, None)?, json)
         }
+        Cmd::Verify { data, full, sample, json } => {
+            let scope = match (full, sample) {
+                (true, _) => Scope::Full,
+                (false, Some(share)) => Scope::Sample { share },
+                (false, None) => Scope::Scheduled,
+            };
+            job(&data, ControlRequest::Verify { scope }, load_config(&data, None)?, json)
+        }
         Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
@@ -239,6 +265,13 @@ fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Resul
     }
 }
 
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1 (0.1 drills a tenth of the older snapshots)")),
+    }
+}
+
 fn fmt_time(ns: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)).to_string()
 }
@@ -251,6 +284,25 @@ fn summary(r: &JobRecord) -> String {
             "{} chunks freed ({} bytes), disk {} -> {} bytes",
             f["chunks_deleted"], f["bytes_freed"], f["disk_bytes_before"], f["disk_bytes_after"]
         ),
+        JobKind::Verify => {
+            let scrub = match f.get("scrub").filter(|s| !s.is_null()) {
+                Some(s) => format!(
+                    "{} chunks scrubbed (cycle {:.0}% covered), ",
+                    s["chunks_checked"],
+                    s["coverage"].as_f64().unwrap_or(0.0) * 100.0
+                ),
+                None => String::new(),
+            };
+            format!(
+                "{scrub}{} snapshots drilled ({} files, {} bytes), {} bad chunks, {} snapshots damaged, {} healed",
+                f["snapshots_drilled"],
+                f["files_checked"],
+                f["bytes_restored"],
+                f["bad_chunks"].as_array().map_or(0, |a| a.len()),
+                f["damaged_total"],
+                f["healed"].as_array().map_or(0, |a| a.len())
+            )
+        }
     }
 }
 
@@ -265,6 +317,31 @@ fn print_job(r: &JobRecord) {
                 let id = v["id"].as_str().unwrap_or("?");
                 let t = fmt_time(v["time_ns"].as_u64().unwrap_or(0));
                 println!("  {verb} {} {t} {}", &id[..8.min(id.len())], reasons.join(","));
+            }
+        }
+    }
+    if r.kind == JobKind::Verify {
+        for b in r.figures["bad_chunks"].as_array().into_iter().flatten() {
+            println!(
+                "bad chunk {} (quarantined): {}",
+                b["id"].as_str().unwrap_or("?"),
+                b["reason"].as_str().unwrap_or("?")
+            );
+        }
+        for a in r.figures["affected"].as_array().into_iter().flatten() {
+            let id = a["id"].as_str().unwrap_or("?");
+            println!(
+                "damaged snapshot {} {}/{} of {}:",
+                &id[..8.min(id.len())],
+                a["host"].as_str().unwrap_or("?"),
+                a["name"].as_str().unwrap_or("?"),
+                fmt_time(a["time_ns"].as_u64().unwrap_or(0))
+            );
+            for p in a["paths"].as_array().into_iter().flatten() {
+                println!("  {}", p.as_str().unwrap_or("?"));
+            }
+            if a["more_paths"].as_u64().unwrap_or(0) > 0 {
+                println!("  ... and {} more paths", a["more_paths"]);
             }
         }
     }

@@ -19,6 +19,10 @@ pub struct ServerConfig {
     pub session_lease_secs: u64,
     pub retention: crate::prune::RetentionConfig,
     pub jobs: crate::jobs::JobsConfig,
+    pub verify: crate::verify::VerifyConfig,
+    pub freshness: crate::freshness::FreshnessConfig,
+    pub alerts: crate::alerts::AlertsConfig,
+    pub monitor: crate::monitor::MonitorConfig,
 }
 
 impl Default for ServerConfig {
@@ -30,6 +34,10 @@ impl Default for ServerConfig {
             session_lease_secs: 3600,
             retention: Default::default(),
             jobs: Default::default(),
+            verify: Default::default(),
+            freshness: Default::default(),
+            alerts: Default::default(),
+            monitor: Default::default(),
         }
     }
 }
@@ -46,9 +54,12 @@ impl ServerConfig {
         let err = |msg: String| ConfigError { path: path.display().to_string(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let cfg: Self = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        for expr in [&cfg.jobs.prune, &cfg.jobs.gc].into_iter().flatten() {
-            crate::jobs::parse_schedule(expr).map_err(err)?;
+        for (_, expr) in cfg.jobs.schedules() {
+            if let Some(expr) = expr {
+                crate::jobs::parse_schedule(expr).map_err(err)?;
+            }
         }
+        cfg.alerts.check().map_err(err)?;
         Ok(cfg)
     }
 }

@@ -15,6 +15,7 @@ use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
 use crate::commit::{check_tree, CommitError};
+use crate::monitor::Counters;
 use crate::server::ServerState;
 use crate::sessions::SessionError;
 use crate::store::{StoreError, VerifiedChunk};
@@ -194,7 +195,7 @@ impl Conn {
                 self.require(&[Role::Push, Role::Admin])?;
                 let client = self.client.clone();
                 let state = self.state.clone();
-                let summary = blocking(move || {
+                let result = blocking(move || {
                     let guard = state.sessions.enter(session, &host)?;
                     let kind = guard.info.kind;
                     let stats =
@@ -209,7 +210,19 @@ impl Conn {
                     guard.finish();
                     Ok::<_, Fail>(summary)
                 })
-                .await??;
+                .await
+                .and_then(|r| r);
+                let c = &self.state.monitor.counters;
+                match &result {
+                    Ok(s) => {
+                        Counters::add(&c.pushes_ok, 1);
+                        Counters::add(&c.read_bytes, s.stats.bytes);
+                        // Freshness alerts clear as soon as the backup lands.
+                        self.state.monitor.nudge.notify_one();
+                    }
+                    Err(_) => Counters::add(&c.pushes_failed, 1),
+                }
+                let summary = result?;
                 info!(host = %self.host, name = %summary.name, id = %summary.id.short(), "snapshot committed");
                 Response::Committed(summary)
             }
@@ -296,6 +309,9 @@ impl Conn {
                 })
                 .await??;
                 chunks += n;
+                let c = &self.state.monitor.counters;
+                Counters::add(&c.uploaded_bytes, received);
+                Counters::add(&c.new_bytes, stats.new_bytes);
                 // What the store newly kept stays on the server: telling
                 // the uploader would reveal that another host holds the
                 // same content.

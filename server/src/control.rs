@@ -1,5 +1,5 @@
 //! The control socket, `DATA/control.sock` (mode 0600): how
-//! `bkp-server prune|gc|jobs` reach a running server, since RocksDB
+//! `bkp-server prune|gc|verify|jobs` reach a running server, since RocksDB
 //! admits one process. One JSON request line, one JSON answer line.
 //! Access is the file's permission: whoever may read the data directory.
 
@@ -15,6 +15,7 @@ use tracing::warn;
 use crate::gc::GcHooks;
 use crate::jobs::{self, JobKind, JobRecord};
 use crate::server::ServerState;
+use crate::verify::Scope;
 
 pub const SOCKET: &str = "control.sock";
 const MAX_LINE: u64 = 64 * 1024;
@@ -23,6 +24,7 @@ const MAX_LINE: u64 = 64 * 1024;
 #[serde(rename_all = "snake_case")]
 pub enum ControlRequest {
     Run { kind: JobKind, dry_run: bool },
+    Verify { scope: Scope },
     Jobs { limit: usize },
 }
 
@@ -85,6 +87,7 @@ pub fn answer(state: &ServerState, req: ControlRequest) -> ControlResponse {
         ControlRequest::Run { kind, dry_run } => {
             ControlResponse::Job(jobs::run(state, kind, dry_run, &GcHooks::from_env()))
         }
+        ControlRequest::Verify { scope } => ControlResponse::Job(jobs::run_verify(state, scope)),
         ControlRequest::Jobs { limit } => match jobs::list(state, limit) {
             Ok(l) => ControlResponse::Jobs(l),
             Err(e) => ControlResponse::Error(e),

@@ -1,4 +1,4 @@
-//! Server jobs (prune, gc): one run of a kind at a time, each run's
+//! Server jobs (prune, gc, verify): one run of a kind at a time, each run's
 //! start, end, result and figures stored and listed by `bkp-server jobs`,
 //! and a scheduler that runs them on the config's cron schedules.
 
@@ -12,12 +12,14 @@ use tracing::{error, info};
 use crate::gc::{self, GcHooks};
 use crate::prune::{prune, prune_plan};
 use crate::server::ServerState;
+use crate::verify::{self, Scope};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Prune,
     Gc,
+    Verify,
 }
 
 impl JobKind {
@@ -25,6 +27,7 @@ impl JobKind {
         match self {
             JobKind::Prune => "prune",
             JobKind::Gc => "gc",
+            JobKind::Verify => "verify",
         }
     }
 }
@@ -47,6 +50,13 @@ pub struct JobRecord {
 pub struct JobsConfig {
     pub prune: Option<String>,
     pub gc: Option<String>,
+    pub verify: Option<String>,
+}
+
+impl JobsConfig {
+    pub fn schedules(&self) -> [(JobKind, &Option<String>); 3] {
+        [(JobKind::Prune, &self.prune), (JobKind::Gc, &self.gc), (JobKind::Verify, &self.verify)]
+    }
 }
 
 pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
@@ -68,17 +78,51 @@ pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
 pub struct Running {
     prune: Mutex<()>,
     gc: Mutex<()>,
+    verify: Mutex<()>,
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Runs a job now, on the calling (blocking) thread, and records it.
+/// A verify run covers the scheduled slice; see [`run_verify`].
 pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> JobRecord {
+    if kind == JobKind::Verify {
+        return run_verify(state, Scope::Scheduled);
+    }
+    run_with(state, kind, dry_run, |start_ns| match kind {
+        JobKind::Prune => prune_plan(state.store.as_ref(), &state.config.retention, start_ns)
+            .and_then(|plan| prune(state.store.as_ref(), plan, dry_run))
+            .map(|r| (serde_json::to_value(r).expect("report to json"), None))
+            .map_err(|e| e.to_string()),
+        JobKind::Gc => gc::run(state, hooks)
+            .map(|r| (serde_json::to_value(r).expect("report to json"), None))
+            .map_err(|e| e.to_string()),
+        JobKind::Verify => unreachable!("handled above"),
+    })
+}
+
+/// Runs a verification. Damage found makes the record failed, with the
+/// report kept as its figures (so a failed record with figures means
+/// "found damage", without figures "could not run").
+pub fn run_verify(state: &ServerState, scope: Scope) -> JobRecord {
+    run_with(state, JobKind::Verify, false, |start_ns| {
+        verify::run(state, scope, start_ns)
+            .map(|r| (serde_json::to_value(&r).expect("report to json"), r.problem()))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// What a job body returns: its figures and, when it ran but found a
+/// problem, that problem; or why it could not run.
+type Outcome = Result<(serde_json::Value, Option<String>), String>;
+
+fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce(u64) -> Outcome) -> JobRecord {
     let lock = match kind {
         JobKind::Prune => &state.running.prune,
         JobKind::Gc => &state.running.gc,
+        JobKind::Verify => &state.running.verify,
     };
     let start_ns = now_ns();
     let refuse = |msg: String| {
@@ -94,32 +138,22 @@ pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -
         record(state, &rec);
         rec
     };
-    if kind == JobKind::Gc && dry_run {
-        return refuse("gc has no dry run; `bkp-server prune --dry-run` previews what a prune would remove".into());
+    if kind != JobKind::Prune && dry_run {
+        return refuse(format!(
+            "{} has no dry run; `bkp-server prune --dry-run` previews what a prune would remove",
+            kind.as_str()
+        ));
     }
     let Ok(_guard) = lock.try_lock() else {
         // Recorded, so a schedule that keeps colliding shows in `jobs`.
         return refuse(format!("a {} run is already in progress; try again when it ends", kind.as_str()));
     };
     info!(job = kind.as_str(), dry_run, "job started");
-    let result: Result<serde_json::Value, String> = match kind {
-        JobKind::Prune => prune_plan(state.store.as_ref(), &state.config.retention, start_ns)
-            .and_then(|plan| prune(state.store.as_ref(), plan, dry_run))
-            .map(|r| serde_json::to_value(r).expect("report to json"))
-            .map_err(|e| e.to_string()),
-        JobKind::Gc => {
-            gc::run(state, hooks).map(|r| serde_json::to_value(r).expect("report to json")).map_err(|e| e.to_string())
-        }
+    let (figures, error) = match body(start_ns) {
+        Ok((figures, problem)) => (figures, problem),
+        Err(e) => (serde_json::Value::Null, Some(e)),
     };
-    let rec = JobRecord {
-        kind,
-        start_ns,
-        end_ns: now_ns(),
-        ok: result.is_ok(),
-        dry_run,
-        error: result.as_ref().err().cloned(),
-        figures: result.unwrap_or(serde_json::Value::Null),
-    };
+    let rec = JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures };
     record(state, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
@@ -148,7 +182,7 @@ pub fn list(state: &ServerState, limit: usize) -> Result<Vec<JobRecord>, String>
 /// Runs the configured schedules until the task is dropped.
 pub async fn scheduler(state: Arc<ServerState>) {
     let mut plans = Vec::new();
-    for (kind, expr) in [(JobKind::Prune, &state.config.jobs.prune), (JobKind::Gc, &state.config.jobs.gc)] {
+    for (kind, expr) in state.config.jobs.schedules() {
         if let Some(e) = expr {
             match parse_schedule(e) {
                 Ok(s) => plans.push((kind, s)),

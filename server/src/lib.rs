@@ -2,13 +2,18 @@
 //! RocksDB chunk store. See `store` for the storage design and
 //! docs/ARCHITECTURE.md for the whole system.
 
+pub mod alerts;
 pub mod cli;
 pub mod commit;
 pub mod config;
 mod connection;
 pub mod control;
+pub mod freshness;
 pub mod gc;
+mod http;
 pub mod jobs;
+pub mod metrics;
+pub mod monitor;
 pub mod prune;
 pub mod retention;
 pub mod server;
@@ -16,5 +21,6 @@ pub mod sessions;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod verify;
 
 pub use server::{bind, run, serve, ServerState};

@@ -37,6 +37,7 @@ pub struct ServerState {
     pub running: crate::jobs::Running,
     pub data_dir: PathBuf,
     pub config: ServerConfig,
+    pub monitor: crate::monitor::Monitor,
 }
 
 impl ServerState {
@@ -52,6 +53,7 @@ impl ServerState {
             running: Default::default(),
             data_dir: data_dir.to_path_buf(),
             config,
+            monitor: Default::default(),
         }))
     }
 
@@ -67,21 +69,47 @@ pub fn bind(data_dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint, Serv
 }
 
 /// Everything `bkp-server serve` runs: the QUIC endpoint, the control
-/// socket and the job scheduler, until `shutdown` resolves.
+/// socket, the job scheduler, the monitor (alerts) and, when configured,
+/// the monitoring HTTP endpoint, until `shutdown` resolves.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     state: Arc<ServerState>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    // Bound first: a taken port fails the start before anything runs.
+    let http = match state.config.monitor.listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("binding the monitoring address {addr}: {e}")))?,
+        ),
+    };
     let control = crate::control::bind(&state.data_dir)?;
-    let ctl = tokio::spawn(crate::control::serve(control, state.clone()));
-    let sched = tokio::spawn(crate::jobs::scheduler(state.clone()));
+    let mut tasks = vec![
+        tokio::spawn(crate::control::serve(control, state.clone())),
+        tokio::spawn(crate::jobs::scheduler(state.clone())),
+        tokio::spawn(crate::monitor::run(state.clone())),
+    ];
+    if let Some(l) = http {
+        let addr = l.local_addr()?;
+        *state.monitor.http_addr.lock().expect("http addr lock") = Some(addr);
+        info!("metrics on http://{addr}/metrics");
+        let st = state.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(l, st).await {
+                warn!("monitoring endpoint stopped: {e}");
+            }
+        }));
+    }
     let data = state.data_dir.clone();
     run(endpoint, state, shutdown).await;
-    ctl.abort();
-    sched.abort();
-    let _ = ctl.await;
-    let _ = sched.await;
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(crate::control::socket_path(&data));
     Ok(())
 }

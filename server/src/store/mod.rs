@@ -21,9 +21,21 @@
 //! | push / push     | yes     | chunk puts are idempotent; commits are single batches |
 //! | push / restore  | yes     | readers see only committed snapshots               |
 //! | restore/restore | yes     | read-only                                          |
+//! | verify / push   | yes     | a quarantined chunk is gone from `chunks`, so `host_has` says "missing" and the next push uploads it again; a commit that raced the quarantine fails and asks for a new push |
+//! | verify / GC     | yes     | a chunk GC deleted under the scrub is recognised (its meta is gone too) and not reported; a snapshot forgotten under the drill is skipped |
+//! | verify / verify | no      | one run of a kind at a time (`jobs`) |
+//!
+//! # Verification and quarantine
+//! The verify job (`crate::verify`) re-reads chunks and rebuilds sampled
+//! snapshots. A chunk that fails is moved from `chunks`/`chunk_meta` into
+//! `quarantine` (kept, never deleted, for inspection); every snapshot that
+//! references it gets a record in `damaged` until a later drill of it
+//! passes, which happens once some push has uploaded the chunk again.
 
 pub mod rocks;
 pub mod schema;
+
+pub use schema::{ChunkMeta, QuarantineRecord};
 
 use bkp_common::blob;
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
@@ -102,6 +114,21 @@ pub trait Store: Send + Sync + 'static {
     fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;
     /// The newest `limit` job records, newest first.
     fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Up to `limit` stored chunks after `after`, in key order, with their
+    /// sizes.
+    fn chunk_metas(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<(ChunkId, ChunkMeta)>, StoreError>;
+    fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>, StoreError>;
+    /// Takes a chunk out of service in one synced write: its blob (if any)
+    /// goes to the quarantine with `reason`, and it is no longer stored.
+    fn quarantine_chunk(&self, id: &ChunkId, reason: &str, now_ns: u64) -> Result<(), StoreError>;
+    /// Quarantined chunks (blobs left out).
+    fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError>;
+    fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Damage records of snapshots that failed verification.
+    fn damaged(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError>;
+    fn put_damaged(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError>;
+    fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError>;
     /// Summaries, oldest first, filtered by host and set name.
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError>;
 }

@@ -9,7 +9,7 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
-use super::schema::{self, ChunkMeta};
+use super::schema::{self, ChunkMeta, QuarantineRecord};
 use super::{PutStats, Store, StoreError, VerifiedChunk};
 
 /// Summaries in the set index carry their own version byte.
@@ -192,6 +192,8 @@ impl Store for RocksStore {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes());
         batch.delete_cf(self.cf(schema::CF_SETS), schema::set_key(&snap.host, &snap.name, snap.time_ns, id));
+        // A forgotten snapshot no longer needs healing, nor alerting on.
+        batch.delete_cf(self.cf(schema::CF_DAMAGED), id.as_bytes());
         self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
         Ok(true)
     }
@@ -303,6 +305,84 @@ impl Store for RocksStore {
             .take(limit)
             .map(|r| r.map(|(_, v)| v.to_vec()).map_err(db_err))
             .collect()
+    }
+
+    fn chunk_metas(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<(ChunkId, ChunkMeta)>, StoreError> {
+        let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::with_capacity(limit.min(1 << 16));
+        for item in self.db.iterator_cf(self.cf(schema::CF_CHUNK_META), mode) {
+            let (k, v) = item.map_err(db_err)?;
+            let id = ChunkId::from_slice(&k).ok_or_else(|| StoreError::Corrupt("chunk_meta key length".into()))?;
+            if Some(&id) == after {
+                continue;
+            }
+            let m =
+                ChunkMeta::decode(&v).ok_or_else(|| StoreError::Corrupt(format!("chunk_meta of {}", id.short())))?;
+            out.push((id, m));
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>, StoreError> {
+        match self.db.get_cf(self.cf(schema::CF_CHUNK_META), id.as_bytes()).map_err(db_err)? {
+            None => Ok(None),
+            Some(v) => ChunkMeta::decode(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt(format!("chunk_meta of {}", id.short()))),
+        }
+    }
+
+    fn quarantine_chunk(&self, id: &ChunkId, reason: &str, now_ns: u64) -> Result<(), StoreError> {
+        let blob = self.chunk_blob(id)?.unwrap_or_default();
+        let rec = QuarantineRecord { found_ns: now_ns, reason: reason.to_string(), blob };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(schema::CF_QUARANTINE), id.as_bytes(), rec.encode());
+        batch.delete_cf(self.cf(schema::CF_CHUNKS), id.as_bytes());
+        batch.delete_cf(self.cf(schema::CF_CHUNK_META), id.as_bytes());
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)
+    }
+
+    fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(schema::CF_QUARANTINE), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            let id = ChunkId::from_slice(&k).ok_or_else(|| StoreError::Corrupt("quarantine key length".into()))?;
+            let mut rec = QuarantineRecord::decode(&v)
+                .ok_or_else(|| StoreError::Corrupt(format!("quarantine record of {}", id.short())))?;
+            rec.blob = Vec::new();
+            out.push((id, rec));
+        }
+        Ok(out)
+    }
+
+    fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(schema::CF_META), key).map_err(db_err)
+    }
+
+    fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.db.put_cf_opt(self.cf(schema::CF_META), key, value, &Self::synced()).map_err(db_err)
+    }
+
+    fn damaged(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(schema::CF_DAMAGED), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            let id = SnapshotId::from_slice(&k).ok_or_else(|| StoreError::Corrupt("damaged key length".into()))?;
+            out.push((id, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn put_damaged(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError> {
+        self.db.put_cf_opt(self.cf(schema::CF_DAMAGED), id.as_bytes(), record, &Self::synced()).map_err(db_err)
+    }
+
+    fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        self.db.delete_cf_opt(self.cf(schema::CF_DAMAGED), id.as_bytes(), &Self::synced()).map_err(db_err)
     }
 
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError> {

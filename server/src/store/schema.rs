@@ -11,6 +11,8 @@
 //! | `sets`        | host NUL name NUL time_ns:u64 BE id   | snapshot summary       |
 //! | `meta`        | ASCII key                             | store metadata         |
 //! | `jobs`        | start_ns:u64 BE, kind                 | job run record (JSON)  |
+//! | `quarantine`  | chunk id (32)                         | [`QuarantineRecord`]   |
+//! | `damaged`     | snapshot id (32)                      | damage record (verify) |
 //!
 //! Host and set names never contain NUL (see `bkp_common::names`), so the
 //! NUL terminator makes tuple order and byte order agree.
@@ -24,10 +26,17 @@ pub const CF_SNAPSHOTS: &str = "snapshots";
 pub const CF_SETS: &str = "sets";
 pub const CF_META: &str = "meta";
 pub const CF_JOBS: &str = "jobs";
-pub const ALL_CFS: [&str; 7] = [CF_CHUNKS, CF_CHUNK_META, CF_HOST_CHUNKS, CF_SNAPSHOTS, CF_SETS, CF_META, CF_JOBS];
+pub const CF_QUARANTINE: &str = "quarantine";
+pub const CF_DAMAGED: &str = "damaged";
+pub const ALL_CFS: [&str; 9] =
+    [CF_CHUNKS, CF_CHUNK_META, CF_HOST_CHUNKS, CF_SNAPSHOTS, CF_SETS, CF_META, CF_JOBS, CF_QUARANTINE, CF_DAMAGED];
 
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub const SCHEMA_VERSION: u32 = 1;
+/// Where the verify job's scrub stopped (see `crate::verify`).
+pub const META_SCRUB_CURSOR: &[u8] = b"scrub_cursor";
+/// Which alert conditions were last notified (see `crate::alerts`).
+pub const META_ALERT_STATE: &[u8] = b"alert_state";
 
 pub fn host_chunk_key(host: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(host.len() + 33);
@@ -100,6 +109,54 @@ impl ChunkMeta {
     }
 }
 
+/// A chunk taken out of service by the verify job: kept, never deleted,
+/// so an operator can inspect it. `version:u8 found_ns:u64 BE
+/// reason_len:u16 BE reason blob_len:u32 BE blob` (blob empty when the
+/// chunk's data was missing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuarantineRecord {
+    pub found_ns: u64,
+    pub reason: String,
+    pub blob: Vec<u8>,
+}
+
+impl QuarantineRecord {
+    const VERSION: u8 = 1;
+    const MAX_REASON: usize = 1024;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let reason = &self.reason.as_bytes()[..self.reason.len().min(Self::MAX_REASON)];
+        let mut b = Vec::with_capacity(19 + reason.len() + self.blob.len());
+        b.push(Self::VERSION);
+        b.extend_from_slice(&self.found_ns.to_be_bytes());
+        b.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+        b.extend_from_slice(reason);
+        b.extend_from_slice(&(self.blob.len() as u32).to_be_bytes());
+        b.extend_from_slice(&self.blob);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let (&v, rest) = b.split_first()?;
+        if v != Self::VERSION || rest.len() < 14 {
+            return None;
+        }
+        let found_ns = u64::from_be_bytes(rest[..8].try_into().ok()?);
+        let rlen = u16::from_be_bytes(rest[8..10].try_into().ok()?) as usize;
+        let rest = &rest[10..];
+        if rlen > Self::MAX_REASON || rest.len() < rlen + 4 {
+            return None;
+        }
+        let reason = String::from_utf8_lossy(&rest[..rlen]).into_owned();
+        let blen = u32::from_be_bytes(rest[rlen..rlen + 4].try_into().ok()?) as usize;
+        let blob = &rest[rlen + 4..];
+        if blob.len() != blen || blen > bkp_common::blob::MAX_BLOB {
+            return None;
+        }
+        Some(Self { found_ns, reason, blob: blob.to_vec() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +192,20 @@ mod tests {
         assert_eq!(split_host_chunk_key(&c), Some(("ab".to_string(), ChunkId::from_bytes([9; 32]))));
         assert_eq!(split_host_chunk_key(b"nonul"), None);
         assert!(job_key(1, "gc") < job_key(256, "gc") && job_key(2, "gc") < job_key(2, "prune"));
+    }
+
+    #[test]
+    fn quarantine_record_golden() {
+        let r = QuarantineRecord { found_ns: 258, reason: "bad".into(), blob: vec![7, 8] };
+        let e = r.encode();
+        assert_eq!(e, [1, 0, 0, 0, 0, 0, 0, 1, 2, 0, 3, b'b', b'a', b'd', 0, 0, 0, 2, 7, 8]);
+        assert_eq!(QuarantineRecord::decode(&e), Some(r));
+        assert_eq!(QuarantineRecord::decode(&e[..e.len() - 1]), None);
+        assert_eq!(QuarantineRecord::decode(&[2]), None);
+        // A length field claiming more than is there is refused, not trusted.
+        let mut lie = e.clone();
+        lie[14..18].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(QuarantineRecord::decode(&lie), None);
     }
 
     #[test]

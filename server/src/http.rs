@@ -1,0 +1,44 @@
+//! The monitoring HTTP endpoint (`[monitor] listen`): `/metrics` for
+//! Prometheus and `/healthz` for load balancers and uptime checks. Plain
+//! HTTP on its own address, apart from the QUIC port clients use; it
+//! shows set names and sizes, so bind it to a private interface.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::server::ServerState;
+
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServerState>) -> std::io::Result<()> {
+    let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(state);
+    axum::serve(listener, app).await
+}
+
+async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
+    let body = tokio::task::spawn_blocking(move || {
+        let st = crate::monitor::status(&state, crate::jobs::now_ns())?;
+        let firing = state.monitor.firing.load(std::sync::atomic::Ordering::Relaxed);
+        Ok::<_, crate::store::StoreError>(crate::metrics::render(&st, &state.monitor.counters, firing))
+    })
+    .await;
+    match body {
+        Ok(Ok(text)) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unreadable: {e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// 200 when the store answers a read, else 503.
+async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
+    let ok = tokio::task::spawn_blocking(move || state.store.meta_get(b"schema_version").map(|v| v.is_some())).await;
+    match ok {
+        Ok(Ok(true)) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "store has no schema record\n").into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}

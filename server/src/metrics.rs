@@ -1,0 +1,152 @@
+//! `/metrics`: the Prometheus (OpenMetrics text) rendering of a
+//! [`Status`] and the server's counters. Built fresh for each scrape from
+//! the store, so there is no second copy of the truth to keep in step.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::monitor::{Counters, Status};
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type G = Gauge<f64, AtomicU64>;
+type Labels = Vec<(String, String)>;
+
+struct Reg(Registry);
+
+impl Reg {
+    fn gauge(&mut self, name: &str, help: &str, v: f64) {
+        let g = G::default();
+        g.set(v);
+        self.0.register(name, help, g);
+    }
+
+    fn family(&mut self, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, f64)>) {
+        let f = Family::<Labels, G>::default();
+        for (l, v) in rows {
+            f.get_or_create(&l).set(v);
+        }
+        self.0.register(name, help, f);
+    }
+
+    /// Registered without `_total`: the encoder appends it.
+    fn counter(&mut self, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
+        let f = Family::<Labels, Counter>::default();
+        for (l, v) in rows {
+            f.get_or_create(&l).inc_by(v);
+        }
+        self.0.register(name, help, f);
+    }
+}
+
+fn l(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut r = Reg(Registry::default());
+    r.gauge("bkp_up", "1 while the server answers", 1.0);
+    r.counter(
+        "bkp_pushes",
+        "push commits since start",
+        [(l(&[("result", "ok")]), get(&c.pushes_ok)), (l(&[("result", "failed")]), get(&c.pushes_failed))],
+    );
+    r.counter("bkp_push_read_bytes", "logical bytes of committed snapshots", [(vec![], get(&c.read_bytes))]);
+    r.counter("bkp_push_uploaded_bytes", "compressed chunk bytes received", [(vec![], get(&c.uploaded_bytes))]);
+    r.counter("bkp_push_new_bytes", "compressed bytes new to the store", [(vec![], get(&c.new_bytes))]);
+    r.counter(
+        "bkp_alert_notifications",
+        "alert notifications delivered",
+        [
+            (l(&[("status", "firing")]), get(&c.notified_firing)),
+            (l(&[("status", "resolved")]), get(&c.notified_resolved)),
+        ],
+    );
+    r.counter("bkp_alert_delivery_failures", "alert deliveries that failed", [(vec![], get(&c.delivery_failures))]);
+
+    let s = st.stats;
+    r.gauge("bkp_store_chunks", "chunks stored", s.chunks as f64);
+    r.gauge("bkp_store_chunk_raw_bytes", "uncompressed size of stored chunks", s.raw_bytes as f64);
+    r.gauge("bkp_store_chunk_stored_bytes", "compressed size of stored chunks", s.stored_bytes as f64);
+    r.gauge("bkp_store_logical_bytes", "sum of the sizes of all snapshots", st.logical_bytes as f64);
+    let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+    r.gauge("bkp_dedup_ratio", "logical bytes / stored raw bytes", ratio(st.logical_bytes, s.raw_bytes));
+    r.gauge("bkp_compression_ratio", "raw bytes / compressed bytes", ratio(s.raw_bytes, s.stored_bytes));
+    r.gauge("bkp_store_disk_bytes", "database size on disk", st.store_disk_bytes as f64);
+    if let Some(d) = st.disk {
+        r.gauge("bkp_disk_free_bytes", "free space on the data directory's filesystem", d.free as f64);
+        r.gauge("bkp_disk_total_bytes", "size of the data directory's filesystem", d.total as f64);
+    }
+
+    let set = |x: &crate::freshness::SetStatus| l(&[("host", &x.host), ("name", &x.name)]);
+    r.family("bkp_snapshots", "snapshots kept per set", st.sets.iter().map(|x| (set(x), x.snapshots as f64)));
+    r.family(
+        "bkp_last_backup_timestamp_seconds",
+        "time of the newest snapshot of the set",
+        st.sets.iter().map(|x| (set(x), secs(x.last_ns))),
+    );
+    r.family(
+        "bkp_last_backup_bytes",
+        "size of the newest snapshot",
+        st.sets.iter().map(|x| (set(x), x.last_bytes as f64)),
+    );
+    r.family(
+        "bkp_backup_expected_interval_seconds",
+        "configured or learned backup interval",
+        st.sets.iter().filter_map(|x| Some((set(x), x.expected?.as_secs_f64()))),
+    );
+    r.family(
+        "bkp_backup_stale",
+        "1 when the newest snapshot is older than interval plus grace",
+        st.sets.iter().map(|x| (set(x), if x.stale { 1.0 } else { 0.0 })),
+    );
+
+    r.gauge("bkp_verify_coverage_ratio", "share of chunks scrubbed in the current cycle", st.scrub.coverage());
+    r.gauge("bkp_verify_last_cycle_timestamp_seconds", "end of the last full scrub", secs(st.scrub.last_cycle_end_ns));
+    r.gauge("bkp_verify_last_run_timestamp_seconds", "last scrub run", secs(st.scrub.last_run_ns));
+    let last_verify = st.jobs.get("verify").and_then(|(_, ok)| ok.as_ref()).map(|j| &j.figures);
+    let fig = |k: &str| last_verify.and_then(|f| f.pointer(k)).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    r.gauge("bkp_verify_chunks_checked", "chunks scrubbed by the last verify run", fig("/scrub/chunks_checked"));
+    r.gauge("bkp_verify_files_checked", "files rebuilt by the last restore drill", fig("/files_checked"));
+    r.gauge("bkp_quarantined_chunks", "chunks in quarantine, not healed", st.quarantined as f64);
+    r.gauge("bkp_damaged_snapshots", "snapshots that failed verification", st.damaged.len() as f64);
+
+    let kind = |k: &str| l(&[("kind", k)]);
+    let jobs = || st.jobs.iter();
+    r.family(
+        "bkp_job_last_run_timestamp_seconds",
+        "start of the latest run",
+        jobs().map(|(k, (j, _))| (kind(k), secs(j.start_ns))),
+    );
+    r.family(
+        "bkp_job_last_duration_seconds",
+        "duration of the latest run",
+        jobs().map(|(k, (j, _))| (kind(k), secs(j.end_ns.saturating_sub(j.start_ns)))),
+    );
+    r.family(
+        "bkp_job_last_success",
+        "1 when the latest run succeeded",
+        jobs().map(|(k, (j, _))| (kind(k), j.ok as u8 as f64)),
+    );
+    r.family(
+        "bkp_job_last_success_timestamp_seconds",
+        "end of the latest successful run",
+        jobs().filter_map(|(k, (_, ok))| Some((kind(k), secs(ok.as_ref()?.end_ns)))),
+    );
+    r.gauge("bkp_sessions_live", "push sessions in progress", st.sessions as f64);
+    r.gauge("bkp_alerts_firing", "alert conditions firing", firing as f64);
+
+    let mut out = String::new();
+    encode(&mut out, &r.0).expect("writing to a String");
+    out
+}

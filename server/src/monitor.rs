@@ -1,0 +1,310 @@
+//! The monitor: every `check_interval` it reads the state of the store
+//! (sets and their freshness, job results, damaged snapshots, disk space),
+//! turns what is wrong into alert conditions and notifies changes. The
+//! same [`Status`] feeds `/metrics`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bkp_common::SnapshotId;
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::alerts::{self, Condition, State};
+use crate::freshness::{self, SetStatus};
+use crate::jobs::{self, JobKind, JobRecord};
+use crate::server::ServerState;
+use crate::store::schema::META_ALERT_STATE;
+use crate::store::StoreError;
+use crate::verify::damage::Damage;
+use crate::verify::scrub;
+
+/// Job records read to find each kind's latest run and latest success.
+const JOB_HISTORY: usize = 500;
+const STATS_BATCH: usize = 1 << 16;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// HTTP address of `/metrics` and `/healthz`; unset: none.
+    pub listen: Option<SocketAddr>,
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// How often the chunk totals (a scan of every chunk's record) are
+    /// recomputed.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self { listen: None, check_interval: Duration::from_secs(60), stats_interval: Duration::from_secs(300) }
+    }
+}
+
+/// Counters since the server started.
+#[derive(Default)]
+pub struct Counters {
+    pub pushes_ok: AtomicU64,
+    pub pushes_failed: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+    pub new_bytes: AtomicU64,
+    pub notified_firing: AtomicU64,
+    pub notified_resolved: AtomicU64,
+    pub delivery_failures: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Monitor {
+    pub counters: Counters,
+    stats: Mutex<Option<(Instant, StoreStats)>>,
+    pub firing: AtomicU64,
+    /// Wakes the monitor early (after a commit or a job).
+    pub nudge: tokio::sync::Notify,
+    /// Where `/metrics` listens, once bound.
+    pub http_addr: Mutex<Option<SocketAddr>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StoreStats {
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Disk {
+    pub free: u64,
+    pub total: u64,
+}
+
+/// Everything the alerts and the metrics are made of.
+#[derive(Debug)]
+pub struct Status {
+    pub sets: Vec<SetStatus>,
+    /// Per kind: the latest run, and the latest successful one.
+    pub jobs: BTreeMap<&'static str, (JobRecord, Option<JobRecord>)>,
+    pub damaged: Vec<(SnapshotId, Damage)>,
+    pub quarantined: u64,
+    pub stats: StoreStats,
+    /// Sum of every snapshot's size: what the store would hold without
+    /// deduplication.
+    pub logical_bytes: u64,
+    pub disk: Option<Disk>,
+    pub store_disk_bytes: u64,
+    pub scrub: scrub::Cursor,
+    pub sessions: u64,
+}
+
+pub fn disk(path: &Path) -> Option<Disk> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    let unit = s.fragment_size() as u64;
+    Some(Disk { free: s.blocks_available() as u64 * unit, total: s.blocks() as u64 * unit })
+}
+
+/// Chunk totals, recomputed at most every `stats_interval`.
+pub fn store_stats(state: &ServerState, fresh: bool) -> Result<StoreStats, StoreError> {
+    let mut cached = state.monitor.stats.lock().expect("stats lock");
+    if let Some((at, s)) = *cached {
+        if !fresh && at.elapsed() < state.config.monitor.stats_interval {
+            return Ok(s);
+        }
+    }
+    let mut s = StoreStats::default();
+    let mut after = None;
+    loop {
+        let batch = state.store.chunk_metas(after.as_ref(), STATS_BATCH)?;
+        let Some(last) = batch.last() else { break };
+        after = Some(last.0);
+        for (_, m) in &batch {
+            s.chunks += 1;
+            s.raw_bytes += m.raw_len as u64;
+            s.stored_bytes += m.stored_len as u64;
+        }
+    }
+    *cached = Some((Instant::now(), s));
+    Ok(s)
+}
+
+pub fn status(state: &ServerState, now_ns: u64) -> Result<Status, StoreError> {
+    let store = state.store.as_ref();
+    let summaries = store.list_snapshots(None, None)?;
+    let sets = freshness::evaluate(&summaries, &state.config.freshness, now_ns);
+    let mut jobs_by_kind: BTreeMap<&'static str, (JobRecord, Option<JobRecord>)> = BTreeMap::new();
+    for rec in jobs::list(state, JOB_HISTORY).map_err(StoreError::Corrupt)? {
+        let ok = rec.ok.then(|| rec.clone());
+        let e = jobs_by_kind.entry(rec.kind.as_str()).or_insert((rec, None));
+        if e.1.is_none() {
+            e.1 = ok;
+        }
+    }
+    let mut damaged = Vec::new();
+    for (id, raw) in store.damaged()? {
+        match Damage::decode(&raw) {
+            Ok(d) => damaged.push((id, d)),
+            Err(e) => warn!(snapshot = %id.short(), "unreadable damage record: {e}"),
+        }
+    }
+    let mut quarantined = 0;
+    for (id, _) in store.quarantined()? {
+        if store.chunk_meta(&id)?.is_none() {
+            quarantined += 1;
+        }
+    }
+    Ok(Status {
+        sets,
+        jobs: jobs_by_kind,
+        damaged,
+        quarantined,
+        stats: store_stats(state, false)?,
+        logical_bytes: summaries.iter().map(|s| s.stats.bytes).sum(),
+        disk: disk(&state.data_dir),
+        store_disk_bytes: store.disk_bytes()?,
+        scrub: scrub::Cursor::load(store)?,
+        sessions: state.sessions.live() as u64,
+    })
+}
+
+fn time(ns: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+}
+
+/// What is wrong now.
+pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
+    let mut out = Vec::new();
+    for s in st.sets.iter().filter(|s| s.stale) {
+        out.push(Condition {
+            key: format!("stale:{}", s.key()),
+            kind: "stale",
+            summary: s.describe(),
+            fingerprint: "stale".into(),
+        });
+    }
+    for (kind, (last, _)) in &st.jobs {
+        // A verify run that found damage is the "damaged" alert's business.
+        let found_damage = *kind == JobKind::Verify.as_str() && !last.figures.is_null();
+        if !last.ok && !found_damage {
+            let err = last.error.clone().unwrap_or_default();
+            out.push(Condition {
+                key: format!("job:{kind}"),
+                kind: "job",
+                summary: format!("{kind} job failed at {}: {err}", time(last.start_ns)),
+                fingerprint: err,
+            });
+        }
+    }
+    if !st.damaged.is_empty() {
+        let mut ids: Vec<String> = st.damaged.iter().map(|(id, _)| id.to_hex()).collect();
+        ids.sort();
+        let listed: Vec<String> = st
+            .damaged
+            .iter()
+            .take(5)
+            .map(|(id, d)| {
+                let paths: Vec<&str> = d.paths.iter().take(3).map(String::as_str).collect();
+                format!("{}/{} {} of {} ({})", d.host, d.name, id.short(), time(d.time_ns), paths.join(", "))
+            })
+            .collect();
+        let more = st.damaged.len().saturating_sub(5);
+        let more = if more > 0 { format!("; and {more} more") } else { String::new() };
+        out.push(Condition {
+            key: "damaged".into(),
+            kind: "verify",
+            summary: format!(
+                "{} snapshot(s) failed verification: {}{more}; push those sets again to heal the store",
+                st.damaged.len(),
+                listed.join("; ")
+            ),
+            fingerprint: ids.join(","),
+        });
+    }
+    if let Some(d) = st.disk.filter(|d| d.total > 0) {
+        let pct = d.free as f64 * 100.0 / d.total as f64;
+        if pct < disk_free_min_percent {
+            out.push(Condition {
+                key: "disk".into(),
+                kind: "disk",
+                summary: format!(
+                    "data directory filesystem has {:.1}% free ({} MiB), under the {disk_free_min_percent}% threshold",
+                    pct,
+                    d.free >> 20
+                ),
+                fingerprint: "low".into(),
+            });
+        }
+    }
+    out
+}
+
+fn load_state(state: &ServerState) -> Result<State, StoreError> {
+    Ok(match state.store.meta_get(META_ALERT_STATE)? {
+        None => State::new(),
+        // The state only suppresses repeats: if it cannot be read, notify afresh.
+        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+    })
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "bkp-server".into())
+}
+
+/// One check: evaluate, notify changes, remember what was notified.
+pub fn check(state: &ServerState) -> Result<(), StoreError> {
+    let now_ns = jobs::now_ns();
+    let st = status(state, now_ns)?;
+    let conds = conditions(&st, state.config.alerts.disk_free_min_percent);
+    state.monitor.firing.store(conds.len() as u64, Ordering::Relaxed);
+    let mut notified = load_state(state)?;
+    let server = hostname();
+    let mut changed = false;
+    for (ev, next) in alerts::diff(&notified, &conds, now_ns, &server) {
+        let c = &state.monitor.counters;
+        match alerts::deliver(&state.config.alerts, &ev) {
+            Ok(()) => {
+                info!(key = %ev.key, status = ?ev.status, "alert: {}", ev.summary);
+                Counters::add(if next.is_some() { &c.notified_firing } else { &c.notified_resolved }, 1);
+                match next {
+                    Some(n) => notified.insert(ev.key.clone(), n),
+                    None => notified.remove(&ev.key),
+                };
+                changed = true;
+            }
+            // Left as it was: the next check tries again.
+            Err(e) => {
+                Counters::add(&c.delivery_failures, 1);
+                error!(key = %ev.key, "alert not delivered: {e}");
+            }
+        }
+    }
+    if changed {
+        state.store.meta_put(META_ALERT_STATE, &serde_json::to_vec(&notified).expect("state to json"))?;
+    }
+    Ok(())
+}
+
+/// Checks every `check_interval`, or sooner when nudged.
+pub async fn run(state: Arc<ServerState>) {
+    loop {
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || check(&st)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("monitor check: {e}"),
+            Err(e) => error!("monitor check panicked: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(state.config.monitor.check_interval) => {}
+            _ = state.monitor.nudge.notified() => {}
+        }
+    }
+}

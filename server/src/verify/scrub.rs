@@ -1,0 +1,189 @@
+//! Scrub: re-read stored chunks, decompress and re-hash them, in rotating
+//! slices of the id space.
+//!
+//! Chunk ids are blake3 hashes, so they spread evenly over the key space.
+//! The space is cut into `slices` equal parts at fixed boundaries; a
+//! scheduled run goes on from where the last one stopped up to the next
+//! boundary, so `slices` runs cover every chunk, and whatever lies ahead of
+//! the cursor is what was verified least recently. A run bounded in time
+//! leaves the cursor where it stopped. A chunk stored since the cursor
+//! passed its place was re-hashed on upload and is scrubbed next cycle.
+
+use std::time::Instant;
+
+use bkp_common::{blob, ChunkId};
+use serde::{Deserialize, Serialize};
+
+use crate::store::schema::META_SCRUB_CURSOR;
+use crate::store::{Store, StoreError};
+
+const BATCH: usize = 256;
+const VERSION: u8 = 1;
+
+/// Where the scrub stands, kept in the `meta` column family.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The last chunk checked in the current cycle; `None` at its start.
+    pub after: Option<ChunkId>,
+    pub cycle_start_ns: u64,
+    /// When the last full pass over the store ended (0: never).
+    pub last_cycle_end_ns: u64,
+    pub last_run_ns: u64,
+}
+
+impl Cursor {
+    pub fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        match store.meta_get(META_SCRUB_CURSOR)? {
+            None => Ok(Self::default()),
+            Some(b) => match b.split_first() {
+                Some((&VERSION, rest)) => {
+                    postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("scrub cursor: {e}")))
+                }
+                _ => Err(StoreError::Corrupt("scrub cursor version".into())),
+            },
+        }
+    }
+
+    fn save(&self, store: &dyn Store) -> Result<(), StoreError> {
+        store.meta_put(META_SCRUB_CURSOR, &postcard::to_extend(self, vec![VERSION]).expect("postcard to Vec"))
+    }
+
+    /// Share of the key space (so, of the chunks) checked this cycle.
+    pub fn coverage(&self) -> f64 {
+        self.after.map_or(0.0, |id| position(&id) as f64 / u64::MAX as f64)
+    }
+}
+
+/// A chunk's place in the key space: its first 8 bytes.
+fn position(id: &ChunkId) -> u64 {
+    u64::from_be_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The end (exclusive) of the slice that holds `pos`; `None` for the last.
+fn slice_end(pos: u64, slices: u32) -> Option<u64> {
+    let space = 1u128 << 64;
+    let n = slices.max(1) as u128;
+    let width = space.div_ceil(n);
+    let end = (pos as u128 / width + 1) * width;
+    (end < space).then_some(end as u64)
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ScrubReport {
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Share of the store checked in the current cycle after this run.
+    pub coverage: f64,
+    pub cycle_completed: bool,
+    /// Stopped by the time bound; the next run goes on from here.
+    pub stopped_early: bool,
+}
+
+/// Why a stored chunk is bad, or `None` when it is sound (or was deleted
+/// by a concurrent GC, which is not damage).
+pub fn check_chunk(store: &dyn Store, id: &ChunkId) -> Result<Option<String>, StoreError> {
+    let Some(b) = store.chunk_blob(id)? else {
+        return Ok(store.chunk_meta(id)?.map(|_| "chunk data is missing from the store".to_string()));
+    };
+    match blob::decode_verified(&b, id) {
+        Err(e) => Ok(Some(e.to_string())),
+        Ok(data) => match store.chunk_meta(id)? {
+            Some(m) if m.raw_len as usize != data.len() => {
+                Ok(Some(format!("chunk decodes to {} bytes, its record says {}", data.len(), m.raw_len)))
+            }
+            _ => Ok(None),
+        },
+    }
+}
+
+/// Scrubs one slice (or everything, when `full`), calling `bad` with each
+/// chunk that fails. Stops at `deadline`, saving the cursor.
+pub fn run(
+    store: &dyn Store,
+    slices: u32,
+    full: bool,
+    deadline: Option<Instant>,
+    now_ns: u64,
+    bad: &mut dyn FnMut(ChunkId, String) -> Result<(), StoreError>,
+) -> Result<ScrubReport, StoreError> {
+    let mut cur = Cursor::load(store)?;
+    let mut report = ScrubReport::default();
+    let mut after = if full { None } else { cur.after };
+    if after.is_none() {
+        cur.cycle_start_ns = now_ns;
+    }
+    // The slice is the one holding the first chunk still to check (the
+    // last run may have ended exactly at a boundary).
+    let mut end: Option<Option<u64>> = if full { Some(None) } else { None };
+    'outer: loop {
+        let batch = store.chunk_metas(after.as_ref(), BATCH)?;
+        if batch.is_empty() {
+            report.cycle_completed = true;
+            break;
+        }
+        for (id, meta) in batch {
+            let end = *end.get_or_insert_with(|| slice_end(position(&id), slices));
+            if end.is_some_and(|e| position(&id) >= e) {
+                break 'outer;
+            }
+            if let Some(reason) = check_chunk(store, &id)? {
+                bad(id, reason)?;
+            }
+            report.chunks_checked += 1;
+            report.bytes_checked += meta.stored_len as u64;
+            after = Some(id);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            report.stopped_early = true;
+            break;
+        }
+    }
+    cur.last_run_ns = now_ns;
+    if report.cycle_completed {
+        cur.after = None;
+        cur.last_cycle_end_ns = now_ns;
+        report.coverage = 1.0;
+    } else {
+        cur.after = after;
+        report.coverage = cur.coverage();
+    }
+    cur.save(store)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_partition_the_key_space() {
+        assert_eq!(slice_end(0, 1), None);
+        let w = ((1u128 << 64).div_ceil(7)) as u64;
+        assert_eq!(slice_end(0, 7), Some(w));
+        assert_eq!(slice_end(w - 1, 7), Some(w));
+        assert_eq!(slice_end(w, 7), Some(2 * w));
+        assert_eq!(slice_end(6 * w, 7), None);
+        assert_eq!(slice_end(u64::MAX, 7), None);
+        // Seven runs from the start reach the end.
+        let (mut pos, mut runs) = (0u64, 0);
+        while let Some(e) = slice_end(pos, 7) {
+            pos = e;
+            runs += 1;
+        }
+        assert_eq!(runs + 1, 7);
+    }
+
+    #[test]
+    fn cursor_golden() {
+        let c = Cursor {
+            after: Some(ChunkId::from_bytes([0xff; 32])),
+            cycle_start_ns: 1,
+            last_cycle_end_ns: 0,
+            last_run_ns: 2,
+        };
+        let b = postcard::to_extend(&c, vec![VERSION]).unwrap();
+        assert_eq!(&b[..2], [1, 1]);
+        assert_eq!(&b[34..], [1, 0, 2]);
+        assert!(c.coverage() > 0.999);
+    }
+}
