@@ -218,7 +218,7 @@ impl Conn {
                         Counters::add(&c.pushes_ok, 1);
                         Counters::add(&c.read_bytes, s.stats.bytes);
                         // Freshness alerts clear as soon as the backup lands.
-                        self.state.monitor.nudge.notify_one();
+                        self.state.monitor.committed();
                     }
                     Err(_) => Counters::add(&c.pushes_failed, 1),
                 }

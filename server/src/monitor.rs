@@ -59,6 +59,14 @@ pub struct Counters {
     pub delivery_failures: AtomicU64,
 }
 
+impl Monitor {
+    /// After a commit: freshness and chunk totals changed.
+    pub fn committed(&self) {
+        self.stats_dirty.store(true, Ordering::Relaxed);
+        self.nudge.notify_one();
+    }
+}
+
 impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
@@ -69,6 +77,9 @@ impl Counters {
 pub struct Monitor {
     pub counters: Counters,
     stats: Mutex<Option<(Instant, StoreStats)>>,
+    /// Set by commits: the totals are recomputed at the next check or
+    /// scrape, at most once a second.
+    stats_dirty: std::sync::atomic::AtomicBool,
     pub firing: AtomicU64,
     /// Wakes the monitor early (after a commit or a job).
     pub nudge: tokio::sync::Notify,
@@ -117,10 +128,12 @@ pub fn disk(path: &Path) -> Option<Disk> {
 pub fn store_stats(state: &ServerState, fresh: bool) -> Result<StoreStats, StoreError> {
     let mut cached = state.monitor.stats.lock().expect("stats lock");
     if let Some((at, s)) = *cached {
-        if !fresh && at.elapsed() < state.config.monitor.stats_interval {
+        let dirty = state.monitor.stats_dirty.load(Ordering::Relaxed) && at.elapsed() >= Duration::from_secs(1);
+        if !fresh && !dirty && at.elapsed() < state.config.monitor.stats_interval {
             return Ok(s);
         }
     }
+    state.monitor.stats_dirty.store(false, Ordering::Relaxed);
     let mut s = StoreStats::default();
     let mut after = None;
     loop {

@@ -2,8 +2,10 @@
 //! on 127.0.0.1 with a real RocksDB and drives the real `bkp` binary.
 
 mod gc;
+mod monitoring;
 mod postgres;
 mod resilience;
 mod security;
 mod stream;
 mod tree;
+mod verify;
