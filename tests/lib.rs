@@ -222,3 +222,35 @@ pub fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
+
+impl TestServer {
+    /// Damages stored chunk data as a failing disk would: with the server
+    /// stopped, flips one byte at every place `needle` (a piece of a
+    /// stored blob) occurs in RocksDB's blob files, then restarts it.
+    /// Blobs reach blob files at a flush: run a GC first (its compaction
+    /// flushes). Returns how many places were damaged (at least one).
+    pub fn corrupt_stored_bytes(&mut self, needle: &[u8]) -> usize {
+        self.stop();
+        let mut hits = 0;
+        for e in std::fs::read_dir(self.data().join("db")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "blob") {
+                continue;
+            }
+            let mut bytes = std::fs::read(&p).unwrap();
+            let found: Vec<usize> =
+                bytes.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect();
+            for i in &found {
+                bytes[i + needle.len() / 2] ^= 0x55;
+            }
+            if !found.is_empty() {
+                std::fs::write(&p, &bytes).unwrap();
+                hits += found.len();
+            }
+        }
+        assert!(hits > 0, "the bytes are in no blob file (run a GC first so they are flushed)");
+        let port = self.addr.port();
+        self.boot(Some(port));
+        hits
+    }
+}

@@ -16,9 +16,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{ClientConfig, FileConfig};
 use crate::conn::Client;
+use crate::incremental::CacheSpec;
 use crate::progress::{Progress, Silent};
-use crate::push::{push, PushOptions, Source};
-use crate::restore::{restore, RestoreOptions, TreeReader};
+use crate::push::{push_with, PushOptions, Source};
+use crate::restore::{restore, verify, RestoreOptions, TreeReader};
 use crate::select::resolve;
 
 #[derive(Parser)]
@@ -74,6 +75,14 @@ enum Cmd {
         /// zstd level for new chunks.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(-7..=19))]
         level: i32,
+        /// Read every file, even those the metadata cache says are
+        /// unchanged (a fresh cache is still written).
+        #[arg(long)]
+        no_cache: bool,
+        /// Directory of the metadata caches [env: BKP_CACHE_DIR]
+        /// [default: $XDG_CACHE_HOME/bkp/client or ~/.cache/bkp/client].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
         /// Files and directories to back up.
         paths: Vec<PathBuf>,
         /// Command whose standard output is the backup (after `--`).
@@ -115,10 +124,14 @@ enum Cmd {
         snapshot: String,
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, required_unless_present = "stdout", conflicts_with = "stdout")]
+        #[arg(long, required_unless_present_any = ["stdout", "verify_only"], conflicts_with = "stdout")]
         target: Option<PathBuf>,
         #[arg(long)]
         stdout: bool,
+        /// Fetch and check every chunk and every file's content hash,
+        /// writing nothing: a restore drill. Fails listing what does not check out.
+        #[arg(long, conflicts_with_all = ["target", "stdout"])]
+        verify_only: bool,
         /// Restore only these paths (and what is below them).
         #[arg(long)]
         include: Vec<String>,
@@ -194,16 +207,18 @@ fn fmt_time(ns: u64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-async fn connect(c: &ConnArgs) -> Result<Arc<Client>> {
+/// Connects; also returns the metadata cache directory.
+async fn connect(c: &ConnArgs, cache_dir: Option<PathBuf>) -> Result<(Arc<Client>, Option<PathBuf>)> {
     let flags = FileConfig {
         server: c.server.clone(),
         fingerprint: c.fingerprint.clone(),
         token: c.token.clone(),
         token_file: c.token_file.clone(),
         ca_file: c.ca_file.clone(),
+        cache_dir,
     };
-    let cfg = ClientConfig::resolve(flags, c.config.as_deref())?;
-    Ok(Arc::new(Client::connect(&cfg).await?))
+    let (cfg, cache_dir) = ClientConfig::resolve_with_cache(flags, c.config.as_deref())?;
+    Ok((Arc::new(Client::connect(&cfg).await?), cache_dir))
 }
 
 async fn pick(client: &Client, spec: &str, name: Option<&str>) -> Result<bkp_common::SnapshotId> {
@@ -233,17 +248,21 @@ fn print_snapshots(list: &[SnapshotSummary]) {
 }
 
 async fn execute(cli: Cli) -> Result<()> {
-    let client = connect(&cli.conn).await?;
-    let result = run(&cli, client.clone()).await;
+    let cache_flag = match &cli.cmd {
+        Cmd::Push { cache_dir, .. } => cache_dir.clone(),
+        _ => None,
+    };
+    let (client, cache_dir) = connect(&cli.conn, cache_flag).await?;
+    let result = run(&cli, client.clone(), cache_dir).await;
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;
     }
     result
 }
 
-async fn run(cli: &Cli, client: Arc<Client>) -> Result<()> {
+async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Result<()> {
     match &cli.cmd {
-        Cmd::Push { name, stdin, exclude, level, paths, command } => {
+        Cmd::Push { name, stdin, exclude, level, paths, command, no_cache, .. } => {
             let source = match (*stdin, paths.is_empty(), command.is_empty()) {
                 (true, true, true) => Source::Stdin,
                 (false, true, false) => Source::Command(command.clone()),
@@ -256,7 +275,8 @@ async fn run(cli: &Cli, client: Arc<Client>) -> Result<()> {
                 (None, _) => anyhow::bail!("--name is required for --stdin and -- CMD"),
             };
             let opts = PushOptions { name, source, zstd_level: *level };
-            let r = push(client, opts, progress()).await?;
+            let cache = cache_dir.map(|dir| CacheSpec { dir, read: !no_cache });
+            let r = push_with(client, opts, cache, progress()).await?;
             for w in &r.warnings {
                 eprintln!("bkp: warning: {w}");
             }
@@ -265,11 +285,14 @@ async fn run(cli: &Cli, client: Arc<Client>) -> Result<()> {
             } else if cli.verbose {
                 let mbps = r.bytes_read as f64 / 1e6 / r.seconds.max(1e-9);
                 eprintln!(
-                    "snapshot {} {}/{}: {} files, {} read, {} sent ({} chunks of {}), {:.1} MB/s",
+                    "snapshot {} {}/{}: {} files ({} read, {} unchanged from cache), {}, {} sent ({} chunks of {}), \
+                     {:.1} MB/s",
                     r.snapshot.id.short(),
                     r.snapshot.host,
                     r.snapshot.name,
                     r.snapshot.stats.files,
+                    r.files_read,
+                    r.files_cached,
                     indicatif::HumanBytes(r.bytes_read),
                     indicatif::HumanBytes(r.bytes_sent),
                     r.chunks_sent,
@@ -341,21 +364,30 @@ async fn run(cli: &Cli, client: Arc<Client>) -> Result<()> {
             client.protect(id, !remove).await?;
             Ok(())
         }
-        Cmd::Restore { snapshot, name, target, stdout, include } => {
+        Cmd::Restore { snapshot, name, target, stdout, include, verify_only } => {
             let id = pick(&client, snapshot, name.as_deref()).await?;
-            let opts = RestoreOptions { target: if *stdout { None } else { target.clone() }, include: include.clone() };
             let prog: Arc<dyn Progress> = if *stdout { Arc::new(Silent) } else { progress() };
-            let r = restore(client, id, opts, prog).await?;
+            let r = if *verify_only {
+                verify(client, id, include.clone(), prog).await?
+            } else {
+                let target = if *stdout { None } else { target.clone() };
+                restore(client, id, RestoreOptions { target, include: include.clone() }, prog).await?
+            };
             for e in &r.errors {
                 eprintln!("bkp: {e}");
             }
-            if cli.json {
+            let done = if *verify_only { "verified" } else { "restored" };
+            if cli.json && *verify_only {
+                println!("{}", serde_json::to_string(&r)?);
+            } else if cli.json {
+                // stdout may be carrying the restored stream.
                 eprintln!("{}", serde_json::to_string(&r)?);
             } else if cli.verbose {
-                eprintln!("restored {} files, {}", r.files, indicatif::HumanBytes(r.bytes));
+                eprintln!("{done} {} files, {}", r.files, indicatif::HumanBytes(r.bytes));
             }
             if !r.errors.is_empty() {
-                anyhow::bail!("{} entries were not restored (see above)", r.errors.len());
+                let what = if *verify_only { "failed verification" } else { "were not restored" };
+                anyhow::bail!("{} entries {what} (see above)", r.errors.len());
             }
             Ok(())
         }

@@ -1,6 +1,6 @@
-//! Where the client finds its server, the server's certificate and its
-//! token: flags, else environment, else `~/.config/bkp/client.toml`, else
-//! `/etc/bkp/client.toml`.
+//! Where the client finds its server, the server's certificate, its
+//! token and its metadata cache: flags, else environment, else
+//! `~/.config/bkp/client.toml`, else `/etc/bkp/client.toml`.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +14,8 @@ pub struct FileConfig {
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// Directory of the per-set metadata caches.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// How the client checks the server's certificate.
@@ -64,6 +66,16 @@ pub fn normalize_fingerprint(s: &str) -> Result<String, ConfigError> {
 impl ClientConfig {
     /// Merges flags (`flags`) over the environment over the config file.
     pub fn resolve(flags: FileConfig, config_file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::resolve_with_cache(flags, config_file).map(|(c, _)| c)
+    }
+
+    /// Also resolves the metadata cache directory: `cache_dir` (flag,
+    /// `BKP_CACHE_DIR`, file), else `$XDG_CACHE_HOME/bkp/client`, else
+    /// `~/.cache/bkp/client`; `None` without any of them.
+    pub fn resolve_with_cache(
+        flags: FileConfig,
+        config_file: Option<&Path>,
+    ) -> Result<(Self, Option<PathBuf>), ConfigError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let file = match config_file {
             Some(p) => load_file(p)?.ok_or_else(|| ConfigError::File(p.display().to_string(), "not found".into()))?,
@@ -79,6 +91,13 @@ impl ClientConfig {
                 found.unwrap_or_default()
             }
         };
+        let cache_dir = flags
+            .cache_dir
+            .clone()
+            .or_else(|| env("BKP_CACHE_DIR").map(PathBuf::from))
+            .or(file.cache_dir.clone())
+            .or_else(|| env("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("bkp/client")))
+            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache/bkp/client")));
         let server = flags.server.or_else(|| env("BKP_SERVER")).or(file.server).ok_or(ConfigError::Missing(
             "server",
             "--server",
@@ -113,7 +132,7 @@ impl ClientConfig {
                 }
             },
         };
-        Ok(Self { server, trust, token })
+        Ok((Self { server, trust, token }, cache_dir))
     }
 }
 

@@ -113,6 +113,8 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
 pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    /// The address as configured (names the metadata cache).
+    pub server: String,
     pub host: String,
     pub role: Role,
 }
@@ -153,7 +155,9 @@ impl Client {
         write_frame(&mut send, &hello).await?;
         let _ = send.finish();
         match read_frame::<Response, _>(&mut recv).await {
-            Ok(Some(Response::Welcome { host, role, .. })) => Ok(Self { endpoint, conn, host, role }),
+            Ok(Some(Response::Welcome { host, role, .. })) => {
+                Ok(Self { endpoint, conn, server: cfg.server.clone(), host, role })
+            }
             Ok(Some(r)) => Err(unexpected(r)),
             Ok(None) => Err(err("server closed the connection during hello".into())),
             Err(e) => Err(err(format!("during hello: {e}"))),
@@ -265,15 +269,45 @@ impl Client {
 
     /// Fetches one chunk and checks it against its id.
     pub async fn chunk(&self, id: ChunkId) -> Result<Vec<u8>> {
-        let (mut send, mut recv) = self.open().await?;
-        write_frame(&mut send, &Request::GetChunks { ids: vec![id] }).await?;
-        let _ = send.finish();
-        match read_frame::<Response, _>(&mut recv).await? {
-            Some(Response::Chunk { id: got, blob }) if got == id => tokio::task::spawn_blocking(move || {
+        let mut f = self.fetch(vec![id]).await?;
+        match f.next_blob().await? {
+            Some((_, blob)) => tokio::task::spawn_blocking(move || {
                 blob::decode_verified(&blob, &id).map_err(|e| ClientError::Corrupt(e.to_string()))
             })
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?,
+            None => Err(ClientError::Io("stream closed before the chunk".into())),
+        }
+    }
+
+    /// Asks for the blobs of `ids` (at most the server's 64 per request);
+    /// they arrive in order through [`Fetch::next_blob`].
+    pub async fn fetch(&self, ids: Vec<ChunkId>) -> Result<Fetch> {
+        let (mut send, recv) = self.open().await?;
+        write_frame(&mut send, &Request::GetChunks { ids: ids.clone() }).await?;
+        let _ = send.finish();
+        Ok(Fetch { recv, ids, next: 0 })
+    }
+}
+
+/// The answers to one `GetChunks`.
+pub struct Fetch {
+    recv: quinn::RecvStream,
+    ids: Vec<ChunkId>,
+    next: usize,
+}
+
+impl Fetch {
+    /// The next id's blob, not yet decoded; `None` once all arrived. A
+    /// refusal (`ClientError::Server`) ends the answer: the chunks after
+    /// the ones received were not sent.
+    pub async fn next_blob(&mut self) -> Result<Option<(ChunkId, Vec<u8>)>> {
+        let Some(&want) = self.ids.get(self.next) else { return Ok(None) };
+        match read_frame::<Response, _>(&mut self.recv).await? {
+            Some(Response::Chunk { id, blob }) if id == want => {
+                self.next += 1;
+                Ok(Some((id, blob)))
+            }
             Some(r) => Err(unexpected(r)),
             None => Err(ClientError::Io("stream closed before the chunk".into())),
         }

@@ -1,34 +1,24 @@
-//! `bkp push`: producer thread -> dedup query -> compress -> parallel
-//! uploads -> commit. Every stage is bounded, so memory stays flat.
+//! `bkp push`: a producer thread (walk, read, chunk, hash; see `walk`)
+//! feeds the pipeline (dedup query, compression pool, uploads; see
+//! `pipeline`), then the commit. Every stage is bounded, so memory stays
+//! flat.
 
-use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bkp_common::blob;
-use bkp_common::protocol::MAX_IDS;
 use bkp_common::snapshot::{SnapshotKind, SnapshotSummary};
 use bkp_common::tree::Meta;
-use bkp_common::ChunkId;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
+use crate::cache::Header;
 use crate::conn::Client;
 use crate::error::{ClientError, Result};
+use crate::incremental::{CacheSpec, Incremental};
+use crate::pipeline::{self, ChunkSink};
 use crate::progress::Progress;
-use crate::walk::{Excludes, Producer, RawChunk};
-
-/// Chunks queued between the producer and the dedup query.
-const QUEUE: usize = 16;
-/// Chunks per has-chunk query.
-const QUERY_BATCH: usize = 64;
-/// Concurrent upload streams.
-const UPLOADERS: usize = 4;
-/// Bytes of raw data per upload stream.
-const UPLOAD_GROUP_BYTES: usize = 8 << 20;
+use crate::walk::{Excludes, Produced, Producer};
 
 pub enum Source {
     Paths {
@@ -55,6 +45,10 @@ pub struct PushReport {
     pub chunks_sent: u64,
     pub bytes_sent: u64,
     pub bytes_new: u64,
+    /// Regular files read and chunked.
+    pub files_read: u64,
+    /// Regular files taken unchanged from the metadata cache.
+    pub files_cached: u64,
     pub seconds: f64,
     pub warnings: Vec<String>,
 }
@@ -63,23 +57,34 @@ fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
+/// The metadata cache of a tree push, opened on the producer thread.
+struct CacheArgs {
+    spec: CacheSpec,
+    header: Header,
+    client: Arc<Client>,
+    session: u64,
+    start_ns: i64,
+}
+
 /// Runs the producer for `source` on the current (blocking) thread.
 fn produce(
     source: Source,
     name: &str,
-    tx: mpsc::Sender<RawChunk>,
+    sink: ChunkSink,
     progress: Arc<dyn Progress>,
-) -> Result<(Vec<ChunkId>, Vec<String>)> {
+    cache: Option<CacheArgs>,
+) -> Result<Produced> {
     let stream_meta = Meta { mode: 0o600, uid: 0, gid: 0, mtime_ns: now_ns() };
     match source {
         Source::Paths { paths, excludes } => {
-            let mut p = Producer::new(tx, progress, Excludes::new(&excludes)?);
+            let cache = cache.map(|a| Incremental::open(&a.spec, a.header, a.client, a.session, a.start_ns));
+            let mut p = Producer::new(sink, progress, Excludes::new(&excludes)?, cache);
             p.walk_roots(&paths)?;
             p.finish()
         }
-        Source::Stdin => produce(Source::Reader(Box::new(std::io::stdin())), name, tx, progress),
+        Source::Stdin => produce(Source::Reader(Box::new(std::io::stdin())), name, sink, progress, None),
         Source::Reader(r) => {
-            let mut p = Producer::new(tx, progress, Excludes::new(&[])?);
+            let mut p = Producer::new(sink, progress, Excludes::new(&[])?, None);
             p.file_from_reader(name.as_bytes().to_vec(), stream_meta, r)?;
             p.finish()
         }
@@ -94,7 +99,7 @@ fn produce(
                 .spawn()
                 .map_err(|e| ClientError::Input(format!("cannot run {shown}: {e}")))?;
             let stdout = child.stdout.take().expect("piped stdout");
-            let mut p = Producer::new(tx, progress, Excludes::new(&[])?);
+            let mut p = Producer::new(sink, progress, Excludes::new(&[])?, None);
             let read = p.file_from_reader(name.as_bytes().to_vec(), stream_meta, stdout);
             if read.is_err() {
                 let _ = child.kill();
@@ -110,32 +115,51 @@ fn produce(
     }
 }
 
-struct Counters {
-    chunks: u64,
-    chunks_sent: u64,
-    bytes_sent: u64,
-    bytes_new: u64,
+/// A push without a metadata cache.
+pub async fn push(client: Arc<Client>, opts: PushOptions, progress: Arc<dyn Progress>) -> Result<PushReport> {
+    push_with(client, opts, None, progress).await
 }
 
-pub async fn push(client: Arc<Client>, opts: PushOptions, progress: Arc<dyn Progress>) -> Result<PushReport> {
+/// A push; a file tree uses the metadata cache described by `cache`.
+pub async fn push_with(
+    client: Arc<Client>,
+    opts: PushOptions,
+    cache: Option<CacheSpec>,
+    progress: Arc<dyn Progress>,
+) -> Result<PushReport> {
     let start = Instant::now();
+    let start_ns = now_ns();
     let kind = match opts.source {
         Source::Paths { .. } => SnapshotKind::Tree,
         _ => SnapshotKind::Stream,
     };
     let session = client.start_push(&opts.name, kind).await?;
-    let (tx, rx) = mpsc::channel::<RawChunk>(QUEUE);
+    let cache = cache.filter(|_| kind == SnapshotKind::Tree).map(|spec| CacheArgs {
+        spec,
+        header: Header { server: client.server.clone(), host: client.host.clone(), name: opts.name.clone() },
+        client: client.clone(),
+        session,
+        start_ns,
+    });
+    let (sink, pipeline) = pipeline::start(client.clone(), session, opts.zstd_level, progress.clone());
     let name = opts.name.clone();
-    let prog = progress.clone();
     let source = opts.source;
-    let producer = tokio::task::spawn_blocking(move || produce(source, &name, tx, prog));
-    let upload = upload(client.clone(), session, rx, opts.zstd_level, progress);
-    // The uploader ends when the producer drops its sender; an upload error
-    // drops the receiver, which stops the producer.
-    let (produced, counters) = tokio::join!(producer, upload);
+    let producer = tokio::task::spawn_blocking(move || produce(source, &name, sink, progress, cache));
+    // The pipeline ends when the producer drops its sink; a pipeline error
+    // drops the channel, which stops the producer.
+    let (produced, counters) = tokio::join!(producer, pipeline);
     let counters = counters?;
-    let (tree, warnings) = produced.map_err(|e| ClientError::Input(format!("reader thread: {e}")))??;
-    let snapshot = client.commit(session, tree).await?;
+    let produced = produced.map_err(|e| ClientError::Input(format!("reader thread: {e}")))??;
+    let snapshot = client.commit(session, produced.tree).await?;
+    let mut warnings = produced.warnings;
+    // Only now is the new cache true: every chunk it names is in a snapshot.
+    if let Some(w) = produced.cache {
+        match tokio::task::spawn_blocking(move || w.commit()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warnings.push(format!("{e}; the next push reads every file again")),
+            Err(e) => warnings.push(format!("saving the metadata cache: {e}")),
+        }
+    }
     Ok(PushReport {
         // Counted by the server from the tree: what was read and chunked.
         bytes_read: snapshot.stats.bytes,
@@ -144,118 +168,9 @@ pub async fn push(client: Arc<Client>, opts: PushOptions, progress: Arc<dyn Prog
         chunks_sent: counters.chunks_sent,
         bytes_sent: counters.bytes_sent,
         bytes_new: counters.bytes_new,
+        files_read: produced.files_read,
+        files_cached: produced.files_cached,
         seconds: start.elapsed().as_secs_f64(),
         warnings,
     })
-}
-
-async fn upload(
-    client: Arc<Client>,
-    session: u64,
-    mut rx: mpsc::Receiver<RawChunk>,
-    level: i32,
-    progress: Arc<dyn Progress>,
-) -> Result<Counters> {
-    let mut c = Counters { chunks: 0, chunks_sent: 0, bytes_sent: 0, bytes_new: 0 };
-    // Ids handled in this push: repeated chunks (zeros, copies) are
-    // queried and sent once. 32 bytes per distinct chunk.
-    let mut seen: HashSet<ChunkId> = HashSet::new();
-    let mut uploads: JoinSet<Result<(u64, u64)>> = JoinSet::new();
-    let mut group: Vec<RawChunk> = Vec::new();
-    let mut group_bytes = 0usize;
-    let mut batch: Vec<RawChunk> = Vec::with_capacity(QUERY_BATCH);
-    loop {
-        batch.clear();
-        let Some(first) = rx.recv().await else { break };
-        batch.push(first);
-        while batch.len() < QUERY_BATCH.min(MAX_IDS) {
-            match rx.try_recv() {
-                Ok(x) => batch.push(x),
-                Err(_) => break,
-            }
-        }
-        c.chunks += batch.len() as u64;
-        let mut fresh: Vec<RawChunk> = Vec::with_capacity(batch.len());
-        for ch in batch.drain(..) {
-            if seen.insert(ch.id) {
-                fresh.push(ch);
-            }
-        }
-        if fresh.is_empty() {
-            continue;
-        }
-        let missing = client.missing(session, fresh.iter().map(|x| x.id).collect()).await?;
-        let mut fresh: Vec<Option<RawChunk>> = fresh.into_iter().map(Some).collect();
-        for i in missing {
-            let ch = fresh[i as usize].take().expect("index checked by client");
-            group_bytes += ch.data.len();
-            group.push(ch);
-            if group_bytes >= UPLOAD_GROUP_BYTES {
-                send_group(&mut uploads, &mut c, &progress, &client, session, std::mem::take(&mut group), level)
-                    .await?;
-                group_bytes = 0;
-            }
-        }
-        // Keep the pipe moving: a partial group goes out when the producer
-        // has nothing queued.
-        if !group.is_empty() && rx.is_empty() {
-            send_group(&mut uploads, &mut c, &progress, &client, session, std::mem::take(&mut group), level).await?;
-            group_bytes = 0;
-        }
-        while let Some(done) = uploads.try_join_next() {
-            account(done, &mut c, &progress)?;
-        }
-    }
-    if !group.is_empty() {
-        send_group(&mut uploads, &mut c, &progress, &client, session, group, level).await?;
-    }
-    while let Some(done) = uploads.join_next().await {
-        account(done, &mut c, &progress)?;
-    }
-    Ok(c)
-}
-
-fn account(
-    done: std::result::Result<Result<(u64, u64)>, tokio::task::JoinError>,
-    c: &mut Counters,
-    progress: &Arc<dyn Progress>,
-) -> Result<()> {
-    let (sent, new) = done.map_err(|e| ClientError::Io(format!("upload task: {e}")))??;
-    c.bytes_sent += sent;
-    c.bytes_new += new;
-    progress.uploaded(sent);
-    Ok(())
-}
-
-async fn send_group(
-    uploads: &mut JoinSet<Result<(u64, u64)>>,
-    c: &mut Counters,
-    progress: &Arc<dyn Progress>,
-    client: &Arc<Client>,
-    session: u64,
-    group: Vec<RawChunk>,
-    level: i32,
-) -> Result<()> {
-    // Bounded: wait for a slot before starting another upload.
-    while uploads.len() >= UPLOADERS {
-        if let Some(done) = uploads.join_next().await {
-            account(done, c, progress)?;
-        }
-    }
-    c.chunks_sent += group.len() as u64;
-    let client = client.clone();
-    uploads.spawn(async move {
-        // Compression is CPU work: off the async runtime.
-        let blobs = tokio::task::spawn_blocking(move || {
-            group.into_iter().map(|ch| (ch.id, blob::encode(&ch.data, level))).collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| ClientError::Io(e.to_string()))?;
-        let sent: u64 = blobs.iter().map(|(_, b)| b.len() as u64).sum();
-        let new = tokio::time::timeout(Duration::from_secs(300), client.put(session, blobs))
-            .await
-            .map_err(|_| ClientError::Io("upload timed out".into()))??;
-        Ok((sent, new))
-    });
-    Ok(())
 }

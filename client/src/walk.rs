@@ -1,7 +1,9 @@
 //! The push producer: walks file trees (or reads one stream), chunks and
 //! hashes the data, and writes the tree stream. Runs on its own thread;
-//! chunks go to the uploader through a bounded channel, so memory is
-//! bounded whatever the size of the input.
+//! chunks go to the pipeline ([`crate::pipeline`]) through a bounded
+//! channel and a byte budget, so memory is bounded whatever the size of
+//! the input. Unchanged files come from the metadata cache
+//! ([`crate::incremental`]) instead of being read.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -14,21 +16,27 @@ use std::sync::Arc;
 
 use bkp_common::chunker::{chunk_reader, PushChunker};
 use bkp_common::tree::{ChunkRef, Entry, Meta, SpecialKind, TreeEncoder, MAX_CHUNKS_PER_RECORD};
-use bkp_common::ChunkId;
+use bkp_common::{ChunkId, ContentHash};
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use tokio::sync::mpsc::Sender;
 
+use crate::cache::{CacheWriter, CachedFile};
 use crate::error::{ClientError, Result};
+use crate::incremental::{file_key, Incremental};
+use crate::pipeline::ChunkSink;
 use crate::progress::Progress;
 
-/// A chunk on its way to the uploader.
-pub struct RawChunk {
-    pub id: ChunkId,
-    pub data: Vec<u8>,
+/// What a producer made: the tree stream's chunks and what to report.
+pub struct Produced {
+    pub tree: Vec<ChunkId>,
+    pub warnings: Vec<String>,
+    pub files_read: u64,
+    pub files_cached: u64,
+    /// The new metadata cache, to put in place once the snapshot commits.
+    pub cache: Option<CacheWriter>,
 }
 
 pub struct Producer {
-    tx: Sender<RawChunk>,
+    sink: ChunkSink,
     tree: TreeEncoder,
     tree_chunker: PushChunker,
     tree_ids: Vec<ChunkId>,
@@ -36,6 +44,9 @@ pub struct Producer {
     /// (dev, inode) -> path of files with more than one link.
     links: HashMap<(u64, u64), Vec<u8>>,
     excludes: Excludes,
+    cache: Option<Incremental>,
+    files_read: u64,
+    files_cached: u64,
     pub warnings: Vec<String>,
 }
 
@@ -83,23 +94,24 @@ fn snapshot_path(abs: &Path) -> Vec<u8> {
 }
 
 impl Producer {
-    pub fn new(tx: Sender<RawChunk>, progress: Arc<dyn Progress>, excludes: Excludes) -> Self {
+    pub fn new(sink: ChunkSink, progress: Arc<dyn Progress>, excludes: Excludes, cache: Option<Incremental>) -> Self {
         Self {
-            tx,
+            sink,
             tree: TreeEncoder::new(),
             tree_chunker: PushChunker::new(),
             tree_ids: Vec::new(),
             progress,
             links: HashMap::new(),
             excludes,
+            cache,
+            files_read: 0,
+            files_cached: 0,
             warnings: Vec::new(),
         }
     }
 
     fn send(&mut self, data: Vec<u8>) -> Result<ChunkId> {
-        let id = ChunkId::of(&data);
-        self.tx.blocking_send(RawChunk { id, data }).map_err(|_| ClientError::Io("upload stopped".into()))?;
-        Ok(id)
+        self.sink.send(data)
     }
 
     fn emit(&mut self, e: Entry) -> Result<()> {
@@ -114,8 +126,8 @@ impl Producer {
         Ok(())
     }
 
-    /// Flushes the tree stream; returns its chunk ids.
-    pub fn finish(mut self) -> Result<(Vec<ChunkId>, Vec<String>)> {
+    /// Flushes the tree stream.
+    pub fn finish(mut self) -> Result<Produced> {
         let bytes = self.tree.take();
         let mut chunks = self.tree_chunker.push(&bytes);
         chunks.extend(std::mem::take(&mut self.tree_chunker).finish());
@@ -123,17 +135,30 @@ impl Producer {
             let id = self.send(c)?;
             self.tree_ids.push(id);
         }
-        Ok((self.tree_ids, self.warnings))
+        let mut warnings = self.warnings;
+        let cache = self.cache.map(|c| {
+            let (writer, w) = c.finish();
+            warnings.extend(w);
+            writer
+        });
+        Ok(Produced {
+            tree: self.tree_ids,
+            warnings,
+            files_read: self.files_read,
+            files_cached: self.files_cached,
+            cache: cache.flatten(),
+        })
     }
 
-    /// Chunks a stream of file content and emits File, Chunks, FileEnd.
-    pub fn file_from_reader(&mut self, path: Vec<u8>, meta: Meta, reader: impl Read) -> Result<()> {
+    /// Chunks and sends a file's content; returns its chunk list, content
+    /// hash and size (what was read, not what stat said: files change).
+    fn read_content(&mut self, path: &[u8], reader: impl Read) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
         let mut refs = Vec::new();
         let mut hasher = blake3::Hasher::new();
         let mut size = 0u64;
         for chunk in chunk_reader(reader) {
             let data =
-                chunk.map_err(|e| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(&path))))?;
+                chunk.map_err(|e| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(path))))?;
             hasher.update(&data);
             let len = data.len() as u32;
             size += len as u64;
@@ -141,14 +166,54 @@ impl Producer {
             let id = self.send(data)?;
             refs.push(ChunkRef { id, len });
         }
-        // The size is what was read, not what stat said: files change.
+        self.files_read += 1;
+        Ok((refs, hasher.finalize().into(), size))
+    }
+
+    fn emit_file(&mut self, path: Vec<u8>, meta: Meta, size: u64, refs: &[ChunkRef], hash: ContentHash) -> Result<()> {
         self.emit(Entry::File { path, meta, size })?;
         for part in refs.chunks(MAX_CHUNKS_PER_RECORD) {
             self.emit(Entry::Chunks(part.to_vec()))?;
         }
-        self.emit(Entry::FileEnd { hash: hasher.finalize().into() })?;
+        self.emit(Entry::FileEnd { hash })?;
         self.progress.file_done();
         Ok(())
+    }
+
+    /// Chunks a stream of file content and emits File, Chunks, FileEnd.
+    pub fn file_from_reader(&mut self, path: Vec<u8>, meta: Meta, reader: impl Read) -> Result<()> {
+        let (refs, hash, size) = self.read_content(&path, reader)?;
+        self.emit_file(path, meta, size, &refs, hash)
+    }
+
+    /// A regular file of a tree: from the metadata cache when its stat key
+    /// is unchanged, else read.
+    fn regular_file(&mut self, abs: &Path, name: Vec<u8>, m: &fs::Metadata) -> Result<()> {
+        let key = file_key(m);
+        if let Some(c) = self.cache.as_mut().and_then(|c| c.lookup(&name, &key)) {
+            self.emit_file(name, meta_of(m), key.size, &c.chunks, c.hash)?;
+            self.files_cached += 1;
+            if let Some(cache) = self.cache.as_mut() {
+                cache.record(&c);
+            }
+            return Ok(());
+        }
+        let f = match File::open(abs) {
+            Ok(f) => f,
+            Err(e) => {
+                self.warnings.push(format!("{}: {e}", abs.display()));
+                return Ok(());
+            }
+        };
+        let (chunks, hash, size) = self.read_content(&name, &f)?;
+        let read = CachedFile { path: name, key, hash, chunks };
+        // Cached only if nothing changed while it was read.
+        if let Some(cache) = self.cache.as_mut() {
+            if f.metadata().is_ok_and(|after| file_key(&after) == key) && size == key.size {
+                cache.record(&read);
+            }
+        }
+        self.emit_file(read.path, meta_of(m), size, &read.chunks, hash)
     }
 
     /// Walks the given roots.
@@ -206,13 +271,7 @@ impl Producer {
                 }
                 self.links.insert((m.dev(), m.ino()), name.clone());
             }
-            match File::open(path) {
-                Ok(f) => return self.file_from_reader(name, meta_of(&m), f),
-                Err(e) => {
-                    self.warnings.push(format!("{}: {e}", path.display()));
-                    return Ok(());
-                }
-            }
+            return self.regular_file(path, name, &m);
         } else if ft.is_symlink() {
             let target = fs::read_link(path).map_err(|e| ClientError::Input(format!("{}: {e}", path.display())))?;
             return self.emit(Entry::Symlink {

@@ -1,0 +1,220 @@
+//! Restore's reading side: the tree stream ([`TreeReader`]) and the data
+//! fetcher ([`fetch_stage`]), which turns the planner's items into the
+//! writer's outputs in tree order.
+//!
+//! Consecutive chunks, across files, go into segments of up to 64 ids
+//! (the server's cap per `GetChunks`) or 8 MiB; several segments are in
+//! flight, each its own task, and each chunk is decoded and checked
+//! against its id on a blocking thread as soon as it arrives, at most one
+//! per core at a time. A chunk the server refuses (missing, quarantined)
+//! or that fails its check becomes [`Out::Bad`]: the file it belongs to
+//! fails, the rest of the restore goes on. Only connection errors stop it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bkp_common::blob;
+use bkp_common::snapshot::Snapshot;
+use bkp_common::tree::{ChunkRef, Entry, TreeDecoder};
+use bkp_common::ChunkId;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::conn::Client;
+use crate::error::{ClientError, Result};
+
+/// Ids per `GetChunks`: the server's `MAX_FETCH`.
+pub const FETCH_IDS: usize = 64;
+/// Raw bytes per segment; a segment's data is held until all of it is in.
+const SEGMENT_BYTES: usize = 8 << 20;
+/// Items per segment, so runs of entries without data move on too.
+const SEGMENT_ITEMS: usize = 4096;
+const SEGMENTS_IN_FLIGHT: usize = 6;
+/// Tree chunks fetched ahead of the decoder.
+const TREE_AHEAD: usize = 4;
+
+/// What the planner asks for, in tree order.
+pub enum Item {
+    Entry(Entry),
+    Chunk(ChunkRef),
+}
+
+/// What the writer gets, in the same order.
+pub enum Out {
+    Entry(Entry),
+    /// A chunk's data, checked against its id and length.
+    Data(Vec<u8>),
+    /// A chunk that could not be had; its file cannot be restored.
+    Bad {
+        id: ChunkId,
+        reason: String,
+    },
+}
+
+/// Reads a snapshot's tree stream from a blocking thread, a few chunks
+/// ahead.
+pub struct TreeReader {
+    client: Arc<Client>,
+    handle: Handle,
+    ids: VecDeque<ChunkId>,
+    ahead: VecDeque<JoinHandle<Result<Vec<u8>>>>,
+    dec: TreeDecoder,
+}
+
+impl TreeReader {
+    pub fn new(client: Arc<Client>, handle: Handle, snapshot: &Snapshot) -> Self {
+        let ids = snapshot.tree.iter().copied().collect();
+        Self { client, handle, ids, ahead: VecDeque::new(), dec: TreeDecoder::new() }
+    }
+
+    pub fn next_entry(&mut self) -> Result<Option<Entry>> {
+        let corrupt = |e: bkp_common::tree::TreeError| ClientError::Corrupt(format!("snapshot tree: {e}"));
+        loop {
+            if let Some(e) = self.dec.next_entry().map_err(corrupt)? {
+                return Ok(Some(e));
+            }
+            while self.ahead.len() < TREE_AHEAD {
+                let Some(id) = self.ids.pop_front() else { break };
+                let c = self.client.clone();
+                self.ahead.push_back(self.handle.spawn(async move { c.chunk(id).await }));
+            }
+            let Some(next) = self.ahead.pop_front() else {
+                self.dec.finish().map_err(corrupt)?;
+                return Ok(None);
+            };
+            let data = self.handle.block_on(next).map_err(|e| ClientError::Io(e.to_string()))??;
+            self.dec.feed(&data);
+        }
+    }
+}
+
+impl Drop for TreeReader {
+    fn drop(&mut self) {
+        for h in &self.ahead {
+            h.abort();
+        }
+    }
+}
+
+/// Turns items into outputs, in order, until the planner is done. Sends
+/// whole segments, so the channel bounds memory in segments.
+pub async fn fetch_stage(client: Arc<Client>, mut rx: mpsc::Receiver<Item>, tx: mpsc::Sender<Vec<Out>>) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let decoders = Arc::new(Semaphore::new(cores));
+    let mut segments = FuturesOrdered::new();
+    let mut seg = Segment::default();
+    let mut open = true;
+    loop {
+        while open && !seg.full() {
+            match rx.try_recv() {
+                Ok(it) => seg.add(it),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        // A partial segment goes out only when nothing else is queued.
+        if !seg.items.is_empty() && segments.len() < SEGMENTS_IN_FLIGHT && (seg.full() || rx.is_empty()) {
+            let items = std::mem::take(&mut seg).items;
+            segments.push_back(tokio::spawn(fetch_segment(client.clone(), items, decoders.clone())));
+            continue;
+        }
+        if !open && seg.items.is_empty() && segments.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            Some(done) = segments.next(), if !segments.is_empty() => {
+                let outs = done.map_err(|e| ClientError::Io(format!("fetch task: {e}")))??;
+                if tx.send(outs).await.is_err() {
+                    return Ok(()); // the writer stopped; its error says why
+                }
+            }
+            got = rx.recv(), if open && !seg.full() => match got {
+                Some(it) => seg.add(it),
+                None => open = false,
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct Segment {
+    items: Vec<Item>,
+    ids: usize,
+    bytes: usize,
+}
+
+impl Segment {
+    fn add(&mut self, it: Item) {
+        if let Item::Chunk(r) = &it {
+            self.ids += 1;
+            self.bytes += r.len as usize;
+        }
+        self.items.push(it);
+    }
+
+    fn full(&self) -> bool {
+        self.ids >= FETCH_IDS || self.bytes >= SEGMENT_BYTES || self.items.len() >= SEGMENT_ITEMS
+    }
+}
+
+enum Pending {
+    Decoding(JoinHandle<Out>),
+    Ready(Out),
+}
+
+async fn fetch_segment(client: Arc<Client>, items: Vec<Item>, decoders: Arc<Semaphore>) -> Result<Vec<Out>> {
+    let refs: Vec<ChunkRef> =
+        items.iter().filter_map(|i| if let Item::Chunk(r) = i { Some(*r) } else { None }).collect();
+    let mut pending: Vec<Pending> = Vec::with_capacity(refs.len());
+    if !refs.is_empty() {
+        let mut f = client.fetch(refs.iter().map(|r| r.id).collect()).await?;
+        loop {
+            match f.next_blob().await {
+                Ok(Some((_, blob))) => pending.push(decode(refs[pending.len()], blob, &decoders).await),
+                Ok(None) => break,
+                // The server stopped at a chunk it cannot give; which one
+                // (and whether others follow) is found one by one.
+                Err(ClientError::Server(..)) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        for r in refs[pending.len()..].to_vec() {
+            match client.fetch(vec![r.id]).await?.next_blob().await {
+                Ok(Some((_, blob))) => pending.push(decode(r, blob, &decoders).await),
+                Ok(None) => unreachable!("one id asked, one answer"),
+                Err(ClientError::Server(m, _)) => pending.push(Pending::Ready(Out::Bad { id: r.id, reason: m })),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut outs = Vec::with_capacity(items.len());
+    let mut data = pending.into_iter();
+    for it in items {
+        outs.push(match it {
+            Item::Entry(e) => Out::Entry(e),
+            Item::Chunk(_) => match data.next().expect("one result per chunk") {
+                Pending::Ready(o) => o,
+                Pending::Decoding(h) => h.await.map_err(|e| ClientError::Io(format!("decode task: {e}")))?,
+            },
+        });
+    }
+    Ok(outs)
+}
+
+/// Decompresses and checks one blob on a blocking thread, once a core is
+/// free.
+async fn decode(r: ChunkRef, blob: Vec<u8>, decoders: &Arc<Semaphore>) -> Pending {
+    let slot = decoders.clone().acquire_owned().await.expect("semaphore never closed");
+    Pending::Decoding(tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        match blob::decode_verified(&blob, &r.id) {
+            Ok(d) if d.len() == r.len as usize => Out::Data(d),
+            Ok(d) => Out::Bad { id: r.id, reason: format!("{} bytes where the tree says {}", d.len(), r.len) },
+            Err(e) => Out::Bad { id: r.id, reason: e.to_string() },
+        }
+    }))
+}

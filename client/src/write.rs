@@ -1,0 +1,258 @@
+//! Restore's writing side for a directory target: each file goes to a
+//! temp file beside its destination and is renamed into place only after
+//! its whole-content hash checks out; nothing is written outside the
+//! target (`safepath`).
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bkp_common::tree::{Entry, Meta, SpecialKind};
+use bkp_common::ContentHash;
+
+use crate::error::{ClientError, Result};
+use crate::fetch::Out;
+use crate::progress::Progress;
+use crate::restore::{RestoreReport, Sink};
+use crate::safepath;
+
+enum Target {
+    None,
+    Skip,
+    File {
+        file: File,
+        tmp: PathBuf,
+        dest: PathBuf,
+        meta: Meta,
+        written: u64,
+        hasher: blake3::Hasher,
+        /// Why the file cannot be restored (a chunk could not be had).
+        bad: Option<String>,
+    },
+}
+
+pub struct TreeWriter {
+    root: PathBuf,
+    dirs: Vec<(PathBuf, Meta)>,
+    sink: Target,
+    as_root: bool,
+    report: RestoreReport,
+    progress: Arc<dyn Progress>,
+}
+
+fn io_err(p: &Path, e: std::io::Error) -> ClientError {
+    ClientError::Restore(format!("{}: {e}", p.display()))
+}
+
+fn set_owner(p: &Path, m: &Meta) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(p, Some(m.uid), Some(m.gid))
+}
+
+fn mtime(m: &Meta) -> filetime::FileTime {
+    filetime::FileTime::from_unix_time(
+        m.mtime_ns.div_euclid(1_000_000_000),
+        m.mtime_ns.rem_euclid(1_000_000_000) as u32,
+    )
+}
+
+/// Removes what stands at `p` unless it is a directory, so a restore can
+/// replace a file or symlink without following it.
+fn clear(p: &Path) -> Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => Err(ClientError::Restore(format!("{}: a directory is in the way", p.display()))),
+        Ok(_) => fs::remove_file(p).map_err(|e| io_err(p, e)),
+        Err(_) => Ok(()),
+    }
+}
+
+impl TreeWriter {
+    pub fn new(target: &Path, progress: Arc<dyn Progress>) -> Result<Self> {
+        fs::create_dir_all(target).map_err(|e| io_err(target, e))?;
+        let root = fs::canonicalize(target).map_err(|e| io_err(target, e))?;
+        // SAFETY: geteuid has no preconditions.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        Ok(Self { root, dirs: Vec::new(), sink: Target::None, as_root, report: RestoreReport::default(), progress })
+    }
+
+    fn refuse(&mut self, e: impl std::fmt::Display) {
+        self.report.errors.push(e.to_string());
+    }
+
+    fn data(&mut self, d: Vec<u8>) -> Result<()> {
+        match &mut self.sink {
+            Target::File { bad: Some(_), .. } | Target::Skip => Ok(()),
+            Target::File { file, written, hasher, tmp, .. } => {
+                hasher.update(&d);
+                // All-zero chunks become holes: sparse files stay sparse.
+                if d.iter().any(|&b| b != 0) {
+                    file.write_all_at(&d, *written).map_err(|e| io_err(tmp, e))?;
+                }
+                *written += d.len() as u64;
+                self.progress.restored(d.len() as u64);
+                Ok(())
+            }
+            Target::None => Err(ClientError::Corrupt("data outside a file".into())),
+        }
+    }
+
+    fn bad(&mut self, why: String) -> Result<()> {
+        match &mut self.sink {
+            Target::File { bad, .. } => {
+                bad.get_or_insert(why);
+                Ok(())
+            }
+            Target::Skip => Ok(()),
+            Target::None => Err(ClientError::Corrupt("data outside a file".into())),
+        }
+    }
+
+    fn entry(&mut self, e: Entry) -> Result<()> {
+        let path = match &e {
+            Entry::FileEnd { hash } => return self.file_end(*hash),
+            Entry::Chunks(_) => return Ok(()),
+            other => other.path().unwrap_or_default().to_vec(),
+        };
+        let dest = match safepath::prepare(&self.root, &path) {
+            Ok(d) => d,
+            Err(err) => {
+                if matches!(e, Entry::File { .. }) {
+                    self.sink = Target::Skip;
+                }
+                self.refuse(err);
+                return Ok(());
+            }
+        };
+        match e {
+            Entry::Dir { meta, .. } => {
+                match fs::symlink_metadata(&dest) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        clear(&dest)?;
+                        fs::create_dir(&dest).map_err(|e| io_err(&dest, e))?;
+                    }
+                    Err(_) => fs::create_dir(&dest).map_err(|e| io_err(&dest, e))?,
+                }
+                self.dirs.push((dest, meta));
+            }
+            Entry::File { meta, .. } => {
+                let tmp = dest.with_file_name(format!(".bkp-restore.{:016x}", rand::random::<u64>()));
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&tmp)
+                    .map_err(|e| io_err(&tmp, e))?;
+                self.sink =
+                    Target::File { file, tmp, dest, meta, written: 0, hasher: blake3::Hasher::new(), bad: None };
+            }
+            Entry::Symlink { meta, target, .. } => {
+                clear(&dest)?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &dest)
+                    .map_err(|e| io_err(&dest, e))?;
+                if self.as_root {
+                    set_owner(&dest, &meta).map_err(|e| io_err(&dest, e))?;
+                }
+                filetime::set_symlink_file_times(&dest, mtime(&meta), mtime(&meta)).map_err(|e| io_err(&dest, e))?;
+            }
+            Entry::Hardlink { target, .. } => match safepath::existing_file(&self.root, &target) {
+                Ok(src) => {
+                    clear(&dest)?;
+                    fs::hard_link(&src, &dest).map_err(|e| io_err(&dest, e))?;
+                }
+                Err(err) => self.refuse(err),
+            },
+            Entry::Special { meta, kind, rdev, .. } => {
+                let fmt = match kind {
+                    SpecialKind::Fifo => libc::S_IFIFO,
+                    SpecialKind::CharDevice if self.as_root => libc::S_IFCHR,
+                    SpecialKind::BlockDevice if self.as_root => libc::S_IFBLK,
+                    // Sockets belong to running programs; devices need root.
+                    _ => return Ok(()),
+                };
+                clear(&dest)?;
+                let c = std::ffi::CString::new(dest.as_os_str().as_bytes()).expect("checked: no NUL");
+                // SAFETY: c is a valid NUL-terminated path.
+                if unsafe { libc::mknod(c.as_ptr(), fmt | (meta.mode & 0o7777) as libc::mode_t, rdev as libc::dev_t) }
+                    != 0
+                {
+                    return Err(io_err(&dest, std::io::Error::last_os_error()));
+                }
+                self.apply_meta(&dest, &meta)?;
+            }
+            Entry::Chunks(_) | Entry::FileEnd { .. } => unreachable!("handled above"),
+        }
+        Ok(())
+    }
+
+    fn apply_meta(&self, p: &Path, m: &Meta) -> Result<()> {
+        if self.as_root {
+            set_owner(p, m).map_err(|e| io_err(p, e))?;
+        }
+        fs::set_permissions(p, fs::Permissions::from_mode(m.mode)).map_err(|e| io_err(p, e))?;
+        // utimensat on the path: opening a FIFO to set its time would block.
+        filetime::set_symlink_file_times(p, mtime(m), mtime(m)).map_err(|e| io_err(p, e))
+    }
+
+    fn file_end(&mut self, want: ContentHash) -> Result<()> {
+        let Target::File { file, tmp, dest, meta, written, hasher, bad } =
+            std::mem::replace(&mut self.sink, Target::None)
+        else {
+            return Ok(()); // a skipped file
+        };
+        if let Some(why) = bad {
+            let _ = fs::remove_file(&tmp);
+            self.refuse(format!("{}: {why}; not restored", dest.display()));
+            return Ok(());
+        }
+        file.set_len(written).map_err(|e| io_err(&tmp, e))?;
+        if ContentHash::from(hasher.finalize()) != want {
+            let _ = fs::remove_file(&tmp);
+            self.refuse(format!("{}: content does not match the snapshot; not restored", dest.display()));
+            return Ok(());
+        }
+        if self.as_root {
+            std::os::unix::fs::fchown(&file, Some(meta.uid), Some(meta.gid)).map_err(|e| io_err(&tmp, e))?;
+        }
+        file.set_permissions(fs::Permissions::from_mode(meta.mode)).map_err(|e| io_err(&tmp, e))?;
+        filetime::set_file_handle_times(&file, None, Some(mtime(&meta))).map_err(|e| io_err(&tmp, e))?;
+        drop(file);
+        clear(&dest)?;
+        // rename replaces a name, it never follows a symlink at `dest`.
+        fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+        self.report.files += 1;
+        self.report.bytes += written;
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<RestoreReport> {
+        if let Target::File { tmp, .. } = &self.sink {
+            let _ = fs::remove_file(tmp);
+            return Err(ClientError::Corrupt("snapshot ended inside a file".into()));
+        }
+        // Deepest first, so setting a parent's mtime comes last.
+        self.dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (p, m) in std::mem::take(&mut self.dirs) {
+            if fs::symlink_metadata(&p).is_ok_and(|x| x.is_dir()) {
+                self.apply_meta(&p, &m)?;
+            }
+        }
+        Ok(std::mem::take(&mut self.report))
+    }
+}
+
+impl Sink for TreeWriter {
+    fn handle(&mut self, o: Out) -> Result<()> {
+        match o {
+            Out::Data(d) => self.data(d),
+            Out::Bad { id, reason } => self.bad(format!("chunk {}: {reason}", id.short())),
+            Out::Entry(e) => self.entry(e),
+        }
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<RestoreReport> {
+        self.close()
+    }
+}
