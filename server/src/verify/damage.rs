@@ -25,6 +25,11 @@ pub struct Damage {
 }
 
 impl Damage {
+    /// An empty record for snapshot `s`, found at `now_ns`.
+    pub fn of(s: &bkp_common::snapshot::SnapshotSummary, now_ns: u64) -> Self {
+        Self { host: s.host.clone(), name: s.name.clone(), time_ns: s.time_ns, found_ns: now_ns, ..Default::default() }
+    }
+
     pub fn add_path(&mut self, p: String) {
         if self.paths.last() == Some(&p) {
             return;

@@ -166,13 +166,7 @@ pub fn find_affected(
     }
     for s in store.list_snapshots(None, None)? {
         let Some(snap) = store.snapshot(&s.id)? else { continue };
-        let mut d = Damage {
-            host: s.host.clone(),
-            name: s.name.clone(),
-            time_ns: s.time_ns,
-            found_ns: now_ns,
-            ..Default::default()
-        };
+        let mut d = Damage::of(&s, now_ns);
         let mut dec = TreeDecoder::new();
         let mut path = String::new();
         'tree: for tid in &snap.tree {

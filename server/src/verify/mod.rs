@@ -160,6 +160,10 @@ pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyRepor
     let mut drill_failed: HashMap<SnapshotId, Vec<String>> = HashMap::new();
     for s in drill::sample(&summaries, share, &damaged, &mut rand::thread_rng()) {
         let Some(out) = drill::drill(store, &s.id)? else { continue };
+        // Forgotten (and its chunks collected) while it was being read.
+        if !out.clean() && store.snapshot(&s.id)?.is_none() {
+            continue;
+        }
         report.snapshots_drilled += 1;
         report.files_checked += out.files;
         report.bytes_restored += out.bytes;
@@ -176,7 +180,6 @@ pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyRepor
             drill_failed.insert(s.id, out.bad_paths);
         }
     }
-    drop(found);
 
     let bad_ids: HashSet<ChunkId> = bad.iter().map(|b| b.id).collect();
     for (s, d) in drill::find_affected(store, &bad_ids, now_ns)? {
@@ -187,13 +190,7 @@ pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyRepor
     // A drill can fail without a bad chunk (a tree that no longer decodes).
     for (id, paths) in drill_failed {
         if let Some(s) = summaries.iter().find(|s| s.id == id) {
-            let mut d = Damage {
-                host: s.host.clone(),
-                name: s.name.clone(),
-                time_ns: s.time_ns,
-                found_ns: now_ns,
-                ..Default::default()
-            };
+            let mut d = Damage::of(s, now_ns);
             paths.into_iter().for_each(|p| d.add_path(p));
             record_damage(store, &id, d.clone())?;
             report.affected.push(Affected { id, damage: d });
