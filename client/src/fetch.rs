@@ -4,9 +4,10 @@
 //!
 //! Consecutive chunks, across files, go into segments of up to 64 ids
 //! (the server's cap per `GetChunks`) or 8 MiB; several segments are in
-//! flight, each its own task, and each chunk is decoded and checked
-//! against its id on a blocking thread as soon as it arrives, at most one
-//! per core at a time. A chunk the server refuses (missing, quarantined)
+//! flight, each its own task. Chunks are decoded and checked against their
+//! ids as they arrive, on blocking threads in batches of about 1 MiB (one
+//! big chunk, or many small ones), at most one batch per core at a time.
+//! A chunk the server refuses (missing, quarantined)
 //! or that fails its check becomes [`Out::Bad`]: the file it belongs to
 //! fails, the rest of the restore goes on. Only connection errors stop it.
 
@@ -161,20 +162,57 @@ impl Segment {
     }
 }
 
+/// Blobs decoded together on one blocking thread: a handoff per small
+/// chunk would cost more than decoding it.
+const DECODE_BATCH_BYTES: usize = 1 << 20;
+
 enum Pending {
-    Decoding(JoinHandle<Out>),
+    /// The outputs of consecutive chunks, in order.
+    Decoding(JoinHandle<Vec<Out>>),
     Ready(Out),
+}
+
+/// Received blobs waiting to be decoded.
+#[derive(Default)]
+struct Batch {
+    blobs: Vec<(ChunkRef, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Starts decoding the batch once a core is free.
+    async fn dispatch(&mut self, pending: &mut Vec<Pending>, decoders: &Arc<Semaphore>) {
+        if self.blobs.is_empty() {
+            return;
+        }
+        let blobs = std::mem::take(&mut self.blobs);
+        self.bytes = 0;
+        let slot = decoders.clone().acquire_owned().await.expect("semaphore never closed");
+        pending.push(Pending::Decoding(tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            blobs.into_iter().map(|(r, b)| decode(r, &b)).collect()
+        })));
+    }
 }
 
 async fn fetch_segment(client: Arc<Client>, items: Vec<Item>, decoders: Arc<Semaphore>) -> Result<Vec<Out>> {
     let refs: Vec<ChunkRef> =
         items.iter().filter_map(|i| if let Item::Chunk(r) = i { Some(*r) } else { None }).collect();
-    let mut pending: Vec<Pending> = Vec::with_capacity(refs.len());
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut batch = Batch::default();
+    let mut received = 0;
     if !refs.is_empty() {
         let mut f = client.fetch(refs.iter().map(|r| r.id).collect()).await?;
         loop {
             match f.next_blob().await {
-                Ok(Some((_, blob))) => pending.push(decode(refs[pending.len()], blob, &decoders).await),
+                Ok(Some((_, blob))) => {
+                    batch.bytes += blob.len();
+                    batch.blobs.push((refs[received], blob));
+                    received += 1;
+                    if batch.bytes >= DECODE_BATCH_BYTES {
+                        batch.dispatch(&mut pending, &decoders).await;
+                    }
+                }
                 Ok(None) => break,
                 // The server stopped at a chunk it cannot give; which one
                 // (and whether others follow) is found one by one.
@@ -182,39 +220,44 @@ async fn fetch_segment(client: Arc<Client>, items: Vec<Item>, decoders: Arc<Sema
                 Err(e) => return Err(e),
             }
         }
-        for r in refs[pending.len()..].to_vec() {
+        for r in refs[received..].iter().copied() {
             match client.fetch(vec![r.id]).await?.next_blob().await {
-                Ok(Some((_, blob))) => pending.push(decode(r, blob, &decoders).await),
+                Ok(Some((_, blob))) => {
+                    batch.bytes += blob.len();
+                    batch.blobs.push((r, blob));
+                }
                 Ok(None) => unreachable!("one id asked, one answer"),
-                Err(ClientError::Server(m, _)) => pending.push(Pending::Ready(Out::Bad { id: r.id, reason: m })),
+                Err(ClientError::Server(m, _)) => {
+                    batch.dispatch(&mut pending, &decoders).await;
+                    pending.push(Pending::Ready(Out::Bad { id: r.id, reason: m }));
+                }
                 Err(e) => return Err(e),
             }
         }
+        batch.dispatch(&mut pending, &decoders).await;
     }
-    let mut outs = Vec::with_capacity(items.len());
-    let mut data = pending.into_iter();
-    for it in items {
-        outs.push(match it {
+    let mut data = Vec::with_capacity(refs.len());
+    for p in pending {
+        match p {
+            Pending::Ready(o) => data.push(o),
+            Pending::Decoding(h) => data.extend(h.await.map_err(|e| ClientError::Io(format!("decode task: {e}")))?),
+        }
+    }
+    let mut data = data.into_iter();
+    Ok(items
+        .into_iter()
+        .map(|it| match it {
             Item::Entry(e) => Out::Entry(e),
-            Item::Chunk(_) => match data.next().expect("one result per chunk") {
-                Pending::Ready(o) => o,
-                Pending::Decoding(h) => h.await.map_err(|e| ClientError::Io(format!("decode task: {e}")))?,
-            },
-        });
-    }
-    Ok(outs)
+            Item::Chunk(_) => data.next().expect("one result per chunk"),
+        })
+        .collect())
 }
 
-/// Decompresses and checks one blob on a blocking thread, once a core is
-/// free.
-async fn decode(r: ChunkRef, blob: Vec<u8>, decoders: &Arc<Semaphore>) -> Pending {
-    let slot = decoders.clone().acquire_owned().await.expect("semaphore never closed");
-    Pending::Decoding(tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        match blob::decode_verified(&blob, &r.id) {
-            Ok(d) if d.len() == r.len as usize => Out::Data(d),
-            Ok(d) => Out::Bad { id: r.id, reason: format!("{} bytes where the tree says {}", d.len(), r.len) },
-            Err(e) => Out::Bad { id: r.id, reason: e.to_string() },
-        }
-    }))
+/// Decompresses one blob and checks it against its id and length.
+fn decode(r: ChunkRef, blob: &[u8]) -> Out {
+    match blob::decode_verified(blob, &r.id) {
+        Ok(d) if d.len() == r.len as usize => Out::Data(d),
+        Ok(d) => Out::Bad { id: r.id, reason: format!("{} bytes where the tree says {}", d.len(), r.len) },
+        Err(e) => Out::Bad { id: r.id, reason: e.to_string() },
+    }
 }

@@ -254,10 +254,11 @@ fn compress_pool(rx: mpsc::Receiver<RawChunk>, tx: mpsc::Sender<Encoded>, level:
         let (rx, tx, flag) = (rx.clone(), tx.clone(), PanicFlag(failed.clone()));
         let spawned = std::thread::Builder::new().name(format!("bkp-zstd-{i}")).spawn(move || {
             let _flag = flag;
+            let mut encoder = blob::Encoder::new(level);
             loop {
                 // One worker waits on the channel, the others on the lock.
                 let Some(ch) = rx.lock().ok().and_then(|mut r| r.blocking_recv()) else { return };
-                let blob = blob::encode(&ch.data, level);
+                let blob = encoder.encode(&ch.data);
                 let e = Encoded { id: ch.id, blob, _lease: ch._lease };
                 if tx.blocking_send(e).is_err() {
                     return;

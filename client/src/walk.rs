@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bkp_common::chunker::{chunk_reader, PushChunker};
+use bkp_common::chunker::{PushChunker, StreamChunker};
 use bkp_common::tree::{ChunkRef, Entry, Meta, SpecialKind, TreeEncoder, MAX_CHUNKS_PER_RECORD};
 use bkp_common::{ChunkId, ContentHash};
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -37,6 +37,7 @@ pub struct Produced {
 
 pub struct Producer {
     sink: ChunkSink,
+    chunker: StreamChunker,
     tree: TreeEncoder,
     tree_chunker: PushChunker,
     tree_ids: Vec<ChunkId>,
@@ -97,6 +98,7 @@ impl Producer {
     pub fn new(sink: ChunkSink, progress: Arc<dyn Progress>, excludes: Excludes, cache: Option<Incremental>) -> Self {
         Self {
             sink,
+            chunker: StreamChunker::new(),
             tree: TreeEncoder::new(),
             tree_chunker: PushChunker::new(),
             tree_ids: Vec::new(),
@@ -156,14 +158,14 @@ impl Producer {
         let mut refs = Vec::new();
         let mut hasher = blake3::Hasher::new();
         let mut size = 0u64;
-        for chunk in chunk_reader(reader) {
+        for chunk in self.chunker.chunks(reader) {
             let data =
                 chunk.map_err(|e| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(path))))?;
             hasher.update(&data);
             let len = data.len() as u32;
             size += len as u64;
             self.progress.read(len as u64);
-            let id = self.send(data)?;
+            let id = self.sink.send(data)?;
             refs.push(ChunkRef { id, len });
         }
         self.files_read += 1;

@@ -27,7 +27,7 @@ enum Target {
         dest: PathBuf,
         meta: Meta,
         written: u64,
-        hasher: blake3::Hasher,
+        hasher: Box<blake3::Hasher>,
         /// Why the file cannot be restored (a chunk could not be had).
         bad: Option<String>,
     },
@@ -145,8 +145,7 @@ impl TreeWriter {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&tmp)
                     .map_err(|e| io_err(&tmp, e))?;
-                self.sink =
-                    Target::File { file, tmp, dest, meta, written: 0, hasher: blake3::Hasher::new(), bad: None };
+                self.sink = Target::File { file, tmp, dest, meta, written: 0, hasher: Box::default(), bad: None };
             }
             Entry::Symlink { meta, target, .. } => {
                 clear(&dest)?;

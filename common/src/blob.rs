@@ -52,23 +52,55 @@ pub enum BlobError {
 
 /// Encodes a chunk, compressing it with zstd when that makes it smaller.
 pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
-    assert!(data.len() <= MAX_CHUNK as usize, "chunk larger than MAX_CHUNK");
-    let mut out = Vec::with_capacity(HEADER_LEN + data.len() / 2);
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(Codec::Zstd as u8);
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    match zstd::bulk::compress(data, level) {
-        // Incompressible data (already compressed files) is stored as is,
-        // so restore does not pay for a useless decompression.
-        Ok(c) if c.len() < data.len() => out.extend_from_slice(&c),
-        _ => {
-            out[5] = Codec::Stored as u8;
-            out.truncate(HEADER_LEN);
-            out.extend_from_slice(data);
-        }
+    Encoder::new(level).encode(data)
+}
+
+/// Encodes chunks with one zstd context: setting up a context costs more
+/// than compressing a small chunk, so a thread that encodes many keeps one.
+pub struct Encoder {
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl Encoder {
+    pub fn new(level: i32) -> Self {
+        Self { zstd: zstd::bulk::Compressor::new(level).expect("zstd context (out of memory?)") }
     }
-    out
+
+    pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
+        assert!(data.len() <= MAX_CHUNK as usize, "chunk larger than MAX_CHUNK");
+        let mut out = Vec::with_capacity(HEADER_LEN + data.len() / 2);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.push(Codec::Zstd as u8);
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        match self.zstd.compress(data) {
+            // Incompressible data (already compressed files) is stored as
+            // is, so restore does not pay for a useless decompression.
+            Ok(c) if c.len() < data.len() => out.extend_from_slice(&c),
+            _ => {
+                out[5] = Codec::Stored as u8;
+                out.truncate(HEADER_LEN);
+                out.extend_from_slice(data);
+            }
+        }
+        out
+    }
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, for the same reason.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("set above").decompress(payload, capacity)
+    })
 }
 
 /// Header fields of a blob, validated.
@@ -111,9 +143,7 @@ pub fn decode(blob: &[u8]) -> Result<Vec<u8>, BlobError> {
         Codec::Stored => payload.to_vec(),
         // The capacity is the header's length, already capped above, so
         // a zstd bomb stops at MAX_CHUNK.
-        Codec::Zstd => {
-            zstd::bulk::decompress(payload, h.raw_len as usize).map_err(|e| BlobError::Corrupt(e.to_string()))?
-        }
+        Codec::Zstd => decompress(payload, h.raw_len as usize).map_err(|e| BlobError::Corrupt(e.to_string()))?,
     };
     if data.len() != h.raw_len as usize {
         return Err(BlobError::Length { got: data.len(), want: h.raw_len as usize });
