@@ -1,2 +1,5 @@
-//! Benchmarks live in `benches/`: `stages` (criterion, per stage) and
-//! `e2e` (push and restore over loopback QUIC, printing MB/s).
+//! Benchmarks live in `benches/`: `stages` (criterion, per stage),
+//! `store` (criterion, the RocksDB chunk store holding millions of chunks)
+//! and `e2e` (push and restore over loopback QUIC, printing MB/s). The
+//! comparison with restic and borg on real data is `make bench`
+//! (scripts/bench/, docs/BENCH.md).

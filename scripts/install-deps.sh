@@ -3,6 +3,8 @@
 #   build: libclang and clang (bindgen for RocksDB's C API)
 #   test:  PostgreSQL server and client tools (pg_dump round-trip test),
 #          Prometheus and promtool (the metrics scrape test)
+#   bench: the benchmark's data and peers: linux-source, PostgreSQL (pgbench),
+#          restic, borgbackup, GNU time, rsync (see docs/BENCH.md)
 set -euo pipefail
 
 want=()
@@ -19,7 +21,19 @@ case "${1:-build}" in
     command -v runuser >/dev/null 2>&1 || want+=(util-linux)
     command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
     ;;
-  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+  bench)
+    ls /usr/src/linux-source-*.tar.xz >/dev/null 2>&1 || want+=(linux-source)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || want+=(postgresql)
+    command -v pg_dump >/dev/null 2>&1 || want+=(postgresql-client)
+    command -v runuser >/dev/null 2>&1 || want+=(util-linux)
+    command -v restic >/dev/null 2>&1 || want+=(restic)
+    command -v borg >/dev/null 2>&1 || want+=(borgbackup)
+    [ -x /usr/bin/time ] || want+=(time)
+    command -v rsync >/dev/null 2>&1 || want+=(rsync)
+    command -v xz >/dev/null 2>&1 || want+=(xz-utils)
+    command -v python3 >/dev/null 2>&1 || want+=(python3)
+    ;;
+  *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
 esac
 
 [ ${#want[@]} -eq 0 ] && exit 0
