@@ -145,7 +145,8 @@ pub fn sample(
         }
     }
     let newest: HashSet<SnapshotId> = newest.values().map(|s| s.id).collect();
-    let share = share.clamp(0.0, 1.0);
+    // A NaN from a config file would make `gen_bool` panic.
+    let share = if share.is_finite() { share.clamp(0.0, 1.0) } else { 0.0 };
     summaries
         .iter()
         .filter(|s| newest.contains(&s.id) || must.contains(&s.id) || rng.gen_bool(share))
@@ -231,6 +232,7 @@ mod tests {
         let times: Vec<_> = none.iter().map(|s| (s.host.as_str(), s.time_ns)).collect();
         assert_eq!(times, [("a", 4), ("a", 50), ("b", 5)]);
         assert_eq!(sample(&all, 1.0, &HashSet::new(), &mut rng).len(), all.len());
+        assert_eq!(sample(&all, f64::NAN, &HashSet::new(), &mut rng).len(), 2);
         let some = sample(&all, 0.5, &HashSet::new(), &mut rng).len();
         assert!(some > 5 && some < all.len(), "{some}");
     }
