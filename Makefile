@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh Debian machine with Rust:
 #   make demo   build, start a throwaway server, back up and restore, check
 #   make test   the whole test suite (installs PostgreSQL for its tests)
+#   make bench  bkp against restic and borg on real data (docs/BENCH.md)
 #
 # Builds go to a target directory outside the clone so that CI runs on the
 # same machine reuse RocksDB's compiled C++ (15-25 minutes from nothing).
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/bkp/target
 CARGO ?= cargo
 
-.PHONY: build demo test bench fmt clean-cache
+.PHONY: build demo test bench bench-scaling bench-micro fmt clean-cache
 
 build:
 	scripts/install-deps.sh build
@@ -20,7 +21,25 @@ test: build
 	scripts/install-deps.sh test
 	$(CARGO) test --release --workspace
 
+# The data (linux-source tree, pgbench dumps, ~6 GB with the scaling
+# dumps) is prepared once in ~/.cache/bkp/bench-data and reused.
+# BENCH_RUNS=1 is the quick mode; results go to bench-data/results/.
+BENCH_RUNS ?= 3
 bench: build
+	scripts/install-deps.sh bench
+	scripts/bench/prepare.py
+	BENCH_RUNS=$(BENCH_RUNS) scripts/bench/run.py
+
+# Push and restore time against input size and store fullness (bkp only;
+# BENCH_SCALING_TOOLS=bkp,restic,borg adds the peers).
+bench-scaling: build
+	scripts/install-deps.sh bench
+	scripts/bench/prepare.py --scaling
+	BENCH_RUNS=$(BENCH_RUNS) scripts/bench/scaling.py
+
+# Criterion microbenchmarks: pipeline stages, the chunk store with
+# millions of chunks, loopback end to end.
+bench-micro: build
 	$(CARGO) bench -p bkp-benches
 
 fmt:

@@ -73,44 +73,28 @@ def one_run(i, classes, sizes, work_tree):
         else:
             for t in ts:
                 warm(t.repo)
+        label = {"tree_first": "tree1", "tree_incr": "tree2", "dump_first": "dump1", "dump_changed": "dump2",
+                 "restore_tree": "tree2", "restore_dump": "dump2"}[step]
         for t in ts:
             log(f"run {i + 1}: {step} {t.name}")
-            logf = t.dir / f"{step}.log"
-            env = t.env()
-            t.start()
-            label = {"tree_first": "tree1", "tree_incr": "tree2", "dump_first": "dump1", "dump_changed": "dump2",
-                     "restore_tree": "tree2", "restore_dump": "dump2"}[step]
+            target, out = t.dir / "restore", t.dir / "restored.sql"
             if step.startswith("tree_"):
-                argv, cwd = t.backup_tree(work_tree, label)
-                m = tools.measure(argv, env, logf, cwd=cwd)
+                m = tools.timed(t, "backup_tree", label, src=work_tree, logname=step)
             elif step.startswith("dump_"):
-                m = tools.measure(t.backup_stdin(label), env, logf, stdin=inputs[step])
+                m = tools.timed(t, "backup_stdin", label, src=inputs[step], logname=step)
             elif step == "restore_tree":
-                target = t.dir / "restore"
                 target.mkdir()
-                argv, cwd = t.restore_tree(label, target)
-                m = tools.measure(argv, env, logf, cwd=cwd)
-            else:
-                out = t.dir / "restored.sql"
-                m = tools.measure(t.restore_stdin(label), env, logf, stdout=out)
-            m.update(t.stop())
-            if step == "restore_tree":
+                m = tools.timed(t, "restore_tree", label, target=target, logname=step)
                 check_tree(tree_root(TREE2), t.restored_tree(target, work_tree))
                 rmtree(target)
-            elif step == "restore_dump":
+            else:
+                m = tools.timed(t, "restore_stdin", label, out=out, logname=step)
                 check_file(DUMP2, out)
                 out.unlink()
-            else:
+            if step in inputs:
                 now = t.stored_bytes()
                 m["stored_after"], m["stored_added"] = now, now - stored[t.name]
                 stored[t.name] = now
-            if t.name == "bkp" and step in inputs:
-                # bkp --json says how many chunks it had to send.
-                try:
-                    rep = json.loads(logf.with_suffix(".out").read_text())
-                    m.update({f"bkp_report.{k}": rep[k] for k in ("chunks", "chunks_sent", "bytes_sent")})
-                except (ValueError, OSError, KeyError):
-                    pass
             m["input_bytes"] = sizes[step]
             res[step][t.name] = m
     rmtree(base)  # the repositories take several GB

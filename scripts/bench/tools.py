@@ -12,6 +12,7 @@ Fairness choices (also printed with the results):
     starts with metadata from an earlier run.
 """
 
+import json
 import os
 import signal
 import socket
@@ -44,6 +45,37 @@ def measure(argv, env, log, cwd=None, stdin=None, stdout=None):
         die(f"`{' '.join(map(str, argv))}` failed (exit {p.returncode}); its stderr ({log}):\n{tail}")
     _, user, sys_, rss = tfile.read_text().split("\n")[-2].split()
     return {"wall": wall, "user": float(user), "sys": float(sys_), "client_rss_kb": int(rss)}
+
+
+def timed(t, op, label, src=None, target=None, out=None, logname=None):
+    """One timed operation of tool `t` (with its server running, if it has
+    one): op is backup_tree (src = directory), backup_stdin (src = file),
+    restore_tree (into target) or restore_stdin (to file out)."""
+    logf = t.dir / f"{logname or op + '-' + label}.log"
+    env = t.env()
+    t.start()
+    try:
+        if op == "backup_tree":
+            argv, cwd = t.backup_tree(src, label)
+            m = measure(argv, env, logf, cwd=cwd)
+        elif op == "backup_stdin":
+            m = measure(t.backup_stdin(label), env, logf, stdin=src)
+        elif op == "restore_tree":
+            argv, cwd = t.restore_tree(label, target)
+            m = measure(argv, env, logf, cwd=cwd)
+        else:
+            m = measure(t.restore_stdin(label), env, logf, stdout=out)
+    finally:
+        m_server = t.stop()
+    m.update(m_server)
+    if t.name == "bkp" and op.startswith("backup"):
+        # bkp --json says how many chunks it had to send.
+        try:
+            rep = json.loads(logf.with_suffix(".out").read_text())
+            m.update({f"bkp_report.{k}": rep[k] for k in ("chunks", "chunks_sent", "bytes_sent")})
+        except (ValueError, OSError, KeyError):
+            pass
+    return m
 
 
 def free_udp_port():

@@ -26,6 +26,8 @@ const HELLO_MAX: usize = 4096;
 const PUT_BATCH: usize = 16;
 /// Chunks per GetChunks request.
 pub const MAX_FETCH: usize = 64;
+/// Blob bytes read per blocking task while answering GetChunks.
+const FETCH_READ_BYTES: usize = 1 << 20;
 
 struct Conn {
     state: Arc<ServerState>,
@@ -343,12 +345,33 @@ impl Conn {
                 return Err(Fail(ErrorCode::NotFound, format!("no chunk {} for this host", ids[i].short())));
             }
         }
-        for id in ids {
-            let store = self.state.store.clone();
-            let blob = blocking(move || store.chunk_blob(&id)).await??.ok_or_else(|| {
-                Fail(ErrorCode::NotFound, format!("chunk {} is missing from the store; run verify", id.short()))
-            })?;
-            write_frame(send, &Response::Chunk { id, blob }).await?;
+        let mut next = 0;
+        while next < ids.len() {
+            // Blobs are read about 1 MiB at a time per blocking task: a
+            // task per small chunk cost more than reading it.
+            let (store, want) = (self.state.store.clone(), ids[next..].to_vec());
+            let blobs = blocking(move || {
+                let (mut out, mut bytes) = (Vec::new(), 0);
+                for id in want {
+                    let blob = store.chunk_blob(&id)?;
+                    bytes += blob.as_ref().map_or(0, Vec::len);
+                    let stop = blob.is_none() || bytes >= FETCH_READ_BYTES;
+                    out.push(blob);
+                    if stop {
+                        break;
+                    }
+                }
+                Ok::<_, StoreError>(out)
+            })
+            .await??;
+            for blob in blobs {
+                let id = ids[next];
+                let blob = blob.ok_or_else(|| {
+                    Fail(ErrorCode::NotFound, format!("chunk {} is missing from the store; run verify", id.short()))
+                })?;
+                write_frame(send, &Response::Chunk { id, blob }).await?;
+                next += 1;
+            }
         }
         Ok(())
     }
