@@ -139,6 +139,10 @@ class Bkp(Tool):
 
     def start(self):
         log = self.dir / "server.log"
+        # The log is appended to by every step: look only at this start's
+        # part, or an earlier "listening on" lets the client start before
+        # the server listens (and pay QUIC's 1 s initial retransmit).
+        seen = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as f:
             self.server = subprocess.Popen(
                 [BKP_SERVER, "serve", "--data", self.repo, "--listen", f"127.0.0.1:{self.port}"],
@@ -146,7 +150,7 @@ class Bkp(Tool):
         for _ in range(600):
             if self.server.poll() is not None:
                 die(f"bkp-server exited at start; see {log}")
-            if b"listening on" in log.read_bytes().split(b"serve", 1)[-1]:
+            if b"listening on" in log.read_bytes()[seen:]:
                 return
             time.sleep(0.05)
         die(f"bkp-server did not report 'listening on' within 30 s; see {log}")
@@ -256,9 +260,9 @@ class Rustic(Tool):
         return [RUSTIC, "restore", "--filter-tags", label, "latest", target], None
 
     def restored_tree(self, target, src):
-        # rustic restores the snapshot's contents into target: the last
-        # component of the backed-up path sits directly below it.
-        return target / src.name
+        # rustic restores the backed-up path whole below target
+        # (target/root/.../linux-source-6.1).
+        return target / str(src).lstrip("/")
 
     def restore_stdin(self, label):
         return [RUSTIC, "dump", "--filter-tags", label, "latest:dump.sql"]
