@@ -26,8 +26,8 @@ import subprocess
 from pathlib import Path
 
 import tools
-from common import (DUMP1, DUMP2, REPO_ROOT, RESULTS, TREE1, TREE2, WORK, die, load_manifest, log, output, rmtree,
-                    run, tree_root, warm)
+from common import (DUMP1, DUMP2, REPO_ROOT, RESTORE, RESULTS, TREE1, TREE2, WORK, die, load_manifest, log, output,
+                    rmtree, run, tree_root, warm)
 from report import markdown
 
 STEPS = ["tree_first", "tree_incr", "dump_first", "dump_changed", "restore_tree", "restore_dump"]
@@ -77,17 +77,18 @@ def one_run(i, classes, sizes, work_tree):
                  "restore_tree": "tree2", "restore_dump": "dump2"}[step]
         for t in ts:
             log(f"run {i + 1}: {step} {t.name}")
-            target, out = t.dir / "restore", t.dir / "restored.sql"
+            target, out = RESTORE / t.name, RESTORE / f"{t.name}.sql"
             if step.startswith("tree_"):
                 m = tools.timed(t, "backup_tree", label, src=work_tree, logname=step)
             elif step.startswith("dump_"):
                 m = tools.timed(t, "backup_stdin", label, src=inputs[step], logname=step)
             elif step == "restore_tree":
-                target.mkdir()
+                target.mkdir(parents=True)
                 m = tools.timed(t, "restore_tree", label, target=target, logname=step)
                 check_tree(tree_root(TREE2), t.restored_tree(target, work_tree))
                 rmtree(target)
             else:
+                RESTORE.mkdir(parents=True, exist_ok=True)
                 m = tools.timed(t, "restore_stdin", label, out=out, logname=step)
                 check_file(DUMP2, out)
                 out.unlink()

@@ -20,7 +20,7 @@ import os
 import statistics
 
 import tools
-from common import DUMP1, apparent_bytes, DUMP2, RESULTS, SCALING, TREE1, WORK, die, log, rmtree, tree_root, warm
+from common import RESTORE, DUMP1, apparent_bytes, DUMP2, RESULTS, SCALING, TREE1, WORK, die, log, rmtree, tree_root, warm
 from run import check_file, check_tree, machine
 
 SIZES = [("1x", DUMP1), ("2x", SCALING / "dump-x2.sql"), ("4x", SCALING / "dump-x4.sql")]
@@ -46,10 +46,12 @@ def size_run(cls):
         warm(dump)
         log(f"size {label} {t.name}: push")
         push = tools.timed(t, "backup_stdin", "dump", src=dump)
-        out = t.dir / "restored.sql"
+        RESTORE.mkdir(parents=True, exist_ok=True)
+        out = RESTORE / f"{t.name}.sql"
         log(f"size {label} {t.name}: restore")
         restore = tools.timed(t, "restore_stdin", "dump", out=out)
         check_file(dump, out)
+        out.unlink()
         rows.append({"input": label, "bytes": dump.stat().st_size, "push": push, "restore": restore,
                      "stored": t.stored_bytes()})
         rmtree(t.dir.parent)
@@ -72,12 +74,13 @@ def fullness_run(cls):
         repush = tools.timed(t, "backup_stdin", "fresh2", src=FRESH)
         row = {"store": label, "store_bytes_before": before, "push": push, "repush": repush}
         if label == "full":
-            target = t.dir / "restore"
-            target.mkdir()
+            target = RESTORE / t.name
+            target.mkdir(parents=True)
             warm(t.repo)
             log(f"fullness {t.name}: restore the tree")
             row["restore_tree"] = tools.timed(t, "restore_tree", "tree1", target=target)
             check_tree(tree_root(TREE1), t.restored_tree(target, tree_root(TREE1)))
+            rmtree(target)
         rows.append(row)
         rmtree(t.dir.parent)
     return rows
