@@ -70,17 +70,6 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
-fn transport() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
-    t.send_window(64 << 20);
-    t.max_concurrent_uni_streams(0u32.into());
-    t.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60s fits")));
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
-    t
-}
-
 fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -138,9 +127,10 @@ impl Client {
         let tls = tls_config(&cfg.trust)?;
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?;
         let mut qcfg = quinn::ClientConfig::new(Arc::new(quic));
-        qcfg.transport_config(Arc::new(transport()));
+        qcfg.transport_config(Arc::new(bkp_common::quic::transport()));
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("bind address");
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| err(e.to_string()))?;
+        let socket = std::net::UdpSocket::bind(bind).map_err(|e| err(e.to_string()))?;
+        let mut endpoint = bkp_common::quic::endpoint(socket, None).map_err(|e| err(e.to_string()))?;
         endpoint.set_default_client_config(qcfg);
         let conn =
             endpoint.connect(addr, name).map_err(|e| err(e.to_string()))?.await.map_err(|e| err(e.to_string()))?;

@@ -49,9 +49,17 @@ fn stopped() -> ClientError {
 
 /// Bytes that may be held by chunks anywhere in the pipeline.
 pub struct Budget {
-    used: Mutex<usize>,
+    state: Mutex<BudgetState>,
     freed: Condvar,
     cap: usize,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    used: usize,
+    /// Producers blocked in `acquire`: a lease dropped with none waiting
+    /// wakes nobody (a notify is a syscall, and leases drop per chunk).
+    waiting: usize,
 }
 
 /// A share of the [`Budget`], given back when dropped.
@@ -62,26 +70,31 @@ pub struct Lease {
 
 impl Budget {
     pub fn new(cap: usize) -> Arc<Self> {
-        Arc::new(Self { used: Mutex::new(0), freed: Condvar::new(), cap })
+        Arc::new(Self { state: Mutex::default(), freed: Condvar::new(), cap })
     }
 
     /// Blocks (a producer thread, never the runtime) until `n` bytes fit.
     fn acquire(self: &Arc<Self>, n: usize) -> Lease {
         // A request above the cap waits for an empty pipeline instead of forever.
         let n = n.min(self.cap);
-        let mut used = self.used.lock().expect("budget lock");
-        while *used + n > self.cap {
-            used = self.freed.wait(used).expect("budget lock");
+        let mut st = self.state.lock().expect("budget lock");
+        while st.used + n > self.cap {
+            st.waiting += 1;
+            st = self.freed.wait(st).expect("budget lock");
+            st.waiting -= 1;
         }
-        *used += n;
+        st.used += n;
         Lease { budget: self.clone(), n }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        *self.budget.used.lock().expect("budget lock") -= self.n;
-        self.budget.freed.notify_all();
+        let mut st = self.budget.state.lock().expect("budget lock");
+        st.used -= self.n;
+        if st.waiting > 0 {
+            self.budget.freed.notify_all();
+        }
     }
 }
 
@@ -364,6 +377,6 @@ mod tests {
         waiter.join().unwrap();
         // Larger than the cap: waits for an empty budget, not forever.
         drop(b.acquire(1000));
-        assert_eq!(*b.used.lock().unwrap(), 0);
+        assert_eq!(b.state.lock().unwrap().used, 0);
     }
 }

@@ -35,6 +35,7 @@ enum Target {
 
 pub struct TreeWriter {
     root: PathBuf,
+    dirs_checked: safepath::Dirs,
     dirs: Vec<(PathBuf, Meta)>,
     sink: Target,
     as_root: bool,
@@ -73,7 +74,15 @@ impl TreeWriter {
         let root = fs::canonicalize(target).map_err(|e| io_err(target, e))?;
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
-        Ok(Self { root, dirs: Vec::new(), sink: Target::None, as_root, report: RestoreReport::default(), progress })
+        Ok(Self {
+            dirs_checked: safepath::Dirs::new(&root),
+            root,
+            dirs: Vec::new(),
+            sink: Target::None,
+            as_root,
+            report: RestoreReport::default(),
+            progress,
+        })
     }
 
     fn refuse(&mut self, e: impl std::fmt::Display) {
@@ -114,7 +123,7 @@ impl TreeWriter {
             Entry::Chunks(_) => return Ok(()),
             other => other.path().unwrap_or_default().to_vec(),
         };
-        let dest = match safepath::prepare(&self.root, &path) {
+        let dest = match self.dirs_checked.prepare(&path) {
             Ok(d) => d,
             Err(err) => {
                 if matches!(e, Entry::File { .. }) {
@@ -218,9 +227,17 @@ impl TreeWriter {
         file.set_permissions(fs::Permissions::from_mode(meta.mode)).map_err(|e| io_err(&tmp, e))?;
         filetime::set_file_handle_times(&file, None, Some(mtime(&meta))).map_err(|e| io_err(&tmp, e))?;
         drop(file);
-        clear(&dest)?;
-        // rename replaces a name, it never follows a symlink at `dest`.
-        fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+        // rename replaces a file or symlink at `dest` without following
+        // it, and fails on a directory: no lookup of `dest` first.
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(match e.raw_os_error() {
+                Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
+                    ClientError::Restore(format!("{}: a directory is in the way", dest.display()))
+                }
+                _ => io_err(&dest, e),
+            });
+        }
         self.report.files += 1;
         self.report.bytes += written;
         Ok(())

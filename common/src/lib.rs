@@ -9,6 +9,8 @@ pub mod ids;
 pub mod io;
 pub mod names;
 pub mod protocol;
+#[cfg(feature = "io")]
+pub mod quic;
 pub mod snapshot;
 pub mod tree;
 

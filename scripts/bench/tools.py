@@ -254,7 +254,10 @@ class Rustic(Tool):
         return [RUSTIC, "backup", "--tag", label, path], None
 
     def backup_stdin(self, label):
-        return [RUSTIC, "backup", "--tag", label, "--stdin-filename", "dump.sql", "-"]
+        # Without --force, rustic 0.11.4 took the second dump for unchanged
+        # (same stdin file name as its parent: "1 unchanged, 0 B added")
+        # and its snapshot restored the FIRST dump. --force reads it all.
+        return [RUSTIC, "backup", "--force", "--tag", label, "--stdin-filename", "dump.sql", "-"]
 
     def restore_tree(self, label, target):
         return [RUSTIC, "restore", "--filter-tags", label, "latest", target], None

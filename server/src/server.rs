@@ -65,7 +65,8 @@ impl ServerState {
 /// Binds the QUIC endpoint with the data directory's certificate.
 pub fn bind(data_dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint, ServerError> {
     let cfg = tls::server_config(data_dir)?;
-    quinn::Endpoint::server(cfg, listen).map_err(|e| ServerError::Bind(listen, e))
+    let socket = std::net::UdpSocket::bind(listen).map_err(|e| ServerError::Bind(listen, e))?;
+    bkp_common::quic::endpoint(socket, Some(cfg)).map_err(|e| ServerError::Bind(listen, e))
 }
 
 /// Everything `bkp-server serve` runs: the QUIC endpoint, the control

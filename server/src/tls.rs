@@ -5,7 +5,6 @@ use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bkp_common::protocol::ALPN;
 use rustls::pki_types::pem::PemObject;
@@ -67,20 +66,6 @@ pub fn load_cert(data_dir: &Path) -> Result<CertificateDer<'static>, TlsError> {
     CertificateDer::from_pem_file(&p).map_err(|e| TlsError::Pem(p, e.to_string()))
 }
 
-pub fn transport() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    // Windows sized for a loopback or LAN link carrying 1 MiB chunks on
-    // many streams; memory per connection is bounded by these.
-    t.max_concurrent_bidi_streams(64u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
-    t.send_window(64 << 20);
-    t.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60s fits")));
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
-    t
-}
-
 pub fn server_config(data_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
     let cert = load_cert(data_dir)?;
     let kp = data_dir.join(KEY_FILE);
@@ -95,6 +80,6 @@ pub fn server_config(data_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Setup(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport()));
+    cfg.transport_config(Arc::new(bkp_common::quic::transport()));
     Ok(cfg)
 }

@@ -11,9 +11,15 @@
 //!   another host's data and a hash alone never reads a chunk.
 //! * A snapshot is one synced write (record and set index together), made
 //!   only after every chunk its tree references was checked (see
-//!   `crate::commit`). Chunk writes before it are not synced: RocksDB's
-//!   WAL is ordered, so the commit's sync makes them durable too, and an
-//!   interrupted push leaves only unreferenced chunks for GC.
+//!   `crate::commit`) and made durable. Chunk batches of at least
+//!   256 KiB skip RocksDB's write-ahead log, so chunk data is written once
+//!   (to a blob file when the memtable is flushed) instead of twice; the
+//!   commit first flushes the three chunk column families together
+//!   (`atomic_flush`), which makes every chunk written before it durable,
+//!   whichever push wrote it. Smaller batches go through the WAL, whose
+//!   ordered sync at commit covers them, so small pushes do not make tiny
+//!   files. An interrupted push leaves only unreferenced chunks for GC; a
+//!   crash loses unflushed chunks, which no snapshot references yet.
 //!
 //! # Which operations may overlap
 //! | pair            | allowed | what protects it                                   |

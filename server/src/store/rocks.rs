@@ -1,12 +1,13 @@
 //! RocksDB implementation of [`Store`].
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
 use bkp_common::{ChunkId, SnapshotId};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, FlushOptions, Options,
+    WriteBatch, WriteOptions, DB,
 };
 
 use super::schema::{self, ChunkMeta, QuarantineRecord};
@@ -14,6 +15,10 @@ use super::{PutStats, Store, StoreError, VerifiedChunk};
 
 /// Summaries in the set index carry their own version byte.
 const SUMMARY_VERSION: u8 = 1;
+/// Chunk batches from this size on skip the WAL (see the module doc of
+/// `store`): below it the second write costs little and a flush per
+/// small push would leave many tiny blob files.
+const UNLOGGED_MIN_BYTES: usize = 256 << 10;
 
 pub struct RocksStore {
     db: DB,
@@ -21,6 +26,12 @@ pub struct RocksStore {
     /// Serialises read-modify-writes of snapshot records and their index
     /// (protect racing forget must not resurrect an index entry).
     snapshot_lock: std::sync::Mutex<()>,
+    /// Bytes written without the WAL since the last flush started.
+    unlogged: AtomicU64,
+    /// Held across "take the count, flush": a commit that finds the count
+    /// at zero must not go on while another commit's flush, which covers
+    /// its chunks, is still running.
+    flush_lock: std::sync::Mutex<()>,
 }
 
 fn db_err(e: rocksdb::Error) -> StoreError {
@@ -37,6 +48,10 @@ impl RocksStore {
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(1 << 20);
+        // Chunk data written without the WAL is made durable by flushing
+        // `chunks`, `chunk_meta` and `host_chunks` at once: a crash must
+        // never keep a chunk's meta (which says "stored") without its blob.
+        db_opts.set_atomic_flush(true);
 
         let table = |bloom: bool| {
             let mut t = BlockBasedOptions::default();
@@ -63,6 +78,10 @@ impl RocksStore {
                     o.set_block_based_table_factory(&table(true));
                 }
                 schema::CF_CHUNK_META | schema::CF_HOST_CHUNKS => {
+                    // Most has-chunk lookups of a first backup miss: a
+                    // memtable bloom answers them without a skiplist search.
+                    o.set_memtable_prefix_bloom_ratio(0.05);
+                    o.set_memtable_whole_key_filtering(true);
                     o.set_compression_type(DBCompressionType::Lz4);
                     o.set_block_based_table_factory(&table(true));
                 }
@@ -78,7 +97,13 @@ impl RocksStore {
             let hint = if msg.contains("lock") { " (is another bkp-server using this data directory?)" } else { "" };
             StoreError::Open(dir.display().to_string(), format!("{msg}{hint}"))
         })?;
-        let store = Self { db, dir: dir.to_path_buf(), snapshot_lock: Default::default() };
+        let store = Self {
+            db,
+            dir: dir.to_path_buf(),
+            snapshot_lock: Default::default(),
+            unlogged: AtomicU64::new(0),
+            flush_lock: Default::default(),
+        };
         store.check_schema()?;
         Ok(store)
     }
@@ -105,6 +130,24 @@ impl RocksStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         wo
+    }
+
+    /// Makes every chunk written without the WAL durable (one atomic
+    /// flush of the chunk column families, skipped when there are none).
+    fn persist_unlogged(&self) -> Result<(), StoreError> {
+        let _l = self.flush_lock.lock().expect("flush lock");
+        let pending = self.unlogged.swap(0, Ordering::SeqCst);
+        if pending == 0 {
+            return Ok(());
+        }
+        let mut fo = FlushOptions::default();
+        fo.set_wait(true);
+        let cfs = [schema::CF_CHUNKS, schema::CF_CHUNK_META, schema::CF_HOST_CHUNKS].map(|n| self.cf(n));
+        self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| {
+            // Not flushed: the next commit must try again.
+            self.unlogged.fetch_add(pending, Ordering::SeqCst);
+            db_err(e)
+        })
     }
 
     fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
@@ -153,7 +196,18 @@ impl Store for RocksStore {
             }
             batch.put_cf(self.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key(host, &c.id), []);
         }
-        self.db.write(batch).map_err(db_err)?;
+        let bytes = batch.size_in_bytes();
+        if bytes >= UNLOGGED_MIN_BYTES {
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            self.db.write_opt(batch, &wo).map_err(db_err)?;
+            // Counted after the write: a commit that takes the count
+            // before this line still flushes the data, which is already
+            // in the memtable.
+            self.unlogged.fetch_add(bytes as u64, Ordering::SeqCst);
+        } else {
+            self.db.write(batch).map_err(db_err)?;
+        }
         Ok(stats)
     }
 
@@ -165,6 +219,7 @@ impl Store for RocksStore {
         let record = snapshot.encode();
         let id = SnapshotId::of(&record);
         let summary = snapshot.summary(id);
+        self.persist_unlogged()?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes(), &record);
         batch.put_cf(
