@@ -33,8 +33,13 @@ pub const BUDGET_BYTES: usize = 96 << 20;
 /// Counted on top of a chunk's length, so a million tiny chunks still
 /// weigh what their bookkeeping costs.
 const ITEM_OVERHEAD: usize = 256;
-/// Items (not bytes: the budget bounds those) queued between stages.
-const QUEUE: usize = 4096;
+/// Batches (not bytes: the budget bounds those) queued between stages.
+const QUEUE: usize = 256;
+/// Chunks travel between stages in batches of up to this many items or
+/// bytes: per item, each hop cost a thread wake-up (78,000 small files
+/// made ~500,000 futex calls in the client).
+const BATCH_ITEMS: usize = 64;
+const BATCH_BYTES: usize = 1 << 20;
 /// Has-chunk queries in flight; each carries what queued meanwhile.
 const QUERIES_IN_FLIGHT: usize = 2;
 /// Concurrent upload streams.
@@ -86,6 +91,16 @@ impl Budget {
         st.used += n;
         Lease { budget: self.clone(), n }
     }
+
+    fn try_acquire(self: &Arc<Self>, n: usize) -> Option<Lease> {
+        let n = n.min(self.cap);
+        let mut st = self.state.lock().expect("budget lock");
+        if st.used + n > self.cap {
+            return None;
+        }
+        st.used += n;
+        Some(Lease { budget: self.clone(), n })
+    }
 }
 
 impl Drop for Lease {
@@ -113,19 +128,67 @@ struct Encoded {
 }
 
 /// The producer's end: hashes a chunk and queues it, blocking while the
-/// budget is spent.
+/// budget is spent. Chunks leave in batches; what is still held goes
+/// before the producer blocks on the budget, and when the sink is dropped.
 pub struct ChunkSink {
-    tx: mpsc::Sender<RawChunk>,
+    tx: mpsc::Sender<Vec<RawChunk>>,
     budget: Arc<Budget>,
+    held: Vec<RawChunk>,
+    held_bytes: usize,
 }
 
 impl ChunkSink {
-    pub fn send(&self, data: Vec<u8>) -> Result<ChunkId> {
+    pub fn send(&mut self, data: Vec<u8>) -> Result<ChunkId> {
         let id = ChunkId::of(&data);
-        let lease = self.budget.acquire(data.len() + ITEM_OVERHEAD);
-        self.tx.blocking_send(RawChunk { id, data, _lease: lease }).map_err(|_| stopped())?;
+        let n = data.len() + ITEM_OVERHEAD;
+        let lease = match self.budget.try_acquire(n) {
+            Some(l) => l,
+            None => {
+                // The held chunks may be what the budget waits for.
+                self.flush()?;
+                self.budget.acquire(n)
+            }
+        };
+        self.held_bytes += data.len();
+        self.held.push(RawChunk { id, data, _lease: lease });
+        if self.held.len() >= BATCH_ITEMS || self.held_bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
         Ok(id)
     }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        self.held_bytes = 0;
+        self.tx.blocking_send(std::mem::take(&mut self.held)).map_err(|_| stopped())
+    }
+}
+
+impl Drop for ChunkSink {
+    fn drop(&mut self) {
+        // Only a producer thread ever holds chunks, so this never blocks
+        // the runtime; an error means the pipeline already failed.
+        let _ = self.flush();
+    }
+}
+
+/// Cuts a run of items into batches of at most BATCH_ITEMS / BATCH_BYTES.
+fn batches<T>(items: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let (mut out, mut cur, mut bytes) = (Vec::new(), Vec::new(), 0);
+    for it in items {
+        bytes += size(&it);
+        cur.push(it);
+        if cur.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -152,10 +215,10 @@ pub fn start(
     level: i32,
     progress: Arc<dyn Progress>,
 ) -> (ChunkSink, impl std::future::Future<Output = Result<Counters>>) {
-    let (chunk_tx, chunk_rx) = mpsc::channel::<RawChunk>(QUEUE);
-    let (missing_tx, missing_rx) = mpsc::channel::<RawChunk>(QUEUE);
-    let (blob_tx, blob_rx) = mpsc::channel::<Encoded>(QUEUE);
-    let sink = ChunkSink { tx: chunk_tx, budget: Budget::new(BUDGET_BYTES) };
+    let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<RawChunk>>(QUEUE);
+    let (missing_tx, missing_rx) = mpsc::channel::<Vec<RawChunk>>(QUEUE);
+    let (blob_tx, blob_rx) = mpsc::channel::<Vec<Encoded>>(QUEUE);
+    let sink = ChunkSink { tx: chunk_tx, budget: Budget::new(BUDGET_BYTES), held: Vec::new(), held_bytes: 0 };
     let in_flight: InFlight = Default::default();
     let pool = compress_pool(missing_rx, blob_tx, level);
     let run = async move {
@@ -178,19 +241,18 @@ pub fn start(
 async fn query_stage(
     client: Arc<Client>,
     session: u64,
-    mut rx: mpsc::Receiver<RawChunk>,
-    tx: mpsc::Sender<RawChunk>,
+    mut rx: mpsc::Receiver<Vec<RawChunk>>,
+    tx: mpsc::Sender<Vec<RawChunk>>,
     in_flight: InFlight,
 ) -> Result<u64> {
     let mut chunks = 0u64;
     let mut batch: Vec<RawChunk> = Vec::new();
     let mut queries = FuturesUnordered::new();
     let mut open = true;
-    let take = |ch: RawChunk, batch: &mut Vec<RawChunk>, chunks: &mut u64| {
-        *chunks += 1;
-        if in_flight.lock().expect("in-flight lock").insert(ch.id) {
-            batch.push(ch);
-        }
+    let take = |got: Vec<RawChunk>, batch: &mut Vec<RawChunk>, chunks: &mut u64| {
+        *chunks += got.len() as u64;
+        let mut f = in_flight.lock().expect("in-flight lock");
+        batch.extend(got.into_iter().filter(|ch| f.insert(ch.id)));
     };
     loop {
         while open && batch.len() < MAX_IDS {
@@ -201,7 +263,8 @@ async fn query_stage(
             }
         }
         if !batch.is_empty() && queries.len() < QUERIES_IN_FLIGHT {
-            let b = std::mem::take(&mut batch);
+            let rest = batch.split_off(batch.len().min(MAX_IDS));
+            let b = std::mem::replace(&mut batch, rest);
             let c = client.clone();
             queries.push(async move {
                 let r = c.missing(session, b.iter().map(|x| x.id).collect()).await;
@@ -215,10 +278,9 @@ async fn query_stage(
         tokio::select! {
             Some((b, r)) = queries.next(), if !queries.is_empty() => {
                 let mut b: Vec<Option<RawChunk>> = b.into_iter().map(Some).collect();
-                for i in r? {
-                    if let Some(ch) = b[i as usize].take() {
-                        tx.send(ch).await.map_err(|_| stopped())?;
-                    }
+                let missing: Vec<RawChunk> = r?.iter().filter_map(|&i| b.get_mut(i as usize)?.take()).collect();
+                for part in batches(missing, |ch| ch.data.len()) {
+                    tx.send(part).await.map_err(|_| stopped())?;
                 }
                 // The server holds the rest (and keeps them for this push).
                 let mut f = in_flight.lock().expect("in-flight lock");
@@ -259,7 +321,7 @@ impl Drop for PanicFlag {
 /// zstd is the costliest step of a first push (~145 MiB/s per core on
 /// SQL text): one worker per core. The workers end when the query stage
 /// closes their input or the upload stage goes away.
-fn compress_pool(rx: mpsc::Receiver<RawChunk>, tx: mpsc::Sender<Encoded>, level: i32) -> Pool {
+fn compress_pool(rx: mpsc::Receiver<Vec<RawChunk>>, tx: mpsc::Sender<Vec<Encoded>>, level: i32) -> Pool {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let rx = Arc::new(Mutex::new(rx));
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -270,10 +332,12 @@ fn compress_pool(rx: mpsc::Receiver<RawChunk>, tx: mpsc::Sender<Encoded>, level:
             let mut encoder = blob::Encoder::new(level);
             loop {
                 // One worker waits on the channel, the others on the lock.
-                let Some(ch) = rx.lock().ok().and_then(|mut r| r.blocking_recv()) else { return };
-                let blob = encoder.encode(&ch.data);
-                let e = Encoded { id: ch.id, blob, _lease: ch._lease };
-                if tx.blocking_send(e).is_err() {
+                let Some(chs) = rx.lock().ok().and_then(|mut r| r.blocking_recv()) else { return };
+                let out: Vec<Encoded> = chs
+                    .into_iter()
+                    .map(|ch| Encoded { id: ch.id, blob: encoder.encode(&ch.data), _lease: ch._lease })
+                    .collect();
+                if tx.blocking_send(out).is_err() {
                     return;
                 }
             }
@@ -290,7 +354,7 @@ type UploadDone = Result<(Vec<ChunkId>, u64, u64)>;
 async fn upload_stage(
     client: Arc<Client>,
     session: u64,
-    mut rx: mpsc::Receiver<Encoded>,
+    mut rx: mpsc::Receiver<Vec<Encoded>>,
     in_flight: InFlight,
     progress: Arc<dyn Progress>,
 ) -> Result<Counters> {
@@ -313,9 +377,9 @@ async fn upload_stage(
     loop {
         while open && group_bytes < UPLOAD_GROUP_BYTES {
             match rx.try_recv() {
-                Ok(e) => {
-                    group_bytes += e.blob.len();
-                    group.push(e);
+                Ok(es) => {
+                    group_bytes += es.iter().map(|e| e.blob.len()).sum::<usize>();
+                    group.extend(es);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
@@ -336,9 +400,9 @@ async fn upload_stage(
         tokio::select! {
             Some(done) = uploads.join_next(), if !uploads.is_empty() => account(done, &mut c)?,
             got = rx.recv(), if open && group_bytes < UPLOAD_GROUP_BYTES => match got {
-                Some(e) => {
-                    group_bytes += e.blob.len();
-                    group.push(e);
+                Some(es) => {
+                    group_bytes += es.iter().map(|e| e.blob.len()).sum::<usize>();
+                    group.extend(es);
                 }
                 None => open = false,
             },
@@ -377,6 +441,32 @@ mod tests {
         waiter.join().unwrap();
         // Larger than the cap: waits for an empty budget, not forever.
         drop(b.acquire(1000));
+        let l = b.try_acquire(60).expect("fits in an empty budget");
+        assert!(b.try_acquire(60).is_none(), "60 + 60 is over the cap of 100");
+        drop(l);
+        assert!(b.try_acquire(60).is_some());
         assert_eq!(b.state.lock().unwrap().used, 0);
+    }
+
+    #[test]
+    fn sink_sends_in_batches_and_flushes_what_it_holds_when_dropped() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let mut sink = ChunkSink { tx, budget: Budget::new(BUDGET_BYTES), held: Vec::new(), held_bytes: 0 };
+        for i in 0..BATCH_ITEMS + 3 {
+            sink.send(vec![i as u8; 10]).unwrap();
+        }
+        assert_eq!(rx.try_recv().unwrap().len(), BATCH_ITEMS);
+        assert!(rx.try_recv().is_err(), "three chunks are still held");
+        drop(sink);
+        let last = rx.try_recv().unwrap();
+        assert_eq!(last.iter().map(|c| c.data[0]).collect::<Vec<_>>(), [64, 65, 66]);
+    }
+
+    #[test]
+    fn batches_respect_item_and_byte_limits() {
+        let sizes: Vec<usize> = batches(0..BATCH_ITEMS * 2 + 1, |_| 1).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [BATCH_ITEMS, BATCH_ITEMS, 1]);
+        let big = batches([BATCH_BYTES / 2, BATCH_BYTES / 2, 1, BATCH_BYTES], |&n| n);
+        assert_eq!(big, [vec![BATCH_BYTES / 2, BATCH_BYTES / 2], vec![1, BATCH_BYTES]]);
     }
 }
