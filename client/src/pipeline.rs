@@ -140,6 +140,12 @@ pub struct ChunkSink {
 impl ChunkSink {
     pub fn send(&mut self, data: Vec<u8>) -> Result<ChunkId> {
         let id = ChunkId::of(&data);
+        self.send_hashed(id, data)
+    }
+
+    /// Queues a chunk whose id the caller computed (`id` must be
+    /// `ChunkId::of(&data)`: the server re-hashes and refuses it otherwise).
+    pub fn send_hashed(&mut self, id: ChunkId, data: Vec<u8>) -> Result<ChunkId> {
         let n = data.len() + ITEM_OVERHEAD;
         let lease = match self.budget.try_acquire(n) {
             Some(l) => l,

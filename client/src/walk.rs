@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bkp_common::chunker::{PushChunker, StreamChunker};
+use bkp_common::chunker::{ChunkReadError, PushChunker, StreamChunker};
 use bkp_common::tree::{ChunkRef, Entry, Meta, SpecialKind, TreeEncoder, MAX_CHUNKS_PER_RECORD};
 use bkp_common::{ChunkId, ContentHash};
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -75,6 +75,55 @@ impl Excludes {
 
     fn excluded(&self, abs: &Path) -> bool {
         abs.file_name().is_some_and(|n| self.names.is_match(n)) || self.paths.is_match(abs)
+    }
+}
+
+/// From this size a chunk's two blake3 passes (its id, and the file's
+/// content hash) run at once on two threads: a database dump's producer
+/// was otherwise bound by hashing on one core. Below it a thread costs
+/// more than it saves.
+const PARALLEL_HASH_MIN: usize = 256 << 10;
+
+/// Updates the file hash with `data` and returns the chunk's id.
+fn hash_twice(data: &[u8], file: &mut blake3::Hasher) -> ChunkId {
+    if data.len() >= PARALLEL_HASH_MIN {
+        let id = std::thread::scope(|s| {
+            // No thread to be had: both hashes are done below instead.
+            let h = std::thread::Builder::new().spawn_scoped(s, || ChunkId::of(data)).ok()?;
+            file.update(data);
+            Some(h.join().unwrap_or_else(|_| ChunkId::of(data)))
+        });
+        if let Some(id) = id {
+            return id;
+        }
+    }
+    file.update(data);
+    ChunkId::of(data)
+}
+
+/// Chunks cut ahead of the hashing thread (up to 4 MiB each).
+const READ_AHEAD_CHUNKS: usize = 4;
+/// Files from this size are read and cut on a thread of their own.
+const THREADED_READ_MIN: u64 = 16 << 20;
+
+/// One file's content on its way out: its chunk list, hash and size.
+struct Content<'a> {
+    sink: &'a mut ChunkSink,
+    progress: &'a dyn Progress,
+    refs: Vec<ChunkRef>,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl Content<'_> {
+    fn take(&mut self, data: Vec<u8>) -> Result<()> {
+        let id = hash_twice(&data, &mut self.hasher);
+        let len = data.len() as u32;
+        self.size += len as u64;
+        self.progress.read(len as u64);
+        self.sink.send_hashed(id, data)?;
+        self.refs.push(ChunkRef { id, len });
+        Ok(())
     }
 }
 
@@ -154,20 +203,48 @@ impl Producer {
 
     /// Chunks and sends a file's content; returns its chunk list, content
     /// hash and size (what was read, not what stat said: files change).
-    fn read_content(&mut self, path: &[u8], reader: impl Read) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
-        let mut refs = Vec::new();
-        let mut hasher = blake3::Hasher::new();
-        let mut size = 0u64;
-        for chunk in self.chunker.chunks(reader) {
-            let data =
-                chunk.map_err(|e| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(path))))?;
-            hasher.update(&data);
-            let len = data.len() as u32;
-            size += len as u64;
-            self.progress.read(len as u64);
-            let id = self.sink.send(data)?;
-            refs.push(ChunkRef { id, len });
+    /// With `threaded`, a second thread reads and cuts while this one
+    /// hashes and queues: worth it for streams and large files only.
+    fn read_content(
+        &mut self,
+        path: &[u8],
+        reader: impl Read + Send,
+        threaded: bool,
+    ) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
+        let read_err =
+            |e: ChunkReadError| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(path)));
+        let mut content = Content {
+            sink: &mut self.sink,
+            progress: &*self.progress,
+            refs: Vec::new(),
+            hasher: blake3::Hasher::new(),
+            size: 0,
+        };
+        let chunker = &mut self.chunker;
+        if threaded {
+            std::thread::scope(|s| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
+                let cutter = move || {
+                    for c in chunker.chunks(reader) {
+                        let failed = c.is_err();
+                        // A closed channel: the consumer failed and said why.
+                        if tx.send(c).is_err() || failed {
+                            return;
+                        }
+                    }
+                };
+                std::thread::Builder::new().spawn_scoped(s, cutter).map_err(|e| ClientError::Io(e.to_string()))?;
+                for c in rx {
+                    content.take(c.map_err(read_err)?)?;
+                }
+                Ok::<_, ClientError>(())
+            })?;
+        } else {
+            for c in chunker.chunks(reader) {
+                content.take(c.map_err(read_err)?)?;
+            }
         }
+        let Content { refs, hasher, size, .. } = content;
         self.files_read += 1;
         Ok((refs, hasher.finalize().into(), size))
     }
@@ -183,8 +260,8 @@ impl Producer {
     }
 
     /// Chunks a stream of file content and emits File, Chunks, FileEnd.
-    pub fn file_from_reader(&mut self, path: Vec<u8>, meta: Meta, reader: impl Read) -> Result<()> {
-        let (refs, hash, size) = self.read_content(&path, reader)?;
+    pub fn file_from_reader(&mut self, path: Vec<u8>, meta: Meta, reader: impl Read + Send) -> Result<()> {
+        let (refs, hash, size) = self.read_content(&path, reader, true)?;
         self.emit_file(path, meta, size, &refs, hash)
     }
 
@@ -207,7 +284,7 @@ impl Producer {
                 return Ok(());
             }
         };
-        let (chunks, hash, size) = self.read_content(&name, &f)?;
+        let (chunks, hash, size) = self.read_content(&name, &f, key.size >= THREADED_READ_MIN)?;
         let read = CachedFile { path: name, key, hash, chunks };
         // Cached only if nothing changed while it was read.
         if let Some(cache) = self.cache.as_mut() {
