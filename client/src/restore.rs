@@ -168,10 +168,7 @@ impl Sink for Stdout {
     fn handle(&mut self, o: Out) -> Result<()> {
         match o {
             Out::Data(d) => {
-                self.hasher.update(&d);
-                std::io::stdout()
-                    .lock()
-                    .write_all(&d)
+                crate::par::hash_while(&d, &mut self.hasher, || std::io::stdout().lock().write_all(&d))
                     .map_err(|e| ClientError::Restore(format!("writing to stdout: {e}")))?;
                 self.report.bytes += d.len() as u64;
                 self.progress.restored(d.len() as u64);

@@ -78,27 +78,11 @@ impl Excludes {
     }
 }
 
-/// From this size a chunk's two blake3 passes (its id, and the file's
-/// content hash) run at once on two threads: a database dump's producer
-/// was otherwise bound by hashing on one core. Below it a thread costs
-/// more than it saves.
-const PARALLEL_HASH_MIN: usize = 256 << 10;
-
-/// Updates the file hash with `data` and returns the chunk's id.
+/// Updates the file hash with `data` and returns the chunk's id: for a
+/// large chunk the two blake3 passes run at once (a dump's producer was
+/// otherwise bound by hashing on one core).
 fn hash_twice(data: &[u8], file: &mut blake3::Hasher) -> ChunkId {
-    if data.len() >= PARALLEL_HASH_MIN {
-        let id = std::thread::scope(|s| {
-            // No thread to be had: both hashes are done below instead.
-            let h = std::thread::Builder::new().spawn_scoped(s, || ChunkId::of(data)).ok()?;
-            file.update(data);
-            Some(h.join().unwrap_or_else(|_| ChunkId::of(data)))
-        });
-        if let Some(id) = id {
-            return id;
-        }
-    }
-    file.update(data);
-    ChunkId::of(data)
+    crate::par::hash_while(data, file, || ChunkId::of(data))
 }
 
 /// Chunks cut ahead of the hashing thread (up to 4 MiB each).

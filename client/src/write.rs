@@ -93,11 +93,13 @@ impl TreeWriter {
         match &mut self.sink {
             Target::File { bad: Some(_), .. } | Target::Skip => Ok(()),
             Target::File { file, written, hasher, tmp, .. } => {
-                hasher.update(&d);
+                let at = *written;
                 // All-zero chunks become holes: sparse files stay sparse.
-                if d.iter().any(|&b| b != 0) {
-                    file.write_all_at(&d, *written).map_err(|e| io_err(tmp, e))?;
-                }
+                crate::par::hash_while(&d, hasher, || match d.iter().any(|&b| b != 0) {
+                    true => file.write_all_at(&d, at),
+                    false => Ok(()),
+                })
+                .map_err(|e| io_err(tmp, e))?;
                 *written += d.len() as u64;
                 self.progress.restored(d.len() as u64);
                 Ok(())

@@ -27,6 +27,14 @@ pub enum CommitError {
 
 /// Walks a tree stream, handing every referenced chunk id (the tree's own
 /// chunks first, then data chunks in batches) to `refs`.
+/// What the commit check needs from the push session.
+pub trait CommitSession {
+    /// The ids among `ids` that this session has not proven.
+    fn unproven(&self, ids: &[ChunkId]) -> Vec<ChunkId>;
+    /// `ids` passed the check.
+    fn checked(&mut self, ids: &[ChunkId]);
+}
+
 pub fn walk_tree(
     store: &dyn Store,
     tree: &[ChunkId],
@@ -76,25 +84,30 @@ pub fn walk_tree(
     Ok(stats)
 }
 
-/// The commit check. `touch` is called with every referenced chunk id
-/// before it is checked (see `sessions`: that protects it from a sweep).
+/// The commit check: every referenced chunk must be one the host may
+/// use. `session` says which ids this push already proved (told "stored"
+/// by a has-chunk query, or uploaded; see `sessions`, which drops an id
+/// from there when verify quarantines it) and is told every id once it is
+/// checked; only the others are looked up. The caller holds the session
+/// fence throughout, so no sweep runs between the check and the write.
 pub fn check_tree(
     store: &dyn Store,
     host: &str,
     kind: SnapshotKind,
     tree: &[ChunkId],
-    touch: &mut dyn FnMut(&[ChunkId]),
+    session: &mut dyn CommitSession,
 ) -> Result<SnapshotStats, CommitError> {
     let stats = walk_tree(store, tree, &mut |ids| {
-        touch(ids);
-        let have = store.host_has(host, ids)?;
-        match have.iter().position(|h| !h) {
-            None => Ok(()),
-            Some(i) => Err(CommitError::Rejected(format!(
+        let unproven = session.unproven(ids);
+        let have = store.host_has(host, &unproven)?;
+        if let Some(i) = have.iter().position(|h| !h) {
+            return Err(CommitError::Rejected(format!(
                 "chunk {} is referenced but was never uploaded by host {host} (or was garbage-collected; push again)",
-                ids[i].short()
-            ))),
+                unproven[i].short()
+            )));
         }
+        session.checked(ids);
+        Ok(())
     })?;
     if kind == SnapshotKind::Stream && (stats.files != 1 || stats.dirs + stats.others != 0) {
         return Err(CommitError::Rejected("a stream snapshot holds exactly one file".into()));

@@ -204,12 +204,10 @@ impl Conn {
                 let result = blocking(move || {
                     let guard = state.sessions.enter(session, &host)?;
                     let kind = guard.info.kind;
-                    let stats =
-                        check_tree(store.as_ref(), &host, kind, &tree, &mut |ids| guard.touch(ids.iter().copied()))
-                            .map_err(|e| match e {
-                                CommitError::Rejected(m) => Fail(ErrorCode::Rejected, m),
-                                CommitError::Store(s) => s.into(),
-                            })?;
+                    let stats = check_tree(store.as_ref(), &host, kind, &tree, &mut &guard).map_err(|e| match e {
+                        CommitError::Rejected(m) => Fail(ErrorCode::Rejected, m),
+                        CommitError::Store(s) => s.into(),
+                    })?;
                     let name = guard.info.name.clone();
                     let snap = Snapshot { host, name, time_ns: now_ns(), kind, stats, tree, client };
                     let summary = store.commit_snapshot(&snap)?;

@@ -76,6 +76,15 @@ impl PushGuard<'_> {
         }
     }
 
+    /// The ids among `ids` this session has not touched.
+    pub fn untouched(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+        let inner = self.sessions.inner.lock().expect("sessions lock");
+        match inner.map.get(&self.id) {
+            Some(s) => ids.iter().filter(|id| !s.touched.contains(id)).copied().collect(),
+            None => ids.to_vec(),
+        }
+    }
+
     /// Ends the session after its commit. A running GC keeps protecting
     /// what it touched, since its mark phase may not see the new snapshot.
     pub fn finish(self) {
@@ -85,6 +94,18 @@ impl PushGuard<'_> {
                 p.extend(s.touched);
             }
         }
+    }
+}
+
+/// A session's touched set is what it proved: "stored" answers and
+/// uploads (and ids a commit already checked).
+impl crate::commit::CommitSession for &PushGuard<'_> {
+    fn unproven(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+        self.untouched(ids)
+    }
+
+    fn checked(&mut self, ids: &[ChunkId]) {
+        self.touch(ids.iter().copied());
     }
 }
 
@@ -151,6 +172,19 @@ impl Sessions {
         inner.map.retain(|_, s| s.last_seen.elapsed() <= self.lease);
     }
 
+    /// Runs `f` (which takes `id` out of service) with pushes fenced out,
+    /// then forgets `id` in every session: a commit that relied on an
+    /// earlier "stored" for it looks it up again and finds it gone.
+    pub fn quarantine<T>(&self, id: &ChunkId, f: impl FnOnce() -> T) -> T {
+        let _w = self.fence.write().expect("fence");
+        let out = f();
+        let mut inner = self.inner.lock().expect("sessions lock");
+        for s in inner.map.values_mut() {
+            s.touched.remove(id);
+        }
+        out
+    }
+
     pub fn gc_end(&self) {
         self.inner.lock().expect("sessions lock").gc_protect = None;
     }
@@ -184,6 +218,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         assert!(!s.sweep(|p| p(&ChunkId::of(b"x"), None)), "expired sessions protect nothing");
         assert!(matches!(s.enter(id, "h"), Err(SessionError::Unknown)));
+    }
+
+    #[test]
+    fn quarantine_unproves_a_chunk_in_every_session() {
+        let s = Sessions::new(Duration::from_secs(60));
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        let id = s.start("h", "n", SnapshotKind::Tree);
+        s.enter(id, "h").unwrap().touch([a, b]);
+        assert!(s.enter(id, "h").unwrap().untouched(&[a, b]).is_empty());
+        assert_eq!(s.quarantine(&a, || 7), 7);
+        assert_eq!(s.enter(id, "h").unwrap().untouched(&[a, b]), [a]);
     }
 
     #[test]

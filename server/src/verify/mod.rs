@@ -137,7 +137,7 @@ pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyRepor
         }
         warn!(chunk = %id.short(), %reason, "bad chunk quarantined");
         if store.chunk_meta(&id)?.is_some() || store.chunk_blob(&id)?.is_some() {
-            store.quarantine_chunk(&id, &reason, now_ns)?;
+            state.sessions.quarantine(&id, || store.quarantine_chunk(&id, &reason, now_ns))?;
         }
         bad.push(BadChunk { id, reason });
         Ok(())
