@@ -47,9 +47,19 @@ fn hosts_are_isolated_and_roles_enforced() {
         let tree = encode_tree(&file_entries(b"steal", &secret, &[&secret]));
         let tid = ChunkId::of(&tree);
         c.put(session, vec![(tid, blob::encode(&tree, 3))]).await.unwrap();
+        // Twice: a refused commit must not leave the chunk counted as
+        // proven for the session (the commit check skips proven chunks).
+        for attempt in 0..2 {
+            match c.commit(session, vec![tid]).await {
+                Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("never uploaded"), "{m}"),
+                other => panic!("commit naming a foreign chunk (attempt {attempt}): {other:?}"),
+            }
+        }
+        // Asking about it does not prove it either.
+        assert_eq!(c.missing(session, vec![ChunkId::of(&secret)]).await.unwrap(), [0]);
         match c.commit(session, vec![tid]).await {
             Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("never uploaded"), "{m}"),
-            other => panic!("commit naming a foreign chunk: {other:?}"),
+            other => panic!("commit after a has-chunk query: {other:?}"),
         }
         // A tampered upload: content that does not hash to its id.
         match c.put(session, vec![(ChunkId::of(b"real"), blob::encode(b"fake", 3))]).await {
