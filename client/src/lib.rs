@@ -8,6 +8,7 @@ pub mod conn;
 pub mod error;
 pub mod fetch;
 pub mod incremental;
+pub mod list;
 pub mod par;
 pub mod pipeline;
 pub mod progress;

@@ -6,7 +6,6 @@
 //! ([`crate::incremental`]) instead of being read.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -22,6 +21,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use crate::cache::{CacheWriter, CachedFile};
 use crate::error::{ClientError, Result};
 use crate::incremental::{file_key, Incremental};
+use crate::list::Listed;
 use crate::pipeline::ChunkSink;
 use crate::progress::Progress;
 
@@ -44,7 +44,7 @@ pub struct Producer {
     progress: Arc<dyn Progress>,
     /// (dev, inode) -> path of files with more than one link.
     links: HashMap<(u64, u64), Vec<u8>>,
-    excludes: Excludes,
+    excludes: Arc<Excludes>,
     cache: Option<Incremental>,
     files_read: u64,
     files_cached: u64,
@@ -73,7 +73,7 @@ impl Excludes {
         Ok(Self { names: build(names)?, paths: build(paths)? })
     }
 
-    fn excluded(&self, abs: &Path) -> bool {
+    pub fn excluded(&self, abs: &Path) -> bool {
         abs.file_name().is_some_and(|n| self.names.is_match(n)) || self.paths.is_match(abs)
     }
 }
@@ -137,7 +137,7 @@ impl Producer {
             tree_ids: Vec::new(),
             progress,
             links: HashMap::new(),
-            excludes,
+            excludes: Arc::new(excludes),
             cache,
             files_read: 0,
             files_cached: 0,
@@ -309,23 +309,41 @@ impl Producer {
         Ok(())
     }
 
-    fn walk(&mut self, path: &Path) -> Result<()> {
-        if self.excludes.excluded(path) {
+    /// Backs up `root` and everything below it, in walk order (listed
+    /// ahead on a second thread, see `list`).
+    fn walk(&mut self, root: &Path) -> Result<()> {
+        let excludes = self.excludes.clone();
+        if excludes.excluded(root) {
             return Ok(());
         }
-        let m = match fs::symlink_metadata(path) {
+        let m = match fs::symlink_metadata(root) {
             Ok(m) => m,
             Err(e) => {
-                self.warnings.push(format!("{}: {e}", path.display()));
+                self.warnings.push(format!("{}: {e}", root.display()));
                 return Ok(());
             }
         };
+        std::thread::scope(|s| {
+            let rx = crate::list::spawn(s, root.to_path_buf(), m, &excludes)
+                .map_err(|e| ClientError::Io(format!("starting the directory lister: {e}")))?;
+            for l in rx.into_iter().flatten() {
+                match l {
+                    Listed::Entry(path, m) => self.entry(&path, &m)?,
+                    Listed::Warning(w) => self.warnings.push(w),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// One listed entry; a directory's children are listed after it.
+    fn entry(&mut self, path: &Path, m: &fs::Metadata) -> Result<()> {
         let name = snapshot_path(path);
         let ft = m.file_type();
         if name.is_empty() {
             // The root directory itself: only its children are entries.
         } else if ft.is_dir() {
-            self.emit(Entry::Dir { path: name, meta: meta_of(&m) })?;
+            self.emit(Entry::Dir { path: name, meta: meta_of(m) })?;
         } else if ft.is_file() {
             if m.nlink() > 1 {
                 if let Some(target) = self.links.get(&(m.dev(), m.ino())) {
@@ -334,12 +352,12 @@ impl Producer {
                 }
                 self.links.insert((m.dev(), m.ino()), name.clone());
             }
-            return self.regular_file(path, name, &m);
+            return self.regular_file(path, name, m);
         } else if ft.is_symlink() {
             let target = fs::read_link(path).map_err(|e| ClientError::Input(format!("{}: {e}", path.display())))?;
             return self.emit(Entry::Symlink {
                 path: name,
-                meta: meta_of(&m),
+                meta: meta_of(m),
                 target: target.as_os_str().as_bytes().to_vec(),
             });
         } else {
@@ -352,19 +370,7 @@ impl Producer {
             } else {
                 SpecialKind::BlockDevice
             };
-            return self.emit(Entry::Special { path: name, meta: meta_of(&m), kind, rdev: m.rdev() });
-        }
-        let mut children: Vec<OsString> = match fs::read_dir(path) {
-            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect(),
-            Err(e) => {
-                self.warnings.push(format!("{}: {e}", path.display()));
-                return Ok(());
-            }
-        };
-        // Sorted, so an unchanged tree gives the same stream and dedups.
-        children.sort();
-        for c in children {
-            self.walk(&path.join(c))?;
+            return self.emit(Entry::Special { path: name, meta: meta_of(m), kind, rdev: m.rdev() });
         }
         Ok(())
     }

@@ -1,0 +1,147 @@
+//! The order of a tree walk, listed ahead of the producer on a thread of
+//! its own: directories read, children sorted by name, every entry
+//! `lstat`ed relative to its open directory, excluded paths skipped. In an
+//! incremental push most files come from the metadata cache, and reading
+//! directories and stat-ing 78,000 entries was half of what the producer
+//! did; listing ahead lets the two halves run on both cores.
+
+use std::ffi::OsString;
+use std::fs::{self, Metadata};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+use crate::walk::Excludes;
+
+/// Batches queued ahead, and entries per batch (one hand-off per entry
+/// would wake a thread per entry).
+const AHEAD: usize = 16;
+const BATCH: usize = 256;
+
+/// One step of the walk, in walk order.
+pub enum Listed {
+    /// An entry and its own metadata (a symlink is not followed).
+    Entry(PathBuf, Metadata),
+    /// Something that could not be listed; the walk goes on without it.
+    Warning(String),
+}
+
+/// Lists `root` (already stat-ed as `meta`) and everything below it on a
+/// thread in `scope`. The listing stops early when the receiver is dropped.
+pub fn spawn<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    root: PathBuf,
+    meta: Metadata,
+    excludes: &'scope Excludes,
+) -> std::io::Result<Receiver<Vec<Listed>>> {
+    let (tx, rx) = sync_channel(AHEAD);
+    std::thread::Builder::new().name("bkp-list".into()).spawn_scoped(scope, move || {
+        let mut out = Out { tx, batch: Vec::with_capacity(BATCH) };
+        if list(&root, meta, excludes, &mut out) {
+            out.flush();
+        }
+    })?;
+    Ok(rx)
+}
+
+struct Out {
+    tx: SyncSender<Vec<Listed>>,
+    batch: Vec<Listed>,
+}
+
+impl Out {
+    /// False once nobody listens.
+    fn push(&mut self, l: Listed) -> bool {
+        self.batch.push(l);
+        self.batch.len() < BATCH || self.flush()
+    }
+
+    fn flush(&mut self) -> bool {
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        batch.is_empty() || self.tx.send(batch).is_ok()
+    }
+}
+
+fn list(path: &Path, meta: Metadata, excludes: &Excludes, out: &mut Out) -> bool {
+    let is_dir = meta.file_type().is_dir();
+    if !out.push(Listed::Entry(path.to_path_buf(), meta)) {
+        return false;
+    }
+    if !is_dir {
+        return true;
+    }
+    let mut children: Vec<(OsString, fs::DirEntry)> = match fs::read_dir(path) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| (e.file_name(), e))).collect(),
+        Err(e) => return out.push(Listed::Warning(format!("{}: {e}", path.display()))),
+    };
+    // Sorted, so an unchanged tree gives the same stream and dedups.
+    children.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, entry) in children {
+        let child = path.join(name);
+        if excludes.excluded(&child) {
+            continue;
+        }
+        let going_on = match entry.metadata() {
+            Ok(m) => list(&child, m, excludes, out),
+            Err(e) => out.push(Listed::Warning(format!("{}: {e}", child.display()))),
+        };
+        if !going_on {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(root: &Path, excludes: &[String]) -> (Vec<PathBuf>, Vec<String>) {
+        let ex = Excludes::new(excludes).unwrap();
+        let meta = fs::symlink_metadata(root).unwrap();
+        std::thread::scope(|s| {
+            let rx = spawn(s, root.to_path_buf(), meta, &ex).unwrap();
+            let (mut paths, mut warnings) = (Vec::new(), Vec::new());
+            for l in rx.into_iter().flatten() {
+                match l {
+                    Listed::Entry(p, _) => paths.push(p.strip_prefix(root).unwrap().to_path_buf()),
+                    Listed::Warning(w) => warnings.push(w),
+                }
+            }
+            (paths, warnings)
+        })
+    }
+
+    #[test]
+    fn pre_order_sorted_with_excludes_and_many_batches() {
+        let d = tempfile::tempdir().unwrap();
+        for i in (0..600).rev() {
+            fs::write(d.path().join(format!("f{i:04}")), b"x").unwrap();
+        }
+        fs::create_dir_all(d.path().join("b/c")).unwrap();
+        fs::write(d.path().join("b/c/z"), b"").unwrap();
+        fs::write(d.path().join("b/skip.tmp"), b"").unwrap();
+        std::os::unix::fs::symlink("/etc", d.path().join("a")).unwrap();
+        let (paths, warnings) = listed(d.path(), &["*.tmp".to_string()]);
+        assert!(warnings.is_empty());
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(names[..5], ["", "a", "b", "b/c", "b/c/z"]);
+        assert_eq!(names.len(), 5 + 600);
+        assert_eq!(names[5], "f0000");
+        assert_eq!(names.last().unwrap(), "f0599");
+    }
+
+    #[test]
+    fn a_dropped_receiver_stops_the_listing() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..2000 {
+            fs::write(d.path().join(format!("f{i}")), b"").unwrap();
+        }
+        let ex = Excludes::new(&[]).unwrap();
+        let meta = fs::symlink_metadata(d.path()).unwrap();
+        std::thread::scope(|s| {
+            let rx = spawn(s, d.path().to_path_buf(), meta, &ex).unwrap();
+            assert_eq!(rx.recv().unwrap().len(), BATCH);
+            drop(rx);
+        }); // joins: the lister must notice and end
+    }
+}
