@@ -8,29 +8,18 @@
 //!
 //! ```text
 //! stream  = "BKPT" version:u8 record*
-//! record  = len:u32 LE (<= MAX_RECORD) (postcard(Entry) | 0x07)
+//! record  = len:u32 LE (<= MAX_RECORD) postcard(Entry)
 //! grammar = (Dir | Symlink | Hardlink | Special | File Chunks* FileEnd)*
 //! ```
 //! A file's chunk list is split over `Chunks` records of at most
 //! [`MAX_CHUNKS_PER_RECORD`] so that a 10 TB file still has small records.
-//!
-//! Version 2 added the one-byte record `0x07` (no postcard `Entry` variant
-//! has that index): the `FileEnd` of a file made of exactly one chunk,
-//! whose content hash is then that chunk's id (both are blake3 of the
-//! same bytes). Most files of a source tree are one chunk, and the 32
-//! incompressible bytes per file were ~2% of a stored tree. The decoder
-//! turns it back into `FileEnd`; version 1 streams still decode.
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ChunkId, ContentHash};
 
 pub const MAGIC: &[u8; 4] = b"BKPT";
-pub const VERSION: u8 = 2;
-/// The oldest stream version this build reads.
-pub const MIN_VERSION: u8 = 1;
-/// The record of a one-chunk file's end (see the module doc).
-const FILE_END_SINGLE: u8 = 7;
+pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 5;
 pub const MAX_RECORD: usize = 1 << 20;
 pub const MAX_CHUNKS_PER_RECORD: usize = 4096;
@@ -135,9 +124,6 @@ pub enum TreeError {
 /// Serializes entries into the tree stream.
 pub struct TreeEncoder {
     out: Vec<u8>,
-    /// The chunks of the file being encoded: how many, and the first.
-    file_chunks: usize,
-    first_chunk: Option<ChunkId>,
 }
 
 impl Default for TreeEncoder {
@@ -151,25 +137,10 @@ impl TreeEncoder {
         let mut out = Vec::with_capacity(64 * 1024);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        Self { out, file_chunks: 0, first_chunk: None }
+        Self { out }
     }
 
     pub fn push(&mut self, entry: &Entry) {
-        match entry {
-            Entry::File { .. } => (self.file_chunks, self.first_chunk) = (0, None),
-            Entry::Chunks(refs) => {
-                self.file_chunks += refs.len();
-                self.first_chunk = self.first_chunk.or(refs.first().map(|r| r.id));
-            }
-            Entry::FileEnd { hash } => {
-                if self.file_chunks == 1 && self.first_chunk.is_some_and(|id| id.as_bytes() == hash.as_bytes()) {
-                    self.out.extend_from_slice(&1u32.to_le_bytes());
-                    self.out.push(FILE_END_SINGLE);
-                    return;
-                }
-            }
-            _ => {}
-        }
         let start = self.out.len();
         self.out.extend_from_slice(&[0; 4]);
         // Writing to a Vec cannot fail; entries are bounded by the walker.
@@ -199,8 +170,6 @@ pub struct TreeDecoder {
     in_file: bool,
     file_size: u64,
     file_seen: u64,
-    file_chunks: usize,
-    first_chunk: Option<ChunkId>,
 }
 
 impl TreeDecoder {
@@ -229,7 +198,7 @@ impl TreeDecoder {
             if &h[..4] != MAGIC {
                 return Err(TreeError::Magic);
             }
-            if !(MIN_VERSION..=VERSION).contains(&h[4]) {
+            if h[4] != VERSION {
                 return Err(TreeError::Version(h[4]));
             }
             self.pos += HEADER_LEN;
@@ -246,15 +215,7 @@ impl TreeDecoder {
         if avail.len() < 4 + len {
             return Ok(None);
         }
-        let record = &avail[4..4 + len];
-        let entry = if record == [FILE_END_SINGLE] {
-            match (self.in_file, self.file_chunks, self.first_chunk) {
-                (true, 1, Some(id)) => Entry::FileEnd { hash: ContentHash::from_bytes(*id.as_bytes()) },
-                _ => return Err(TreeError::Grammar("short file end for a file that is not one chunk")),
-            }
-        } else {
-            postcard::from_bytes(record).map_err(|e| TreeError::Decode(e.to_string()))?
-        };
+        let entry: Entry = postcard::from_bytes(&avail[4..4 + len]).map_err(|e| TreeError::Decode(e.to_string()))?;
         self.pos += 4 + len;
         self.check(&entry)?;
         Ok(Some(entry))
@@ -277,8 +238,6 @@ impl TreeDecoder {
                 for r in refs {
                     self.file_seen = self.file_seen.saturating_add(r.len as u64);
                 }
-                self.file_chunks += refs.len();
-                self.first_chunk = self.first_chunk.or(refs.first().map(|r| r.id));
             }
             Entry::FileEnd { .. } => {
                 if !self.in_file {
@@ -294,7 +253,6 @@ impl TreeDecoder {
                 self.in_file = true;
                 self.file_size = *size;
                 self.file_seen = 0;
-                (self.file_chunks, self.first_chunk) = (0, None);
             }
             _ => {}
         }
@@ -361,64 +319,7 @@ mod tests {
     fn golden_bytes() {
         let bytes =
             encode(&[Entry::Dir { path: b"a".to_vec(), meta: Meta { mode: 0o755, uid: 0, gid: 0, mtime_ns: 1 } }]);
-        assert_eq!(bytes, [b'B', b'K', b'P', b'T', 2, 8, 0, 0, 0, 0, 1, b'a', 0xed, 0x03, 0, 0, 2]);
-        // A one-chunk file's end is the one-byte record.
-        let s = sample();
-        let bytes = encode(&s[1..4]);
-        assert_eq!(bytes[bytes.len() - 5..], [1, 0, 0, 0, 7]);
-    }
-
-    #[test]
-    fn one_chunk_file_ends_are_short_and_decode_to_their_hash() {
-        let meta = Meta::default();
-        let (a, b) = (ChunkRef { id: ChunkId::of(b"ab"), len: 2 }, ChunkRef { id: ChunkId::of(b"c"), len: 1 });
-        let one = [
-            Entry::File { path: b"one".to_vec(), meta: meta.clone(), size: 2 },
-            Entry::Chunks(vec![a]),
-            Entry::FileEnd { hash: blake3::hash(b"ab").into() },
-        ];
-        let two = [
-            Entry::File { path: b"two".to_vec(), meta: meta.clone(), size: 3 },
-            Entry::Chunks(vec![a]),
-            Entry::Chunks(vec![b]),
-            Entry::FileEnd { hash: blake3::hash(b"abc").into() },
-        ];
-        // A one-chunk file whose stated hash is not its chunk's id (a
-        // file that changed while it was read) keeps its full record.
-        let odd = [
-            Entry::File { path: b"odd".to_vec(), meta, size: 2 },
-            Entry::Chunks(vec![a]),
-            Entry::FileEnd { hash: blake3::hash(b"xx").into() },
-        ];
-        let all: Vec<Entry> = [&one[..], &two, &odd].concat();
-        let bytes = encode(&all);
-        assert_eq!(decode(&bytes, 5).unwrap(), all);
-        assert_eq!(encode(&one).len() + 32, encode(&odd).len());
-        // The short record after two chunks, or outside a file, is refused.
-        let mut forged = encode(&two[..3]);
-        forged.extend_from_slice(&[1, 0, 0, 0, 7]);
-        assert!(matches!(decode(&forged, 4), Err(TreeError::Grammar(_))));
-        let mut forged = encode(&[]);
-        forged.extend_from_slice(&[1, 0, 0, 0, 7]);
-        assert!(matches!(decode(&forged, 4), Err(TreeError::Grammar(_))));
-    }
-
-    #[test]
-    fn version_1_streams_still_decode() {
-        let s = sample();
-        let mut e = TreeEncoder::new();
-        for x in &s {
-            e.push(x);
-        }
-        // Version 1 had no short record: the sample's file end in full.
-        let mut v1 = vec![b'B', b'K', b'P', b'T', 1];
-        for x in &s {
-            let rec = postcard::to_stdvec(x).unwrap();
-            v1.extend_from_slice(&(rec.len() as u32).to_le_bytes());
-            v1.extend_from_slice(&rec);
-        }
-        assert_eq!(decode(&v1, 7).unwrap(), s);
-        assert!(e.take().len() < v1.len());
+        assert_eq!(bytes, [b'B', b'K', b'P', b'T', 1, 8, 0, 0, 0, 0, 1, b'a', 0xed, 0x03, 0, 0, 2]);
     }
 
     #[test]
@@ -432,8 +333,6 @@ mod tests {
         let mut bad = bytes.clone();
         bad[4] = 9;
         assert_eq!(decode(&bad, 9), Err(TreeError::Version(9)));
-        bad[4] = 0;
-        assert_eq!(decode(&bad, 9), Err(TreeError::Version(0)));
         let mut bad = bytes.clone();
         bad[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&bad, 9), Err(TreeError::RecordTooLarge(_))));
