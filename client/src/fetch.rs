@@ -48,7 +48,10 @@ pub enum Item {
 pub enum Out {
     Entry(Entry),
     /// A chunk's data, checked against its id and length.
-    Data(Vec<u8>),
+    Data {
+        id: ChunkId,
+        data: Vec<u8>,
+    },
     /// A chunk that could not be had; its file cannot be restored.
     Bad {
         id: ChunkId,
@@ -256,7 +259,7 @@ async fn fetch_segment(client: Arc<Client>, items: Vec<Item>, decoders: Arc<Sema
 /// Decompresses one blob and checks it against its id and length.
 fn decode(r: ChunkRef, blob: &[u8]) -> Out {
     match blob::decode_verified(blob, &r.id) {
-        Ok(d) if d.len() == r.len as usize => Out::Data(d),
+        Ok(d) if d.len() == r.len as usize => Out::Data { id: r.id, data: d },
         Ok(d) => Out::Bad { id: r.id, reason: format!("{} bytes where the tree says {}", d.len(), r.len) },
         Err(e) => Out::Bad { id: r.id, reason: e.to_string() },
     }

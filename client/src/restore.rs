@@ -167,7 +167,7 @@ struct Stdout {
 impl Sink for Stdout {
     fn handle(&mut self, o: Out) -> Result<()> {
         match o {
-            Out::Data(d) => {
+            Out::Data { data: d, .. } => {
                 crate::par::hash_while(&d, &mut self.hasher, || std::io::stdout().lock().write_all(&d))
                     .map_err(|e| ClientError::Restore(format!("writing to stdout: {e}")))?;
                 self.report.bytes += d.len() as u64;
@@ -221,7 +221,7 @@ impl Sink for Verifier {
             Out::Entry(Entry::File { path, .. }) => {
                 self.file = Some(Checking { path, hasher: blake3::Hasher::new(), bytes: 0, bad: None });
             }
-            Out::Data(d) => {
+            Out::Data { data: d, .. } => {
                 let f = self.file.as_mut().ok_or_else(outside)?;
                 f.hasher.update(&d);
                 f.bytes += d.len() as u64;

@@ -91,23 +91,55 @@ const READ_AHEAD_CHUNKS: usize = 4;
 const THREADED_READ_MIN: u64 = 16 << 20;
 
 /// One file's content on its way out: its chunk list, hash and size.
+/// The first chunk is held back until the next one shows up: a file of
+/// one chunk (most files of a source tree) then needs no second blake3
+/// pass, since its content hash is that chunk's id.
 struct Content<'a> {
     sink: &'a mut ChunkSink,
     progress: &'a dyn Progress,
     refs: Vec<ChunkRef>,
     hasher: blake3::Hasher,
     size: u64,
+    first: Option<(ChunkId, Vec<u8>)>,
 }
 
-impl Content<'_> {
+impl<'a> Content<'a> {
+    fn new(sink: &'a mut ChunkSink, progress: &'a dyn Progress) -> Self {
+        Self { sink, progress, refs: Vec::new(), hasher: blake3::Hasher::new(), size: 0, first: None }
+    }
+
     fn take(&mut self, data: Vec<u8>) -> Result<()> {
+        self.size += data.len() as u64;
+        self.progress.read(data.len() as u64);
+        if self.refs.is_empty() && self.first.is_none() {
+            self.first = Some((ChunkId::of(&data), data));
+            return Ok(());
+        }
+        if let Some((id, first)) = self.first.take() {
+            self.hasher.update(&first);
+            self.send(id, first)?;
+        }
         let id = hash_twice(&data, &mut self.hasher);
+        self.send(id, data)
+    }
+
+    fn send(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
         let len = data.len() as u32;
-        self.size += len as u64;
-        self.progress.read(len as u64);
         self.sink.send_hashed(id, data)?;
         self.refs.push(ChunkRef { id, len });
         Ok(())
+    }
+
+    /// The chunk list, content hash and size.
+    fn finish(mut self) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
+        let hash = match self.first.take() {
+            Some((id, only)) => {
+                self.send(id, only)?;
+                ContentHash::from_bytes(*id.as_bytes())
+            }
+            None => self.hasher.finalize().into(),
+        };
+        Ok((self.refs, hash, self.size))
     }
 }
 
@@ -197,13 +229,7 @@ impl Producer {
     ) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
         let read_err =
             |e: ChunkReadError| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(path)));
-        let mut content = Content {
-            sink: &mut self.sink,
-            progress: &*self.progress,
-            refs: Vec::new(),
-            hasher: blake3::Hasher::new(),
-            size: 0,
-        };
+        let mut content = Content::new(&mut self.sink, &*self.progress);
         let chunker = &mut self.chunker;
         if threaded {
             std::thread::scope(|s| {
@@ -228,9 +254,9 @@ impl Producer {
                 content.take(c.map_err(read_err)?)?;
             }
         }
-        let Content { refs, hasher, size, .. } = content;
+        let done = content.finish()?;
         self.files_read += 1;
-        Ok((refs, hasher.finalize().into(), size))
+        Ok(done)
     }
 
     fn emit_file(&mut self, path: Vec<u8>, meta: Meta, size: u64, refs: &[ChunkRef], hash: ContentHash) -> Result<()> {

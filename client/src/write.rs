@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bkp_common::tree::{Entry, Meta, SpecialKind};
-use bkp_common::ContentHash;
+use bkp_common::{ChunkId, ContentHash};
 
 use crate::error::{ClientError, Result};
 use crate::fetch::Out;
@@ -28,6 +28,11 @@ enum Target {
         meta: Meta,
         written: u64,
         hasher: Box<blake3::Hasher>,
+        /// The first chunk (checked against its id by the fetcher), not yet
+        /// hashed: if it stays the only one, the file's content hash is
+        /// its id and the second blake3 pass is saved.
+        first: Option<(ChunkId, Vec<u8>)>,
+        chunks: u64,
         /// Why the file cannot be restored (a chunk could not be had).
         bad: Option<String>,
     },
@@ -89,11 +94,24 @@ impl TreeWriter {
         self.report.errors.push(e.to_string());
     }
 
-    fn data(&mut self, d: Vec<u8>) -> Result<()> {
+    fn data(&mut self, id: ChunkId, d: Vec<u8>) -> Result<()> {
         match &mut self.sink {
             Target::File { bad: Some(_), .. } | Target::Skip => Ok(()),
-            Target::File { file, written, hasher, tmp, .. } => {
+            Target::File { file, written, hasher, tmp, first, chunks, .. } => {
+                *chunks += 1;
+                if let Some((_, f)) = first.take() {
+                    hasher.update(&f);
+                }
                 let at = *written;
+                if *chunks == 1 {
+                    if d.iter().any(|&b| b != 0) {
+                        file.write_all_at(&d, at).map_err(|e| io_err(tmp, e))?;
+                    }
+                    *written += d.len() as u64;
+                    self.progress.restored(d.len() as u64);
+                    *first = Some((id, d));
+                    return Ok(());
+                }
                 // All-zero chunks become holes: sparse files stay sparse.
                 crate::par::hash_while(&d, hasher, || match d.iter().any(|&b| b != 0) {
                     true => file.write_all_at(&d, at),
@@ -156,7 +174,17 @@ impl TreeWriter {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&tmp)
                     .map_err(|e| io_err(&tmp, e))?;
-                self.sink = Target::File { file, tmp, dest, meta, written: 0, hasher: Box::default(), bad: None };
+                self.sink = Target::File {
+                    file,
+                    tmp,
+                    dest,
+                    meta,
+                    written: 0,
+                    hasher: Box::default(),
+                    first: None,
+                    chunks: 0,
+                    bad: None,
+                };
             }
             Entry::Symlink { meta, target, .. } => {
                 clear(&dest)?;
@@ -207,7 +235,7 @@ impl TreeWriter {
     }
 
     fn file_end(&mut self, want: ContentHash) -> Result<()> {
-        let Target::File { file, tmp, dest, meta, written, hasher, bad } =
+        let Target::File { file, tmp, dest, meta, written, hasher, first, bad, .. } =
             std::mem::replace(&mut self.sink, Target::None)
         else {
             return Ok(()); // a skipped file
@@ -218,7 +246,11 @@ impl TreeWriter {
             return Ok(());
         }
         file.set_len(written).map_err(|e| io_err(&tmp, e))?;
-        if ContentHash::from(hasher.finalize()) != want {
+        let got = match first {
+            Some((id, _)) => ContentHash::from_bytes(*id.as_bytes()),
+            None => ContentHash::from(hasher.finalize()),
+        };
+        if got != want {
             let _ = fs::remove_file(&tmp);
             self.refuse(format!("{}: content does not match the snapshot; not restored", dest.display()));
             return Ok(());
@@ -264,7 +296,7 @@ impl TreeWriter {
 impl Sink for TreeWriter {
     fn handle(&mut self, o: Out) -> Result<()> {
         match o {
-            Out::Data(d) => self.data(d),
+            Out::Data { id, data } => self.data(id, data),
             Out::Bad { id, reason } => self.bad(format!("chunk {}: {reason}", id.short())),
             Out::Entry(e) => self.entry(e),
         }
@@ -272,5 +304,44 @@ impl Sink for TreeWriter {
 
     fn finish(mut self: Box<Self>) -> Result<RestoreReport> {
         self.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restore(entries: Vec<Out>) -> (tempfile::TempDir, RestoreReport) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Box::new(TreeWriter::new(dir.path(), Arc::new(crate::progress::Silent)).unwrap());
+        for o in entries {
+            w.handle(o).unwrap();
+        }
+        let report = w.finish().unwrap();
+        (dir, report)
+    }
+
+    fn file(path: &[u8], chunks: &[&[u8]], hash: ContentHash) -> Vec<Out> {
+        let size = chunks.iter().map(|c| c.len() as u64).sum();
+        let mut out =
+            vec![Out::Entry(Entry::File { path: path.to_vec(), meta: Meta { mode: 0o644, ..Meta::default() }, size })];
+        out.extend(chunks.iter().map(|c| Out::Data { id: ChunkId::of(c), data: c.to_vec() }));
+        out.push(Out::Entry(Entry::FileEnd { hash }));
+        out
+    }
+
+    #[test]
+    fn content_hash_is_checked_for_one_chunk_and_many_chunk_files() {
+        let (a, b) = (&b"first chunk"[..], &b"second"[..]);
+        let mut all = file(b"one", &[a], blake3::hash(a).into());
+        all.extend(file(b"two", &[a, b], blake3::hash(b"first chunksecond").into()));
+        all.extend(file(b"bad1", &[a], blake3::hash(b"other").into()));
+        all.extend(file(b"bad2", &[a, b], ContentHash::from_bytes(*ChunkId::of(a).as_bytes())));
+        let (dir, report) = restore(all);
+        assert_eq!(std::fs::read(dir.path().join("one")).unwrap(), a);
+        assert_eq!(std::fs::read(dir.path().join("two")).unwrap(), b"first chunksecond");
+        assert!(!dir.path().join("bad1").exists() && !dir.path().join("bad2").exists());
+        assert_eq!(report.files, 2);
+        assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
     }
 }
