@@ -225,9 +225,6 @@ impl Store for RocksStore {
         // the server's CPU on a restore.
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_verify_checksums(false);
-        // A restore reads each chunk once: keep the block cache for the
-        // index and filter blocks every lookup needs.
-        ro.fill_cache(false);
         self.db.get_cf_opt(self.cf(schema::CF_CHUNKS), id.as_bytes(), &ro).map_err(db_err)
     }
 
