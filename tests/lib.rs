@@ -254,3 +254,70 @@ impl TestServer {
         hits
     }
 }
+
+/// A `bkp-server serve` in a process of its own, for tests that kill it
+/// (SIGKILL: no clean RocksDB shutdown, no flush at close).
+pub struct ServerProcess {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub fingerprint: String,
+    child: Option<std::process::Child>,
+}
+
+impl ServerProcess {
+    /// Initialises a data directory; `serve` starts the process.
+    pub fn init() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        ok(Command::new(bin("bkp-server")).args(["init", "--data"]).arg(dir.path()));
+        let fingerprint = bkp_server::tls::fingerprint(&bkp_server::tls::load_cert(dir.path()).unwrap());
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self { dir, port, fingerprint, child: None }
+    }
+
+    pub fn token(&self, host: &str, role: &str) -> PathBuf {
+        let out = ok(Command::new(bin("bkp-server"))
+            .args(["token", "create", "--host", host, "--role", role, "--data"])
+            .arg(self.dir.path()));
+        let p = self.dir.path().join(format!("{host}.{role}.token"));
+        std::fs::write(&p, out.stdout).unwrap();
+        p
+    }
+
+    /// Starts `serve` with extra environment and waits for its control socket.
+    pub fn serve(&mut self, env: &[(&str, &str)]) {
+        let mut c = Command::new(bin("bkp-server"));
+        c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--data"])
+            .arg(self.dir.path())
+            .stderr(std::process::Stdio::null())
+            .envs(env.iter().copied());
+        self.child = Some(c.spawn().unwrap());
+        for _ in 0..100 {
+            if bkp_server::control::socket_path(self.dir.path()).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, then wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn bkp(&self, token: &Path) -> Command {
+        let mut c = Command::new(bin("bkp"));
+        c.env("BKP_SERVER", format!("127.0.0.1:{}", self.port))
+            .env("BKP_FINGERPRINT", &self.fingerprint)
+            .env("BKP_TOKEN_FILE", token);
+        c
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

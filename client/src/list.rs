@@ -69,10 +69,19 @@ fn list(path: &Path, meta: Metadata, excludes: &Excludes, out: &mut Out) -> bool
     if !is_dir {
         return true;
     }
-    let mut children: Vec<(OsString, fs::DirEntry)> = match fs::read_dir(path) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| (e.file_name(), e))).collect(),
+    let mut children: Vec<(OsString, fs::DirEntry)> = Vec::new();
+    match fs::read_dir(path) {
+        Ok(rd) => {
+            for e in rd {
+                match e {
+                    Ok(e) => children.push((e.file_name(), e)),
+                    Err(e) if !out.push(Listed::Warning(format!("{}: {e}", path.display()))) => return false,
+                    Err(_) => {}
+                }
+            }
+        }
         Err(e) => return out.push(Listed::Warning(format!("{}: {e}", path.display()))),
-    };
+    }
     // Sorted, so an unchanged tree gives the same stream and dedups.
     children.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, entry) in children {

@@ -12,7 +12,7 @@ use bkp_common::snapshot::SnapshotKind;
 use bkp_common::ChunkId;
 use bkp_server::config::ServerConfig;
 use bkp_server::gc::{self, GcHooks};
-use bkp_tests::{bin, encode_tree, file_entries, json, ok, random_bytes, TestServer};
+use bkp_tests::{bin, encode_tree, file_entries, json, ok, random_bytes, ServerProcess, TestServer};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -163,52 +163,22 @@ fn frozen_client_past_its_lease_cannot_commit_holes() {
 #[test]
 fn server_killed_mid_sweep_loses_nothing() {
     // A real server process, slowed down in its sweep so it can be killed there.
-    let dir = tempfile::tempdir().unwrap();
-    ok(Command::new(bin("bkp-server")).args(["init", "--data"]).arg(dir.path()));
-    let fp = bkp_server::tls::fingerprint(&bkp_server::tls::load_cert(dir.path()).unwrap());
-    let tok = |host: &str, role: &str| {
-        let out = ok(Command::new(bin("bkp-server"))
-            .args(["token", "create", "--host", host, "--role", role, "--data"])
-            .arg(dir.path()));
-        let p = dir.path().join(format!("{host}.{role}.token"));
-        std::fs::write(&p, out.stdout).unwrap();
-        p
-    };
-    let (push, admin) = (tok("web01", "push"), tok("ops", "admin"));
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let serve = |delay: bool| {
-        let mut c = Command::new(bin("bkp-server"));
-        c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"]).arg(dir.path()).stderr(Stdio::null());
-        if delay {
-            c.env("BKP_TEST_GC_BATCH", "1").env("BKP_TEST_GC_BATCH_DELAY_MS", "100");
-        }
-        let child = c.spawn().unwrap();
-        for _ in 0..100 {
-            if bkp_server::control::socket_path(dir.path()).exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child
-    };
-    let bkp = |token: &std::path::Path| {
-        let mut c = Command::new(bin("bkp"));
-        c.env("BKP_SERVER", format!("127.0.0.1:{port}")).env("BKP_FINGERPRINT", &fp).env("BKP_TOKEN_FILE", token);
-        c
-    };
+    let mut server = ServerProcess::init();
+    let (push, admin) = (server.token("web01", "push"), server.token("ops", "admin"));
+    let dir = server.dir.path().to_path_buf();
     let src_a = tempfile::tempdir().unwrap();
     let src_b = tempfile::tempdir().unwrap();
     for i in 0..12 {
         std::fs::write(src_a.path().join(format!("a{i}")), random_bytes(300_000, i)).unwrap();
         std::fs::write(src_b.path().join(format!("b{i}")), random_bytes(300_000, 50 + i)).unwrap();
     }
-    let mut server = serve(true);
-    let a = json(&ok(bkp(&push).args(["push", "--json", "--name", "a"]).arg(src_a.path())));
-    let b = json(&ok(bkp(&push).args(["push", "--json", "--name", "b"]).arg(src_b.path())));
-    ok(bkp(&admin).args(["forget", a["snapshot"]["id"].as_str().unwrap()]));
+    server.serve(&[("BKP_TEST_GC_BATCH", "1"), ("BKP_TEST_GC_BATCH_DELAY_MS", "100")]);
+    let a = json(&ok(server.bkp(&push).args(["push", "--json", "--name", "a"]).arg(src_a.path())));
+    let b = json(&ok(server.bkp(&push).args(["push", "--json", "--name", "b"]).arg(src_b.path())));
+    ok(server.bkp(&admin).args(["forget", a["snapshot"]["id"].as_str().unwrap()]));
     let gc = Command::new(bin("bkp-server"))
         .args(["gc", "--data"])
-        .arg(dir.path())
+        .arg(&dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
@@ -216,25 +186,26 @@ fn server_killed_mid_sweep_loses_nothing() {
     // 26 possession records then 26 chunks at 100 ms each: 3.5 s is in
     // the middle of deleting chunks.
     std::thread::sleep(Duration::from_millis(3500));
-    server.kill().unwrap(); // SIGKILL, mid-sweep
-    server.wait().unwrap();
+    server.kill(); // SIGKILL, mid-sweep
     let _ = gc.wait();
 
-    let mut server = serve(false);
+    server.serve(&[]);
     let target = tempfile::tempdir().unwrap();
-    ok(bkp(&push).args(["restore", b["snapshot"]["id"].as_str().unwrap(), "--target"]).arg(target.path()));
+    ok(server.bkp(&push).args(["restore", b["snapshot"]["id"].as_str().unwrap(), "--target"]).arg(target.path()));
     let restored = target.path().join(src_b.path().strip_prefix("/").unwrap());
     for i in 0..12 {
         assert!(std::fs::read(restored.join(format!("b{i}"))).unwrap() == random_bytes(300_000, 50 + i));
     }
-    let r = json(&ok(Command::new(bin("bkp-server")).args(["gc", "--json", "--data"]).arg(dir.path())));
-    let again = json(&ok(Command::new(bin("bkp-server")).args(["gc", "--json", "--data"]).arg(dir.path())));
+    let r = json(&ok(Command::new(bin("bkp-server")).args(["gc", "--json", "--data"]).arg(&dir)));
+    let again = json(&ok(Command::new(bin("bkp-server")).args(["gc", "--json", "--data"]).arg(&dir)));
     assert_eq!(again["figures"]["chunks_deleted"], 0, "after {r}");
     // Everything a's snapshot alone held is gone; b's is whole.
     assert_eq!(again["figures"]["snapshots"], 1);
-    ok(bkp(&push).args(["restore", "latest", "--name", "b", "--target"]).arg(tempfile::tempdir().unwrap().path()));
-    server.kill().unwrap();
-    server.wait().unwrap();
+    ok(server
+        .bkp(&push)
+        .args(["restore", "latest", "--name", "b", "--target"])
+        .arg(tempfile::tempdir().unwrap().path()));
+    server.kill();
 }
 
 #[test]

@@ -3,7 +3,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bkp_common::protocol::Role;
-use bkp_tests::{json, ok, random_bytes, TestServer};
+use bkp_tests::{json, ok, random_bytes, ServerProcess, TestServer};
 
 #[test]
 fn killed_push_leaves_no_snapshot_and_retry_skips_stored_chunks() {
@@ -44,6 +44,44 @@ fn killed_push_leaves_no_snapshot_and_retry_skips_stored_chunks() {
     assert!(sent < 80 << 20, "retry sent {sent} bytes of {}", data.len());
     let out = ok(server.bkp(&token).args(["restore", "latest", "--name", "big", "--stdout"]));
     assert!(out.stdout == data);
+}
+
+#[test]
+fn server_killed_right_after_commits_keeps_every_snapshot() {
+    // Large chunks skip the WAL; the commit flushes them before it answers.
+    // SIGKILL (no clean close, no flush at shutdown) must lose nothing
+    // acknowledged, from a tree push or a stream push.
+    let mut server = ServerProcess::init();
+    let token = server.token("web01", "push");
+    server.serve(&[]);
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..4 {
+        std::fs::write(src.path().join(format!("f{i}")), random_bytes(3 << 20, 70 + i)).unwrap();
+    }
+    let tree = json(&ok(server.bkp(&token).args(["push", "--json", "--name", "files"]).arg(src.path())));
+    assert!(tree["bytes_sent"].as_u64().unwrap() >= 12 << 20, "{tree}");
+    let stream = random_bytes(6 << 20, 80);
+    let mut child = server
+        .bkp(&token)
+        .args(["push", "--json", "--name", "dump", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&stream).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    server.kill();
+
+    server.serve(&[]);
+    let target = tempfile::tempdir().unwrap();
+    ok(server.bkp(&token).args(["restore", tree["snapshot"]["id"].as_str().unwrap(), "--target"]).arg(target.path()));
+    let restored = target.path().join(src.path().strip_prefix("/").unwrap());
+    for i in 0..4 {
+        assert!(std::fs::read(restored.join(format!("f{i}"))).unwrap() == random_bytes(3 << 20, 70 + i));
+    }
+    let out = ok(server.bkp(&token).args(["restore", "latest", "--name", "dump", "--stdout"]));
+    assert!(out.stdout == stream, "stream restored after SIGKILL differs");
+    server.kill();
 }
 
 #[test]
