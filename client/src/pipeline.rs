@@ -138,6 +138,10 @@ pub struct ChunkSink {
 }
 
 impl ChunkSink {
+    fn new(tx: mpsc::Sender<Vec<RawChunk>>) -> Self {
+        Self { tx, budget: Budget::new(BUDGET_BYTES), held: Vec::new(), held_bytes: 0 }
+    }
+
     pub fn send(&mut self, data: Vec<u8>) -> Result<ChunkId> {
         let id = ChunkId::of(&data);
         self.send_hashed(id, data)
@@ -224,7 +228,7 @@ pub fn start(
     let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<RawChunk>>(QUEUE);
     let (missing_tx, missing_rx) = mpsc::channel::<Vec<RawChunk>>(QUEUE);
     let (blob_tx, blob_rx) = mpsc::channel::<Vec<Encoded>>(QUEUE);
-    let sink = ChunkSink { tx: chunk_tx, budget: Budget::new(BUDGET_BYTES), held: Vec::new(), held_bytes: 0 };
+    let sink = ChunkSink::new(chunk_tx);
     let in_flight: InFlight = Default::default();
     let pool = compress_pool(missing_rx, blob_tx, level);
     let run = async move {
@@ -457,7 +461,7 @@ mod tests {
     #[test]
     fn sink_sends_in_batches_and_flushes_what_it_holds_when_dropped() {
         let (tx, mut rx) = mpsc::channel(QUEUE);
-        let mut sink = ChunkSink { tx, budget: Budget::new(BUDGET_BYTES), held: Vec::new(), held_bytes: 0 };
+        let mut sink = ChunkSink::new(tx);
         for i in 0..BATCH_ITEMS + 3 {
             sink.send(vec![i as u8; 10]).unwrap();
         }

@@ -78,13 +78,6 @@ impl Excludes {
     }
 }
 
-/// Updates the file hash with `data` and returns the chunk's id: for a
-/// large chunk the two blake3 passes run at once (a dump's producer was
-/// otherwise bound by hashing on one core).
-fn hash_twice(data: &[u8], file: &mut blake3::Hasher) -> ChunkId {
-    crate::par::hash_while(data, file, || ChunkId::of(data))
-}
-
 /// Chunks cut ahead of the hashing thread (up to 4 MiB each).
 const READ_AHEAD_CHUNKS: usize = 4;
 /// Files from this size are read and cut on a thread of their own.
@@ -119,7 +112,9 @@ impl<'a> Content<'a> {
             self.hasher.update(&first);
             self.send(id, first)?;
         }
-        let id = hash_twice(&data, &mut self.hasher);
+        // The chunk id and the file hash at once for a large chunk: a
+        // dump's producer was otherwise bound by hashing on one core.
+        let id = crate::par::hash_while(&data, &mut self.hasher, || ChunkId::of(&data));
         self.send(id, data)
     }
 

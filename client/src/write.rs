@@ -32,7 +32,6 @@ enum Target {
         /// hashed: if it stays the only one, the file's content hash is
         /// its id and the second blake3 pass is saved.
         first: Option<(ChunkId, Vec<u8>)>,
-        chunks: u64,
         /// Why the file cannot be restored (a chunk could not be had).
         bad: Option<String>,
     },
@@ -97,29 +96,27 @@ impl TreeWriter {
     fn data(&mut self, id: ChunkId, d: Vec<u8>) -> Result<()> {
         match &mut self.sink {
             Target::File { bad: Some(_), .. } | Target::Skip => Ok(()),
-            Target::File { file, written, hasher, tmp, first, chunks, .. } => {
-                *chunks += 1;
+            Target::File { file, written, hasher, tmp, first, .. } => {
+                let at = *written;
+                let is_first = at == 0 && first.is_none();
                 if let Some((_, f)) = first.take() {
                     hasher.update(&f);
                 }
-                let at = *written;
-                if *chunks == 1 {
-                    if d.iter().any(|&b| b != 0) {
-                        file.write_all_at(&d, at).map_err(|e| io_err(tmp, e))?;
-                    }
-                    *written += d.len() as u64;
-                    self.progress.restored(d.len() as u64);
-                    *first = Some((id, d));
-                    return Ok(());
-                }
                 // All-zero chunks become holes: sparse files stay sparse.
-                crate::par::hash_while(&d, hasher, || match d.iter().any(|&b| b != 0) {
+                let write = || match d.iter().any(|&b| b != 0) {
                     true => file.write_all_at(&d, at),
                     false => Ok(()),
-                })
+                };
+                match is_first {
+                    true => write(),
+                    false => crate::par::hash_while(&d, hasher, write),
+                }
                 .map_err(|e| io_err(tmp, e))?;
                 *written += d.len() as u64;
                 self.progress.restored(d.len() as u64);
+                if is_first {
+                    *first = Some((id, d));
+                }
                 Ok(())
             }
             Target::None => Err(ClientError::Corrupt("data outside a file".into())),
@@ -174,17 +171,8 @@ impl TreeWriter {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&tmp)
                     .map_err(|e| io_err(&tmp, e))?;
-                self.sink = Target::File {
-                    file,
-                    tmp,
-                    dest,
-                    meta,
-                    written: 0,
-                    hasher: Box::default(),
-                    first: None,
-                    chunks: 0,
-                    bad: None,
-                };
+                self.sink =
+                    Target::File { file, tmp, dest, meta, written: 0, hasher: Box::default(), first: None, bad: None };
             }
             Entry::Symlink { meta, target, .. } => {
                 clear(&dest)?;
@@ -266,9 +254,7 @@ impl TreeWriter {
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_file(&tmp);
             return Err(match e.raw_os_error() {
-                Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
-                    ClientError::Restore(format!("{}: a directory is in the way", dest.display()))
-                }
+                Some(libc::EISDIR) => ClientError::Restore(format!("{}: a directory is in the way", dest.display())),
                 _ => io_err(&dest, e),
             });
         }

@@ -31,7 +31,7 @@ pub enum CommitError {
 pub trait CommitSession {
     /// The ids among `ids` that this session has not proven.
     fn unproven(&self, ids: &[ChunkId]) -> Vec<ChunkId>;
-    /// `ids` passed the check.
+    /// `ids`, looked up because they were unproven, passed the check.
     fn checked(&mut self, ids: &[ChunkId]);
 }
 
@@ -87,8 +87,8 @@ pub fn walk_tree(
 /// The commit check: every referenced chunk must be one the host may
 /// use. `session` says which ids this push already proved (told "stored"
 /// by a has-chunk query, or uploaded; see `sessions`, which drops an id
-/// from there when verify quarantines it) and is told every id once it is
-/// checked; only the others are looked up. The caller holds the session
+/// from there when verify quarantines it); only the others are looked up,
+/// and the session is told of them once they pass. The caller holds the session
 /// fence throughout, so no sweep runs between the check and the write.
 pub fn check_tree(
     store: &dyn Store,
@@ -106,7 +106,7 @@ pub fn check_tree(
                 unproven[i].short()
             )));
         }
-        session.checked(ids);
+        session.checked(&unproven);
         Ok(())
     })?;
     if kind == SnapshotKind::Stream && (stats.files != 1 || stats.dirs + stats.others != 0) {
