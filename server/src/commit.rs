@@ -25,8 +25,6 @@ pub enum CommitError {
     Store(#[from] StoreError),
 }
 
-/// Walks a tree stream, handing every referenced chunk id (the tree's own
-/// chunks first, then data chunks in batches) to `refs`.
 /// What the commit check needs from the push session.
 pub trait CommitSession {
     /// The ids among `ids` that this session has not proven.
@@ -35,6 +33,8 @@ pub trait CommitSession {
     fn checked(&mut self, ids: &[ChunkId]);
 }
 
+/// Walks a tree stream, handing every referenced chunk id (the tree's own
+/// chunks first, then data chunks in batches) to `refs`.
 pub fn walk_tree(
     store: &dyn Store,
     tree: &[ChunkId],
@@ -113,4 +113,33 @@ pub fn check_tree(
         return Err(CommitError::Rejected("a stream snapshot holds exactly one file".into()));
     }
     Ok(stats)
+}
+
+/// The chunks a new push of set `name` by `host` may take as proven
+/// without asking the store about each: every reference of the set's
+/// newest snapshot that is still stored. Empty when the set has none.
+///
+/// Why that is safe, given the caller holds the session fence (so no GC
+/// sweep batch and no quarantine runs until it has touched the result):
+/// the snapshot's commit checked each reference for this same host, so
+/// the host has proven it holds them; and what is stored now stays stored
+/// for the session once touched (a sweep spares touched chunks, a
+/// quarantine removes the id from every session). Whether each is stored
+/// is one sorted pass over `chunk_meta` rather than two random lookups
+/// per id, so a chunk that was quarantined or lost is not reused.
+pub fn parent_refs(store: &dyn Store, host: &str, name: &str) -> Result<Vec<ChunkId>, CommitError> {
+    let Some(newest) = store.list_snapshots(Some(host), Some(name))?.pop() else {
+        return Ok(Vec::new());
+    };
+    // Forgotten since it was listed: nothing to prove.
+    let Some(parent) = store.snapshot(&newest.id)? else { return Ok(Vec::new()) };
+    let mut ids = Vec::new();
+    walk_tree(store, &parent.tree, &mut |refs| {
+        ids.extend_from_slice(refs);
+        Ok(())
+    })?;
+    ids.sort_unstable();
+    ids.dedup();
+    let stored = store.stored_sorted(&ids)?;
+    Ok(ids.into_iter().zip(stored).filter(|(_, s)| *s).map(|(id, _)| id).collect())
 }

@@ -14,7 +14,7 @@ use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
-use crate::commit::{check_tree, CommitError};
+use crate::commit::{check_tree, parent_refs, CommitError};
 use crate::monitor::Counters;
 use crate::server::ServerState;
 use crate::sessions::SessionError;
@@ -66,6 +66,22 @@ impl From<IoError> for Fail {
 
 fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Touches the references of the set's newest snapshot for this session
+/// (see `commit::parent_refs` for why that is safe). Only a shortcut: on
+/// any error the session goes on with store lookups.
+fn prove_parent(store: &dyn crate::store::Store, guard: &crate::sessions::PushGuard<'_>) {
+    let started = std::time::Instant::now();
+    match parent_refs(store, &guard.info.host, &guard.info.name) {
+        Ok(ids) => {
+            debug!(host = %guard.info.host, name = %guard.info.name, chunks = ids.len(),
+                   ms = started.elapsed().as_millis() as u64, "proved the previous snapshot's chunks");
+            guard.touch(ids);
+        }
+        Err(e) => warn!(host = %guard.info.host, name = %guard.info.name,
+                        "previous snapshot not used to prove chunks ({e}); looking them up instead"),
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Fail> {
@@ -185,10 +201,16 @@ impl Conn {
                 let state = self.state.clone();
                 let missing = blocking(move || {
                     let guard = state.sessions.enter(session, &host)?;
-                    let have = store.host_has(&host, &ids)?;
+                    if guard.claim_parent() {
+                        prove_parent(store.as_ref(), &guard);
+                    }
+                    // Only what the session has not proven needs the store.
+                    let unknown = guard.untouched_at(&ids);
+                    let asked: Vec<ChunkId> = unknown.iter().map(|&i| ids[i]).collect();
+                    let have = store.host_has(&host, &asked)?;
                     // What the push is told is stored, a sweep must spare.
-                    guard.touch(ids.iter().zip(&have).filter(|(_, h)| **h).map(|(id, _)| *id));
-                    Ok::<_, Fail>(have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32).collect())
+                    guard.touch(asked.iter().zip(&have).filter(|(_, h)| **h).map(|(id, _)| *id));
+                    Ok::<_, Fail>(unknown.iter().zip(&have).filter(|(_, h)| !**h).map(|(&i, _)| i as u32).collect())
                 })
                 .await??;
                 Response::Missing(missing)

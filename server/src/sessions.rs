@@ -9,6 +9,13 @@
 //! the sweep deleted it first (and the push sees it missing and uploads
 //! it again). No wall-clock grace window is involved.
 //!
+//! A session also starts out proving the references of its set's newest
+//! snapshot (`claim_parent`, done by the first has-chunk query; see
+//! `crate::commit::parent_refs`): that snapshot's commit checked them for
+//! this host, and while it exists GC keeps them, so once touched they are
+//! as safe to reuse as a "stored" answer. An incremental push of a large
+//! tree then costs no store lookups for the chunks it reuses.
+//!
 //! A session that is silent for longer than its lease is expired: it is
 //! dropped (its chunks lose their protection) and every later request on
 //! it, its commit included, fails with a clear error. A frozen client
@@ -38,6 +45,9 @@ struct Session {
     kind: SnapshotKind,
     last_seen: Instant,
     touched: HashSet<ChunkId>,
+    /// Whether an operation has taken on proving the set's previous
+    /// snapshot for this session (see [`PushGuard::claim_parent`]).
+    parent_claimed: bool,
 }
 
 #[derive(Default)]
@@ -78,10 +88,31 @@ impl PushGuard<'_> {
 
     /// The ids among `ids` this session has not touched.
     pub fn untouched(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+        self.untouched_at(ids).into_iter().map(|i| ids[i]).collect()
+    }
+
+    /// The positions in `ids` of the ids this session has not touched.
+    pub fn untouched_at(&self, ids: &[ChunkId]) -> Vec<usize> {
         let inner = self.sessions.inner.lock().expect("sessions lock");
         match inner.map.get(&self.id) {
-            Some(s) => ids.iter().filter(|id| !s.touched.contains(id)).copied().collect(),
-            None => ids.to_vec(),
+            Some(s) => (0..ids.len()).filter(|&i| !s.touched.contains(&ids[i])).collect(),
+            None => (0..ids.len()).collect(),
+        }
+    }
+
+    /// True exactly once per session: the caller then proves the
+    /// references of the set's newest snapshot in bulk (`touch`), so that
+    /// an incremental push's has-chunk queries and commit need no store
+    /// lookup for them. Only the first caller does it; concurrent ones go
+    /// on with lookups, which give the same answers.
+    pub fn claim_parent(&self) -> bool {
+        let mut inner = self.sessions.inner.lock().expect("sessions lock");
+        match inner.map.get_mut(&self.id) {
+            Some(s) if !s.parent_claimed => {
+                s.parent_claimed = true;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -128,6 +159,7 @@ impl Sessions {
             kind,
             last_seen: Instant::now(),
             touched: HashSet::new(),
+            parent_claimed: false,
         };
         inner.map.insert(id, s);
         id
@@ -229,6 +261,16 @@ mod tests {
         assert!(s.enter(id, "h").unwrap().untouched(&[a, b]).is_empty());
         assert_eq!(s.quarantine(&a, || 7), 7);
         assert_eq!(s.enter(id, "h").unwrap().untouched(&[a, b]), [a]);
+        assert_eq!(s.enter(id, "h").unwrap().untouched_at(&[b, a, b]), [1]);
+    }
+
+    #[test]
+    fn parent_is_claimed_once_per_session() {
+        let s = Sessions::new(Duration::from_secs(60));
+        let (one, two) = (s.start("h", "n", SnapshotKind::Tree), s.start("h", "n", SnapshotKind::Tree));
+        assert!(s.enter(one, "h").unwrap().claim_parent());
+        assert!(!s.enter(one, "h").unwrap().claim_parent());
+        assert!(s.enter(two, "h").unwrap().claim_parent(), "each session proves its own parent");
     }
 
     #[test]

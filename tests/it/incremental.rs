@@ -221,3 +221,38 @@ fn verify_only_checks_everything_and_names_what_fails() {
     assert_same_files(&root, &restored, &["a/b", "sub/deeper/y.bin", "z.bin"]);
     assert!(!restored.join("sub/x").exists() && !restored.join("sub/big").exists());
 }
+
+/// A push's first has-chunk query proves, in bulk, the chunks of its set's
+/// newest snapshot (no lookup per id); what is no longer stored, and what
+/// another host or set holds, is still reported missing.
+#[test]
+fn previous_snapshot_proves_only_what_is_still_stored() {
+    use bkp_common::snapshot::SnapshotKind;
+    let server = TestServer::start();
+    let token = server.token("db01", Role::Push);
+    let data = random_bytes(3 << 20, 41);
+    server.push_stdin(&token, "pgdump", &data);
+    let ids: Vec<ChunkId> =
+        bkp_common::chunker::chunk_reader(&data[..]).map(|c| ChunkId::of(&c.unwrap())).collect();
+    assert!(ids.len() >= 2, "{} chunks", ids.len());
+    let (lost, quarantined) = (ids[0], ids[1]);
+    let state = server.state();
+    assert!(state.store.delete_chunks(&[lost]).unwrap() > 0);
+    state.sessions.quarantine(&quarantined, || state.store.quarantine_chunk(&quarantined, "test", 1).unwrap());
+    let other = server.token("db02", Role::Push);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let c = server.client(&token).await;
+        let s = c.start_push("pgdump", SnapshotKind::Stream).await.unwrap();
+        assert_eq!(c.missing(s, ids.clone()).await.unwrap(), [0, 1], "lost and quarantined chunks are missing");
+        // Another set of the same host proves nothing of this one's.
+        let s = c.start_push("other", SnapshotKind::Stream).await.unwrap();
+        let want: Vec<u32> = (0..ids.len() as u32).collect();
+        assert_eq!(c.missing(s, vec![ChunkId::of(b"nothing")]).await.unwrap(), [0]);
+        // The host still holds the rest (it uploaded them), set or not.
+        assert_eq!(c.missing(s, ids.clone()).await.unwrap(), [0, 1]);
+        // Another host with a set of the same name must upload everything.
+        let c2 = server.client(&other).await;
+        let s2 = c2.start_push("pgdump", SnapshotKind::Stream).await.unwrap();
+        assert_eq!(c2.missing(s2, ids.clone()).await.unwrap(), want);
+    });
+}

