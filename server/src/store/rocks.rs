@@ -537,6 +537,30 @@ mod tests {
     }
 
     #[test]
+    fn stored_sorted_agrees_with_point_lookups() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+        let stored: Vec<VerifiedChunk> = (0..200u32).map(|i| chunk(&i.to_le_bytes())).collect();
+        s.put_chunks("h", &stored[..150]).unwrap();
+        // The rest go into a second SST, so the iterator merges levels too.
+        s.persist_unlogged().unwrap();
+        s.db.flush_cf(s.cf(schema::CF_CHUNK_META)).unwrap();
+        s.put_chunks("h", &stored[150..]).unwrap();
+        // Every 7th stored chunk asked about, runs of neighbours, ids that
+        // sort before, between and after all stored ones.
+        let mut ask: Vec<ChunkId> = stored.iter().step_by(7).map(|c| *c.id()).collect();
+        ask.extend(stored[40..60].iter().map(|c| *c.id()));
+        ask.extend((0..50u32).map(|i| ChunkId::of(&(1000 + i).to_le_bytes())));
+        ask.extend([ChunkId::from_bytes([0; 32]), ChunkId::from_bytes([0xff; 32])]);
+        ask.sort_unstable();
+        ask.dedup();
+        let want: Vec<bool> = ask.iter().map(|id| s.chunk_meta(id).unwrap().is_some()).collect();
+        assert!(want.iter().filter(|&&b| b).count() >= 40 && want.iter().any(|&b| !b));
+        assert_eq!(s.stored_sorted(&ask).unwrap(), want);
+        assert_eq!(s.stored_sorted(&[]).unwrap(), Vec::<bool>::new());
+    }
+
+    #[test]
     fn snapshots_survive_reopen_and_list_by_set() {
         let dir = tempfile::tempdir().unwrap();
         let mk = |host: &str, name: &str, t| Snapshot {
