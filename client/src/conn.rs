@@ -133,7 +133,9 @@ impl Client {
         qcfg.transport_config(Arc::new(bkp_common::quic::transport()));
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("bind address");
         let socket = std::net::UdpSocket::bind(bind).map_err(|e| err(e.to_string()))?;
-        let mut endpoint = bkp_common::quic::endpoint(socket, None).map_err(|e| err(e.to_string()))?;
+        // The granted buffer size is not reported: a cron job should not
+        // warn about a system setting every night (the server does).
+        let (mut endpoint, _) = bkp_common::quic::endpoint(socket, None).map_err(|e| err(e.to_string()))?;
         endpoint.set_default_client_config(qcfg);
         let conn =
             endpoint.connect(addr, name).map_err(|e| err(e.to_string()))?.await.map_err(|e| err(e.to_string()))?;

@@ -66,7 +66,18 @@ impl ServerState {
 pub fn bind(data_dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint, ServerError> {
     let cfg = tls::server_config(data_dir)?;
     let socket = std::net::UdpSocket::bind(listen).map_err(|e| ServerError::Bind(listen, e))?;
-    bkp_common::quic::endpoint(socket, Some(cfg)).map_err(|e| ServerError::Bind(listen, e))
+    let (endpoint, granted) =
+        bkp_common::quic::endpoint(socket, Some(cfg)).map_err(|e| ServerError::Bind(listen, e))?;
+    if granted < bkp_common::quic::SOCKET_BUFFER_BYTES / 2 {
+        tracing::warn!(
+            "UDP receive buffer is {} KiB, below the {} KiB asked for: uploads from several hosts at once \
+             may lose datagrams and slow down; raise it with `sysctl -w net.core.rmem_max={}`",
+            granted >> 10,
+            bkp_common::quic::SOCKET_BUFFER_BYTES >> 10,
+            bkp_common::quic::SOCKET_BUFFER_BYTES
+        );
+    }
+    Ok(endpoint)
 }
 
 /// Everything `bkp-server serve` runs: the QUIC endpoint, the control
