@@ -27,6 +27,9 @@ enum Target {
         dest: PathBuf,
         meta: Meta,
         written: u64,
+        /// Where the last write ended: short of `written` when the file
+        /// ends in a hole, which only `set_len` can extend over.
+        data_end: u64,
         hasher: Box<blake3::Hasher>,
         /// The first chunk (checked against its id by the fetcher), not yet
         /// hashed: if it stays the only one, the file's content hash is
@@ -43,6 +46,8 @@ pub struct TreeWriter {
     dirs: Vec<(PathBuf, Meta)>,
     sink: Target,
     as_root: bool,
+    /// The process umask, which `open` applied to each new file's mode.
+    umask: u32,
     report: RestoreReport,
     progress: Arc<dyn Progress>,
 }
@@ -78,12 +83,20 @@ impl TreeWriter {
         let root = fs::canonicalize(target).map_err(|e| io_err(target, e))?;
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
+        // umask can only be read by setting it; the old value goes straight
+        // back. SAFETY: umask has no preconditions.
+        let umask = unsafe {
+            let old = libc::umask(0o077);
+            libc::umask(old);
+            old
+        } as u32;
         Ok(Self {
             dirs_checked: safepath::Dirs::new(&root),
             root,
             dirs: Vec::new(),
             sink: Target::None,
             as_root,
+            umask,
             report: RestoreReport::default(),
             progress,
         })
@@ -96,14 +109,15 @@ impl TreeWriter {
     fn data(&mut self, id: ChunkId, d: Vec<u8>) -> Result<()> {
         match &mut self.sink {
             Target::File { bad: Some(_), .. } | Target::Skip => Ok(()),
-            Target::File { file, written, hasher, tmp, first, .. } => {
+            Target::File { file, written, data_end, hasher, tmp, first, .. } => {
                 let at = *written;
                 let is_first = at == 0 && first.is_none();
                 if let Some((_, f)) = first.take() {
                     hasher.update(&f);
                 }
                 // All-zero chunks become holes: sparse files stay sparse.
-                let write = || match d.iter().any(|&b| b != 0) {
+                let data = d.iter().any(|&b| b != 0);
+                let write = || match data {
                     true => file.write_all_at(&d, at),
                     false => Ok(()),
                 };
@@ -113,6 +127,9 @@ impl TreeWriter {
                 }
                 .map_err(|e| io_err(tmp, e))?;
                 *written += d.len() as u64;
+                if data {
+                    *data_end = *written;
+                }
                 self.progress.restored(d.len() as u64);
                 if is_first {
                     *first = Some((id, d));
@@ -164,15 +181,29 @@ impl TreeWriter {
             }
             Entry::File { meta, .. } => {
                 let tmp = dest.with_file_name(format!(".bkp-restore.{:016x}", rand::random::<u64>()));
+                // Created with its final permission bits, so most files need
+                // no fchmod (setuid and the like still come with fchmod, after
+                // fchown, which clears them); a file just created is writable
+                // through this descriptor whatever its mode.
                 let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .mode(0o600)
+                    .mode(meta.mode & 0o777)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&tmp)
                     .map_err(|e| io_err(&tmp, e))?;
                 self.sink =
-                    Target::File { file, tmp, dest, meta, written: 0, hasher: Box::default(), first: None, bad: None };
+                    Target::File {
+                        file,
+                        tmp,
+                        dest,
+                        meta,
+                        written: 0,
+                        data_end: 0,
+                        hasher: Box::default(),
+                        first: None,
+                        bad: None,
+                    };
             }
             Entry::Symlink { meta, target, .. } => {
                 clear(&dest)?;
@@ -223,7 +254,7 @@ impl TreeWriter {
     }
 
     fn file_end(&mut self, want: ContentHash) -> Result<()> {
-        let Target::File { file, tmp, dest, meta, written, hasher, first, bad, .. } =
+        let Target::File { file, tmp, dest, meta, written, data_end, hasher, first, bad } =
             std::mem::replace(&mut self.sink, Target::None)
         else {
             return Ok(()); // a skipped file
@@ -233,7 +264,9 @@ impl TreeWriter {
             self.refuse(format!("{}: {why}; not restored", dest.display()));
             return Ok(());
         }
-        file.set_len(written).map_err(|e| io_err(&tmp, e))?;
+        if data_end != written {
+            file.set_len(written).map_err(|e| io_err(&tmp, e))?;
+        }
         let got = match first {
             Some((id, _)) => ContentHash::from_bytes(*id.as_bytes()),
             None => ContentHash::from(hasher.finalize()),
@@ -246,7 +279,9 @@ impl TreeWriter {
         if self.as_root {
             std::os::unix::fs::fchown(&file, Some(meta.uid), Some(meta.gid)).map_err(|e| io_err(&tmp, e))?;
         }
-        file.set_permissions(fs::Permissions::from_mode(meta.mode)).map_err(|e| io_err(&tmp, e))?;
+        if meta.mode & 0o7777 != (meta.mode & 0o777 & !self.umask) {
+            file.set_permissions(fs::Permissions::from_mode(meta.mode)).map_err(|e| io_err(&tmp, e))?;
+        }
         filetime::set_file_handle_times(&file, None, Some(mtime(&meta))).map_err(|e| io_err(&tmp, e))?;
         drop(file);
         // rename replaces a file or symlink at `dest` without following
@@ -314,6 +349,32 @@ mod tests {
         out.extend(chunks.iter().map(|c| Out::Data { id: ChunkId::of(c), data: c.to_vec() }));
         out.push(Out::Entry(Entry::FileEnd { hash }));
         out
+    }
+
+    #[test]
+    fn modes_and_trailing_holes_are_restored() {
+        use std::os::unix::fs::MetadataExt;
+        let data = b"some data".to_vec();
+        let zeros = vec![0u8; 8192];
+        let mut all = Vec::new();
+        for (name, mode) in [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)] {
+            let mut f = file(name.as_bytes(), &[&data], blake3::hash(&data).into());
+            if let Out::Entry(Entry::File { meta, .. }) = &mut f[0] {
+                meta.mode = mode;
+            }
+            all.extend(f);
+        }
+        let whole = [&data[..], &zeros[..]].concat();
+        all.extend(file(b"holey", &[&data, &zeros], blake3::hash(&whole).into()));
+        let (dir, report) = restore(all);
+        assert_eq!(report.files, 6, "{:?}", report.errors);
+        for (name, mode) in [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)] {
+            let m = std::fs::metadata(dir.path().join(name)).unwrap();
+            assert_eq!(m.mode() & 0o7777, mode, "{name}");
+        }
+        let holey = dir.path().join("holey");
+        assert_eq!(std::fs::read(&holey).unwrap(), whole, "a trailing hole still counts for the length");
+        assert_eq!(std::fs::metadata(&holey).unwrap().mode() & 0o7777, 0o644);
     }
 
     #[test]
