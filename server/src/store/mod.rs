@@ -89,6 +89,10 @@ pub trait Store: Send + Sync + 'static {
     /// only when the host has proven it holds the chunk and the chunk is
     /// still stored.
     fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
+    /// For each id: has `host` proven it holds this chunk? (Its possession
+    /// record only: whether the chunk is still stored is the read's to
+    /// find out.)
+    fn host_holds(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
     /// For each id of `ids`, which must be sorted and free of repeats: is
     /// the chunk stored? (Sorted keys let RocksDB look up neighbours in
     /// one pass over each block.)

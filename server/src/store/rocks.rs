@@ -190,6 +190,15 @@ impl Store for RocksStore {
         Ok(held.iter().zip(stored).map(|(h, s)| *h && *s).collect())
     }
 
+    fn host_holds(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        let hc = self.cf(schema::CF_HOST_CHUNKS);
+        self.db
+            .multi_get_cf(ids.iter().map(|id| (hc, schema::host_chunk_key(host, id))))
+            .into_iter()
+            .map(|r| r.map(|v| v.is_some()).map_err(db_err))
+            .collect()
+    }
+
     fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         debug_assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must be sorted and unique");
         // One forward pass of an iterator: a few `next` steps reach a
@@ -528,8 +537,10 @@ mod tests {
         let st = s.put_chunks("h1", &[a]).unwrap();
         assert_eq!(st.new_chunks, 1);
         assert_eq!(s.host_has("h1", &ids).unwrap(), [true, false]);
+        assert_eq!(s.host_holds("h1", &ids).unwrap(), [true, false]);
         // Another host does not learn that h1 holds the chunk...
         assert_eq!(s.host_has("h2", &ids).unwrap(), [false, false]);
+        assert_eq!(s.host_holds("h2", &ids).unwrap(), [false, false]);
         // ...and its upload is stored once.
         assert_eq!(s.put_chunks("h2", &[chunk(b"aaaa")]).unwrap().new_chunks, 0);
         assert_eq!(s.host_has("h2", &ids).unwrap(), [true, false]);
