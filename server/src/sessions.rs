@@ -14,7 +14,9 @@
 //! `crate::commit::parent_refs`): that snapshot's commit checked them for
 //! this host, and while it exists GC keeps them, so once touched they are
 //! as safe to reuse as a "stored" answer. An incremental push of a large
-//! tree then costs no store lookups for the chunks it reuses.
+//! tree then costs no store lookups for the chunks it reuses. The walk
+//! runs under the fence's read side, like any push operation, so a sweep
+//! batch waits for it (50-90 ms for the 78,000-file linux-source tree).
 //!
 //! A session that is silent for longer than its lease is expired: it is
 //! dropped (its chunks lose their protection) and every later request on
