@@ -192,18 +192,17 @@ impl TreeWriter {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&tmp)
                     .map_err(|e| io_err(&tmp, e))?;
-                self.sink =
-                    Target::File {
-                        file,
-                        tmp,
-                        dest,
-                        meta,
-                        written: 0,
-                        data_end: 0,
-                        hasher: Box::default(),
-                        first: None,
-                        bad: None,
-                    };
+                self.sink = Target::File {
+                    file,
+                    tmp,
+                    dest,
+                    meta,
+                    written: 0,
+                    data_end: 0,
+                    hasher: Box::default(),
+                    first: None,
+                    bad: None,
+                };
             }
             Entry::Symlink { meta, target, .. } => {
                 clear(&dest)?;
@@ -357,7 +356,9 @@ mod tests {
         let data = b"some data".to_vec();
         let zeros = vec![0u8; 8192];
         let mut all = Vec::new();
-        for (name, mode) in [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)] {
+        for (name, mode) in
+            [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)]
+        {
             let mut f = file(name.as_bytes(), &[&data], blake3::hash(&data).into());
             if let Out::Entry(Entry::File { meta, .. }) = &mut f[0] {
                 meta.mode = mode;
@@ -368,7 +369,9 @@ mod tests {
         all.extend(file(b"holey", &[&data, &zeros], blake3::hash(&whole).into()));
         let (dir, report) = restore(all);
         assert_eq!(report.files, 6, "{:?}", report.errors);
-        for (name, mode) in [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)] {
+        for (name, mode) in
+            [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)]
+        {
             let m = std::fs::metadata(dir.path().join(name)).unwrap();
             assert_eq!(m.mode() & 0o7777, mode, "{name}");
         }

@@ -232,8 +232,7 @@ fn previous_snapshot_proves_only_what_is_still_stored() {
     let token = server.token("db01", Role::Push);
     let data = random_bytes(3 << 20, 41);
     server.push_stdin(&token, "pgdump", &data);
-    let ids: Vec<ChunkId> =
-        bkp_common::chunker::chunk_reader(&data[..]).map(|c| ChunkId::of(&c.unwrap())).collect();
+    let ids: Vec<ChunkId> = bkp_common::chunker::chunk_reader(&data[..]).map(|c| ChunkId::of(&c.unwrap())).collect();
     assert!(ids.len() >= 2, "{} chunks", ids.len());
     let (lost, quarantined) = (ids[0], ids[1]);
     let state = server.state();
