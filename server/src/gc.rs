@@ -126,8 +126,10 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
         }
     };
 
-    // Sweep possession records first, then chunks: a record is never left
-    // pointing at a chunk this run deleted (and `host_has` checks both).
+    // Sweep possession records first, then chunks, so that records rarely
+    // outlive their chunk. They still can (a record spared by a session that
+    // ended before the chunk sweep reached its chunk): `host_has` checks the
+    // chunk too, and a read (`host_holds`, then the blob) finds it missing.
     let mut after = None;
     loop {
         let keys = store.host_chunks(after.as_ref(), batch)?;
