@@ -355,10 +355,9 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let data = b"some data".to_vec();
         let zeros = vec![0u8; 8192];
+        let modes = [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)];
         let mut all = Vec::new();
-        for (name, mode) in
-            [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)]
-        {
+        for (name, mode) in modes {
             let mut f = file(name.as_bytes(), &[&data], blake3::hash(&data).into());
             if let Out::Entry(Entry::File { meta, .. }) = &mut f[0] {
                 meta.mode = mode;
@@ -369,9 +368,7 @@ mod tests {
         all.extend(file(b"holey", &[&data, &zeros], blake3::hash(&whole).into()));
         let (dir, report) = restore(all);
         assert_eq!(report.files, 6, "{:?}", report.errors);
-        for (name, mode) in
-            [("exec", 0o755), ("private", 0o600), ("setuid", 0o4755), ("readonly", 0o444), ("shared", 0o666)]
-        {
+        for (name, mode) in modes {
             let m = std::fs::metadata(dir.path().join(name)).unwrap();
             assert_eq!(m.mode() & 0o7777, mode, "{name}");
         }

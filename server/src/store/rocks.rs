@@ -159,6 +159,21 @@ impl RocksStore {
         })
     }
 
+    /// The `host_chunks` keys of `ids` for `host`.
+    fn host_keys<'a>(
+        &'a self,
+        host: &'a str,
+        ids: &'a [ChunkId],
+    ) -> impl Iterator<Item = (&'a ColumnFamily, Vec<u8>)> + 'a {
+        let hc = self.cf(schema::CF_HOST_CHUNKS);
+        ids.iter().map(move |id| (hc, schema::host_chunk_key(host, id)))
+    }
+
+    /// For each (column family, key): does it exist? One multi_get.
+    fn exist<'a>(&self, keys: impl IntoIterator<Item = (&'a ColumnFamily, Vec<u8>)>) -> Result<Vec<bool>, StoreError> {
+        self.db.multi_get_cf(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(db_err)).collect()
+    }
+
     fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
         postcard::to_extend(s, vec![SUMMARY_VERSION]).expect("postcard to Vec")
     }
@@ -175,28 +190,16 @@ impl RocksStore {
 
 impl Store for RocksStore {
     fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        let (hc, meta) = (self.cf(schema::CF_HOST_CHUNKS), self.cf(schema::CF_CHUNK_META));
-        let keys = ids
-            .iter()
-            .map(|id| (hc, schema::host_chunk_key(host, id)))
-            .chain(ids.iter().map(|id| (meta, id.as_bytes().to_vec())));
-        let found: Vec<bool> = self
-            .db
-            .multi_get_cf(keys)
-            .into_iter()
-            .map(|r| r.map(|v| v.is_some()).map_err(db_err))
-            .collect::<Result<_, _>>()?;
+        let meta = self.cf(schema::CF_CHUNK_META);
+        // One multi_get for both column families.
+        let keys = self.host_keys(host, ids).chain(ids.iter().map(|id| (meta, id.as_bytes().to_vec())));
+        let found = self.exist(keys)?;
         let (held, stored) = found.split_at(ids.len());
         Ok(held.iter().zip(stored).map(|(h, s)| *h && *s).collect())
     }
 
     fn host_holds(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        let hc = self.cf(schema::CF_HOST_CHUNKS);
-        self.db
-            .multi_get_cf(ids.iter().map(|id| (hc, schema::host_chunk_key(host, id))))
-            .into_iter()
-            .map(|r| r.map(|v| v.is_some()).map_err(db_err))
-            .collect()
+        self.exist(self.host_keys(host, ids))
     }
 
     fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
