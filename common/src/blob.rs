@@ -58,31 +58,37 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
 /// Encodes chunks with one zstd context: setting up a context costs more
 /// than compressing a small chunk, so a thread that encodes many keeps one.
 pub struct Encoder {
-    zstd: zstd::bulk::Compressor<'static>,
+    zstd: crate::zstd_ctx::Compressor,
 }
 
 impl Encoder {
     pub fn new(level: i32) -> Self {
-        Self { zstd: zstd::bulk::Compressor::new(level).expect("zstd context (out of memory?)") }
+        Self { zstd: crate::zstd_ctx::Compressor::new(level).expect("zstd context (out of memory?)") }
     }
 
     pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
         assert!(data.len() <= MAX_CHUNK as usize, "chunk larger than MAX_CHUNK");
-        let mut out = Vec::with_capacity(HEADER_LEN + data.len() / 2);
+        // Room for zstd's worst case (compressing straight into the blob),
+        // given back below: blobs wait in upload queues, where a 2.6 MB
+        // capacity behind a 25 KB dump blob would be memory held for nothing.
+        let mut out = Vec::with_capacity(HEADER_LEN + data.len() + data.len() / 128 + 1024);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         out.push(Codec::Zstd as u8);
         out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        let tried = if self.looks_incompressible(data) { None } else { self.zstd.compress(data).ok() };
-        match tried {
+        let compressed = !self.looks_incompressible(data) && self.zstd.compress_into(data, &mut out).is_ok();
+        match compressed {
             // Incompressible data (already compressed files) is stored as
             // is, so restore does not pay for a useless decompression.
-            Some(c) if c.len() < data.len() => out.extend_from_slice(&c),
+            true if out.len() - HEADER_LEN < data.len() => {}
             _ => {
                 out[5] = Codec::Stored as u8;
                 out.truncate(HEADER_LEN);
                 out.extend_from_slice(data);
             }
+        }
+        if out.capacity() - out.len() > out.len() / 4 {
+            out.shrink_to_fit();
         }
         out
     }

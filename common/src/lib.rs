@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod quic;
 pub mod snapshot;
 pub mod tree;
+pub mod zstd_ctx;
 
 pub use ids::{ChunkId, ContentHash, SnapshotId};
 
