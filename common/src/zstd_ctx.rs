@@ -113,8 +113,8 @@ mod tests {
     }
 
     #[test]
-    fn bad_level_is_an_error_not_a_crash() {
-        // zstd clamps levels; a parameter out of range is refused.
+    fn out_of_range_parameter_is_an_error() {
+        // zstd refuses a value outside the parameter's range; no crash.
         let c = Compressor::new(3).unwrap();
         assert!(c.set(zstd_sys::ZSTD_cParameter::ZSTD_c_experimentalParam20, 99).is_err());
     }
