@@ -68,10 +68,11 @@ impl Encoder {
 
     pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
         assert!(data.len() <= MAX_CHUNK as usize, "chunk larger than MAX_CHUNK");
-        // Room for zstd's worst case (compressing straight into the blob),
-        // given back below: blobs wait in upload queues, where a 2.6 MB
-        // capacity behind a 25 KB dump blob would be memory held for nothing.
-        let mut out = Vec::with_capacity(HEADER_LEN + data.len() + data.len() / 128 + 1024);
+        // `compress_into` reserves zstd's worst case after the header; what
+        // it leaves unused is given back below: blobs wait in upload queues,
+        // where a 2.6 MB capacity behind a 25 KB dump blob would be memory
+        // held for nothing.
+        let mut out = Vec::with_capacity(HEADER_LEN);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         out.push(Codec::Zstd as u8);
