@@ -139,25 +139,41 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
         if !candidates.is_empty() {
             let n = state.sessions.sweep(|protected| {
                 let doomed: Vec<_> = candidates.into_iter().filter(|(h, c)| !protected(c, Some(h))).collect();
-                store.delete_host_chunks(&doomed).map(|_| doomed.len())
+                store.forget_possession(&doomed).map(|_| doomed.len())
             })?;
             report.possession_records_deleted += n as u64;
         }
         after = Some(last);
         pause();
     }
+    // Chunks no snapshot references go; of those that stay, an owner none
+    // of whose snapshots references the chunk loses its possession, as a
+    // `host_chunks` record would above.
     let mut after: Option<ChunkId> = None;
     loop {
-        let ids = store.chunk_ids(after.as_ref(), batch)?;
-        let Some(last) = ids.last().copied() else { break };
-        let candidates: Vec<_> = ids.into_iter().filter(|c| !marked.contains(c)).collect();
-        if !candidates.is_empty() {
-            let (n, freed) = state.sessions.sweep(|protected| {
-                let doomed: Vec<_> = candidates.into_iter().filter(|c| !protected(c, None)).collect();
-                store.delete_chunks(&doomed).map(|freed| (doomed.len(), freed))
+        let metas = store.chunk_metas(after.as_ref(), batch)?;
+        let Some(last) = metas.last().map(|(id, _)| *id) else { break };
+        let mut unreferenced = Vec::new();
+        let mut disowned = Vec::new();
+        for (c, m) in metas {
+            if !marked.contains(&c) {
+                unreferenced.push(c);
+            } else if let Some(owner) = m.owner.and_then(|o| store.host_name(o)) {
+                if hosts.get(&owner).is_none_or(|i| !marked_host.contains(&(*i, c))) {
+                    disowned.push((owner, c));
+                }
+            }
+        }
+        if !unreferenced.is_empty() || !disowned.is_empty() {
+            let (n, freed, d) = state.sessions.sweep(|protected| {
+                let doomed: Vec<_> = unreferenced.into_iter().filter(|c| !protected(c, None)).collect();
+                let disowned: Vec<_> = disowned.into_iter().filter(|(h, c)| !protected(c, Some(h))).collect();
+                store.forget_possession(&disowned)?;
+                store.delete_chunks(&doomed).map(|freed| (doomed.len(), freed, disowned.len()))
             })?;
             report.chunks_deleted += n as u64;
             report.bytes_freed += freed;
+            report.possession_records_deleted += d as u64;
         }
         after = Some(last);
         pause();

@@ -78,6 +78,35 @@ fn prune_then_gc_frees_disk_and_keeps_what_policy_keeps() {
 }
 
 #[test]
+fn gc_ends_the_possession_of_a_host_that_no_longer_references_a_chunk() {
+    let server = TestServer::start();
+    let (web, db) = (server.token("web01", Role::Push), server.token("db01", Role::Push));
+    let data = random_bytes(3 << 20, 11);
+    // web01 uploads first and owns the chunks; db01 uploads the same data.
+    let first = push_stdin(&server, &web, "x", &data);
+    push_stdin(&server, &db, "x", &data);
+    let ids: Vec<ChunkId> = bkp_common::chunker::chunk_reader(&data[..]).map(|c| ChunkId::of(&c.unwrap())).collect();
+    let store = server.state().store.clone();
+    assert!(store.host_has("web01", &ids).unwrap().iter().all(|&h| h));
+    assert!(store.host_has("db01", &ids).unwrap().iter().all(|&h| h));
+
+    assert!(store.delete_snapshot(&first.parse().unwrap()).unwrap());
+    let report = gc::run(&server.state(), &GcHooks::default()).unwrap();
+    assert_eq!(report.chunks_deleted, 1, "only web01's tree chunk: {report:?}");
+    assert!(report.possession_records_deleted >= ids.len() as u64, "{report:?}");
+    // The chunks stay for db01; web01 must upload them again to use them.
+    assert!(store.host_has("web01", &ids).unwrap().iter().all(|&h| !h));
+    assert!(store.host_has("db01", &ids).unwrap().iter().all(|&h| h));
+    assert!(restore_stdout(&server, &db, "latest") == data);
+    let again = gc::run(&server.state(), &GcHooks::default()).unwrap();
+    assert_eq!((again.chunks_deleted, again.possession_records_deleted), (0, 0), "{again:?}");
+    // web01 pushes again: it owns nothing now, so it gets a record.
+    push_stdin(&server, &web, "x", &data);
+    assert!(store.host_has("web01", &ids).unwrap().iter().all(|&h| h));
+    assert!(restore_stdout(&server, &web, "latest") == data);
+}
+
+#[test]
 fn chunk_reported_stored_survives_prune_and_gc_before_commit() {
     let server = TestServer::start();
     let push = server.token("web01", Role::Push);

@@ -5,10 +5,12 @@
 //! * A chunk is stored once, whatever host sent it, as the blob the client
 //!   uploaded (compressed by the client, re-hashed by the server before it
 //!   gets here: see [`VerifiedChunk`]).
-//! * `host_chunks` records which host has proven it holds which chunk,
-//!   by uploading it. A host may skip an upload, and may read a chunk,
-//!   only when that record exists: asking about a hash never reveals
-//!   another host's data and a hash alone never reads a chunk.
+//! * The store records which host has proven it holds which chunk, by
+//!   uploading it: the first uploader as the owner in the chunk's
+//!   `chunk_meta`, every later one in `host_chunks` (see `schema`). A host
+//!   may skip an upload, and may read a chunk, only when such a record
+//!   exists: asking about a hash never reveals another host's data and a
+//!   hash alone never reads a chunk.
 //! * A snapshot is one synced write (record and set index together), made
 //!   only after every chunk its tree references was checked (see
 //!   `crate::commit`) and made durable. Chunk batches of at least
@@ -41,7 +43,7 @@
 pub mod rocks;
 pub mod schema;
 
-pub use schema::{ChunkMeta, QuarantineRecord};
+pub use schema::{ChunkMeta, HostNum, QuarantineRecord};
 
 use bkp_common::blob;
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
@@ -109,9 +111,8 @@ pub trait Store: Send + Sync + 'static {
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError>;
     /// Marks a snapshot protected (prune never removes it) or not.
     fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError>;
-    /// Up to `limit` stored chunk ids after `after`, in key order.
-    fn chunk_ids(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError>;
-    /// Up to `limit` (host, chunk) possession records after `after`.
+    /// Up to `limit` (host, chunk) possession records of `host_chunks`
+    /// after `after` (owners are in [`ChunkMeta`]).
     fn host_chunks(
         &self,
         after: Option<&(String, ChunkId)>,
@@ -119,7 +120,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(String, ChunkId)>, StoreError>;
     /// Deletes chunks; returns the stored bytes freed.
     fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError>;
-    fn delete_host_chunks(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError>;
+    /// Ends these hosts' possession of these chunks, wherever it is
+    /// recorded (a `host_chunks` key, or the owner of the chunk's meta).
+    fn forget_possession(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError>;
+    /// The host a [`ChunkMeta::owner`] names.
+    fn host_name(&self, n: HostNum) -> Option<String>;
     /// Compacts so that deleted data really leaves the disk (blob files
     /// included).
     fn reclaim_space(&self) -> Result<(), StoreError>;

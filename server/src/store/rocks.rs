@@ -1,7 +1,9 @@
 //! RocksDB implementation of [`Store`].
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
 use bkp_common::{ChunkId, SnapshotId};
@@ -10,7 +12,7 @@ use rocksdb::{
     WriteBatch, WriteOptions, DB,
 };
 
-use super::schema::{self, ChunkMeta, QuarantineRecord};
+use super::schema::{self, ChunkMeta, HostNum, QuarantineRecord};
 use super::{PutStats, Store, StoreError, VerifiedChunk};
 
 /// Summaries in the set index carry their own version byte.
@@ -40,7 +42,20 @@ pub struct RocksStore {
     /// chunk that is visible (and may be reused by another push) is either
     /// counted or already flushed, and a commit that finds the count at
     /// zero cannot overtake another commit's flush that covers its chunks.
-    flush_lock: std::sync::RwLock<()>,
+    flush_lock: RwLock<()>,
+    /// Serialises every read-modify-write of `chunk_meta` (put, delete,
+    /// quarantine, forgetting possession): two hosts uploading the same
+    /// new chunk at once must not both become its owner, one silently
+    /// losing its possession (and with it its restore of that chunk).
+    chunk_lock: Mutex<()>,
+    hosts: RwLock<Hosts>,
+}
+
+/// The `hosts` column family, in memory (a store has few hosts).
+#[derive(Default)]
+struct Hosts {
+    by_name: HashMap<String, HostNum>,
+    by_num: HashMap<HostNum, String>,
 }
 
 fn db_err(e: rocksdb::Error) -> StoreError {
@@ -124,23 +139,98 @@ impl RocksStore {
             snapshot_lock: Default::default(),
             unlogged: AtomicU64::new(0),
             flush_lock: Default::default(),
+            chunk_lock: Default::default(),
+            hosts: Default::default(),
         };
         store.check_schema()?;
+        store.load_hosts()?;
         Ok(store)
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
         let cf = self.cf(schema::CF_META);
-        match self.db.get_cf(cf, schema::META_SCHEMA_VERSION).map_err(db_err)? {
-            None => {
-                self.db.put_cf(cf, schema::META_SCHEMA_VERSION, schema::SCHEMA_VERSION.to_le_bytes()).map_err(db_err)
-            }
-            Some(v) if v == schema::SCHEMA_VERSION.to_le_bytes() => Ok(()),
+        let found = self.db.get_cf(cf, schema::META_SCHEMA_VERSION).map_err(db_err)?;
+        let version = found.as_deref().map(|v| <[u8; 4]>::try_from(v).map(u32::from_le_bytes));
+        match version {
+            Some(Ok(schema::SCHEMA_VERSION)) => Ok(()),
+            // New, or older data this build reads as it is (see SCHEMA_VERSION).
+            None | Some(Ok(schema::OLDEST_SCHEMA_VERSION..schema::SCHEMA_VERSION)) => self
+                .db
+                .put_cf_opt(cf, schema::META_SCHEMA_VERSION, schema::SCHEMA_VERSION.to_le_bytes(), &Self::synced())
+                .map_err(db_err),
             Some(v) => Err(StoreError::Corrupt(format!(
-                "store schema {v:?} is not {}: this bkp-server is too old for this data directory",
+                "store schema {v:?} is not {}: this bkp-server is too old for this data directory; upgrade it",
                 schema::SCHEMA_VERSION
             ))),
         }
+    }
+
+    fn load_hosts(&self) -> Result<(), StoreError> {
+        let mut hosts = self.hosts.write().expect("hosts lock");
+        for item in self.db.iterator_cf(self.cf(schema::CF_HOSTS), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            let name = std::str::from_utf8(&k).map_err(|_| StoreError::Corrupt("hosts key is not UTF-8".into()))?;
+            let n = HostNum::decode(&v).ok_or_else(|| StoreError::Corrupt(format!("hosts entry of {name}")))?;
+            if hosts.by_num.insert(n, name.to_string()).is_some() {
+                return Err(StoreError::Corrupt(format!("host number {} given twice", n.get())));
+            }
+            hosts.by_name.insert(name.to_string(), n);
+        }
+        Ok(())
+    }
+
+    fn host_num(&self, host: &str) -> Option<HostNum> {
+        self.hosts.read().expect("hosts lock").by_name.get(host).copied()
+    }
+
+    /// The host's number, given (durably, before any chunk names it as
+    /// owner) on its first upload.
+    fn host_num_or_assign(&self, host: &str) -> Result<HostNum, StoreError> {
+        if let Some(n) = self.host_num(host) {
+            return Ok(n);
+        }
+        let mut hosts = self.hosts.write().expect("hosts lock");
+        if let Some(&n) = hosts.by_name.get(host) {
+            return Ok(n);
+        }
+        let n = match hosts.by_num.keys().max() {
+            None => HostNum::FIRST,
+            Some(m) => m.next().ok_or_else(|| StoreError::Db("no host numbers left".into()))?,
+        };
+        self.db.put_cf_opt(self.cf(schema::CF_HOSTS), host, n.encode(), &Self::synced()).map_err(db_err)?;
+        hosts.by_name.insert(host.to_string(), n);
+        hosts.by_num.insert(n, host.to_string());
+        Ok(n)
+    }
+
+    fn decode_meta(id: &ChunkId, v: &[u8]) -> Result<ChunkMeta, StoreError> {
+        ChunkMeta::decode(v).ok_or_else(|| StoreError::Corrupt(format!("chunk_meta of {}", id.short())))
+    }
+
+    /// The `chunk_meta` of each id, decoded. One multi_get.
+    fn metas(&self, ids: impl Iterator<Item = ChunkId>) -> Result<Vec<Option<ChunkMeta>>, StoreError> {
+        let ids: Vec<ChunkId> = ids.collect();
+        let cf = self.cf(schema::CF_CHUNK_META);
+        let found = self.db.multi_get_cf(ids.iter().map(|id| (cf, id.as_bytes().to_vec())));
+        ids.iter().zip(found).map(|(id, v)| v.map_err(db_err)?.map(|v| Self::decode_meta(id, &v)).transpose()).collect()
+    }
+
+    /// For each id: does `host` hold it (owner in its meta, or a
+    /// `host_chunks` record), and is it stored? With `stored_only`, an id
+    /// that is not stored counts as not held without asking `host_chunks`.
+    fn possession(&self, host: &str, ids: &[ChunkId], stored_only: bool) -> Result<Vec<(bool, bool)>, StoreError> {
+        let me = self.host_num(host);
+        let metas = self.metas(ids.iter().copied())?;
+        let mut out: Vec<(bool, bool)> =
+            metas.iter().map(|m| (m.is_some_and(|m| me.is_some() && m.owner == me), m.is_some())).collect();
+        let ask: Vec<usize> = (0..ids.len()).filter(|&i| !out[i].0 && (out[i].1 || !stored_only)).collect();
+        if !ask.is_empty() {
+            let found = self.exist(self.host_keys(host, ask.iter().map(|&i| &ids[i])))?;
+            for (i, f) in ask.into_iter().zip(found) {
+                out[i].0 = f;
+            }
+        }
+        Ok(out)
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -175,10 +265,10 @@ impl RocksStore {
     fn host_keys<'a>(
         &'a self,
         host: &'a str,
-        ids: &'a [ChunkId],
+        ids: impl Iterator<Item = &'a ChunkId> + 'a,
     ) -> impl Iterator<Item = (&'a ColumnFamily, Vec<u8>)> + 'a {
         let hc = self.cf(schema::CF_HOST_CHUNKS);
-        ids.iter().map(move |id| (hc, schema::host_chunk_key(host, id)))
+        ids.map(move |id| (hc, schema::host_chunk_key(host, id)))
     }
 
     /// For each (column family, key): does it exist? One multi_get.
@@ -202,16 +292,11 @@ impl RocksStore {
 
 impl Store for RocksStore {
     fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        let meta = self.cf(schema::CF_CHUNK_META);
-        // One multi_get for both column families.
-        let keys = self.host_keys(host, ids).chain(ids.iter().map(|id| (meta, id.as_bytes().to_vec())));
-        let found = self.exist(keys)?;
-        let (held, stored) = found.split_at(ids.len());
-        Ok(held.iter().zip(stored).map(|(h, s)| *h && *s).collect())
+        Ok(self.possession(host, ids, true)?.into_iter().map(|(held, stored)| held && stored).collect())
     }
 
     fn host_holds(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        self.exist(self.host_keys(host, ids))
+        Ok(self.possession(host, ids, false)?.into_iter().map(|(held, _)| held).collect())
     }
 
     fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
@@ -247,19 +332,24 @@ impl Store for RocksStore {
     }
 
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
+        let me = self.host_num_or_assign(host)?;
         let meta_cf = self.cf(schema::CF_CHUNK_META);
-        let existing = self.db.multi_get_cf(chunks.iter().map(|c| (meta_cf, c.id.as_bytes().to_vec())));
+        let _l = self.chunk_lock.lock().expect("chunk lock");
+        let existing = self.metas(chunks.iter().map(|c| c.id))?;
         let mut batch = WriteBatch::default();
         let mut stats = PutStats::default();
         for (c, found) in chunks.iter().zip(existing) {
-            if found.map_err(db_err)?.is_none() {
-                let meta = ChunkMeta { raw_len: c.raw_len, stored_len: c.blob.len() as u32 };
-                batch.put_cf(self.cf(schema::CF_CHUNKS), c.id.as_bytes(), &c.blob);
-                batch.put_cf(meta_cf, c.id.as_bytes(), meta.encode());
-                stats.new_chunks += 1;
-                stats.new_bytes += c.blob.len() as u64;
+            match found {
+                None => {
+                    let meta = ChunkMeta { raw_len: c.raw_len, stored_len: c.blob.len() as u32, owner: Some(me) };
+                    batch.put_cf(self.cf(schema::CF_CHUNKS), c.id.as_bytes(), &c.blob);
+                    batch.put_cf(meta_cf, c.id.as_bytes(), meta.encode());
+                    stats.new_chunks += 1;
+                    stats.new_bytes += c.blob.len() as u64;
+                }
+                Some(m) if m.owner == Some(me) => {}
+                Some(_) => batch.put_cf(self.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key(host, &c.id), []),
             }
-            batch.put_cf(self.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key(host, &c.id), []);
         }
         let bytes = batch.size_in_bytes();
         if bytes >= UNLOGGED_MIN_BYTES {
@@ -334,24 +424,6 @@ impl Store for RocksStore {
         Ok(true)
     }
 
-    fn chunk_ids(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError> {
-        let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
-        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
-        let mut out = Vec::with_capacity(limit);
-        for item in self.db.iterator_cf(self.cf(schema::CF_CHUNK_META), mode) {
-            let (k, _) = item.map_err(db_err)?;
-            let id = ChunkId::from_slice(&k).ok_or_else(|| StoreError::Corrupt("chunk_meta key length".into()))?;
-            if Some(&id) == after {
-                continue;
-            }
-            out.push(id);
-            if out.len() == limit {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
     fn host_chunks(
         &self,
         after: Option<&(String, ChunkId)>,
@@ -375,10 +447,12 @@ impl Store for RocksStore {
 
     fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError> {
         let meta_cf = self.cf(schema::CF_CHUNK_META);
+        let _l = self.chunk_lock.lock().expect("chunk lock");
         let metas = self.db.multi_get_cf(ids.iter().map(|id| (meta_cf, id.as_bytes().to_vec())));
         let mut freed = 0u64;
         let mut batch = WriteBatch::default();
         for (id, m) in ids.iter().zip(metas) {
+            // A meta that does not decode is deleted all the same.
             if let Some(m) = m.map_err(db_err)?.as_deref().and_then(ChunkMeta::decode) {
                 freed += m.stored_len as u64;
             }
@@ -389,12 +463,25 @@ impl Store for RocksStore {
         Ok(freed)
     }
 
-    fn delete_host_chunks(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError> {
+    fn forget_possession(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let _l = self.chunk_lock.lock().expect("chunk lock");
+        let metas = self.metas(keys.iter().map(|(_, c)| *c))?;
         let mut batch = WriteBatch::default();
-        for (h, c) in keys {
+        for ((h, c), m) in keys.iter().zip(metas) {
             batch.delete_cf(self.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key(h, c));
+            if let Some(mut m) = m.filter(|m| m.owner.is_some() && m.owner == self.host_num(h)) {
+                m.owner = None;
+                batch.put_cf(self.cf(schema::CF_CHUNK_META), c.as_bytes(), m.encode());
+            }
         }
         self.db.write_opt(batch, &Self::synced()).map_err(db_err)
+    }
+
+    fn host_name(&self, n: HostNum) -> Option<String> {
+        self.hosts.read().expect("hosts lock").by_num.get(&n).cloned()
     }
 
     fn reclaim_space(&self) -> Result<(), StoreError> {
@@ -441,9 +528,7 @@ impl Store for RocksStore {
             if Some(&id) == after {
                 continue;
             }
-            let m =
-                ChunkMeta::decode(&v).ok_or_else(|| StoreError::Corrupt(format!("chunk_meta of {}", id.short())))?;
-            out.push((id, m));
+            out.push((id, Self::decode_meta(&id, &v)?));
             if out.len() == limit {
                 break;
             }
@@ -452,18 +537,21 @@ impl Store for RocksStore {
     }
 
     fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>, StoreError> {
-        match self.db.get_cf(self.cf(schema::CF_CHUNK_META), id.as_bytes()).map_err(db_err)? {
-            None => Ok(None),
-            Some(v) => ChunkMeta::decode(&v)
-                .map(Some)
-                .ok_or_else(|| StoreError::Corrupt(format!("chunk_meta of {}", id.short()))),
-        }
+        Ok(self.metas(std::iter::once(*id))?.pop().flatten())
     }
 
     fn quarantine_chunk(&self, id: &ChunkId, reason: &str, now_ns: u64) -> Result<(), StoreError> {
+        let _l = self.chunk_lock.lock().expect("chunk lock");
         let blob = self.chunk_blob(id)?.unwrap_or_default();
         let rec = QuarantineRecord { found_ns: now_ns, reason: reason.to_string(), blob };
         let mut batch = WriteBatch::default();
+        // The owner keeps its possession as a `host_chunks` record, so that
+        // its snapshots heal once any host uploads the chunk again. (A meta
+        // that does not decode may be why the chunk is quarantined.)
+        let owner = self.db.get_cf(self.cf(schema::CF_CHUNK_META), id.as_bytes()).map_err(db_err)?;
+        if let Some(host) = owner.as_deref().and_then(ChunkMeta::decode).and_then(|m| self.host_name(m.owner?)) {
+            batch.put_cf(self.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key(&host, id), []);
+        }
         batch.put_cf(self.cf(schema::CF_QUARANTINE), id.as_bytes(), rec.encode());
         batch.delete_cf(self.cf(schema::CF_CHUNKS), id.as_bytes());
         batch.delete_cf(self.cf(schema::CF_CHUNK_META), id.as_bytes());
@@ -560,6 +648,116 @@ mod tests {
         assert_eq!(s.put_chunks("h2", &[chunk(b"aaaa")]).unwrap().new_chunks, 0);
         assert_eq!(s.host_has("h2", &ids).unwrap(), [true, false]);
         assert_eq!(blob::decode(&s.chunk_blob(&ids[0]).unwrap().unwrap()).unwrap(), b"aaaa");
+    }
+
+    fn host_chunk_records(s: &RocksStore) -> usize {
+        s.host_chunks(None, 1 << 20).unwrap().len()
+    }
+
+    #[test]
+    fn first_uploader_owns_later_ones_get_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+        let (a, b) = (chunk(b"a"), chunk(b"b"));
+        let ids = [*a.id(), *b.id()];
+        s.put_chunks("h1", &[a, b]).unwrap();
+        // The uploader's possession is its meta's owner: no key of its own.
+        assert_eq!(host_chunk_records(&s), 0);
+        assert_eq!(s.chunk_meta(&ids[0]).unwrap().unwrap().owner, s.host_num("h1"));
+        s.put_chunks("h1", &[chunk(b"a")]).unwrap();
+        assert_eq!(host_chunk_records(&s), 0);
+        s.put_chunks("h2", &[chunk(b"a")]).unwrap();
+        assert_eq!(s.host_chunks(None, 10).unwrap(), [("h2".to_string(), ids[0])]);
+        assert_eq!(s.host_has("h1", &ids).unwrap(), [true, true]);
+        assert_eq!(s.host_has("h2", &ids).unwrap(), [true, false]);
+
+        // Forgetting works on either kind of record, and only for that host.
+        s.forget_possession(&[("h1".into(), ids[0]), ("h2".into(), ids[1])]).unwrap();
+        assert_eq!(s.host_holds("h1", &ids).unwrap(), [false, true]);
+        assert_eq!(s.host_holds("h2", &ids).unwrap(), [true, false]);
+        assert_eq!(s.chunk_meta(&ids[0]).unwrap().unwrap().owner, None);
+        s.forget_possession(&[("h2".into(), ids[0])]).unwrap();
+        assert_eq!(s.host_holds("h2", &ids).unwrap(), [false, false]);
+        assert!(s.chunk_meta(&ids[0]).unwrap().is_some(), "the chunk itself stays");
+
+        // Host numbers survive a reopen.
+        let n1 = s.host_num("h1");
+        drop(s);
+        let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(s.host_num("h1"), n1);
+        assert_ne!(s.host_num("h2"), n1);
+        assert_eq!(s.host_holds("h1", &ids).unwrap(), [false, true]);
+    }
+
+    #[test]
+    fn quarantine_keeps_the_owners_possession() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+        let a = chunk(b"a");
+        let id = *a.id();
+        s.put_chunks("h1", &[a]).unwrap();
+        s.quarantine_chunk(&id, "test", 1).unwrap();
+        assert_eq!(s.host_has("h1", &[id]).unwrap(), [false], "not stored any more");
+        assert_eq!(s.host_holds("h1", &[id]).unwrap(), [true]);
+        // Another host uploads it again: h1's snapshots can read it again.
+        s.put_chunks("h2", &[chunk(b"a")]).unwrap();
+        assert_eq!(s.host_has("h1", &[id]).unwrap(), [true]);
+        assert_eq!(s.chunk_meta(&id).unwrap().unwrap().owner, s.host_num("h2"));
+    }
+
+    #[test]
+    fn hosts_racing_on_new_chunks_all_hold_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(RocksStore::open(dir.path(), 8 << 20).unwrap());
+        let ids: Vec<ChunkId> = (0..2000u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        let threads: Vec<_> = ["h1", "h2", "h3"]
+            .into_iter()
+            .map(|h| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for part in (0..2000u32).collect::<Vec<_>>().chunks(50) {
+                        let batch: Vec<_> = part.iter().map(|i| chunk(&i.to_le_bytes())).collect();
+                        s.put_chunks(h, &batch).unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        for h in ["h1", "h2", "h3"] {
+            assert!(s.host_has(h, &ids).unwrap().iter().all(|&b| b), "{h} lost possession");
+        }
+        assert_eq!(host_chunk_records(&s), 2 * ids.len());
+    }
+
+    #[test]
+    fn schema_1_store_is_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = chunk(b"a");
+        let id = *a.id();
+        {
+            // What a schema 1 server wrote: a v1 meta, a host_chunks record.
+            let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+            s.db.put_cf(s.cf(schema::CF_META), schema::META_SCHEMA_VERSION, 1u32.to_le_bytes()).unwrap();
+            s.db.put_cf(s.cf(schema::CF_CHUNKS), id.as_bytes(), &a.blob).unwrap();
+            s.db.put_cf(s.cf(schema::CF_CHUNK_META), id.as_bytes(), [1, 1, 0, 0, 0, 9, 0, 0, 0]).unwrap();
+            s.db.put_cf(s.cf(schema::CF_HOST_CHUNKS), schema::host_chunk_key("h1", &id), []).unwrap();
+        }
+        let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+        let version = s.db.get_cf(s.cf(schema::CF_META), schema::META_SCHEMA_VERSION).unwrap();
+        assert_eq!(version.as_deref(), Some(&2u32.to_le_bytes()[..]));
+        assert_eq!(s.host_has("h1", &[id]).unwrap(), [true]);
+        assert_eq!(s.host_has("h2", &[id]).unwrap(), [false]);
+        assert_eq!(s.chunk_meta(&id).unwrap().unwrap(), ChunkMeta { raw_len: 1, stored_len: 9, owner: None });
+        // h1 uploading it again adds nothing; h2 gets a record.
+        s.put_chunks("h1", &[chunk(b"a")]).unwrap();
+        s.put_chunks("h2", &[chunk(b"a")]).unwrap();
+        assert_eq!(host_chunk_records(&s), 2);
+        assert_eq!(s.host_has("h2", &[id]).unwrap(), [true]);
+        // A newer schema than this build knows is refused.
+        s.db.put_cf(s.cf(schema::CF_META), schema::META_SCHEMA_VERSION, 3u32.to_le_bytes()).unwrap();
+        drop(s);
+        let Err(e) = RocksStore::open(dir.path(), 8 << 20) else { panic!("schema 3 opened") };
+        assert!(e.to_string().contains("upgrade"), "{e}");
     }
 
     #[test]
