@@ -4,13 +4,18 @@
 //! offset size field
 //! 0      4    magic "BKPC"
 //! 4      1    version (1)
-//! 5      1    codec: 0 = stored, 1 = zstd
+//! 5      1    codec: 0 = stored, 1 = zstd frame, 2 = bare zstd frame
 //! 6      4    raw length, u32 little endian, at most MAX_CHUNK
 //! 10     ..   payload
 //! ```
 //! The raw length is checked against [`MAX_CHUNK`] before anything is
 //! allocated, so a crafted blob cannot make a reader allocate more than
 //! one maximum chunk.
+//!
+//! This build writes codec 2: a zstd frame without the magic number and
+//! the content size, which this header already says (see
+//! [`crate::zstd_ctx`]). Codec 1, a standard frame, is what earlier builds
+//! wrote; it is read as ever.
 
 use crate::chunker::MAX_CHUNK;
 use crate::ids::ChunkId;
@@ -26,6 +31,7 @@ pub const MAX_BLOB: usize = HEADER_LEN + MAX_CHUNK as usize;
 pub enum Codec {
     Stored = 0,
     Zstd = 1,
+    ZstdBare = 2,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,7 +42,7 @@ pub enum BlobError {
     Magic,
     #[error("chunk blob version {0} is not supported by this build; upgrade bkp")]
     Version(u8),
-    #[error("chunk blob codec {0} is unknown")]
+    #[error("chunk blob codec {0} is unknown to this build; upgrade bkp")]
     Codec(u8),
     #[error("chunk blob claims {0} bytes, more than the {MAX_CHUNK}-byte maximum")]
     TooLarge(u64),
@@ -75,7 +81,7 @@ impl Encoder {
         let mut out = Vec::with_capacity(HEADER_LEN);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.push(Codec::Zstd as u8);
+        out.push(Codec::ZstdBare as u8);
         out.extend_from_slice(&(data.len() as u32).to_le_bytes());
         let compressed = !self.looks_incompressible(data) && self.zstd.compress_into(data, &mut out).is_ok();
         match compressed {
@@ -115,16 +121,29 @@ impl Encoder {
 const PROBE: usize = 16 << 10;
 
 thread_local! {
-    /// One zstd decompression context per thread, for the same reason.
+    /// One zstd decompression context per thread and frame kind, for the
+    /// same reason.
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static BARE_DECOMPRESSOR: std::cell::RefCell<Option<crate::zstd_ctx::Decompressor>> =
         const { std::cell::RefCell::new(None) };
 }
 
-fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+fn decompress(payload: &[u8], capacity: usize) -> Result<Vec<u8>, String> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
+            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+        }
+        d.as_mut().expect("set above").decompress(payload, capacity).map_err(|e| e.to_string())
+    })
+}
+
+fn decompress_bare(payload: &[u8], capacity: usize) -> Result<Vec<u8>, String> {
+    BARE_DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(crate::zstd_ctx::Decompressor::new()?);
         }
         d.as_mut().expect("set above").decompress(payload, capacity)
     })
@@ -153,6 +172,7 @@ pub fn header(blob: &[u8]) -> Result<Header, BlobError> {
     let codec = match blob[5] {
         0 => Codec::Stored,
         1 => Codec::Zstd,
+        2 => Codec::ZstdBare,
         c => return Err(BlobError::Codec(c)),
     };
     let raw_len = u32::from_le_bytes(blob[6..10].try_into().expect("4 bytes"));
@@ -170,7 +190,8 @@ pub fn decode(blob: &[u8]) -> Result<Vec<u8>, BlobError> {
         Codec::Stored => payload.to_vec(),
         // The capacity is the header's length, already capped above, so
         // a zstd bomb stops at MAX_CHUNK.
-        Codec::Zstd => decompress(payload, h.raw_len as usize).map_err(|e| BlobError::Corrupt(e.to_string()))?,
+        Codec::Zstd => decompress(payload, h.raw_len as usize).map_err(BlobError::Corrupt)?,
+        Codec::ZstdBare => decompress_bare(payload, h.raw_len as usize).map_err(BlobError::Corrupt)?,
     };
     if data.len() != h.raw_len as usize {
         return Err(BlobError::Length { got: data.len(), want: h.raw_len as usize });
@@ -196,7 +217,7 @@ mod tests {
     fn round_trip_compressible_and_not() {
         let text = b"abcabcabc".repeat(1000);
         let b = encode(&text, 3);
-        assert_eq!(header(&b).unwrap().codec, Codec::Zstd);
+        assert_eq!(header(&b).unwrap().codec, Codec::ZstdBare);
         assert!(b.len() < text.len());
         assert_eq!(decode(&b).unwrap(), text);
 
@@ -223,7 +244,7 @@ mod tests {
         let mid = mixed.len() / 2 - text.len() / 2;
         mixed[mid..mid + text.len()].copy_from_slice(&text);
         let b = enc.encode(&mixed);
-        assert_eq!(header(&b).unwrap().codec, Codec::Zstd);
+        assert_eq!(header(&b).unwrap().codec, Codec::ZstdBare);
         assert!(b.len() < mixed.len() - text.len() / 2);
         assert_eq!(decode_verified(&b, &ChunkId::of(&mixed)).unwrap(), mixed);
     }
@@ -233,6 +254,26 @@ mod tests {
         let b = encode(b"hi", 3);
         // "hi" does not shrink under zstd, so it is stored.
         assert_eq!(b, [b'B', b'K', b'P', b'C', 1, 0, 2, 0, 0, 0, b'h', b'i']);
+        // A compressed one: header, then zstd's frame header descriptor (no
+        // magic before it, no content size in it), window size byte, blocks.
+        let b = encode(&[b'a'; 100], 3);
+        assert_eq!(b[..12], [b'B', b'K', b'P', b'C', 1, 2, 100, 0, 0, 0, 0x00, 0x00]);
+        assert_eq!(decode(&b).unwrap(), [b'a'; 100]);
+    }
+
+    #[test]
+    fn reads_standard_frames_of_earlier_builds() {
+        let text = b"abcabcabc".repeat(1000);
+        let mut b = b"BKPC\x01\x01".to_vec();
+        b.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        b.extend_from_slice(&zstd::bulk::compress(&text, 3).unwrap());
+        assert_eq!(decode_verified(&b, &ChunkId::of(&text)).unwrap(), text);
+        // The two kinds are not interchangeable: the codec byte decides.
+        b[5] = Codec::ZstdBare as u8;
+        assert!(matches!(decode(&b), Err(BlobError::Corrupt(_))));
+        let mut bare = encode(&text, 3);
+        bare[5] = Codec::Zstd as u8;
+        assert!(matches!(decode(&bare), Err(BlobError::Corrupt(_))));
     }
 
     #[test]
@@ -249,6 +290,10 @@ mod tests {
         let mut b = b"BKPC\x01\x01\x0a\x00\x00\x00".to_vec();
         b.extend_from_slice(&bomb);
         assert!(decode(&b).is_err());
+        let bomb = crate::zstd_ctx::Compressor::new(3).unwrap().compress(&vec![0u8; 1 << 20]).unwrap();
+        let mut b = b"BKPC\x01\x02\x0a\x00\x00\x00".to_vec();
+        b.extend_from_slice(&bomb);
+        assert!(matches!(decode(&b), Err(BlobError::Corrupt(_))));
         let good = encode(b"data", 1);
         assert!(matches!(decode_verified(&good, &ChunkId::of(b"other")), Err(BlobError::Hash { .. })));
     }
