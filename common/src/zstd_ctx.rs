@@ -60,22 +60,11 @@ impl Compressor {
         // SAFETY: compressBound is a pure function of the length.
         let bound = unsafe { zstd_sys::ZSTD_compressBound(src.len()) };
         out.reserve(bound);
-        let spare = out.spare_capacity_mut();
-        // SAFETY: `spare` has room for `bound` bytes, which zstd never
-        // exceeds, and zstd writes (never reads) the destination; the
-        // source is a live slice of `src.len()` bytes.
-        let n = check(unsafe {
-            zstd_sys::ZSTD_compress2(
-                self.0.as_ptr(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                src.as_ptr().cast(),
-                src.len(),
-            )
-        })?;
-        // SAFETY: zstd initialised the first `n` bytes of the spare room.
-        unsafe { out.set_len(out.len() + n) };
-        Ok(())
+        // SAFETY: the spare room holds `bound` bytes, which zstd never
+        // exceeds; the source is a live slice of `src.len()` bytes.
+        append(out, |dst, cap| unsafe {
+            zstd_sys::ZSTD_compress2(self.0.as_ptr(), dst, cap, src.as_ptr().cast(), src.len())
+        })
     }
 
     /// Compresses `src` as one bare zstd frame.
@@ -112,20 +101,11 @@ impl Decompressor {
     /// that would decode to more is an error, whatever it claims.
     pub fn decompress(&mut self, src: &[u8], capacity: usize) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(capacity);
-        let spare = out.spare_capacity_mut();
-        // SAFETY: zstd writes at most `spare.len()` bytes of the destination
-        // and reads `src.len()` bytes of the live source slice.
-        let n = check(unsafe {
-            zstd_sys::ZSTD_decompressDCtx(
-                self.0.as_ptr(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                src.as_ptr().cast(),
-                src.len(),
-            )
+        // SAFETY: zstd writes at most `cap` bytes of the destination and
+        // reads `src.len()` bytes of the live source slice.
+        append(&mut out, |dst, cap| unsafe {
+            zstd_sys::ZSTD_decompressDCtx(self.0.as_ptr(), dst, cap, src.as_ptr().cast(), src.len())
         })?;
-        // SAFETY: zstd initialised the first `n` bytes.
-        unsafe { out.set_len(n) };
         Ok(out)
     }
 }
@@ -135,6 +115,18 @@ impl Drop for Decompressor {
         // SAFETY: created by ZSTD_createDCtx, freed once.
         unsafe { zstd_sys::ZSTD_freeDCtx(self.0.as_ptr()) };
     }
+}
+
+/// Lets `zstd` write into the spare room of `out` (given as pointer and
+/// length) and keeps the bytes it reports written. `zstd` must write
+/// only within that room and return how much it wrote, or an error code.
+fn append(out: &mut Vec<u8>, zstd: impl FnOnce(*mut std::ffi::c_void, usize) -> usize) -> Result<(), String> {
+    let spare = out.spare_capacity_mut();
+    let n = check(zstd(spare.as_mut_ptr().cast(), spare.len()))?;
+    // SAFETY: zstd initialised the first `n` bytes of the spare room, and
+    // never reports more than the room it was given.
+    unsafe { out.set_len(out.len() + n) };
+    Ok(())
 }
 
 fn check(r: usize) -> Result<usize, String> {
