@@ -53,6 +53,10 @@ def timed(t, op, label, src=None, target=None, out=None, logname=None):
     restore_tree (into target) or restore_stdin (to file out)."""
     logf = t.dir / f"{logname or op + '-' + label}.log"
     env = t.env()
+    # What earlier steps wrote (the rsync'ed working copy: 1.3 GB; the
+    # previous tool's repository) is flushed now, or its writeback runs
+    # during, and is charged to, whichever tool comes next.
+    os.sync()
     t.start()
     try:
         if op == "backup_tree":
