@@ -2,7 +2,7 @@
 //! practice). The only I/O in this crate, kept apart from the protocol.
 
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::protocol::{decode, encode, frame_len, FrameError};
 
@@ -46,7 +46,10 @@ pub async fn read_frame_capped<T: DeserializeOwned, R: AsyncRead + Unpin>(
     Ok(Some(decode(&body)?))
 }
 
-pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), IoError> {
-    w.write_all(&encode(msg)).await?;
+/// Writes one frame. The stream takes the encoded frame as it is, where
+/// `write_all` would copy it once more: a chunk's frame is up to 4 MiB,
+/// and restores and uploads send one per chunk.
+pub async fn write_frame<T: Serialize>(w: &mut quinn::SendStream, msg: &T) -> Result<(), IoError> {
+    w.write_chunk(bytes::Bytes::from(encode(msg))).await.map_err(std::io::Error::from)?;
     Ok(())
 }

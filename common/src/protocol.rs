@@ -163,11 +163,12 @@ pub enum FrameError {
 
 /// Encodes a message as one frame.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    let out = postcard::to_extend(msg, vec![0u8; 4]).expect("postcard to Vec");
-    let len = (out.len() - 4) as u32;
-    let mut out = out;
-    out[..4].copy_from_slice(&len.to_be_bytes());
-    out
+    // Sized first: grown as it was written, a chunk's frame was copied
+    // again at every doubling of the Vec.
+    let len = postcard::experimental::serialized_size(msg).expect("postcard size");
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    postcard::to_extend(msg, out).expect("postcard to Vec")
 }
 
 /// Checks a frame's length prefix before the body is read or allocated.
