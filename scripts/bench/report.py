@@ -12,7 +12,8 @@ NOTES = """\
 Notes: each step is run by every tool in turn before the next step (the
 first tool rotates per run); every run starts from empty repositories and
 empty caches. Inputs are read once before each step, so every tool reads
-from the page cache (caches are not dropped). Restores are written to
+from the page cache (caches are not dropped), and dirty pages are
+written back (`sync`) before each tool's step. Restores are written to
 tmpfs (/dev/shm) when it has room: on ext4, after the harness deleted a
 few trees, creating 78,000 files cost every tool up to 50 s of inode
 allocator time. bkp's server is started
