@@ -1,5 +1,5 @@
-//! Async frame reading and writing over any tokio stream (QUIC streams in
-//! practice). The only I/O in this crate, kept apart from the protocol.
+//! Async frame reading (from any tokio stream) and writing (to a QUIC
+//! stream). The only I/O in this crate, kept apart from the protocol.
 
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
