@@ -1,5 +1,10 @@
 //! A connection to the server: TLS with a pinned certificate (or a CA),
 //! the hello handshake, and one method per request.
+//!
+//! Connecting retries a server that does not answer (down, restarting,
+//! packets lost) with backoff for [`CONNECT_BUDGET`], each attempt bounded
+//! by [`ATTEMPT_TIMEOUT`]; a server that answers and refuses (certificate,
+//! token, version) is not retried.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,6 +77,11 @@ impl ServerCertVerifier for PinnedCert {
 
 /// How long `close` lets the endpoint flush the close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(10);
+/// How long a connect keeps trying a server that does not answer: long
+/// enough to ride out a server restart.
+pub const CONNECT_BUDGET: Duration = Duration::from_secs(30);
+/// One handshake: on loopback or a LAN it takes milliseconds.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(4);
 
 fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -109,6 +119,15 @@ pub struct Client {
     pub server: String,
     pub host: String,
     pub role: Role,
+    /// Kept to connect again (to report a push the connection lost).
+    cfg: ClientConfig,
+}
+
+/// Why one connection attempt failed, and whether another may succeed.
+enum Attempt {
+    /// No answer in time: down, restarting, or packets lost.
+    NoAnswer(String),
+    Refused(ClientError),
 }
 
 fn unexpected(r: Response) -> ClientError {
@@ -120,14 +139,51 @@ fn unexpected(r: Response) -> ClientError {
 
 impl Client {
     pub async fn connect(cfg: &ClientConfig) -> Result<Self> {
-        let err = |m: String| ClientError::Connect(cfg.server.clone(), m);
+        Self::connect_within(cfg, CONNECT_BUDGET).await
+    }
+
+    /// Connects, retrying a server that does not answer for up to `budget`.
+    pub async fn connect_within(cfg: &ClientConfig, budget: Duration) -> Result<Self> {
+        let start = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(500);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, Self::attempt(cfg)).await {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(Attempt::Refused(e))) => return Err(e),
+                Ok(Err(Attempt::NoAnswer(why))) if start.elapsed() + backoff >= budget => {
+                    return Err(Self::gave_up(cfg, attempts, start, &why))
+                }
+                Err(_) if start.elapsed() + backoff >= budget => {
+                    return Err(Self::gave_up(cfg, attempts, start, "no answer"))
+                }
+                _ => {}
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(4));
+        }
+    }
+
+    fn gave_up(cfg: &ClientConfig, attempts: u32, start: std::time::Instant, why: &str) -> ClientError {
+        ClientError::Connect(
+            cfg.server.clone(),
+            format!(
+                "{why} after {attempts} attempts in {} s; is bkp-server running there, with its UDP port reachable?",
+                start.elapsed().as_secs()
+            ),
+        )
+    }
+
+    async fn attempt(cfg: &ClientConfig) -> std::result::Result<Self, Attempt> {
+        let err = |m: String| Attempt::Refused(ClientError::Connect(cfg.server.clone(), m));
         let addr: SocketAddr = tokio::net::lookup_host(&cfg.server)
             .await
             .map_err(|e| err(format!("{e} (expected host:port)")))?
             .next()
             .ok_or_else(|| err("no address".into()))?;
         let name = cfg.server.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("bkp-server");
-        let tls = tls_config(&cfg.trust)?;
+        let tls = tls_config(&cfg.trust).map_err(Attempt::Refused)?;
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?;
         let mut qcfg = quinn::ClientConfig::new(Arc::new(quic));
         qcfg.transport_config(Arc::new(bkp_common::quic::transport()));
@@ -137,8 +193,10 @@ impl Client {
         // warn about a system setting every night (the server does).
         let (mut endpoint, _) = bkp_common::quic::endpoint(socket, None).map_err(|e| err(e.to_string()))?;
         endpoint.set_default_client_config(qcfg);
-        let conn =
-            endpoint.connect(addr, name).map_err(|e| err(e.to_string()))?.await.map_err(|e| err(e.to_string()))?;
+        let conn = endpoint.connect(addr, name).map_err(|e| err(e.to_string()))?.await.map_err(|e| match e {
+            quinn::ConnectionError::TimedOut => Attempt::NoAnswer("no answer".into()),
+            e => err(e.to_string()),
+        })?;
         // The token is sent only now, after the certificate was checked.
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         let hello = Request::Hello {
@@ -147,16 +205,31 @@ impl Client {
             token: cfg.token.clone(),
             client: format!("bkp {}", bkp_common::VERSION),
         };
-        write_frame(&mut send, &hello).await?;
+        write_frame(&mut send, &hello).await.map_err(|e| Attempt::Refused(e.into()))?;
         let _ = send.finish();
         match read_frame::<Response, _>(&mut recv).await {
             Ok(Some(Response::Welcome { host, role, .. })) => {
-                Ok(Self { endpoint, conn, server: cfg.server.clone(), host, role })
+                Ok(Self { endpoint, conn, server: cfg.server.clone(), host, role, cfg: cfg.clone() })
             }
-            Ok(Some(r)) => Err(unexpected(r)),
+            Ok(Some(r)) => Err(Attempt::Refused(unexpected(r))),
             Ok(None) => Err(err("server closed the connection during hello".into())),
             Err(e) => Err(err(format!("during hello: {e}"))),
         }
+    }
+
+    /// A new connection with the same settings, trying for up to `budget`.
+    pub async fn reconnect(&self, budget: Duration) -> Result<Self> {
+        Self::connect_within(&self.cfg, budget).await
+    }
+
+    /// Tells the server a push of set `name` failed, so it alerts now.
+    pub async fn push_failed(&self, name: &str, kind: Option<SnapshotKind>, reason: &str) -> Result<()> {
+        let mut end = reason.len().min(bkp_common::protocol::MAX_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let req = Request::PushFailed { name: name.to_string(), kind, reason: reason[..end].to_string() };
+        self.call_done(&req).await
     }
 
     pub async fn close(self) {
@@ -228,10 +301,18 @@ impl Client {
         }
     }
 
+    /// Commits the push. A connection lost before the request was sent is
+    /// [`ClientError::Io`] (nothing committed); lost after, it is
+    /// [`ClientError::CommitUnknown`].
     pub async fn commit(&self, session: u64, tree: Vec<ChunkId>) -> Result<SnapshotSummary> {
-        match self.call(&Request::Commit { session, tree }).await? {
-            Response::Committed(s) => Ok(s),
-            r => Err(unexpected(r)),
+        let (mut send, mut recv) = self.open().await?;
+        write_frame(&mut send, &Request::Commit { session, tree }).await?;
+        let _ = send.finish();
+        let unknown = |e: String| ClientError::CommitUnknown(e);
+        match read_frame::<Response, _>(&mut recv).await.map_err(|e| unknown(e.to_string()))? {
+            Some(Response::Committed(s)) => Ok(s),
+            Some(r) => Err(unexpected(r)),
+            None => Err(unknown("stream closed before the answer".into())),
         }
     }
 

@@ -12,6 +12,14 @@ pub enum ClientError {
     Protocol(String),
     #[error("connection lost: {0}")]
     Io(String),
+    /// A push's connection was lost before its commit was sent.
+    #[error("connection lost: {0}; nothing was committed; run the push again")]
+    Lost(String),
+    /// Lost after the commit request was sent, before its answer.
+    #[error(
+        "connection lost after the commit was sent ({0}): the commit may or may not have landed; `bkp snapshots` tells"
+    )]
+    CommitUnknown(String),
     #[error("{0}")]
     Input(String),
     #[error("{0}")]

@@ -2,12 +2,17 @@
 //! feeds the pipeline (dedup query, compression pool, uploads; see
 //! `pipeline`), then the commit. Every stage is bounded, so memory stays
 //! flat.
+//!
+//! A push that fails is reported to the server (`Request::PushFailed`) so
+//! that it alerts now rather than when the set goes stale: on the same
+//! connection, or on a new one when the failure was the connection's. A
+//! lost connection says whether anything was committed.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bkp_common::snapshot::{SnapshotKind, SnapshotSummary};
 use bkp_common::tree::Meta;
@@ -120,6 +125,12 @@ pub async fn push(client: Arc<Client>, opts: PushOptions, progress: Arc<dyn Prog
     push_with(client, opts, None, progress).await
 }
 
+/// How long the failure report may take on the push's own connection.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new connection for the report is tried (the server may be
+/// restarting); the command's exit waits for this at most.
+const REPORT_RECONNECT: Duration = Duration::from_secs(10);
+
 /// A push; a file tree uses the metadata cache described by `cache`.
 pub async fn push_with(
     client: Arc<Client>,
@@ -127,12 +138,58 @@ pub async fn push_with(
     cache: Option<CacheSpec>,
     progress: Arc<dyn Progress>,
 ) -> Result<PushReport> {
-    let start = Instant::now();
-    let start_ns = now_ns();
     let kind = match opts.source {
         Source::Paths { .. } => SnapshotKind::Tree,
         _ => SnapshotKind::Stream,
     };
+    let name = opts.name.clone();
+    let e = match push_inner(client.clone(), opts, kind, cache, progress).await {
+        Ok(r) => return Ok(r),
+        // Every connection error before the commit was sent: nothing landed.
+        Err(ClientError::Io(m)) => ClientError::Lost(m),
+        Err(e) => e,
+    };
+    // The commit may have landed: a failure report could raise a false alert.
+    if matches!(e, ClientError::CommitUnknown(_)) {
+        return Err(e);
+    }
+    match (report(&client, &name, kind, &e).await, e) {
+        (Some(note), ClientError::Lost(m)) => Err(ClientError::Lost(format!("{m} ({note})"))),
+        (_, e) => Err(e),
+    }
+}
+
+/// Tells the server about a failed push; `Some` says why it could not.
+async fn report(client: &Client, name: &str, kind: SnapshotKind, e: &ClientError) -> Option<String> {
+    let reason = e.to_string();
+    match tokio::time::timeout(REPORT_TIMEOUT, client.push_failed(name, Some(kind), &reason)).await {
+        Ok(Ok(())) => return None,
+        Ok(Err(ClientError::Server(m, _))) => return Some(format!("the server refused the failure report: {m}")),
+        // The connection is gone; the server may be back already.
+        _ => {}
+    }
+    let again = async {
+        let c = client.reconnect(REPORT_RECONNECT).await?;
+        let r = c.push_failed(name, Some(kind), &reason).await;
+        c.close().await;
+        r
+    };
+    match tokio::time::timeout(REPORT_RECONNECT + REPORT_TIMEOUT, again).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("the server was not told of the failure: {e}")),
+        Err(_) => Some("the server was not told of the failure: no answer".into()),
+    }
+}
+
+async fn push_inner(
+    client: Arc<Client>,
+    opts: PushOptions,
+    kind: SnapshotKind,
+    cache: Option<CacheSpec>,
+    progress: Arc<dyn Progress>,
+) -> Result<PushReport> {
+    let start = Instant::now();
+    let start_ns = now_ns();
     let session = client.start_push(&opts.name, kind).await?;
     let cache = cache.filter(|_| kind == SnapshotKind::Tree).map(|spec| CacheArgs {
         spec,

@@ -52,7 +52,7 @@ pub enum BlobError {
     Corrupt(String),
     #[error("chunk blob decompressed to {got} bytes, header says {want}")]
     Length { got: usize, want: usize },
-    #[error("chunk content hashes to {got:?}, expected {want:?}")]
+    #[error("chunk content hashes to {got}, expected {want}")]
     Hash { got: ChunkId, want: ChunkId },
 }
 
@@ -274,6 +274,14 @@ mod tests {
         let mut bare = encode(&text, 3);
         bare[5] = Codec::Zstd as u8;
         assert!(matches!(decode(&bare), Err(BlobError::Corrupt(_))));
+    }
+
+    #[test]
+    fn hash_mismatch_names_both_ids_in_hex() {
+        let want = ChunkId::of(b"two");
+        let e = decode_verified(&encode(b"one", 3), &want).unwrap_err().to_string();
+        let got = ChunkId::of(b"one").to_hex();
+        assert!(e.contains(&got) && e.contains(&want.to_hex()) && !e.contains("ChunkId("), "{e}");
     }
 
     #[test]

@@ -104,7 +104,20 @@ pub enum Request {
         id: SnapshotId,
         protected: bool,
     },
+    /// A push of set `name` failed on the client (its dump command failed,
+    /// a read failed, the connection was lost): the server records it and
+    /// alerts. Answered with [`Response::Done`].
+    PushFailed {
+        name: String,
+        /// `None` when the client failed before it knew.
+        kind: Option<SnapshotKind>,
+        /// What the client reported, at most [`MAX_REASON`] bytes.
+        reason: String,
+    },
 }
+
+/// Longest failure reason a client sends in [`Request::PushFailed`].
+pub const MAX_REASON: usize = 512;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -212,6 +225,7 @@ mod tests {
             Request::HasChunks { session: 9, ids: vec![ChunkId::of(b"a")] },
             Request::PutChunk { session: 1, id: ChunkId::of(b"a"), blob: vec![1, 2, 3] },
             Request::ListSnapshots { host: None, name: Some("db".into()) },
+            Request::PushFailed { name: "db".into(), kind: None, reason: "pg_dump exited 1".into() },
         ];
         for m in msgs {
             let f = encode(&m);
@@ -227,6 +241,12 @@ mod tests {
         assert_eq!(f, [0, 0, 0, 10, 0, b'B', b'K', b'P', 0, 1, 1, b't', 1, b'c']);
         let f = encode(&Response::Missing(vec![0, 300]));
         assert_eq!(f, [0, 0, 0, 5, 2, 2, 0, 0xac, 0x02]);
+        // Appended last: variant 10, so every older request keeps its bytes.
+        let f =
+            encode(&Request::PushFailed { name: "db".into(), kind: Some(SnapshotKind::Stream), reason: "x".into() });
+        assert_eq!(f, [0, 0, 0, 8, 10, 2, b'd', b'b', 1, 1, 1, b'x']);
+        let f = encode(&Request::Protect { id: SnapshotId::from_bytes([0; 32]), protected: true });
+        assert_eq!(f[4], 9);
     }
 
     #[test]

@@ -7,6 +7,11 @@ use std::time::Duration;
 /// How soon the peer is asked to acknowledge (see [`transport`]).
 const MAX_ACK_DELAY: Duration = Duration::from_millis(1);
 
+/// Silence after which a connection is dead. With 60 s, a client whose
+/// server was killed and came straight back waited a minute to find out.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
 /// Largest UDP payload over IPv4 (65535 minus the IP and UDP headers).
 const MAX_UDP_PAYLOAD: u16 = 65_507;
 
@@ -31,8 +36,11 @@ pub fn transport() -> quinn::TransportConfig {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
-    t.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60s fits")));
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    // A peer that went away (a killed or restarting server) is noticed
+    // after IDLE_TIMEOUT of silence; keep-alives every KEEP_ALIVE keep a
+    // quiet but live connection (a client reading a slow disk) well clear of it.
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));

@@ -125,10 +125,29 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bkp-server: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<TempFail>() {
+                Some(_) => ExitCode::from(EX_TEMPFAIL),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
+
+/// Exit status of a job command refused because a run of its kind is in
+/// progress (sysexits' EX_TEMPFAIL: try again later).
+pub const EX_TEMPFAIL: u8 = 75;
+
+/// A job that did not start because one of its kind was running.
+#[derive(Debug)]
+struct TempFail(String);
+
+impl std::fmt::Display for TempFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TempFail {}
 
 fn init(data: &Path) -> Result<()> {
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
@@ -145,6 +164,7 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init { data } => init(&data),
         Cmd::Serve { data, listen, config } => {
+            let _serve_lock = crate::control::lock_serve(&data).map_err(anyhow::Error::msg)?;
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("BKP_LOG").unwrap_or_else(|_| "info".into()),
@@ -158,6 +178,7 @@ fn execute(cli: Cli) -> Result<()> {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async move {
                 let state = ServerState::open(&data, cfg.clone())?;
+                crate::control::start_delay_for_tests();
                 let endpoint = bind(&data, cfg.listen)?;
                 eprintln!("bkp-server listening on {}", endpoint.local_addr()?);
                 crate::server::serve(endpoint, state, shutdown_signal()).await.context("serving")?;
@@ -218,22 +239,60 @@ fn load_config(data: &Path, explicit: Option<&Path>) -> Result<ServerConfig> {
     })
 }
 
+/// How long a job command waits for a starting server's control socket.
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Runs a control request through the running server, or locally when
-/// none is running.
-fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Result<()> {
-    let resp = match crate::control::call(data, &req) {
-        Some(r) => r.map_err(|e| anyhow::anyhow!("talking to the running server: {e}"))?,
-        None => {
-            let state = ServerState::open(data, cfg)?;
-            crate::control::answer(&state, req)
+/// none is running. A server that is starting (it holds `serve.lock` or
+/// the database, but its socket is not up yet) is waited for.
+fn reach(data: &Path, req: ControlRequest, cfg: ServerConfig) -> Result<ControlResponse> {
+    let deadline = std::time::Instant::now() + START_WAIT;
+    let mut told = false;
+    loop {
+        if let Some(r) = crate::control::call(data, &req) {
+            return Ok(r?);
         }
-    };
-    match resp {
+        if !crate::control::serve_running(data) {
+            match ServerState::open(data, cfg.clone()) {
+                Ok(state) => return Ok(crate::control::answer(&state, req)),
+                // Unless a serve took the database after the check above
+                // (another job command holding it is an error).
+                Err(e) if !crate::control::serve_running(data) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "a bkp-server is running on {} but its control socket did not answer within {} s; check its log",
+                data.display(),
+                START_WAIT.as_secs()
+            );
+        }
+        if !told {
+            eprintln!(
+                "bkp-server: the server on {} is starting; waiting up to {} s for its control socket",
+                data.display(),
+                START_WAIT.as_secs()
+            );
+            told = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Result<()> {
+    match reach(data, req, cfg)? {
         ControlResponse::Error(e) => anyhow::bail!(e),
         ControlResponse::Job(rec) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rec)?);
-            } else {
+            }
+            if rec.refused {
+                // Not a failure: the run in progress does the work.
+                let e = rec.error.unwrap_or_default();
+                return Err(TempFail(format!("{} not started: {e}", rec.kind.as_str())).into());
+            }
+            if !json {
                 print_job(&rec);
             }
             if let Some(e) = rec.error {
@@ -248,7 +307,11 @@ fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Resul
                 println!("{:<22} {:<6} {:<7} {:>9}  RESULT", "START", "KIND", "STATUS", "SECONDS");
                 for r in &list {
                     let secs = (r.end_ns.saturating_sub(r.start_ns)) as f64 / 1e9;
-                    let status = if r.ok { "ok" } else { "failed" };
+                    let status = match (r.ok, r.refused) {
+                        (_, true) => "refused",
+                        (true, _) => "ok",
+                        _ => "failed",
+                    };
                     let detail = r.error.clone().unwrap_or_else(|| summary(r));
                     println!(
                         "{:<22} {:<6} {:<7} {:>9.1}  {}",

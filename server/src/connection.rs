@@ -288,6 +288,14 @@ impl Conn {
                 }
                 Response::Done
             }
+            Request::PushFailed { name, kind, reason } => {
+                self.require(&[Role::Push, Role::Admin])?;
+                let state = self.state.clone();
+                blocking(move || crate::push_failures::report(&state, &host, &name, kind, &reason, now_ns()))
+                    .await?
+                    .map_err(|m| Fail(ErrorCode::BadRequest, m))?;
+                Response::Done
+            }
         };
         write_frame(send, &resp).await?;
         Ok(())

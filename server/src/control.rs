@@ -2,6 +2,12 @@
 //! `bkp-server prune|gc|verify|jobs` reach a running server, since RocksDB
 //! admits one process. One JSON request line, one JSON answer line.
 //! Access is the file's permission: whoever may read the data directory.
+//!
+//! `serve` takes an exclusive `flock` on `DATA/serve.lock` before anything
+//! else and holds it until it exits (the kernel drops it if the process
+//! dies), so a job command can tell a server that is still starting (lock
+//! held, no socket yet) from none at all, and wait for the socket instead
+//! of failing on the database lock.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +24,7 @@ use crate::server::ServerState;
 use crate::verify::Scope;
 
 pub const SOCKET: &str = "control.sock";
+pub const SERVE_LOCK: &str = "serve.lock";
 const MAX_LINE: u64 = 64 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -95,9 +102,19 @@ pub fn answer(state: &ServerState, req: ControlRequest) -> ControlResponse {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the server stopped during the job; check its log (a run cut short is not recorded)")]
+    ServerStopped,
+    #[error("talking to the running server: {0}")]
+    Io(String),
+    #[error("the running server's answer does not decode ({0}); is it the same version as this command?")]
+    Decode(String),
+}
+
 /// Sends a request to a running server; `None` when none is listening.
-pub fn call(data: &Path, req: &ControlRequest) -> Option<Result<ControlResponse, String>> {
-    use std::io::{BufRead, Write};
+pub fn call(data: &Path, req: &ControlRequest) -> Option<Result<ControlResponse, ControlError>> {
+    use std::io::{BufRead, ErrorKind, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket_path(data)).ok()?;
     let mut line = serde_json::to_vec(req).expect("request to json");
     line.push(b'\n');
@@ -105,5 +122,99 @@ pub fn call(data: &Path, req: &ControlRequest) -> Option<Result<ControlResponse,
         let mut answer = String::new();
         std::io::BufReader::new(s).read_line(&mut answer).map(|_| answer)
     });
-    Some(r.map_err(|e| e.to_string()).and_then(|a| serde_json::from_str(&a).map_err(|e| e.to_string())))
+    Some(match r {
+        // The server closed the socket without an answer: it died.
+        Ok(a) if a.is_empty() => Err(ControlError::ServerStopped),
+        Ok(a) => serde_json::from_str(&a).map_err(|e| ControlError::Decode(e.to_string())),
+        Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {
+            Err(ControlError::ServerStopped)
+        }
+        Err(e) => Err(ControlError::Io(e.to_string())),
+    })
+}
+
+/// Taken by `serve` first thing, held for its lifetime. `Err` says who
+/// holds it.
+pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let p = data.join(SERVE_LOCK);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            return Err(format!(
+                "another `bkp-server serve` (pid {}) is using {}; stop it first",
+                pid.trim(),
+                data.display()
+            ));
+        }
+        return Err(format!("locking {}: {e}", p.display()));
+    }
+    // The pid is for the message above only; the lock is the truth.
+    let _ = f.set_len(0).and_then(|_| f.rewind()).and_then(|_| write!(f, "{}", std::process::id()));
+    Ok(f)
+}
+
+/// Is a `serve` holding `DATA/serve.lock` (running, or still starting)?
+pub fn serve_running(data: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(data.join(SERVE_LOCK)) else { return false };
+    // SAFETY: flock on a descriptor this function owns; closing it drops
+    // the probe's lock.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// A pause between opening the store and binding the control socket, for
+/// tests of job commands against a starting server.
+pub fn start_delay_for_tests() {
+    if let Some(ms) = std::env::var("BKP_TEST_SERVE_START_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_dies_mid_request_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::os::unix::net::UnixListener::bind(socket_path(dir.path())).unwrap();
+        // Reads the request, then closes without answering, as a killed
+        // server's socket does.
+        let t = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let (s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        });
+        let r = call(dir.path(), &ControlRequest::Jobs { limit: 1 }).unwrap();
+        t.join().unwrap();
+        let e = r.unwrap_err();
+        assert!(matches!(e, ControlError::ServerStopped), "{e}");
+        assert!(e.to_string().starts_with("the server stopped during the job; check its log"));
+    }
+
+    #[test]
+    fn serve_lock_is_exclusive_and_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!serve_running(dir.path()));
+        let held = lock_serve(dir.path()).unwrap();
+        assert!(serve_running(dir.path()));
+        let e = lock_serve(dir.path()).unwrap_err();
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(held);
+        assert!(!serve_running(dir.path()));
+    }
 }

@@ -1,6 +1,12 @@
 //! Server jobs (prune, gc, verify): one run of a kind at a time, each run's
-//! start, end, result and figures stored and listed by `bkp-server jobs`,
-//! and a scheduler that runs them on the config's cron schedules.
+//! start, end, result and figures stored and listed by `bkp-server jobs`.
+//! The cron schedules are run by `crate::schedule`.
+//!
+//! A run asked for while one of the same kind is going is *refused*: it
+//! is recorded (so colliding schedules show in `jobs`) but it is not a
+//! failure, since the run in progress does the work. A record the store
+//! cannot take (a full disk) is kept in memory, listed as if stored, and
+//! written at the next record or monitor check.
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -14,7 +20,10 @@ use crate::prune::{prune, prune_plan};
 use crate::server::ServerState;
 use crate::verify::{self, Scope};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Declared in the order the scheduler runs kinds due at the same time:
+/// prune first (its removals are what gc frees), verify last (it checks
+/// what is left).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Prune,
@@ -42,6 +51,10 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// The job's own report (what was kept, removed, freed...).
     pub figures: serde_json::Value,
+    /// Not run because a run of the same kind was in progress: not a
+    /// failure (no alert), and not a run for the monitor's "latest run".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 /// `[jobs]` in the server config: 5-field cron schedules, in UTC.
@@ -73,15 +86,21 @@ pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
     cron::Schedule::from_str(&format!("0 {expr}")).map_err(|e| format!("schedule {expr:?}: {e}"))
 }
 
-/// Guards against two runs of the same kind.
+/// Records kept in memory while the store refuses them, at most this many
+/// (the oldest go first, with an error in the log).
+const MAX_UNWRITTEN: usize = 1000;
+
+/// Guards against two runs of the same kind, and holds the records not
+/// yet written.
 #[derive(Default)]
 pub struct Running {
     prune: Mutex<()>,
     gc: Mutex<()>,
     verify: Mutex<()>,
+    unwritten: Mutex<Vec<JobRecord>>,
 }
 
-pub(crate) fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
@@ -125,7 +144,7 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
         JobKind::Verify => &state.running.verify,
     };
     let start_ns = now_ns();
-    let refuse = |msg: String| {
+    let refuse = |msg: String, refused: bool| {
         let rec = JobRecord {
             kind,
             start_ns,
@@ -134,26 +153,32 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
             dry_run,
             error: Some(msg),
             figures: serde_json::Value::Null,
+            refused,
         };
         record(state, &rec);
         rec
     };
     if kind != JobKind::Prune && dry_run {
-        return refuse(format!(
-            "{} has no dry run; `bkp-server prune --dry-run` previews what a prune would remove",
-            kind.as_str()
-        ));
+        return refuse(
+            format!(
+                "{} has no dry run; `bkp-server prune --dry-run` previews what a prune would remove",
+                kind.as_str()
+            ),
+            false,
+        );
     }
     let Ok(_guard) = lock.try_lock() else {
         // Recorded, so a schedule that keeps colliding shows in `jobs`.
-        return refuse(format!("a {} run is already in progress; try again when it ends", kind.as_str()));
+        info!(job = kind.as_str(), "not started: a run of this kind is in progress");
+        return refuse(format!("a {} run is already in progress; try again when it ends", kind.as_str()), true);
     };
     info!(job = kind.as_str(), dry_run, "job started");
     let (figures, error) = match body(start_ns) {
         Ok((figures, problem)) => (figures, problem),
         Err(e) => (serde_json::Value::Null, Some(e)),
     };
-    let rec = JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures };
+    let rec =
+        JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
     record(state, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
@@ -163,52 +188,64 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
 }
 
 /// Stores a run's record; dry runs change nothing and are not kept.
-fn record(state: &ServerState, rec: &JobRecord) {
+pub(crate) fn record(state: &ServerState, rec: &JobRecord) {
     if rec.dry_run {
         return;
     }
+    let mut q = state.running.unwritten.lock().expect("unwritten lock");
+    q.push(rec.clone());
+    if q.len() > MAX_UNWRITTEN {
+        let lost = q.remove(0);
+        error!(job = lost.kind.as_str(), start_ns = lost.start_ns, "job record dropped: the store refuses records");
+    }
+    write_unwritten(&mut q, |r| put(state, r));
+}
+
+fn put(state: &ServerState, rec: &JobRecord) -> Result<(), String> {
     let body = serde_json::to_vec(rec).expect("record to json");
-    if let Err(e) = state.store.put_job(rec.start_ns, rec.kind.as_str(), &body) {
-        error!("recording job: {e}");
+    state.store.put_job(rec.start_ns, rec.kind.as_str(), &body).map_err(|e| e.to_string())
+}
+
+/// Writes queued records, oldest first, until one fails.
+fn write_unwritten(q: &mut Vec<JobRecord>, mut put: impl FnMut(&JobRecord) -> Result<(), String>) {
+    while let Some(rec) = q.first() {
+        match put(rec) {
+            Ok(()) => {
+                q.remove(0);
+            }
+            Err(e) => {
+                error!("recording job: {e}; {} record(s) kept in memory until the store takes them", q.len());
+                return;
+            }
+        }
     }
 }
 
-/// The newest `limit` job records.
+/// Retries the records the store refused (the monitor calls this).
+pub fn flush_unwritten(state: &ServerState) {
+    let mut q = state.running.unwritten.lock().expect("unwritten lock");
+    if !q.is_empty() {
+        write_unwritten(&mut q, |r| put(state, r));
+    }
+}
+
+/// The newest `limit` job records, those not yet written included.
 pub fn list(state: &ServerState, limit: usize) -> Result<Vec<JobRecord>, String> {
     let raw = state.store.jobs(limit).map_err(|e| e.to_string())?;
-    raw.iter().map(|b| serde_json::from_slice(b).map_err(|e| format!("job record: {e}"))).collect()
+    let mut out: Vec<JobRecord> = raw
+        .iter()
+        .map(|b| serde_json::from_slice(b).map_err(|e| format!("job record: {e}")))
+        .collect::<Result<_, _>>()?;
+    out.extend(state.running.unwritten.lock().expect("unwritten lock").iter().cloned());
+    out.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then(b.kind.cmp(&a.kind)));
+    out.dedup_by(|a, b| a.start_ns == b.start_ns && a.kind == b.kind);
+    out.truncate(limit);
+    Ok(out)
 }
 
 /// Runs the configured schedules until the task is dropped.
 pub async fn scheduler(state: Arc<ServerState>) {
-    let mut plans = Vec::new();
-    for (kind, expr) in state.config.jobs.schedules() {
-        if let Some(e) = expr {
-            match parse_schedule(e) {
-                Ok(s) => plans.push((kind, s)),
-                Err(e) => error!("{e}"),
-            }
-        }
-    }
-    if plans.is_empty() {
-        return;
-    }
-    loop {
-        let now = chrono::Utc::now();
-        let Some((kind, when)) =
-            plans.iter().filter_map(|(k, s)| s.after(&now).next().map(|t| (*k, t))).min_by_key(|(_, t)| *t)
-        else {
-            return;
-        };
-        let wait = (when - now).to_std().unwrap_or_default();
-        tokio::time::sleep(wait).await;
-        let st = state.clone();
-        // A run that is still going when the next is due makes the new one
-        // report "already in progress" rather than queue up.
-        tokio::task::spawn_blocking(move || run(&st, kind, false, &GcHooks::from_env()));
-        // Step past this instant so the same occurrence is not run twice.
-        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    }
+    crate::schedule::run(state, Arc::new(crate::schedule::SystemClock)).await
 }
 
 #[cfg(test)]
@@ -225,5 +262,53 @@ mod tests {
         assert!(parse_schedule("0 4 * * 1").is_err());
         let mon = parse_schedule("0 4 * * MON").unwrap();
         assert_eq!(mon.after(&from).next().unwrap().to_rfc3339(), "2026-11-30T04:00:00+00:00");
+    }
+
+    fn rec(start_ns: u64) -> JobRecord {
+        JobRecord {
+            kind: JobKind::Gc,
+            start_ns,
+            end_ns: start_ns,
+            ok: true,
+            dry_run: false,
+            error: None,
+            figures: serde_json::Value::Null,
+            refused: false,
+        }
+    }
+
+    #[test]
+    fn unwritten_records_wait_for_the_store() {
+        let mut q = vec![rec(1), rec(2)];
+        let mut stored = Vec::new();
+        // Disk full: nothing is lost, order is kept.
+        write_unwritten(&mut q, |_| Err("No space left on device".into()));
+        assert_eq!(q.len(), 2);
+        let mut room = 1;
+        write_unwritten(&mut q, |r| {
+            if room == 0 {
+                return Err("No space left on device".into());
+            }
+            room -= 1;
+            stored.push(r.start_ns);
+            Ok(())
+        });
+        assert_eq!((stored.clone(), q.len()), (vec![1], 1));
+        write_unwritten(&mut q, |r| {
+            stored.push(r.start_ns);
+            Ok(())
+        });
+        assert_eq!((stored, q.len()), (vec![1, 2], 0));
+    }
+
+    #[test]
+    fn refused_flag_is_optional_in_stored_records() {
+        // Records written before the flag existed still read.
+        let old = r#"{"kind":"gc","start_ns":5,"end_ns":6,"ok":true,"dry_run":false,"error":null,"figures":null}"#;
+        let r: JobRecord = serde_json::from_str(old).unwrap();
+        assert!(!r.refused);
+        assert!(!serde_json::to_string(&r).unwrap().contains("refused"));
+        let r = JobRecord { refused: true, ..r };
+        assert!(serde_json::to_string(&r).unwrap().contains("\"refused\":true"));
     }
 }

@@ -111,6 +111,23 @@ pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
         st.sets.iter().map(|x| (set(x), if x.stale { 1.0 } else { 0.0 })),
     );
 
+    let pf = |p: &crate::monitor::PushFailing| l(&[("host", &p.failure.host), ("name", &p.failure.name)]);
+    r.counter(
+        "bkp_push_failures",
+        "failed pushes the clients reported (dump command, read or connection errors)",
+        st.push_failures.iter().map(|p| (pf(p), p.failure.count)),
+    );
+    r.family(
+        "bkp_push_last_failure_timestamp_seconds",
+        "time of the newest reported push failure of the set",
+        st.push_failures.iter().map(|p| (pf(p), secs(p.failure.last_ns))),
+    );
+    r.family(
+        "bkp_push_failing",
+        "1 while the newest push failure of the set is newer than its newest snapshot",
+        st.push_failures.iter().map(|p| (pf(p), if p.failing { 1.0 } else { 0.0 })),
+    );
+
     r.gauge("bkp_verify_coverage_ratio", "share of chunks scrubbed in the current cycle", st.scrub.coverage());
     r.gauge("bkp_verify_last_cycle_timestamp_seconds", "end of the last full scrub", secs(st.scrub.last_cycle_end_ns));
     r.gauge("bkp_verify_last_run_timestamp_seconds", "last scrub run", secs(st.scrub.last_run_ns));

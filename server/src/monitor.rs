@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::alerts::{self, Condition, State};
 use crate::freshness::{self, SetStatus};
 use crate::jobs::{self, JobKind, JobRecord};
+use crate::push_failures::{self, Failure};
 use crate::server::ServerState;
 use crate::store::schema::META_ALERT_STATE;
 use crate::store::StoreError;
@@ -85,6 +86,8 @@ pub struct Monitor {
     pub nudge: tokio::sync::Notify,
     /// Where `/metrics` listens, once bound.
     pub http_addr: Mutex<Option<SocketAddr>>,
+    /// Failed pushes the clients reported.
+    pub push_failures: crate::push_failures::PushFailures,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -116,6 +119,17 @@ pub struct Status {
     pub store_disk_bytes: u64,
     pub scrub: scrub::Cursor,
     pub sessions: u64,
+    /// Sets with reported push failures, by host/name.
+    pub push_failures: Vec<PushFailing>,
+}
+
+/// A set's reported push failures, and whether they are still news.
+#[derive(Clone, Debug)]
+pub struct PushFailing {
+    pub failure: Failure,
+    /// The newest failure is newer than the newest snapshot.
+    pub failing: bool,
+    pub last_backup_ns: Option<u64>,
 }
 
 pub fn disk(path: &Path) -> Option<Disk> {
@@ -155,7 +169,8 @@ pub fn status(state: &ServerState, now_ns: u64) -> Result<Status, StoreError> {
     let summaries = store.list_snapshots(None, None)?;
     let sets = freshness::evaluate(&summaries, &state.config.freshness, now_ns);
     let mut jobs_by_kind: BTreeMap<&'static str, (JobRecord, Option<JobRecord>)> = BTreeMap::new();
-    for rec in jobs::list(state, JOB_HISTORY).map_err(StoreError::Corrupt)? {
+    // A refused run (one of its kind was in progress) is not a run.
+    for rec in jobs::list(state, JOB_HISTORY).map_err(StoreError::Corrupt)?.into_iter().filter(|r| !r.refused) {
         let ok = rec.ok.then(|| rec.clone());
         let e = jobs_by_kind.entry(rec.kind.as_str()).or_insert((rec, None));
         if e.1.is_none() {
@@ -176,7 +191,6 @@ pub fn status(state: &ServerState, now_ns: u64) -> Result<Status, StoreError> {
         }
     }
     Ok(Status {
-        sets,
         jobs: jobs_by_kind,
         damaged,
         quarantined,
@@ -186,6 +200,14 @@ pub fn status(state: &ServerState, now_ns: u64) -> Result<Status, StoreError> {
         store_disk_bytes: store.disk_bytes()?,
         scrub: scrub::Cursor::load(store)?,
         sessions: state.sessions.live() as u64,
+        push_failures: push_failures::all(state)
+            .into_iter()
+            .map(|f| {
+                let last_backup_ns = sets.iter().find(|s| s.host == f.host && s.name == f.name).map(|s| s.last_ns);
+                PushFailing { failing: last_backup_ns.is_none_or(|b| f.last_ns > b), last_backup_ns, failure: f }
+            })
+            .collect(),
+        sets,
     })
 }
 
@@ -216,6 +238,20 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
                 fingerprint: err,
             });
         }
+    }
+    for p in st.push_failures.iter().filter(|p| p.failing) {
+        let f = &p.failure;
+        let newest = match p.last_backup_ns {
+            Some(ns) => format!("the newest backup is of {}", time(ns)),
+            None => "there is no backup of this set yet".into(),
+        };
+        out.push(Condition {
+            key: format!("push:{}/{}", f.host, f.name),
+            kind: "push",
+            summary: format!("{}/{}: push failed at {}: {}; {newest}", f.host, f.name, time(f.last_ns), f.reason),
+            // One notification per outage, not per failed retry.
+            fingerprint: "failed".into(),
+        });
     }
     if !st.damaged.is_empty() {
         let mut ids: Vec<String> = st.damaged.iter().map(|(id, _)| id.to_hex()).collect();
@@ -274,6 +310,7 @@ fn hostname() -> String {
 
 /// One check: evaluate, notify changes, remember what was notified.
 pub fn check(state: &ServerState) -> Result<(), StoreError> {
+    jobs::flush_unwritten(state);
     let now_ns = jobs::now_ns();
     let st = status(state, now_ns)?;
     let conds = conditions(&st, state.config.alerts.disk_free_min_percent);

@@ -3,6 +3,7 @@
 
 mod gc;
 mod incremental;
+mod jobs;
 mod monitoring;
 mod postgres;
 mod resilience;

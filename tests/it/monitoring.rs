@@ -1,5 +1,6 @@
 //! Monitoring: stale-set alerts reach a webhook once and clear after the
-//! next push; a real Prometheus scrapes `/metrics`.
+//! next push; a failed push is alerted at once; a real Prometheus scrapes
+//! `/metrics`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -12,7 +13,7 @@ use bkp_server::config::ServerConfig;
 use bkp_tests::TestServer;
 
 /// A webhook receiver on loopback: keeps every JSON body POSTed to it.
-fn webhook() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+pub(crate) fn webhook() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", l.local_addr().unwrap());
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -43,7 +44,7 @@ fn webhook() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     (url, got)
 }
 
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + Duration::from_secs(secs);
     while !f() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
@@ -51,7 +52,7 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn events(got: &Mutex<Vec<serde_json::Value>>, key: &str, status: &str) -> usize {
+pub(crate) fn events(got: &Mutex<Vec<serde_json::Value>>, key: &str, status: &str) -> usize {
     got.lock().unwrap().iter().filter(|e| e["key"] == key && e["status"] == status).count()
 }
 
@@ -80,7 +81,43 @@ fn stale_set_alerts_once_and_clears_after_the_next_push() {
     assert_eq!(events(&got, "stale:web01/pgdump", "resolved"), 1);
 }
 
-fn toml_config(text: &str) -> ServerConfig {
+#[test]
+fn a_failed_dump_is_recorded_counted_and_alerted_at_once() {
+    let (url, got) = webhook();
+    // One check interval is 30 s: the alert must not wait for it.
+    let cfg = toml_config(&format!(
+        "cache_mb = 16\n[monitor]\nlisten = \"127.0.0.1:0\"\ncheck_interval = \"30s\"\n[[alerts.webhooks]]\nurl = \"{url}\"\n"
+    ));
+    let server = TestServer::start_with(cfg);
+    let tok = server.token("web01", Role::Push);
+    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let metrics = || ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
+    let started = Instant::now();
+    let out =
+        server.bkp(&tok).args(["push", "--name", "pgdump", "--", "sh", "-c", "echo partial; exit 3"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no snapshot was committed"), "{stderr}");
+    wait_for("the push-failure alert", 25, || events(&got, "push:web01/pgdump", "firing") == 1);
+    assert!(started.elapsed() < Duration::from_secs(30), "alerted within one check interval");
+    let ev = got.lock().unwrap().iter().find(|e| e["key"] == "push:web01/pgdump").cloned().unwrap();
+    let summary = ev["summary"].as_str().unwrap();
+    assert!(summary.starts_with("web01/pgdump: push failed at "), "{ev}");
+    assert!(summary.contains("exit status: 3") && summary.contains("no backup of this set yet"), "{ev}");
+    let text = metrics();
+    assert!(text.contains("bkp_push_failures_total{host=\"web01\",name=\"pgdump\"} 1"), "{text}");
+    assert!(text.contains("bkp_push_failing{host=\"web01\",name=\"pgdump\"} 1"), "{text}");
+    assert!(text.contains("bkp_push_last_failure_timestamp_seconds{host=\"web01\",name=\"pgdump\"}"), "{text}");
+
+    // The next good push clears it; the count stays.
+    server.push_stdin(&tok, "pgdump", b"SELECT 1;\n");
+    wait_for("the resolved alert", 25, || events(&got, "push:web01/pgdump", "resolved") == 1);
+    let text = metrics();
+    assert!(text.contains("bkp_push_failing{host=\"web01\",name=\"pgdump\"} 0"), "{text}");
+    assert!(text.contains("bkp_push_failures_total{host=\"web01\",name=\"pgdump\"} 1"), "{text}");
+}
+
+pub(crate) fn toml_config(text: &str) -> ServerConfig {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("server.toml");
     std::fs::write(&p, text).unwrap();

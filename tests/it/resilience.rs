@@ -101,3 +101,57 @@ fn restarted_server_keeps_everything() {
     let restored = target.path().join(src.path().strip_prefix("/").unwrap()).join("a");
     assert!(std::fs::read(restored).unwrap() == random_bytes(3 << 20, 2));
 }
+
+#[test]
+fn server_killed_and_restarted_under_a_push_fails_fast_and_says_nothing_committed() {
+    let mut server = ServerProcess::init();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        server.dir.path().join("server.toml"),
+        format!("[monitor]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
+    let token = server.token("web01", "push");
+    server.serve(&[]);
+    let mut child = server
+        .bkp(&token)
+        .args(["push", "--name", "big", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A steady stream, so the push is uploading when the server dies; the
+    // writer stops when the client exits (broken pipe).
+    let mut stdin = child.stdin.take().unwrap();
+    let (fed_tx, fed) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        for i in 0..4096u64 {
+            if stdin.write_all(&random_bytes(1 << 20, i)).is_err() {
+                return;
+            }
+            if i == 16 {
+                let _ = fed_tx.send(());
+            }
+        }
+    });
+    fed.recv_timeout(Duration::from_secs(60)).expect("16 MiB fed to the push");
+    server.kill();
+    let killed = std::time::Instant::now();
+    server.serve(&[]);
+    let out = child.wait_with_output().unwrap();
+    let took = killed.elapsed();
+    let _ = writer.join();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("nothing was committed; run the push again"), "{stderr}");
+    // The idle timeout is 10 s; 5 s of slack for a loaded machine.
+    assert!(took < Duration::from_secs(15), "the client took {took:?} to give up: {stderr}");
+    eprintln!("client gave up {:.1} s after the kill: {stderr}", took.as_secs_f64());
+    let list = json(&ok(server.bkp(&token).args(["snapshots", "--json"])));
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+    // Reported on a new connection to the restarted server.
+    let text = ureq::get(&format!("http://127.0.0.1:{metrics_port}/metrics")).call().unwrap().into_string().unwrap();
+    assert!(text.contains("bkp_push_failures_total{host=\"web01\",name=\"big\"} 1"), "{text}");
+    server.kill();
+}

@@ -1,0 +1,384 @@
+//! The job scheduler: runs every job whose cron schedule is due, and
+//! records the runs that were due while the server was not running.
+//!
+//! Which jobs are due is [`due`], a pure function of the schedules and a
+//! time window, tested as a table. Each wake-up covers the whole window
+//! since the previous one, so schedules due at the same moment all run:
+//! one after the other in one blocking task, in [`JobKind`] order (prune,
+//! then gc, then verify). A wake-up that found nothing due only sleeps
+//! again, so a clock that jumps or a late wake-up loses nothing either.
+//!
+//! At start, each scheduled kind's newest record (whatever its outcome) is
+//! compared with its schedule ([`missed`]): occurrences between that
+//! record and now did not run, and get a failed record ("verify was due
+//! at ... and did not run"), which the monitor alerts on like any failed
+//! job until a run of that kind succeeds. A kind without any record yet is
+//! not judged: there is nothing to measure from.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::{error, warn};
+
+use crate::gc::GcHooks;
+use crate::jobs::{self, JobKind, JobRecord, JobsConfig};
+use crate::server::ServerState;
+
+/// Job records read at start to find each kind's newest.
+const HISTORY: usize = 500;
+/// Occurrences counted per window at most (a `* * * * *` schedule and a
+/// server down for years must not take long to count).
+const MAX_COUNT: usize = 10_000;
+/// Longest single sleep: the wall clock is read again at least this often,
+/// so a clock set forward (or a resumed machine) is noticed.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// Wall-clock time and sleeping, injectable for tests.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+    /// Returns at `t` or later (or earlier: the caller reads `now` again).
+    fn sleep_until(&self, t: DateTime<Utc>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn sleep_until(&self, t: DateTime<Utc>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let wait = (t - Utc::now()).to_std().unwrap_or_default().min(MAX_SLEEP);
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
+pub type Plans = Vec<(JobKind, cron::Schedule)>;
+
+/// The configured schedules, in run order. (The config check refuses bad
+/// expressions before `serve` starts; one that still fails is logged.)
+pub fn plans(cfg: &JobsConfig) -> Plans {
+    let mut out = Vec::new();
+    for (kind, expr) in cfg.schedules() {
+        if let Some(e) = expr {
+            match jobs::parse_schedule(e) {
+                Ok(s) => out.push((kind, s)),
+                Err(e) => error!("{e}"),
+            }
+        }
+    }
+    out.sort_by_key(|(k, _)| *k);
+    out
+}
+
+/// A kind with occurrences in a window: the first one and how many.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    pub kind: JobKind,
+    pub first: DateTime<Utc>,
+    pub count: usize,
+}
+
+/// The kinds with an occurrence in `(after, upto]`, in run order.
+pub fn due(plans: &[(JobKind, cron::Schedule)], after: DateTime<Utc>, upto: DateTime<Utc>) -> Vec<Due> {
+    let mut out = Vec::new();
+    for (kind, s) in plans {
+        let mut times = s.after(&after).take_while(|t| *t <= upto);
+        let Some(first) = times.next() else { continue };
+        out.push(Due { kind: *kind, first, count: 1 + times.take(MAX_COUNT - 1).count() });
+    }
+    out.sort_by_key(|d| d.kind);
+    out
+}
+
+/// Scheduled kinds with occurrences between their newest record (in
+/// `last_run`) and `now`: runs that did not happen.
+pub fn missed(
+    plans: &[(JobKind, cron::Schedule)],
+    last_run: &BTreeMap<JobKind, DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Vec<Due> {
+    plans
+        .iter()
+        .filter_map(|(k, s)| {
+            let last = last_run.get(k)?;
+            due(&[(*k, s.clone())], *last, now).pop()
+        })
+        .collect()
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The failed record that stands for a missed run.
+pub fn missed_record(d: &Due, now_ns: u64) -> JobRecord {
+    let kind = d.kind.as_str();
+    let more = if d.count > 1 { format!(" ({} scheduled runs missed)", d.count) } else { String::new() };
+    JobRecord {
+        kind: d.kind,
+        start_ns: now_ns,
+        end_ns: now_ns,
+        ok: false,
+        dry_run: false,
+        error: Some(format!(
+            "{kind} was due at {} and did not run{more}: the server was not running then, or stopped during \
+             the run; it runs at its next scheduled time, or now with `bkp-server {kind}`",
+            rfc3339(d.first)
+        )),
+        figures: serde_json::Value::Null,
+        refused: false,
+    }
+}
+
+fn from_ns(ns: u64) -> DateTime<Utc> {
+    DateTime::from_timestamp((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as u32).unwrap_or_default()
+}
+
+fn record_missed(state: &ServerState, plans: &[(JobKind, cron::Schedule)], now: DateTime<Utc>) {
+    let recs = match jobs::list(state, HISTORY) {
+        Ok(r) => r,
+        Err(e) => return error!("reading job records to find missed runs: {e}"),
+    };
+    let mut last = BTreeMap::new();
+    for r in &recs {
+        // Newest first: the first of each kind is its newest.
+        last.entry(r.kind).or_insert_with(|| from_ns(r.start_ns));
+    }
+    let found = missed(plans, &last, now);
+    for d in &found {
+        let rec = missed_record(d, jobs::now_ns());
+        error!(job = d.kind.as_str(), "{}", rec.error.as_deref().unwrap_or_default());
+        jobs::record(state, &rec);
+    }
+    if !found.is_empty() {
+        state.monitor.nudge.notify_one();
+    }
+}
+
+/// Runs the configured schedules until the task is dropped.
+pub async fn run(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
+    let plans = plans(&state.config.jobs);
+    if plans.is_empty() {
+        return;
+    }
+    let start = clock.now();
+    let (st, p) = (state.clone(), plans.clone());
+    if let Err(e) = tokio::task::spawn_blocking(move || record_missed(&st, &p, start)).await {
+        error!("looking for missed job runs: {e}");
+    }
+    let mut last = start;
+    loop {
+        let Some(next) = plans.iter().filter_map(|(_, s)| s.after(&last).next()).min() else { return };
+        clock.sleep_until(next).await;
+        let now = clock.now();
+        if now < next {
+            continue;
+        }
+        let batch = due(&plans, last, now);
+        last = now;
+        let st = state.clone();
+        // Not awaited: a long verify must not hold back the next prune.
+        // A kind that comes due again while its run is still going is
+        // refused (recorded, not a failure) rather than queued.
+        tokio::task::spawn_blocking(move || {
+            for d in batch {
+                if d.count > 1 {
+                    warn!(job = d.kind.as_str(), "{} runs were due since the last wake-up; running once", d.count);
+                }
+                jobs::run(&st, d.kind, false, &GcHooks::from_env());
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn plan(cfg: &[(JobKind, &str)]) -> Plans {
+        let c = JobsConfig {
+            prune: cfg.iter().find(|(k, _)| *k == JobKind::Prune).map(|(_, e)| e.to_string()),
+            gc: cfg.iter().find(|(k, _)| *k == JobKind::Gc).map(|(_, e)| e.to_string()),
+            verify: cfg.iter().find(|(k, _)| *k == JobKind::Verify).map(|(_, e)| e.to_string()),
+        };
+        plans(&c)
+    }
+
+    use JobKind::{Gc, Prune, Verify};
+
+    #[test]
+    fn due_table() {
+        // (schedules, window after, window up to, (kind, first, count) due)
+        #[allow(clippy::type_complexity)]
+        let cases: &[(&[(JobKind, &str)], &str, &str, &[(JobKind, &str, usize)])] = &[
+            // Two jobs at the same minute: both, prune first.
+            (
+                &[(Verify, "0 2 * * *"), (Prune, "0 2 * * *")],
+                "2026-12-01T01:59:00Z",
+                "2026-12-01T02:00:00Z",
+                &[(Prune, "2026-12-01T02:00:00Z", 1), (Verify, "2026-12-01T02:00:00Z", 1)],
+            ),
+            // All three at once: prune, gc, verify.
+            (
+                &[(Gc, "0 2 * * *"), (Verify, "0 2 * * *"), (Prune, "0 2 * * *")],
+                "2026-12-01T01:00:00Z",
+                "2026-12-01T02:00:05Z",
+                &[
+                    (Prune, "2026-12-01T02:00:00Z", 1),
+                    (Gc, "2026-12-01T02:00:00Z", 1),
+                    (Verify, "2026-12-01T02:00:00Z", 1),
+                ],
+            ),
+            // Same minute is not enough to be due: the window ends before.
+            (&[(Prune, "0 2 * * *")], "2026-12-01T01:00:00Z", "2026-12-01T01:59:59Z", &[]),
+            // The window's start is excluded (that wake-up ran it), its end included.
+            (
+                &[(Prune, "0 2 * * *")],
+                "2026-12-01T02:00:00Z",
+                "2026-12-02T02:00:00Z",
+                &[(Prune, "2026-12-02T02:00:00Z", 1)],
+            ),
+            // A late wake-up sees everything it slept through, once per kind.
+            (
+                &[(Prune, "0 * * * *"), (Gc, "30 5 * * Sun")],
+                "2026-12-05T23:30:00Z",
+                "2026-12-06T06:10:00Z",
+                &[(Prune, "2026-12-06T00:00:00Z", 7), (Gc, "2026-12-06T05:30:00Z", 1)],
+            ),
+            // Different minutes in one window still both run, in kind order.
+            (
+                &[(Verify, "0 2 * * *"), (Prune, "5 2 * * *")],
+                "2026-12-01T01:00:00Z",
+                "2026-12-01T03:00:00Z",
+                &[(Prune, "2026-12-01T02:05:00Z", 1), (Verify, "2026-12-01T02:00:00Z", 1)],
+            ),
+        ];
+        for (i, (cfg, after, upto, want)) in cases.iter().enumerate() {
+            let got = due(&plan(cfg), t(after), t(upto));
+            let want: Vec<Due> = want.iter().map(|(k, f, n)| Due { kind: *k, first: t(f), count: *n }).collect();
+            assert_eq!(got, want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn missed_table() {
+        let p = plan(&[(Prune, "0 4 * * *"), (Verify, "0 2 * * *")]);
+        let now = t("2026-12-03T10:00:00Z");
+        // (newest record per kind, missed)
+        #[allow(clippy::type_complexity)]
+        let cases: &[(&[(JobKind, &str)], &[(JobKind, &str, usize)])] = &[
+            // Ran on time: nothing missed.
+            (&[(Prune, "2026-12-03T04:00:01Z"), (Verify, "2026-12-03T02:00:01Z")], &[]),
+            // Down over two nights: verify missed twice, prune once.
+            (
+                &[(Prune, "2026-12-02T04:00:01Z"), (Verify, "2026-12-01T02:00:01Z")],
+                &[(Prune, "2026-12-03T04:00:00Z", 1), (Verify, "2026-12-02T02:00:00Z", 2)],
+            ),
+            // No record of a kind yet: not judged.
+            (&[(Prune, "2026-12-01T04:00:01Z")], &[(Prune, "2026-12-02T04:00:00Z", 2)]),
+            (&[], &[]),
+        ];
+        for (i, (last, want)) in cases.iter().enumerate() {
+            let last: BTreeMap<JobKind, DateTime<Utc>> = last.iter().map(|(k, s)| (*k, t(s))).collect();
+            let want: Vec<Due> = want.iter().map(|(k, f, n)| Due { kind: *k, first: t(f), count: *n }).collect();
+            assert_eq!(missed(&p, &last, now), want, "case {i}");
+        }
+        let d = Due { kind: Verify, first: t("2026-12-02T02:00:00Z"), count: 2 };
+        let r = missed_record(&d, 7);
+        assert!(!r.ok && !r.refused);
+        let e = r.error.unwrap();
+        assert!(
+            e.starts_with("verify was due at 2026-12-02T02:00:00Z and did not run (2 scheduled runs missed)"),
+            "{e}"
+        );
+    }
+
+    /// A clock the test moves by hand.
+    struct ManualClock(tokio::sync::watch::Sender<DateTime<Utc>>);
+
+    impl Clock for ManualClock {
+        fn now(&self) -> DateTime<Utc> {
+            *self.0.borrow()
+        }
+
+        fn sleep_until(&self, t: DateTime<Utc>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+            let mut rx = self.0.subscribe();
+            Box::pin(async move {
+                let _ = rx.wait_for(|now| *now >= t).await;
+            })
+        }
+    }
+
+    fn server(jobs: JobsConfig) -> (tempfile::TempDir, Arc<ServerState>) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::init(dir.path()).unwrap();
+        let cfg = crate::config::ServerConfig { cache_mb: 8, jobs, ..Default::default() };
+        let state = ServerState::open(dir.path(), cfg).unwrap();
+        (dir, state)
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_due_at_the_same_minute_all_run() {
+        let jobs = JobsConfig { prune: Some("0 2 * * *".into()), gc: None, verify: Some("0 2 * * *".into()) };
+        let (_dir, state) = server(jobs);
+        let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T01:59:59Z")).0));
+        let task = tokio::spawn(run(state.clone(), clock.clone()));
+        // Moved only once the scheduler sleeps, so its start is 01:59:59.
+        wait_for("the scheduler to sleep", || clock.0.receiver_count() > 0).await;
+        clock.0.send_replace(t("2026-12-01T02:00:00Z"));
+        wait_for("a prune and a verify record", || {
+            let l = jobs::list(&state, 10).unwrap();
+            l.iter().any(|r| r.kind == Prune) && l.iter().any(|r| r.kind == Verify)
+        })
+        .await;
+        let l = jobs::list(&state, 10).unwrap();
+        let prune = l.iter().find(|r| r.kind == Prune).unwrap();
+        let verify = l.iter().find(|r| r.kind == Verify).unwrap();
+        assert!(prune.ok && verify.ok, "{l:?}");
+        assert!(prune.end_ns <= verify.start_ns, "prune runs before verify: {l:?}");
+        assert_eq!(l.len(), 2, "each ran once: {l:?}");
+        task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_missed_while_down_is_recorded_at_start() {
+        let jobs = JobsConfig { prune: None, gc: None, verify: Some("0 2 * * *".into()) };
+        let (_dir, state) = server(jobs);
+        // The last verify ran two days before the server comes back.
+        let before = t("2026-11-29T02:00:01Z");
+        let old = JobRecord {
+            start_ns: before.timestamp_nanos_opt().unwrap() as u64,
+            ..missed_record(&Due { kind: Verify, first: before, count: 1 }, 0)
+        };
+        let old = JobRecord { ok: true, error: None, end_ns: old.start_ns, ..old };
+        jobs::record(&state, &old);
+        let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T10:00:00Z")).0));
+        let task = tokio::spawn(run(state.clone(), clock));
+        wait_for("the missed-run record", || jobs::list(&state, 10).unwrap().len() == 2).await;
+        let l = jobs::list(&state, 10).unwrap();
+        let e = l[0].error.clone().unwrap_or_default();
+        assert!(!l[0].ok, "{l:?}");
+        assert!(
+            e.starts_with("verify was due at 2026-11-30T02:00:00Z and did not run (2 scheduled runs missed)"),
+            "{e}"
+        );
+        task.abort();
+    }
+}
