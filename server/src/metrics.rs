@@ -160,6 +160,11 @@ pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
         "end of the latest successful run",
         jobs().filter_map(|(k, (_, ok))| Some((kind(k), secs(ok.as_ref()?.end_ns)))),
     );
+    r.family(
+        "bkp_job_scheduled",
+        "1 for each job kind with a schedule in [jobs]",
+        st.scheduled.iter().map(|k| (kind(k), 1.0)),
+    );
     r.gauge("bkp_sessions_live", "push sessions in progress", st.sessions as f64);
     r.gauge("bkp_alerts_firing", "alert conditions firing", firing as f64);
 

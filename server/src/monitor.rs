@@ -121,6 +121,8 @@ pub struct Status {
     pub sessions: u64,
     /// Sets with reported push failures, by host/name.
     pub push_failures: Vec<PushFailing>,
+    /// Job kinds with a schedule (a kind scheduled but never run shows).
+    pub scheduled: Vec<&'static str>,
 }
 
 /// A set's reported push failures, and whether they are still news.
@@ -208,6 +210,7 @@ pub fn status(state: &ServerState, now_ns: u64) -> Result<Status, StoreError> {
             })
             .collect(),
         sets,
+        scheduled: state.config.jobs.schedules().iter().filter(|(_, e)| e.is_some()).map(|(k, _)| k.as_str()).collect(),
     })
 }
 
