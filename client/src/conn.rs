@@ -133,7 +133,23 @@ enum Attempt {
 fn unexpected(r: Response) -> ClientError {
     match r {
         Response::Error { code, message } => ClientError::Server(message, code),
-        other => ClientError::Protocol(format!("unexpected response {:?}", std::mem::discriminant(&other))),
+        other => ClientError::Protocol(format!("unexpected response {}", response_name(&other))),
+    }
+}
+
+/// A response's variant, for messages (its fields may be megabytes).
+fn response_name(r: &Response) -> &'static str {
+    match r {
+        Response::Welcome { .. } => "Welcome",
+        Response::PushStarted { .. } => "PushStarted",
+        Response::Missing(_) => "Missing",
+        Response::PutOk { .. } => "PutOk",
+        Response::Committed(_) => "Committed",
+        Response::Snapshots(_) => "Snapshots",
+        Response::Snapshot { .. } => "Snapshot",
+        Response::Chunk { .. } => "Chunk",
+        Response::Error { .. } => "Error",
+        Response::Done => "Done",
     }
 }
 

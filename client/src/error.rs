@@ -13,7 +13,7 @@ pub enum ClientError {
     #[error("connection lost: {0}")]
     Io(String),
     /// A push's connection was lost before its commit was sent.
-    #[error("connection lost: {0}; nothing was committed; run the push again")]
+    #[error("connection to the server lost ({0}); nothing was committed; run the push again")]
     Lost(String),
     /// Lost after the commit request was sent, before its answer.
     #[error(

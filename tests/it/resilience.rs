@@ -155,3 +155,31 @@ fn server_killed_and_restarted_under_a_push_fails_fast_and_says_nothing_committe
     assert!(text.contains("bkp_push_failures_total{host=\"web01\",name=\"big\"} 1"), "{text}");
     server.kill();
 }
+
+#[test]
+fn connect_retries_a_silent_server_for_its_budget_and_not_a_refusal() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // Initialised but not serving: nothing answers on the port.
+    let silent = ServerProcess::init();
+    let cfg = bkp_client::config::ClientConfig {
+        server: format!("127.0.0.1:{}", silent.port),
+        trust: bkp_client::config::Trust::Fingerprint(silent.fingerprint.clone()),
+        token: "no-such-token".into(),
+    };
+    let start = std::time::Instant::now();
+    let e = rt.block_on(bkp_client::Client::connect_within(&cfg, Duration::from_secs(6))).err().unwrap().to_string();
+    let took = start.elapsed();
+    assert!(e.contains("no answer after") && e.contains("attempts"), "{e}");
+    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(15), "gave up after {took:?}: {e}");
+    // A server that answers and refuses (unknown token) is not retried.
+    let server = TestServer::start();
+    let cfg = bkp_client::config::ClientConfig { server: server.addr.to_string(), ..cfg };
+    let cfg = bkp_client::config::ClientConfig {
+        trust: bkp_client::config::Trust::Fingerprint(server.fingerprint.clone()),
+        ..cfg
+    };
+    let start = std::time::Instant::now();
+    let e = rt.block_on(bkp_client::Client::connect_within(&cfg, Duration::from_secs(30))).err().unwrap().to_string();
+    assert!(e.contains("unknown or revoked token"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(5), "a refusal was retried: {:?}", start.elapsed());
+}
