@@ -139,13 +139,14 @@ pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
     let p = data.join(SERVE_LOCK);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&p)
-        .map_err(|e| format!("{}: {e}", p.display()))?;
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&p).map_err(
+        |e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                format!("{0} is not an initialised data directory; run `bkp-server init --data {0}`", data.display())
+            }
+            _ => format!("{}: {e}", p.display()),
+        },
+    )?;
     // SAFETY: flock on a descriptor this function owns.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -216,5 +217,7 @@ mod tests {
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         drop(held);
         assert!(!serve_running(dir.path()));
+        let e = lock_serve(&dir.path().join("missing")).unwrap_err();
+        assert!(e.contains("not an initialised data directory"), "{e}");
     }
 }
