@@ -12,8 +12,14 @@
 //! compared with its schedule ([`missed`]): occurrences between that
 //! record and now did not run, and get a failed record ("verify was due
 //! at ... and did not run"), which the monitor alerts on like any failed
-//! job until a run of that kind succeeds. A kind without any record yet is
-//! not judged: there is nothing to measure from.
+//! job until a run of that kind succeeds. A kind without any record is
+//! measured from when a server first found it scheduled (kept in the meta
+//! record [`META_SCHEDULED_SINCE`]), so a verify that was never once run
+//! is reported too.
+//!
+//! ```text
+//! scheduled_since = JSON {"version": 1, "since": {"verify": ns, ...}}
+//! ```
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,6 +33,35 @@ use tracing::{error, warn};
 use crate::gc::GcHooks;
 use crate::jobs::{self, JobKind, JobRecord, JobsConfig};
 use crate::server::ServerState;
+
+pub const META_SCHEDULED_SINCE: &[u8] = b"scheduled_since";
+const SINCE_VERSION: u32 = 1;
+/// The record holds at most three kinds; anything larger is not ours.
+const MAX_SINCE: usize = 4096;
+
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Since {
+    pub version: u32,
+    /// Per kind name: ns since the epoch when it was first seen scheduled.
+    pub since: BTreeMap<String, u64>,
+}
+
+impl Since {
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() > MAX_SINCE {
+            return Err(format!("{} bytes, over the {MAX_SINCE}-byte cap", b.len()));
+        }
+        let s: Since = serde_json::from_slice(b).map_err(|e| e.to_string())?;
+        if s.version != SINCE_VERSION {
+            return Err(format!("version {} is not {SINCE_VERSION}", s.version));
+        }
+        Ok(s)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("since to json")
+    }
+}
 
 /// Job records read at start to find each kind's newest.
 const HISTORY: usize = 500;
@@ -139,16 +174,46 @@ fn from_ns(ns: u64) -> DateTime<Utc> {
     DateTime::from_timestamp((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as u32).unwrap_or_default()
 }
 
-fn record_missed(state: &ServerState, plans: &[(JobKind, cron::Schedule)], now: DateTime<Utc>) {
-    let recs = match jobs::list(state, HISTORY) {
-        Ok(r) => r,
-        Err(e) => return error!("reading job records to find missed runs: {e}"),
-    };
+/// Each scheduled kind's newest record, or for one without records, when
+/// it was first seen scheduled (noted now if never).
+fn watermarks(
+    state: &ServerState,
+    plans: &[(JobKind, cron::Schedule)],
+    now: DateTime<Utc>,
+) -> Result<BTreeMap<JobKind, DateTime<Utc>>, String> {
     let mut last = BTreeMap::new();
-    for r in &recs {
+    for r in jobs::list(state, HISTORY)? {
         // Newest first: the first of each kind is its newest.
         last.entry(r.kind).or_insert_with(|| from_ns(r.start_ns));
     }
+    let stored = state.store.meta_get(META_SCHEDULED_SINCE).map_err(|e| e.to_string())?;
+    let old = stored.map(|b| Since::decode(&b)).transpose().unwrap_or_else(|e| {
+        warn!("scheduled-since record unreadable ({e}); starting a new one");
+        None
+    });
+    let old = old.unwrap_or_default();
+    let now_ns = now.timestamp_nanos_opt().unwrap_or_default().max(0) as u64;
+    // Kinds no longer scheduled are dropped, so scheduling one again later
+    // measures from then.
+    let mut since = Since { version: SINCE_VERSION, since: BTreeMap::new() };
+    for (k, _) in plans {
+        let first = *old.since.get(k.as_str()).unwrap_or(&now_ns);
+        since.since.insert(k.as_str().to_string(), first);
+        last.entry(*k).or_insert_with(|| from_ns(first));
+    }
+    if since != old {
+        if let Err(e) = state.store.meta_put(META_SCHEDULED_SINCE, &since.encode()) {
+            error!("recording when jobs were first scheduled: {e}");
+        }
+    }
+    Ok(last)
+}
+
+fn record_missed(state: &ServerState, plans: &[(JobKind, cron::Schedule)], now: DateTime<Utc>) {
+    let last = match watermarks(state, plans, now) {
+        Ok(l) => l,
+        Err(e) => return error!("reading job records to find missed runs: {e}"),
+    };
     let found = missed(plans, &last, now);
     for d in &found {
         let rec = missed_record(d, jobs::now_ns());
@@ -354,6 +419,37 @@ mod tests {
         assert!(prune.ok && verify.ok, "{l:?}");
         assert!(prune.end_ns <= verify.start_ns, "prune runs before verify: {l:?}");
         assert_eq!(l.len(), 2, "each ran once: {l:?}");
+        task.abort();
+    }
+
+    #[test]
+    fn since_round_trip_golden_and_caps() {
+        let s = Since { version: 1, since: [("verify".to_string(), 7)].into_iter().collect() };
+        assert_eq!(String::from_utf8(s.encode()).unwrap(), r#"{"version":1,"since":{"verify":7}}"#);
+        assert_eq!(Since::decode(&s.encode()).unwrap(), s);
+        assert!(Since::decode(br#"{"version":2,"since":{}}"#).is_err());
+        assert!(Since::decode(&vec![b' '; MAX_SINCE + 1]).unwrap_err().contains("cap"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_never_ran_is_measured_from_when_it_was_scheduled() {
+        let jobs = JobsConfig { prune: None, gc: None, verify: Some("0 2 * * *".into()) };
+        let (_dir, state) = server(jobs);
+        // First start: nothing to measure from yet; the time is noted.
+        let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T10:00:00Z")).0));
+        let task = tokio::spawn(run(state.clone(), clock.clone()));
+        wait_for("the scheduler to sleep", || clock.0.receiver_count() > 0).await;
+        task.abort();
+        assert!(jobs::list(&state, 10).unwrap().is_empty());
+        // Down for two days, then started again: two nights missed.
+        let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-03T10:00:00Z")).0));
+        let task = tokio::spawn(run(state.clone(), clock));
+        wait_for("the missed-run record", || !jobs::list(&state, 10).unwrap().is_empty()).await;
+        let e = jobs::list(&state, 10).unwrap()[0].error.clone().unwrap_or_default();
+        assert!(
+            e.starts_with("verify was due at 2026-12-02T02:00:00Z and did not run (2 scheduled runs missed)"),
+            "{e}"
+        );
         task.abort();
     }
 
