@@ -231,12 +231,15 @@ pub fn flush_unwritten(state: &ServerState) {
 
 /// The newest `limit` job records, those not yet written included.
 pub fn list(state: &ServerState, limit: usize) -> Result<Vec<JobRecord>, String> {
+    // Held across the read, so a record being written is seen once.
+    let unwritten = state.running.unwritten.lock().expect("unwritten lock");
     let raw = state.store.jobs(limit).map_err(|e| e.to_string())?;
     let mut out: Vec<JobRecord> = raw
         .iter()
         .map(|b| serde_json::from_slice(b).map_err(|e| format!("job record: {e}")))
         .collect::<Result<_, _>>()?;
-    out.extend(state.running.unwritten.lock().expect("unwritten lock").iter().cloned());
+    out.extend(unwritten.iter().cloned());
+    drop(unwritten);
     out.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then(b.kind.cmp(&a.kind)));
     out.dedup_by(|a, b| a.start_ns == b.start_ns && a.kind == b.kind);
     out.truncate(limit);
