@@ -233,6 +233,11 @@ impl Client {
         }
     }
 
+    /// Has the connection ended (lost, timed out, closed by either end)?
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
     /// A new connection with the same settings, trying for up to `budget`.
     pub async fn reconnect(&self, budget: Duration) -> Result<Self> {
         Self::connect_within(&self.cfg, budget).await

@@ -145,8 +145,9 @@ pub async fn push_with(
     let name = opts.name.clone();
     let e = match push_inner(client.clone(), opts, kind, cache, progress).await {
         Ok(r) => return Ok(r),
-        // Every connection error before the commit was sent: nothing landed.
-        Err(ClientError::Io(m)) => ClientError::Lost(m),
+        // Before the commit was sent, nothing landed.
+        Err(ClientError::Io(m)) if client.is_closed() => ClientError::Lost(m),
+        Err(ClientError::Io(m)) => ClientError::Io(format!("{m}; nothing was committed; run the push again")),
         Err(e) => e,
     };
     // The commit may have landed: a failure report could raise a false alert.
