@@ -129,23 +129,19 @@ pub fn check_tree(
     tree: &[ChunkId],
     session: &mut dyn CommitSession,
 ) -> Result<SnapshotStats, CommitError> {
-    let stats = walk(
-        store,
-        tree,
-        &mut |ids| {
-            let unproven = session.unproven(ids);
-            let have = store.host_has(host, &unproven)?;
-            if let Some(i) = have.iter().position(|h| !h) {
-                return Err(CommitError::Rejected(format!(
-                "chunk {} is referenced but was never uploaded by host {host} (or was garbage-collected; push again)",
-                unproven[i].short()
+    let mut refs = |ids: &[ChunkId]| {
+        let unproven = session.unproven(ids);
+        let have = store.host_has(host, &unproven)?;
+        if let Some(i) = have.iter().position(|h| !h) {
+            let id = unproven[i].short();
+            return Err(CommitError::Rejected(format!(
+                "chunk {id} is referenced but was never uploaded by host {host} (or was garbage-collected; push again)"
             )));
-            }
-            session.checked(&unproven);
-            Ok(())
-        },
-        true,
-    )?;
+        }
+        session.checked(&unproven);
+        Ok(())
+    };
+    let stats = walk(store, tree, &mut refs, true)?;
     if kind == SnapshotKind::Stream && (stats.files != 1 || stats.dirs + stats.others != 0) {
         return Err(CommitError::Rejected("a stream snapshot holds exactly one file".into()));
     }
