@@ -8,7 +8,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/bkp/target
 CARGO ?= cargo
 
-.PHONY: build demo test bench bench-scaling bench-micro fmt clean-cache
+.PHONY: build demo test bench bench-scaling bench-micro fuzz fmt clean-cache
 
 build:
 	scripts/install-deps.sh build
@@ -41,6 +41,22 @@ bench-scaling: build
 # millions of chunks, loopback end to end.
 bench-micro: build
 	$(CARGO) bench -p bkp-benches
+
+# Every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each (not in CI).
+# cargo-fuzz's default sanitizer flags need a nightly compiler; where only
+# stable is installed, FUZZ_FLAGS="--sanitizer none" with RUSTC_BOOTSTRAP=1
+# still runs libFuzzer (it catches panics, not memory errors: the decoders
+# are safe Rust). Crashes land in fuzz/artifacts/TARGET/; builds go to
+# a target directory of their own (other flags than the main build's).
+FUZZ_SECONDS ?= 120
+FUZZ_TOOLCHAIN ?= +nightly
+FUZZ_FLAGS ?=
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && export CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)-fuzz && for t in $$($(CARGO) $(FUZZ_TOOLCHAIN) fuzz list); do \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		$(CARGO) $(FUZZ_TOOLCHAIN) fuzz run $(FUZZ_FLAGS) $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 fmt:
 	$(CARGO) fmt --all

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use bkp_common::names::{escape, escape_bytes};
 use bkp_common::snapshot::{SnapshotKind, SnapshotSummary};
 use bkp_common::tree::Entry;
 use clap::{Args, Parser, Subcommand};
@@ -150,7 +151,8 @@ pub fn main() -> ExitCode {
     match rt.block_on(execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bkp: {e:#}");
+            // The reason may quote a name from a snapshot or the server.
+            eprintln!("bkp: {}", escape(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -237,14 +239,20 @@ fn print_snapshots(list: &[SnapshotSummary]) {
             "{:<10} {:<21} {:<16} {:<16} {:<7} {:>9} {:>12}  {}",
             s.id.short(),
             fmt_time(s.time_ns),
-            s.host,
-            s.name,
+            escape(&s.host),
+            escape(&s.name),
             kind,
             s.stats.files,
             indicatif::HumanBytes(s.stats.bytes).to_string(),
             if s.protected { "protected" } else { "" }
         );
     }
+}
+
+/// Is `path` the stored path `prefix` or below it? (An empty prefix, from
+/// `bkp ls SNAPSHOT /`, is the whole tree.)
+fn within(path: &[u8], prefix: &[u8]) -> bool {
+    prefix.is_empty() || path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest[0] == b'/')
 }
 
 async fn execute(cli: Cli) -> Result<()> {
@@ -278,7 +286,7 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
             let cache = cache_dir.map(|dir| CacheSpec { dir, read: !no_cache });
             let r = push_with(client, opts, cache, progress()).await?;
             for w in &r.warnings {
-                eprintln!("bkp: warning: {w}");
+                eprintln!("bkp: warning: {}", escape(w));
             }
             if cli.json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -332,17 +340,17 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
                         Entry::Special { path, meta, .. } => ("s", path, meta.mode),
                         _ => continue,
                     };
-                    let p = String::from_utf8_lossy(p);
-                    if let Some(pre) = &prefix {
-                        if !(p == pre.as_str() || p.starts_with(&format!("{pre}/"))) {
-                            continue;
-                        }
+                    if prefix.as_deref().is_some_and(|pre| !within(p, pre.as_bytes())) {
+                        continue;
                     }
                     let sz = if kind == "-" { size } else { 0 };
                     if json {
+                        // JSON escapes control characters itself.
+                        let p = String::from_utf8_lossy(p);
                         println!("{}", serde_json::json!({"type": kind, "path": p, "mode": mode, "size": sz}));
                     } else {
-                        println!("{kind} {mode:04o} {sz:>12} {p}");
+                        // A crafted name must not reach the terminal raw.
+                        println!("{kind} {mode:04o} {sz:>12} {}", escape_bytes(p));
                     }
                 }
                 Ok(())
@@ -374,7 +382,8 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
                 restore(client, id, RestoreOptions { target, include: include.clone() }, prog).await?
             };
             for e in &r.errors {
-                eprintln!("bkp: {e}");
+                // They name paths from the snapshot.
+                eprintln!("bkp: {}", escape(e));
             }
             let done = if *verify_only { "verified" } else { "restored" };
             if cli.json && *verify_only {
@@ -400,5 +409,12 @@ mod tests {
     fn civil_time() {
         assert_eq!(super::fmt_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::fmt_time(1_700_000_000_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn ls_prefix() {
+        use super::within;
+        assert!(within(b"etc", b"etc") && within(b"etc/hosts", b"etc") && within(b"x", b""));
+        assert!(!within(b"etcetera", b"etc") && !within(b"et", b"etc"));
     }
 }

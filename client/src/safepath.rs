@@ -19,16 +19,11 @@ pub enum PathError {
     Io(String, String),
 }
 
-/// Splits a stored path into checked components.
+/// Splits a stored path into checked components. The rule is
+/// `bkp_common::names::check_path`, which the server applies at commit
+/// too; the restore checks again, as its server may be older or hostile.
 pub fn components(path: &[u8]) -> Result<Vec<&[u8]>, PathError> {
-    let bad = || PathError::Unsafe(String::from_utf8_lossy(path).into_owned());
-    let comps: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
-    for c in &comps {
-        if c.is_empty() || *c == b"." || *c == b".." || c.contains(&0) {
-            return Err(bad());
-        }
-    }
-    Ok(comps)
+    bkp_common::names::path_components(path).map_err(|_| PathError::Unsafe(String::from_utf8_lossy(path).into_owned()))
 }
 
 /// Resolves `path` under `root`, creating missing parent directories

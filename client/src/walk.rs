@@ -147,6 +147,17 @@ fn meta_of(m: &fs::Metadata) -> Meta {
     }
 }
 
+/// A root as the snapshot names it: absolute, without `.`, `..` or a
+/// trailing `/`, which the server refuses in a tree (a restore could not
+/// place them). `..` is resolved on the filesystem, as the shell would.
+fn root_path(r: &Path) -> std::io::Result<PathBuf> {
+    let abs = std::path::absolute(r)?;
+    if abs.components().any(|c| c == std::path::Component::ParentDir) {
+        return fs::canonicalize(&abs);
+    }
+    Ok(abs.components().collect())
+}
+
 /// The name a path gets inside a snapshot: absolute, without the leading `/`.
 fn snapshot_path(abs: &Path) -> Vec<u8> {
     let b = abs.as_os_str().as_bytes();
@@ -304,7 +315,7 @@ impl Producer {
     pub fn walk_roots(&mut self, roots: &[PathBuf]) -> Result<()> {
         let mut abs: Vec<PathBuf> = roots
             .iter()
-            .map(|r| std::path::absolute(r).map_err(|e| ClientError::Input(format!("{}: {e}", r.display()))))
+            .map(|r| root_path(r).map_err(|e| ClientError::Input(format!("{}: {e}", r.display()))))
             .collect::<Result<_>>()?;
         abs.sort();
         abs.dedup();
@@ -394,5 +405,22 @@ impl Producer {
             return self.emit(Entry::Special { path: name, meta: meta_of(m), kind, rdev: m.rdev() });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_are_named_without_dots_or_trailing_slashes() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("a/b")).unwrap();
+        let base = fs::canonicalize(d.path()).unwrap();
+        for r in [base.join("a/"), base.join("a/./"), base.join("a/b/.."), base.join("./a")] {
+            assert_eq!(root_path(&r).unwrap(), base.join("a"), "{}", r.display());
+        }
+        let name = snapshot_path(&root_path(&base.join("a/b/")).unwrap());
+        assert!(bkp_common::names::check_path(&name).is_ok(), "{}", String::from_utf8_lossy(&name));
     }
 }

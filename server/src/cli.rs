@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use bkp_common::names::escape;
 use bkp_common::protocol::Role;
 use clap::{Parser, Subcommand};
 
@@ -121,6 +122,8 @@ enum TokenCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before anything is created: RocksDB's files, tokens, the socket.
+    crate::perms::private_umask();
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -150,7 +153,7 @@ impl std::fmt::Display for TempFail {
 impl std::error::Error for TempFail {}
 
 fn init(data: &Path) -> Result<()> {
-    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    crate::perms::private_dir(data).with_context(|| format!("creating {}", data.display()))?;
     let fp = crate::tls::init(data)?;
     // Create the store now so that a bad directory fails here, not at serve.
     drop(ServerState::open(data, ServerConfig::default())?);
@@ -171,6 +174,9 @@ fn execute(cli: Cli) -> Result<()> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
+            if let Some(w) = crate::perms::warning(&data) {
+                tracing::warn!("{w}");
+            }
             let mut cfg = load_config(&data, config.as_deref())?;
             if let Some(l) = listen {
                 cfg.listen = l;
@@ -204,7 +210,12 @@ fn execute(cli: Cli) -> Result<()> {
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
                 let (token, rec) = Tokens::new(&data).create(&host, role)?;
-                eprintln!("created {} token {} for host {}; it is shown only once:", role.as_str(), rec.id, host);
+                eprintln!(
+                    "created {} token {} for host {}; it is shown only once:",
+                    role.as_str(),
+                    rec.id,
+                    escape(&host)
+                );
                 println!("{token}");
                 Ok(())
             }
@@ -215,14 +226,14 @@ fn execute(cli: Cli) -> Result<()> {
                 } else {
                     println!("{:<14} {:<24} {:<8} CREATED", "ID", "HOST", "ROLE");
                     for r in list {
-                        println!("{:<14} {:<24} {:<8} {}", r.id, r.host, r.role.as_str(), r.created);
+                        println!("{:<14} {:<24} {:<8} {}", escape(&r.id), escape(&r.host), r.role.as_str(), r.created);
                     }
                 }
                 Ok(())
             }
             TokenCmd::Revoke { data, id } => {
                 let r = Tokens::new(&data).revoke(&id)?;
-                eprintln!("revoked token {} of host {}", r.id, r.host);
+                eprintln!("revoked token {} of host {}", escape(&r.id), escape(&r.host));
                 Ok(())
             }
         },
@@ -319,7 +330,7 @@ fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Resul
                         r.kind.as_str(),
                         status,
                         secs,
-                        detail
+                        escape(&detail)
                     );
                 }
             }
@@ -369,39 +380,41 @@ fn summary(r: &JobRecord) -> String {
     }
 }
 
+/// A string of a job's figures, escaped for the terminal: host, set and
+/// path names come from clients.
+fn text(v: &serde_json::Value) -> String {
+    escape(v.as_str().unwrap_or("?"))
+}
+
 fn print_job(r: &JobRecord) {
     if r.kind == JobKind::Prune {
         for set in r.figures["plan"].as_array().into_iter().flatten() {
-            println!("{}/{}:", set["host"].as_str().unwrap_or("?"), set["name"].as_str().unwrap_or("?"));
+            println!("{}/{}:", text(&set["host"]), text(&set["name"]));
             for v in set["verdicts"].as_array().into_iter().flatten() {
                 let reasons: Vec<&str> =
                     v["keep"].as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect();
                 let verb = if reasons.is_empty() { "remove" } else { "keep  " };
-                let id = v["id"].as_str().unwrap_or("?");
+                let id = text(&v["id"]);
                 let t = fmt_time(v["time_ns"].as_u64().unwrap_or(0));
-                println!("  {verb} {} {t} {}", &id[..8.min(id.len())], reasons.join(","));
+                println!("  {verb} {} {t} {}", id.get(..8).unwrap_or(&id), reasons.join(","));
             }
         }
     }
     if r.kind == JobKind::Verify {
         for b in r.figures["bad_chunks"].as_array().into_iter().flatten() {
-            println!(
-                "bad chunk {} (quarantined): {}",
-                b["id"].as_str().unwrap_or("?"),
-                b["reason"].as_str().unwrap_or("?")
-            );
+            println!("bad chunk {} (quarantined): {}", text(&b["id"]), text(&b["reason"]));
         }
         for a in r.figures["affected"].as_array().into_iter().flatten() {
-            let id = a["id"].as_str().unwrap_or("?");
+            let id = text(&a["id"]);
             println!(
                 "damaged snapshot {} {}/{} of {}:",
-                &id[..8.min(id.len())],
-                a["host"].as_str().unwrap_or("?"),
-                a["name"].as_str().unwrap_or("?"),
+                id.get(..8).unwrap_or(&id),
+                text(&a["host"]),
+                text(&a["name"]),
                 fmt_time(a["time_ns"].as_u64().unwrap_or(0))
             );
             for p in a["paths"].as_array().into_iter().flatten() {
-                println!("  {}", p.as_str().unwrap_or("?"));
+                println!("  {}", text(p));
             }
             if a["more_paths"].as_u64().unwrap_or(0) > 0 {
                 println!("  ... and {} more paths", a["more_paths"]);

@@ -1,12 +1,14 @@
 //! Reading a snapshot's tree on the server, for two callers:
 //!
-//! * the check a snapshot passes before it is committed: grammar, and that
+//! * the check a snapshot passes before it is committed: grammar, paths a
+//!   restore accepts (a crafted tree with `../` names is never stored), and that
 //!   the host has proven it holds every chunk the tree references (uploaded
 //!   it, in this push or an earlier one). Without that check a host could
 //!   name another host's chunk ids in a crafted tree and then restore them;
 //! * the garbage collector's mark phase, which needs every reference.
 
 use bkp_common::blob;
+use bkp_common::names::check_path;
 use bkp_common::snapshot::{SnapshotKind, SnapshotStats};
 use bkp_common::tree::{Entry, TreeDecoder};
 use bkp_common::ChunkId;
@@ -40,6 +42,18 @@ pub fn walk_tree(
     tree: &[ChunkId],
     refs: &mut dyn FnMut(&[ChunkId]) -> Result<(), CommitError>,
 ) -> Result<SnapshotStats, CommitError> {
+    walk(store, tree, refs, false)
+}
+
+/// [`walk_tree`]; with `check_names`, also refuses every path the client
+/// would refuse at restore (`names::check_path`). Only the commit check
+/// asks for that: GC must still mark a snapshot stored before the rule.
+fn walk(
+    store: &dyn Store,
+    tree: &[ChunkId],
+    refs: &mut dyn FnMut(&[ChunkId]) -> Result<(), CommitError>,
+    check_names: bool,
+) -> Result<SnapshotStats, CommitError> {
     if tree.is_empty() || tree.len() > MAX_TREE_CHUNKS {
         return Err(CommitError::Rejected(format!("tree of {} chunks", tree.len())));
     }
@@ -57,6 +71,9 @@ pub fn walk_tree(
         dec.feed(&data);
         while let Some(e) = dec.next_entry().map_err(|e| CommitError::Rejected(e.to_string()))? {
             entries += 1;
+            if check_names {
+                check_entry_paths(&e)?;
+            }
             match e {
                 Entry::Dir { .. } => stats.dirs += 1,
                 Entry::File { size, .. } => {
@@ -84,7 +101,22 @@ pub fn walk_tree(
     Ok(stats)
 }
 
-/// The commit check: every referenced chunk must be one the host may
+fn check_entry_paths(e: &Entry) -> Result<(), CommitError> {
+    let target = match e {
+        Entry::Hardlink { target, .. } => Some(target.as_slice()),
+        _ => None,
+    };
+    // A symlink's target is data, not a place the restore writes: it may
+    // well be absolute.
+    for p in e.path().into_iter().chain(target) {
+        check_path(p).map_err(|err| {
+            CommitError::Rejected(format!("{err}; a restore would refuse it (fix the tree, then push again)"))
+        })?;
+    }
+    Ok(())
+}
+
+/// The commit check: every path is one a restore accepts, every referenced chunk must be one the host may
 /// use. `session` says which ids this push already proved (told "stored"
 /// by a has-chunk query, or uploaded; see `sessions`, which drops an id
 /// from there when verify quarantines it); only the others are looked up,
@@ -97,18 +129,19 @@ pub fn check_tree(
     tree: &[ChunkId],
     session: &mut dyn CommitSession,
 ) -> Result<SnapshotStats, CommitError> {
-    let stats = walk_tree(store, tree, &mut |ids| {
+    let mut refs = |ids: &[ChunkId]| {
         let unproven = session.unproven(ids);
         let have = store.host_has(host, &unproven)?;
         if let Some(i) = have.iter().position(|h| !h) {
+            let id = unproven[i].short();
             return Err(CommitError::Rejected(format!(
-                "chunk {} is referenced but was never uploaded by host {host} (or was garbage-collected; push again)",
-                unproven[i].short()
+                "chunk {id} is referenced but was never uploaded by host {host} (or was garbage-collected; push again)"
             )));
         }
         session.checked(&unproven);
         Ok(())
-    })?;
+    };
+    let stats = walk(store, tree, &mut refs, true)?;
     if kind == SnapshotKind::Stream && (stats.files != 1 || stats.dirs + stats.others != 0) {
         return Err(CommitError::Rejected("a stream snapshot holds exactly one file".into()));
     }

@@ -47,6 +47,9 @@ type Reply = Result<(), Fail>;
 
 impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Protected(_) = e {
+            return Fail(ErrorCode::Rejected, e.to_string());
+        }
         warn!("store error: {e}");
         Fail(ErrorCode::Internal, format!("server storage error: {e}"))
     }

@@ -14,6 +14,7 @@ mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod monitor;
+pub mod perms;
 pub mod prune;
 pub mod push_failures;
 pub mod retention;

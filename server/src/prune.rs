@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use bkp_common::snapshot::SnapshotSummary;
 use serde::{Deserialize, Serialize};
 
-use crate::retention::{plan, Candidate, Policy, Verdict};
+use crate::retention::{plan, Candidate, Policy, Reason, Verdict};
 use crate::store::{Store, StoreError};
 
 /// `[retention]` in the server config: a default policy and overrides
@@ -60,16 +60,27 @@ pub fn prune_plan(store: &dyn Store, cfg: &RetentionConfig, now_ns: u64) -> Resu
 /// Deletes what the plan removes. Chunks are freed by the next GC.
 pub fn prune(store: &dyn Store, plan: Vec<SetPlan>, dry_run: bool) -> Result<PruneReport, StoreError> {
     let mut r = PruneReport { sets: plan.len() as u64, ..Default::default() };
-    for set in &plan {
-        for v in &set.verdicts {
+    let mut plan = plan;
+    for set in &mut plan {
+        for v in &mut set.verdicts {
             if v.kept() {
                 r.kept += 1;
-            } else {
-                if !dry_run {
-                    store.delete_snapshot(&v.id)?;
-                }
-                r.removed += 1;
+                continue;
             }
+            if !dry_run {
+                match store.delete_snapshot(&v.id) {
+                    // Protected since the plan was made: the store refused.
+                    Err(StoreError::Protected(_)) => {
+                        v.keep.push(Reason::Protected);
+                        r.kept += 1;
+                        continue;
+                    }
+                    other => {
+                        other?;
+                    }
+                }
+            }
+            r.removed += 1;
         }
     }
     r.plan = plan;

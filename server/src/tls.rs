@@ -57,7 +57,8 @@ pub fn init(data_dir: &Path) -> Result<String, TlsError> {
         f.write_all(body).and_then(|_| f.sync_all()).map_err(|e| TlsError::Io(p.to_path_buf(), e))
     };
     write(&key_path, ck.key_pair.serialize_pem().as_bytes(), 0o600)?;
-    write(&cert_path, ck.cert.pem().as_bytes(), 0o644)?;
+    // Public, but nothing in the data directory is for other users.
+    write(&cert_path, ck.cert.pem().as_bytes(), 0o600)?;
     Ok(fingerprint(ck.cert.der()))
 }
 

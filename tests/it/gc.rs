@@ -36,6 +36,8 @@ fn stream_tree(data: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
 fn prune_then_gc_frees_disk_and_keeps_what_policy_keeps() {
     let mut cfg = ServerConfig { cache_mb: 16, ..Default::default() };
     cfg.retention.default.keep_last = 1;
+    // Snapshots seconds old: count them (see `hardening` for min_age).
+    cfg.retention.default.min_age = Duration::ZERO;
     let server = TestServer::start_with(cfg);
     let push = server.token("web01", Role::Push);
     let admin = server.token("ops", Role::Admin);

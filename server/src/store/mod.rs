@@ -57,6 +57,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("data directory {0}: {1}")]
     Open(String, String),
+    /// A protected snapshot is never deleted, by forget or by prune.
+    #[error("snapshot {} is protected; lift the protection first with `bkp protect {} --remove`", .0.short(), .0.short())]
+    Protected(SnapshotId),
 }
 
 /// A chunk whose blob was decoded and re-hashed by the server. The only
@@ -107,7 +110,9 @@ pub trait Store: Send + Sync + 'static {
     fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError>;
     fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError>;
     /// Removes a snapshot (record and index) durably. Its chunks stay
-    /// until garbage collection. Returns false if it did not exist.
+    /// until garbage collection. Returns false if it did not exist, and
+    /// [`StoreError::Protected`] if it is protected: the check and the
+    /// delete are one step, so a protect racing a prune cannot lose.
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError>;
     /// Marks a snapshot protected (prune never removes it) or not.
     fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError>;

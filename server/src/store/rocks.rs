@@ -406,9 +406,15 @@ impl Store for RocksStore {
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError> {
         let _l = self.snapshot_lock.lock().expect("snapshot lock");
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
+        let set_key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
+        if let Some(v) = self.db.get_cf(self.cf(schema::CF_SETS), &set_key).map_err(db_err)? {
+            if Self::decode_summary(&v)?.protected {
+                return Err(StoreError::Protected(*id));
+            }
+        }
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes());
-        batch.delete_cf(self.cf(schema::CF_SETS), schema::set_key(&snap.host, &snap.name, snap.time_ns, id));
+        batch.delete_cf(self.cf(schema::CF_SETS), set_key);
         // A forgotten snapshot no longer needs healing, nor alerting on.
         batch.delete_cf(self.cf(schema::CF_DAMAGED), id.as_bytes());
         self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
