@@ -45,9 +45,11 @@ impl ServerCertVerifier for PinnedCert {
         if got == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
+            // The pinned value is never shown: the peer that failed the
+            // pin may be an impostor reading what its victim prints.
             Err(rustls::Error::General(format!(
-                "server certificate fingerprint {got} does not match the pinned {}",
-                self.fingerprint
+                "the server's certificate does not match the pinned fingerprint (it presented {got}); \
+                 if the server was re-initialised on purpose, pin its new fingerprint"
             )))
         }
     }
@@ -111,6 +113,17 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
     Ok(cfg)
 }
 
+/// The QUIC client configuration for `trust` (tests build raw
+/// connections with it too).
+pub fn quic_config(trust: &Trust) -> Result<quinn::ClientConfig> {
+    let tls = tls_config(trust)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Connect("tls".into(), e.to_string()))?;
+    let mut qcfg = quinn::ClientConfig::new(Arc::new(quic));
+    qcfg.transport_config(Arc::new(bkp_common::quic::transport()));
+    Ok(qcfg)
+}
+
 /// An authenticated connection.
 pub struct Client {
     endpoint: quinn::Endpoint,
@@ -128,6 +141,20 @@ enum Attempt {
     /// No answer in time: down, restarting, or packets lost.
     NoAnswer(String),
     Refused(ClientError),
+}
+
+/// A lost connection reported with the reason the server closed it for,
+/// when it gave one (a revoked token, a crowded server): "connection
+/// lost" alone does not say what to do.
+fn closed_or(conn: &quinn::Connection, e: ClientError) -> ClientError {
+    match (&e, conn.close_reason()) {
+        (ClientError::Io(_) | ClientError::Connect(..), Some(quinn::ConnectionError::ApplicationClosed(c)))
+            if !c.reason.is_empty() =>
+        {
+            ClientError::Closed(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => e,
+    }
 }
 
 fn unexpected(r: Response) -> ClientError {
@@ -199,10 +226,7 @@ impl Client {
             .next()
             .ok_or_else(|| err("no address".into()))?;
         let name = cfg.server.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("bkp-server");
-        let tls = tls_config(&cfg.trust).map_err(Attempt::Refused)?;
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?;
-        let mut qcfg = quinn::ClientConfig::new(Arc::new(quic));
-        qcfg.transport_config(Arc::new(bkp_common::quic::transport()));
+        let qcfg = quic_config(&cfg.trust).map_err(Attempt::Refused)?;
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("bind address");
         let socket = std::net::UdpSocket::bind(bind).map_err(|e| err(e.to_string()))?;
         // The granted buffer size is not reported: a cron job should not
@@ -228,8 +252,14 @@ impl Client {
                 Ok(Self { endpoint, conn, server: cfg.server.clone(), host, role, cfg: cfg.clone() })
             }
             Ok(Some(r)) => Err(Attempt::Refused(unexpected(r))),
-            Ok(None) => Err(err("server closed the connection during hello".into())),
-            Err(e) => Err(err(format!("during hello: {e}"))),
+            Ok(None) => Err(Attempt::Refused(closed_or(
+                &conn,
+                ClientError::Connect(cfg.server.clone(), "server closed the connection during hello".into()),
+            ))),
+            Err(e) => Err(Attempt::Refused(closed_or(
+                &conn,
+                ClientError::Connect(cfg.server.clone(), format!("during hello: {e}")),
+            ))),
         }
     }
 
@@ -264,11 +294,15 @@ impl Client {
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-        self.conn.open_bi().await.map_err(|e| ClientError::Io(e.to_string()))
+        self.conn.open_bi().await.map_err(|e| closed_or(&self.conn, ClientError::Io(e.to_string())))
     }
 
     /// One request, one response.
     async fn call(&self, req: &Request) -> Result<Response> {
+        self.call_once(req).await.map_err(|e| closed_or(&self.conn, e))
+    }
+
+    async fn call_once(&self, req: &Request) -> Result<Response> {
         let (mut send, mut recv) = self.open().await?;
         write_frame(&mut send, req).await?;
         let _ = send.finish();
@@ -298,6 +332,10 @@ impl Client {
     /// Uploads encoded chunk blobs on one stream; returns bytes the server
     /// newly stored.
     pub async fn put(&self, session: u64, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<u64> {
+        self.put_once(session, chunks).await.map_err(|e| closed_or(&self.conn, e))
+    }
+
+    async fn put_once(&self, session: u64, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<u64> {
         let (mut send, mut recv) = self.open().await?;
         let mut write_err = None;
         for (id, blob) in chunks {
@@ -388,12 +426,13 @@ impl Client {
         let (mut send, recv) = self.open().await?;
         write_frame(&mut send, &Request::GetChunks { ids: ids.clone() }).await?;
         let _ = send.finish();
-        Ok(Fetch { recv, ids, next: 0 })
+        Ok(Fetch { recv, ids, next: 0, conn: self.conn.clone() })
     }
 }
 
 /// The answers to one `GetChunks`.
 pub struct Fetch {
+    conn: quinn::Connection,
     recv: quinn::RecvStream,
     ids: Vec<ChunkId>,
     next: usize,
@@ -405,7 +444,8 @@ impl Fetch {
     /// the ones received were not sent.
     pub async fn next_blob(&mut self) -> Result<Option<(ChunkId, Vec<u8>)>> {
         let Some(&want) = self.ids.get(self.next) else { return Ok(None) };
-        match read_frame::<Response, _>(&mut self.recv).await? {
+        let frame = read_frame::<Response, _>(&mut self.recv).await.map_err(|e| closed_or(&self.conn, e.into()))?;
+        match frame {
             Some(Response::Chunk { id, blob }) if id == want => {
                 self.next += 1;
                 Ok(Some((id, blob)))

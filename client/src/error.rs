@@ -26,6 +26,8 @@ pub enum ClientError {
     Restore(String),
     #[error("corrupt data from server: {0}")]
     Corrupt(String),
+    #[error("the server closed the connection: {0}")]
+    Closed(String),
 }
 
 impl From<bkp_common::io::IoError> for ClientError {

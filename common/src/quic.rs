@@ -27,14 +27,20 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
     e
 }
 
+/// Streams and connection receive window of an established connection.
+/// A server starts a connection with less (one stream, a small window)
+/// and raises them to these once the peer's hello is authenticated.
+pub const MAX_STREAMS: u32 = 64;
+pub const RECEIVE_WINDOW: u32 = 64 << 20;
+
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Windows sized for a loopback or LAN link carrying 1 MiB chunks on
     // many streams; memory per connection is bounded by these.
-    t.max_concurrent_bidi_streams(64u32.into());
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
+    t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(64 << 20);
     // A peer that went away (a killed or restarting server) is noticed
     // after IDLE_TIMEOUT of silence; keep-alives every KEEP_ALIVE keep a

@@ -12,7 +12,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// RocksDB block cache, MiB: the main knob for server memory.
     pub cache_mb: usize,
-    /// Simultaneous client connections; more are refused.
+    /// Simultaneous authenticated client connections; more are refused.
+    /// Connections still in their handshake have a pool of their own
+    /// (`limits.unauthenticated`).
     pub max_connections: usize,
     /// A push silent for this long loses its session (and its claim on
     /// chunks against garbage collection); its commit then fails.
@@ -23,6 +25,7 @@ pub struct ServerConfig {
     pub freshness: crate::freshness::FreshnessConfig,
     pub alerts: crate::alerts::AlertsConfig,
     pub monitor: crate::monitor::MonitorConfig,
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +41,7 @@ impl Default for ServerConfig {
             freshness: Default::default(),
             alerts: Default::default(),
             monitor: Default::default(),
+            limits: Default::default(),
         }
     }
 }
@@ -81,5 +85,8 @@ mod tests {
         assert_eq!(c.retention.default.keep_daily, 30);
         assert_eq!(c.retention.policy("web01", "pgdump").keep_within, Some(std::time::Duration::from_secs(90 * 86400)));
         assert_eq!(c.retention.policy("web01", "files").keep_daily, 30);
+        let c: ServerConfig = toml::from_str("[limits]\nconnections_per_token = 2").unwrap();
+        assert_eq!((c.limits.connections_per_token, c.limits.sessions_per_host), (2, 16));
+        assert!(toml::from_str::<ServerConfig>("[limits]\nconections = 2").is_err());
     }
 }

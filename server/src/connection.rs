@@ -6,22 +6,30 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bkp_common::io::{read_frame, read_frame_capped, write_frame, IoError};
+use bkp_common::blob;
+use bkp_common::io::{read_body, read_len, write_frame, Admitted, Budget, IoError};
 use bkp_common::names::check_set_name;
-use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, MAX_IDS, VERSION};
+use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, MAX_FRAME, MAX_IDS, VERSION};
 use bkp_common::snapshot::Snapshot;
 use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
 use crate::commit::{check_tree, parent_refs, CommitError};
+use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON};
 use crate::monitor::Counters;
 use crate::server::ServerState;
 use crate::sessions::SessionError;
 use crate::store::{StoreError, VerifiedChunk};
 
+/// From the first packet to an accepted hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_MAX: usize = 4096;
+/// A frame must arrive in full this soon after its length did; until
+/// then it holds its budget.
+const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+/// Connection receive window of a restore token (requests only).
+const RESTORE_WINDOW: u32 = 1 << 20;
 /// Chunks verified and written together on an upload stream: up to this
 /// many, or this many received bytes. Each batch is one blocking task and
 /// one RocksDB write; with small files, 16 chunks per batch made the
@@ -38,6 +46,10 @@ struct Conn {
     host: String,
     role: Role,
     client: String,
+    token_id: String,
+    token: Arc<TokenShared>,
+    /// This connection's frame budget (see `crate::limits`).
+    frames: Arc<Budget>,
 }
 
 /// An error that goes back to the client on the stream it came from.
@@ -57,7 +69,11 @@ impl From<StoreError> for Fail {
 
 impl From<SessionError> for Fail {
     fn from(e: SessionError) -> Self {
-        Fail(ErrorCode::Rejected, e.to_string())
+        let code = match e {
+            SessionError::HostBusy(..) | SessionError::ServerBusy(_) => ErrorCode::Busy,
+            _ => ErrorCode::Rejected,
+        };
+        Fail(code, e.to_string())
     }
 }
 
@@ -91,28 +107,59 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.map_err(|e| Fail(ErrorCode::Internal, format!("server task failed: {e}")))
 }
 
-pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>) {
+/// Handshake and hello, then the connection's streams. `slot` is its
+/// unauthenticated slot: when the pool needs it for a newcomer, the
+/// connection is closed; it is given up once the hello is accepted.
+pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: PendingSlot) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
             debug!(%remote, "handshake failed: {e}");
             return;
         }
     };
-    let ctx = match tokio::time::timeout(HELLO_TIMEOUT, hello(&conn, state)).await {
-        Ok(Ok(ctx)) => Arc::new(ctx),
-        Ok(Err(msg)) => {
-            info!(%remote, "refused: {msg}");
-            conn.close(1u32.into(), b"refused");
+    // The handshake is inside the hello deadline too: a peer that starts
+    // one and stalls would otherwise hold its slot for the idle timeout.
+    let conn = tokio::select! {
+        _ = slot.evict.notified() => {
+            debug!(%remote, "handshake dropped to make room for a newer connection");
             return;
         }
-        Err(_) => {
-            conn.close(1u32.into(), b"hello timeout");
-            return;
-        }
+        c = tokio::time::timeout_at(deadline, connecting) => match c {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                debug!(%remote, "handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!(%remote, "handshake timed out");
+                return;
+            }
+        },
     };
-    info!(%remote, host = %ctx.host, role = ctx.role.as_str(), "connected");
+    let (ctx, _auth) = tokio::select! {
+        _ = slot.evict.notified() => {
+            debug!(%remote, "no hello yet; closed to make room for a newer connection");
+            conn.close(CLOSE_CROWDED.into(), CROWDED_REASON.as_bytes());
+            return;
+        }
+        h = tokio::time::timeout_at(deadline, hello(&conn, state)) => match h {
+            Ok(Ok((ctx, auth))) => (Arc::new(ctx), auth),
+            Ok(Err(msg)) => {
+                info!(%remote, "refused: {msg}");
+                conn.close(CLOSE_REFUSED.into(), b"refused");
+                return;
+            }
+            Err(_) => {
+                conn.close(CLOSE_REFUSED.into(), b"no hello within 10s");
+                return;
+            }
+        },
+    };
+    drop(slot);
+    info!(%remote, host = %ctx.host, role = ctx.role.as_str(), token = %ctx.token_id, "connected");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -127,20 +174,37 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>) {
     }
 }
 
-async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<Conn, String> {
+/// Sends a refusal on the hello stream and lets it reach the client
+/// before the connection is closed.
+async fn refuse_hello(send: &mut SendStream, code: ErrorCode, message: String) -> String {
+    let _ = write_frame(send, &Response::Error { code, message: message.clone() }).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    message
+}
+
+async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Conn, AuthSlot), String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    // Unauthenticated peers get a small frame budget.
-    let req: Option<Request> = read_frame_capped(&mut recv, HELLO_MAX).await.map_err(|e| e.to_string())?;
-    let refuse = |code, message: String| Response::Error { code, message };
-    let (token, client) = match req {
-        Some(Request::Hello { magic, version, token, client }) if magic == MAGIC && version == VERSION => {
-            (token, client)
+    // Unauthenticated peers get a small frame budget; the length is read
+    // first so an oversized hello is refused in words.
+    let len = match read_len(&mut recv, MAX_FRAME).await {
+        Ok(Some(len)) if len <= HELLO_MAX => len,
+        Ok(Some(len)) => {
+            let msg = format!(
+                "hello of {len} bytes is over the server's {HELLO_MAX}-byte limit; the token file must hold \
+                 only the token that `bkp-server token create` printed"
+            );
+            return Err(refuse_hello(&mut send, ErrorCode::BadRequest, msg).await);
         }
-        Some(Request::Hello { version, .. }) => {
+        Ok(None) => return Err("stream ended before the hello".into()),
+        Err(e) => return Err(refuse_hello(&mut send, ErrorCode::BadRequest, format!("bad hello: {e}")).await),
+    };
+    let req: Request = read_body(&mut recv, len, HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+    let (token, client) = match req {
+        Request::Hello { magic, version, token, client } if magic == MAGIC && version == VERSION => (token, client),
+        Request::Hello { version, .. } => {
             let msg = format!("protocol version {version} not supported (server speaks {VERSION}); upgrade bkp");
-            let _ = write_frame(&mut send, &refuse(ErrorCode::BadRequest, msg.clone())).await;
-            let _ = send.finish();
-            return Err(msg);
+            return Err(refuse_hello(&mut send, ErrorCode::BadRequest, msg).await);
         }
         _ => return Err("first request was not a hello".into()),
     };
@@ -151,24 +215,38 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<Conn
         .map_err(|e| e.to_string())?;
     let Some(rec) = rec else {
         let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
-        let _ = write_frame(&mut send, &refuse(ErrorCode::Unauthorized, msg.clone())).await;
-        let _ = send.finish();
-        // Let the error reach the client before the close.
-        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-        return Err(msg);
+        return Err(refuse_hello(&mut send, ErrorCode::Unauthorized, msg).await);
     };
+    let auth = match state.limits.admit(&rec.id, &rec.host, conn) {
+        Ok(a) => a,
+        Err(msg) => return Err(refuse_hello(&mut send, ErrorCode::Busy, msg).await),
+    };
+    // Authenticated: the shared transport's streams and window. A restore
+    // token only sends requests, so it keeps a small window.
+    let window = if rec.role == Role::Restore { RESTORE_WINDOW } else { bkp_common::quic::RECEIVE_WINDOW };
+    conn.set_receive_window(window.into());
+    conn.set_max_concurrent_bi_streams(bkp_common::quic::MAX_STREAMS.into());
     let welcome = Response::Welcome { host: rec.host.clone(), role: rec.role, server: bkp_common::VERSION.to_string() };
     write_frame(&mut send, &welcome).await.map_err(|e| e.to_string())?;
     let _ = send.finish();
-    Ok(Conn { state, host: rec.host, role: rec.role, client })
+    let ctx = Conn {
+        frames: state.limits.connection_budget(),
+        token: auth.shared.clone(),
+        token_id: rec.id,
+        state,
+        host: rec.host,
+        role: rec.role,
+        client,
+    };
+    Ok((ctx, auth))
 }
 
 impl Conn {
     async fn stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
-        let result = match read_frame::<Request, _>(&mut recv).await {
-            Ok(Some(req)) => self.dispatch(req, &mut send, &mut recv).await,
+        let result = match self.next_request(&mut recv).await {
+            Ok(Some((req, admitted))) => self.dispatch(req, admitted, &mut send, &mut recv).await,
             Ok(None) => Ok(()),
-            Err(e) => Err(Fail::from(e)),
+            Err(e) => Err(e),
         };
         if let Err(Fail(code, message)) = result {
             debug!(host = %self.host, "request failed: {message}");
@@ -176,6 +254,19 @@ impl Conn {
             let _ = recv.stop(0u32.into());
         }
         let _ = send.finish();
+    }
+
+    /// The frame budgets a request is admitted against, innermost first.
+    fn budgets(&self) -> [&Arc<Budget>; 3] {
+        [&self.frames, &self.token.frames, &self.state.limits.frames]
+    }
+
+    /// The next request on a stream, its length admitted against the
+    /// budgets before its body is allocated; `None` at a clean end.
+    async fn next_request(&self, recv: &mut RecvStream) -> Result<Option<(Request, Admitted)>, Fail> {
+        let Some(len) = read_len(recv, MAX_FRAME).await? else { return Ok(None) };
+        let admitted = Budget::admit(&self.budgets(), len).await;
+        Ok(Some((read_body::<Request, _>(recv, len, FRAME_DEADLINE).await?, admitted)))
     }
 
     fn require(&self, allowed: &[Role]) -> Reply {
@@ -186,7 +277,9 @@ impl Conn {
         }
     }
 
-    async fn dispatch(&self, req: Request, send: &mut SendStream, recv: &mut RecvStream) -> Reply {
+    /// Answers one request; `admitted` is its frame's budget, held until
+    /// the request is done with it.
+    async fn dispatch(&self, req: Request, admitted: Admitted, send: &mut SendStream, recv: &mut RecvStream) -> Reply {
         let store = self.state.store.clone();
         let host = self.host.clone();
         let resp = match req {
@@ -194,7 +287,9 @@ impl Conn {
             Request::StartPush { name, kind } => {
                 self.require(&[Role::Push, Role::Admin])?;
                 check_set_name(&name).map_err(|e| Fail(ErrorCode::BadRequest, e.to_string()))?;
-                Response::PushStarted { session: self.state.sessions.start(&self.host, &name, kind) }
+                let (state, token) = (self.state.clone(), self.token_id.clone());
+                let session = blocking(move || state.sessions.start_for(&token, &host, &name, kind)).await??;
+                Response::PushStarted { session }
             }
             Request::HasChunks { session, ids } => {
                 self.require(&[Role::Push, Role::Admin])?;
@@ -220,7 +315,7 @@ impl Conn {
             }
             Request::PutChunk { session, id, blob } => {
                 self.require(&[Role::Push, Role::Admin])?;
-                return self.upload(session, id, blob, send, recv).await;
+                return self.upload(session, (id, blob, admitted), send, recv).await;
             }
             Request::Commit { session, tree } => {
                 self.require(&[Role::Push, Role::Admin])?;
@@ -308,67 +403,85 @@ impl Conn {
     async fn upload(
         &self,
         session: u64,
-        first_id: ChunkId,
-        first_blob: Vec<u8>,
+        first: (ChunkId, Vec<u8>, Admitted),
         send: &mut SendStream,
         recv: &mut RecvStream,
     ) -> Reply {
         // Refuse a stream for a dead session before decompressing anything.
         let (state, host) = (self.state.clone(), self.host.clone());
         blocking(move || state.sessions.enter(session, &host).map(drop)).await??;
-        let mut next = Some((first_id, first_blob));
         let (mut chunks, mut bytes) = (0u32, 0u64);
-        let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(PUT_BATCH);
-        let mut batch_bytes = 0usize;
+        let mut batch = Batch::default();
+        batch.push(first);
         loop {
-            let done = next.is_none();
-            if let Some(c) = next.take() {
-                batch_bytes += c.1.len();
-                batch.push(c);
+            if batch.items.len() >= PUT_BATCH || batch.bytes >= PUT_BATCH_BYTES {
+                let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
+                (chunks, bytes) = (chunks + n, bytes + b);
             }
-            if batch.len() >= PUT_BATCH || batch_bytes >= PUT_BATCH_BYTES || (done && !batch.is_empty()) {
-                batch_bytes = 0;
-                let state = self.state.clone();
-                let host = self.host.clone();
-                let items = std::mem::take(&mut batch);
-                let n = items.len() as u32;
-                let received: u64 = items.iter().map(|(_, b)| b.len() as u64).sum();
-                // Decompress and re-hash every chunk before it is stored.
-                let stats = blocking(move || {
-                    let verified = items
-                        .into_iter()
-                        .map(|(id, b)| {
-                            VerifiedChunk::verify(id, b)
-                                .map_err(|e| Fail(ErrorCode::Rejected, format!("chunk {} refused: {e}", id.short())))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let guard = state.sessions.enter(session, &host)?;
-                    let stats = state.store.put_chunks(&host, &verified)?;
-                    guard.touch(verified.iter().map(|c| *c.id()));
-                    Ok::<_, Fail>(stats)
-                })
-                .await??;
-                chunks += n;
-                let c = &self.state.monitor.counters;
-                Counters::add(&c.uploaded_bytes, received);
-                Counters::add(&c.new_bytes, stats.new_bytes);
-                // What the store newly kept stays on the server: telling
-                // the uploader would reveal that another host holds the
-                // same content.
-                debug!(host = %self.host, new = stats.new_chunks, bytes = stats.new_bytes, "chunks stored");
-                bytes += received;
+            let Some(len) = read_len(recv, MAX_FRAME).await? else { break };
+            let admitted = match Budget::try_admit(&self.budgets(), len) {
+                Some(a) => a,
+                None => {
+                    // Streams that all waited for budget while holding
+                    // part of a batch would wait for each other: the
+                    // batch is stored (and its budget freed) first.
+                    if !batch.items.is_empty() {
+                        let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
+                        (chunks, bytes) = (chunks + n, bytes + b);
+                    }
+                    Budget::admit(&self.budgets(), len).await
+                }
+            };
+            match read_body::<Request, _>(recv, len, FRAME_DEADLINE).await? {
+                Request::PutChunk { session: s, id, blob } if s == session => batch.push((id, blob, admitted)),
+                _ => return Err(Fail(ErrorCode::BadRequest, "only chunks may follow a chunk".into())),
             }
-            if done {
-                break;
-            }
-            match read_frame::<Request, _>(recv).await? {
-                None => {}
-                Some(Request::PutChunk { session: s, id, blob }) if s == session => next = Some((id, blob)),
-                Some(_) => return Err(Fail(ErrorCode::BadRequest, "only chunks may follow a chunk".into())),
-            }
+        }
+        if !batch.items.is_empty() {
+            let (n, b) = self.store_batch(session, batch).await?;
+            (chunks, bytes) = (chunks + n, bytes + b);
         }
         write_frame(send, &Response::PutOk { chunks, bytes }).await?;
         Ok(())
+    }
+
+    /// Verifies and stores one batch; returns its chunks and blob bytes.
+    async fn store_batch(&self, session: u64, batch: Batch) -> Result<(u32, u64), Fail> {
+        let Batch { items, bytes: received, admitted } = batch;
+        let n = items.len() as u32;
+        // Decompression is the costly part of a batch and the blob header
+        // says its size: a batch that inflates far beyond its bytes (a
+        // zstd bomb in all but name) waits its turn on the token's pace.
+        let raw: u64 = items.iter().map(|(_, b)| blob::header(b).map_or(0, |h| h.raw_len as u64)).sum();
+        let delay = self.token.inflate_delay(received as u64, raw);
+        if !delay.is_zero() {
+            debug!(host = %self.host, raw, received, ms = delay.as_millis() as u64, "upload batch paced");
+            tokio::time::sleep(delay).await;
+        }
+        let (state, host) = (self.state.clone(), self.host.clone());
+        // Decompress and re-hash every chunk before it is stored.
+        let stats = blocking(move || {
+            let verified = items
+                .into_iter()
+                .map(|(id, b)| {
+                    VerifiedChunk::verify(id, b)
+                        .map_err(|e| Fail(ErrorCode::Rejected, format!("chunk {} refused: {e}", id.short())))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let guard = state.sessions.enter(session, &host)?;
+            let stats = state.store.put_chunks(&host, &verified)?;
+            guard.touch(verified.iter().map(|c| *c.id()));
+            Ok::<_, Fail>(stats)
+        })
+        .await??;
+        drop(admitted);
+        let c = &self.state.monitor.counters;
+        Counters::add(&c.uploaded_bytes, received as u64);
+        Counters::add(&c.new_bytes, stats.new_bytes);
+        // What the store newly kept stays on the server: telling the
+        // uploader would reveal that another host holds the same content.
+        debug!(host = %self.host, new = stats.new_chunks, bytes = stats.new_bytes, "chunks stored");
+        Ok((n, received as u64))
     }
 
     async fn fetch(&self, ids: Vec<ChunkId>, send: &mut SendStream) -> Reply {
@@ -414,5 +527,22 @@ impl Conn {
             }
         }
         Ok(())
+    }
+}
+
+/// Chunks received on an upload stream and not yet stored, with the
+/// budget their frames were admitted against.
+#[derive(Default)]
+struct Batch {
+    items: Vec<(ChunkId, Vec<u8>)>,
+    bytes: usize,
+    admitted: Vec<Admitted>,
+}
+
+impl Batch {
+    fn push(&mut self, (id, blob, admitted): (ChunkId, Vec<u8>, Admitted)) {
+        self.bytes += blob.len();
+        self.items.push((id, blob));
+        self.admitted.push(admitted);
     }
 }

@@ -12,6 +12,7 @@ pub mod freshness;
 pub mod gc;
 mod http;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod monitor;
 pub mod perms;

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
+use crate::limits::Limits;
 use crate::sessions::Sessions;
 use crate::store::rocks::RocksStore;
 use crate::store::{Store, StoreError};
@@ -38,6 +38,8 @@ pub struct ServerState {
     pub data_dir: PathBuf,
     pub config: ServerConfig,
     pub monitor: crate::monitor::Monitor,
+    /// Connection slots, frame budgets and the live-connection registry.
+    pub limits: Arc<Limits>,
 }
 
 impl ServerState {
@@ -46,8 +48,11 @@ impl ServerState {
             return Err(ServerError::NotInitialised(data_dir.display().to_string()));
         }
         let store = RocksStore::open(&data_dir.join(DB_DIR), config.cache_mb << 20)?;
-        let sessions = Sessions::new(Duration::from_secs(config.session_lease_secs));
+        let sessions = Sessions::new(Duration::from_secs(config.session_lease_secs))
+            .with_limits(config.limits.sessions, config.limits.sessions_per_host);
+        let limits = Limits::new(config.limits.clone(), config.max_connections);
         Ok(Arc::new(Self {
+            limits,
             store: Arc::new(store),
             sessions,
             running: Default::default(),
@@ -62,9 +67,29 @@ impl ServerState {
     }
 }
 
+/// Connection receive window until the hello is authenticated: room for
+/// a hello (at most 4 KiB) and the length prefix of an oversized one.
+pub const HELLO_WINDOW: u32 = 16 << 10;
+
+/// The transport a connection starts with: the shared one, with one
+/// stream and a small window, so that a peer that has not authenticated
+/// can make the server buffer only [`HELLO_WINDOW`] bytes. The hello
+/// raises both to the shared values (`connection.rs`), so an established
+/// connection runs exactly on `bkp_common::quic::transport()`.
+fn unauthenticated_transport() -> quinn::TransportConfig {
+    let mut t = bkp_common::quic::transport();
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.receive_window(HELLO_WINDOW.into());
+    t
+}
+
 /// Binds the QUIC endpoint with the data directory's certificate.
 pub fn bind(data_dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint, ServerError> {
-    let cfg = tls::server_config(data_dir)?;
+    let mut cfg = tls::server_config(data_dir)?;
+    cfg.transport_config(Arc::new(unauthenticated_transport()));
+    // 0-RTT data buffered for a connection not yet accepted: none is used.
+    cfg.incoming_buffer_size(HELLO_WINDOW.into());
+    cfg.incoming_buffer_size_total(4 << 20);
     let socket = std::net::UdpSocket::bind(listen).map_err(|e| ServerError::Bind(listen, e))?;
     let (endpoint, granted) =
         bkp_common::quic::endpoint(socket, Some(cfg)).map_err(|e| ServerError::Bind(listen, e))?;
@@ -127,29 +152,37 @@ pub async fn serve(
 }
 
 /// Serves connections until `shutdown` resolves, then closes them and
-/// waits (briefly) for in-flight work.
+/// waits (briefly) for in-flight work. Also watches the token file, so
+/// revocations reach open connections.
 pub async fn run(endpoint: quinn::Endpoint, state: Arc<ServerState>, shutdown: impl Future<Output = ()>) {
-    let limit = Arc::new(Semaphore::new(state.config.max_connections));
     tokio::pin!(shutdown);
     info!(addr = ?endpoint.local_addr().ok(), "serving");
+    let watcher = tokio::spawn(crate::limits::watch_tokens(state.clone()));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             inc = endpoint.accept() => {
                 let Some(inc) = inc else { break };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    warn!("connection limit reached; refusing {}", inc.remote_address());
-                    inc.refuse();
+                // Nothing is kept for an address until it has answered a
+                // retry: a datagram with a forged source costs one reply.
+                if !inc.remote_address_validated() {
+                    if inc.may_retry() {
+                        if let Err(e) = inc.retry() {
+                            debug!("retry not sent: {e}");
+                        }
+                    } else {
+                        inc.ignore();
+                    }
                     continue;
-                };
+                }
+                let slot = state.limits.pending(inc.remote_address().ip());
                 let state = state.clone();
-                tokio::spawn(async move {
-                    crate::connection::handle(inc, state).await;
-                    drop(permit);
-                });
+                tokio::spawn(crate::connection::handle(inc, state, slot));
             }
         }
     }
+    watcher.abort();
+    let _ = watcher.await;
     endpoint.close(0u32.into(), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     info!("stopped");

@@ -23,6 +23,13 @@
 //! it, its commit included, fails with a clear error. A frozen client
 //! therefore cannot commit a snapshot with holes.
 //!
+//! Live sessions are limited in total and per host ([`Sessions::start_for`]):
+//! at a host's limit its longest-silent session is dropped if it has been
+//! silent for [`RECLAIM_AFTER`] (a client that died mid-push), otherwise
+//! the start is refused. A revoked token's sessions end at once
+//! ([`Sessions::end_token`]). Both drop sessions under the write fence,
+//! like the lease reaper, so no push operation is half done on them.
+//!
 //! Snapshots committed while a GC runs were not seen by its mark phase;
 //! their chunks are added to `gc_protect` until that GC ends.
 
@@ -39,9 +46,22 @@ pub enum SessionError {
     Unknown,
     #[error("push session expired after {0}s without activity; nothing was committed, run the push again")]
     Expired(u64),
+    #[error(
+        "host {0} already has {1} push sessions in progress (limit limits.sessions_per_host); \
+         let them finish, or retry in a minute if one of them stalled"
+    )]
+    HostBusy(String, usize),
+    #[error("the server has {0} push sessions in progress (limit limits.sessions); try again later")]
+    ServerBusy(usize),
 }
 
+/// A session silent this long may be dropped to make room for a new
+/// session of the same host.
+pub const RECLAIM_AFTER: Duration = Duration::from_secs(60);
+
 struct Session {
+    /// Id of the token that started it ("" when started without one).
+    token: String,
     host: String,
     name: String,
     kind: SnapshotKind,
@@ -62,6 +82,8 @@ pub struct Sessions {
     fence: RwLock<()>,
     inner: Mutex<Inner>,
     lease: Duration,
+    /// Live sessions allowed: in total, per host.
+    max: (usize, usize),
 }
 
 /// What a push operation learns about its session.
@@ -144,11 +166,65 @@ impl crate::commit::CommitSession for &PushGuard<'_> {
 
 impl Sessions {
     pub fn new(lease: Duration) -> Self {
-        Self { fence: RwLock::new(()), inner: Mutex::new(Inner::default()), lease }
+        Self { fence: RwLock::new(()), inner: Mutex::new(Inner::default()), lease, max: (usize::MAX, usize::MAX) }
     }
 
+    /// Limits live sessions to `total` and `per_host`.
+    pub fn with_limits(mut self, total: usize, per_host: usize) -> Self {
+        self.max = (total.max(1), per_host.max(1));
+        self
+    }
+
+    /// Starts a session, not subject to the limits (tests, tools).
     pub fn start(&self, host: &str, name: &str, kind: SnapshotKind) -> u64 {
         let mut inner = self.inner.lock().expect("sessions lock");
+        Self::insert(&mut inner, "", host, name, kind)
+    }
+
+    /// Starts a session for token `token` of `host` within the limits.
+    /// Takes the write fence when it must drop sessions: call it off the
+    /// async runtime.
+    pub fn start_for(&self, token: &str, host: &str, name: &str, kind: SnapshotKind) -> Result<u64, SessionError> {
+        let mut inner = self.inner.lock().expect("sessions lock");
+        let of_host = inner.map.values().filter(|s| s.host == host).count();
+        if of_host < self.max.1 && inner.map.len() < self.max.0 {
+            return Ok(Self::insert(&mut inner, token, host, name, kind));
+        }
+        drop(inner);
+        let _w = self.fence.write().expect("fence");
+        let mut inner = self.inner.lock().expect("sessions lock");
+        self.reap(&mut inner);
+        let of_host = inner.map.values().filter(|s| s.host == host).count();
+        if of_host >= self.max.1 {
+            let stale = inner
+                .map
+                .iter()
+                .filter(|(_, s)| s.host == host && s.last_seen.elapsed() >= RECLAIM_AFTER)
+                .min_by_key(|(_, s)| s.last_seen)
+                .map(|(id, _)| *id);
+            match stale {
+                Some(id) => {
+                    inner.map.remove(&id);
+                }
+                None => return Err(SessionError::HostBusy(host.to_string(), of_host)),
+            }
+        } else if inner.map.len() >= self.max.0 {
+            return Err(SessionError::ServerBusy(inner.map.len()));
+        }
+        Ok(Self::insert(&mut inner, token, host, name, kind))
+    }
+
+    /// Ends every session started with token `token`, without a commit.
+    /// Takes the write fence: call it off the async runtime.
+    pub fn end_token(&self, token: &str) -> usize {
+        let _w = self.fence.write().expect("fence");
+        let mut inner = self.inner.lock().expect("sessions lock");
+        let before = inner.map.len();
+        inner.map.retain(|_, s| s.token != token);
+        before - inner.map.len()
+    }
+
+    fn insert(inner: &mut Inner, token: &str, host: &str, name: &str, kind: SnapshotKind) -> u64 {
         let id = loop {
             let id = rand::random::<u64>();
             if !inner.map.contains_key(&id) {
@@ -156,6 +232,7 @@ impl Sessions {
             }
         };
         let s = Session {
+            token: token.to_string(),
             host: host.to_string(),
             name: name.to_string(),
             kind,
@@ -241,6 +318,24 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_refuse_then_reclaim_only_stalled_sessions() {
+        let s = Sessions::new(Duration::from_secs(3600)).with_limits(3, 2);
+        let a = s.start_for("t1", "h", "n", SnapshotKind::Tree).unwrap();
+        s.start_for("t1", "h", "n", SnapshotKind::Tree).unwrap();
+        let e = s.start_for("t1", "h", "n", SnapshotKind::Tree).unwrap_err();
+        assert_eq!(e, SessionError::HostBusy("h".into(), 2));
+        assert!(e.to_string().contains("sessions_per_host"), "{e}");
+        s.start_for("t2", "g", "n", SnapshotKind::Tree).unwrap();
+        assert_eq!(s.start_for("t3", "f", "n", SnapshotKind::Tree), Err(SessionError::ServerBusy(3)));
+        // A session silent past RECLAIM_AFTER gives its place to its host.
+        s.inner.lock().unwrap().map.get_mut(&a).unwrap().last_seen -= RECLAIM_AFTER;
+        let c = s.start_for("t1", "h", "n", SnapshotKind::Tree).unwrap();
+        assert!(s.enter(a, "h").is_err() && s.enter(c, "h").is_ok());
+        assert_eq!(s.end_token("t1"), 2);
+        assert_eq!(s.live(), 1);
+    }
 
     #[test]
     fn lease_expiry_and_ownership() {

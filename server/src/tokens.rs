@@ -67,6 +67,11 @@ impl Tokens {
         self.dir.join(FILE)
     }
 
+    /// The token file, for a server that watches it for revocations.
+    pub fn file(&self) -> PathBuf {
+        self.path()
+    }
+
     fn io(&self, e: std::io::Error) -> TokenError {
         TokenError::Io(self.path().display().to_string(), e)
     }

@@ -83,12 +83,17 @@ fn wrong_certificate_and_revoked_token_are_refused() {
     let out = server.bkp(&token).env("BKP_FINGERPRINT", "00".repeat(32)).args(["snapshots"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("fingerprint"), "{err}");
+    assert!(err.contains("does not match the pinned fingerprint"), "{err}");
+    assert!(!err.contains(&"00".repeat(32)), "the pinned fingerprint was printed: {err}");
 
-    // Another server's certificate with the right address is refused too.
+    // Another server's certificate with the right address is refused too,
+    // and what the client pinned is not shown to whoever answered.
     let other = TestServer::start();
     let out = server.bkp(&token).env("BKP_FINGERPRINT", &other.fingerprint).args(["snapshots"]).output().unwrap();
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains(&other.fingerprint), "the pinned fingerprint was printed: {err}");
+    assert!(err.contains(&server.fingerprint), "the presented one helps after a re-init: {err}");
 
     ok(server.bkp(&token).args(["snapshots"]));
     let id = bkp_server::tokens::Tokens::new(server.data()).list().unwrap()[0].id.clone();

@@ -1,0 +1,341 @@
+//! Hostile peers against a real server: floods before authentication,
+//! pinned frames, session floods, decompression bombs, revocation of a
+//! token in use. Raw QUIC peers are built with quinn and the client's own
+//! QUIC configuration.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bkp_client::config::Trust;
+use bkp_client::ClientError;
+use bkp_common::io::{read_frame, write_frame};
+use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, VERSION};
+use bkp_common::snapshot::SnapshotKind;
+use bkp_common::{blob, ChunkId};
+use bkp_server::config::ServerConfig;
+use bkp_server::tokens::Tokens;
+use bkp_tests::{bin, ok, random_bytes, TestServer};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A client endpoint that trusts `server`'s certificate.
+fn raw_endpoint(server: &TestServer) -> quinn::Endpoint {
+    let cfg = bkp_client::conn::quic_config(&Trust::Fingerprint(server.fingerprint.clone())).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    ep
+}
+
+async fn hello(conn: &quinn::Connection, token: &str) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let h = Request::Hello { magic: MAGIC, version: VERSION, token: token.into(), client: "attacker".into() };
+    write_frame(&mut send, &h).await.unwrap();
+    let _ = send.finish();
+    read_frame(&mut recv).await.unwrap().unwrap()
+}
+
+/// A token's secret and id.
+fn secret(server: &TestServer, host: &str, role: Role) -> (String, String) {
+    let (secret, rec) = Tokens::new(server.data()).create(host, role).unwrap();
+    (secret, rec.id)
+}
+
+fn rss_mib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() >> 10
+}
+
+fn poll(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Initial datagrams replayed from an address that never answers (a
+/// forged source) get a stateless retry each: no handshake is started, no
+/// slot taken, and a host still connects. Before, each one held one of
+/// the 256 connection slots for the 60 s idle timeout.
+#[test]
+fn replayed_initials_get_retries_and_keep_no_state() {
+    let server = TestServer::start();
+    let token = server.token("web01", Role::Push);
+    let rt = rt();
+    let initials = rt.block_on(async {
+        let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ep = raw_endpoint(&server);
+        let (mut got, mut pending, mut buf) = (Vec::new(), Vec::new(), vec![0u8; 65536]);
+        // One at a time: a burst of 300 overflows the sink's buffer.
+        for _ in 0..300 {
+            pending.push(ep.connect(sink.local_addr().unwrap(), "localhost").unwrap());
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), sink.recv(&mut buf)).await {
+                got.push(buf[..n].to_vec());
+            }
+        }
+        drop(pending);
+        got
+    });
+    // Retransmissions repeat a connection's id; keep one Initial per id
+    // (long header: flags, version, then the destination id's length).
+    let mut seen = std::collections::HashSet::new();
+    let initials: Vec<Vec<u8>> =
+        initials.into_iter().filter(|d| seen.insert(d[6..6 + d[5] as usize].to_vec())).collect();
+    assert!(initials.len() >= 280, "captured {} Initial datagrams", initials.len());
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    relay.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for d in &initials {
+        relay.send_to(d, server.addr).unwrap();
+    }
+    let (mut answers, mut buf) = (Vec::new(), vec![0u8; 65536]);
+    while answers.len() < 250 {
+        match relay.recv(&mut buf) {
+            Ok(_) => answers.push(buf[0]),
+            Err(e) => panic!("{} answers to {} Initials, then: {e}", answers.len(), initials.len()),
+        }
+    }
+    // A long-header packet of type 3 is a Retry (RFC 9000, 17.2.5).
+    let retries = answers.iter().filter(|b| *b & 0xb0 == 0xb0).count();
+    assert_eq!(retries, answers.len(), "every Initial from an unvalidated address gets a retry, nothing else");
+    assert_eq!(server.state().limits.unauthenticated(), 0);
+    server.push_stdin(&token, "db", &random_bytes(1 << 20, 1));
+}
+
+/// Connections that finish the handshake and never say hello, opened
+/// from the host's own address faster than they time out: the host's push
+/// gets in, the pool never exceeds its per-address share, and crowded-out
+/// connections are told why. Before, they took every connection slot.
+#[test]
+fn hello_less_connections_cannot_keep_a_host_out() {
+    let mut config = ServerConfig { cache_mb: 16, max_connections: 8, ..Default::default() };
+    config.limits.unauthenticated_per_address = 16;
+    let server = TestServer::start_with(config);
+    let token = server.token("web01", Role::Push);
+    let rt = rt();
+    let (stop, opened, peak) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let ep = {
+        let _rt = rt.enter();
+        raw_endpoint(&server)
+    };
+    let attack = {
+        let (stop, opened, peak, state, addr) =
+            (stop.clone(), opened.clone(), peak.clone(), server.state(), server.addr);
+        rt.spawn(async move {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(c) = ep.connect(addr, "localhost").unwrap().await {
+                    held.push(c);
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                peak.fetch_max(state.limits.unauthenticated(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            held
+        })
+    };
+    poll("the flood to fill the slots", Duration::from_secs(30), || opened.load(Ordering::Relaxed) >= 20);
+    server.push_stdin(&token, "db", &random_bytes(2 << 20, 3));
+    let list = ok(server.bkp(&token).args(["snapshots", "--json"]));
+    assert!(String::from_utf8_lossy(&list.stdout).contains("\"db\""));
+    stop.store(true, Ordering::Relaxed);
+    let held = rt.block_on(attack).unwrap();
+    assert!(peak.load(Ordering::Relaxed) <= 16, "pool peaked at {}", peak.load(Ordering::Relaxed));
+    poll("a crowded-out connection to learn why", Duration::from_secs(10), || {
+        held.iter().any(|c| match c.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(a)) => {
+                String::from_utf8_lossy(&a.reason).contains("handshake")
+            }
+            _ => false,
+        })
+    });
+    assert!(server.state().limits.evicted.load(Ordering::Relaxed) > 0);
+}
+
+/// Before its hello an unauthenticated peer may open one stream and have
+/// a few KiB in flight; before, 64 streams of 16 MiB (64 MiB in all).
+#[test]
+fn unauthenticated_peers_get_one_stream_and_a_small_window() {
+    let server = TestServer::start();
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_endpoint(&server).connect(server.addr, "localhost").unwrap().await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        // A hello length the server accepts; the server now waits for it.
+        send.write_all(&4000u32.to_be_bytes()).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+        assert!(second.is_err(), "a second stream was granted before the hello");
+        // Then far more than the length said.
+        let junk = vec![7u8; 1 << 20];
+        let mut accepted = 0;
+        while accepted < junk.len() {
+            match tokio::time::timeout(Duration::from_millis(500), send.write(&junk[accepted..])).await {
+                Ok(Ok(n)) => accepted += n,
+                _ => break,
+            }
+        }
+        assert!(accepted <= 64 << 10, "an unauthenticated peer had {accepted} bytes accepted");
+    });
+}
+
+static ZEROS: [u8; 4 << 20] = [0; 4 << 20];
+/// A put frame's length: a maximum chunk and its envelope.
+const FRAME: usize = (4 << 20) + 64;
+
+/// One token's connection announces a 4 MiB frame on each of 63 streams
+/// and never completes any: what the server holds is its connection
+/// budget plus the QUIC window, not 63 frames, and another host pushes.
+#[test]
+fn pinned_frames_are_bounded_and_other_hosts_still_push() {
+    let server = TestServer::start();
+    let (evil, evil_id) = secret(&server, "evil", Role::Push);
+    let good = server.token("web01", Role::Push);
+    let state = server.state();
+    let rt = rt();
+    let rss_before = rss_mib();
+    let conn = rt.block_on(async {
+        let conn = raw_endpoint(&server).connect(server.addr, "localhost").unwrap().await.unwrap();
+        assert!(matches!(hello(&conn, &evil).await, Response::Welcome { .. }));
+        for _ in 0..63 {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            tokio::spawn(async move {
+                let _recv = recv;
+                let _ = send.write_all(&(FRAME as u32).to_be_bytes()).await;
+                let _ = send.write_chunk(bytes_of(&ZEROS)).await;
+                let _ = send.write_chunk(bytes_of(&ZEROS[..63])).await;
+                std::future::pending::<()>().await;
+            });
+        }
+        conn
+    });
+    let conn_budget = server.config.limits.connection_frame_budget_mb << 20;
+    let fits = conn_budget / FRAME * FRAME;
+    poll("the pinned frames to fill the connection's budget", Duration::from_secs(60), || {
+        state.limits.token_frames(&evil_id).is_some_and(|b| b.held() >= fits)
+    });
+    // The QUIC window fills behind the frames the server does not read.
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_mib().saturating_sub(rss_before);
+    server.push_stdin(&good, "db", &random_bytes(4 << 20, 4));
+    let peak = state.limits.token_frames(&evil_id).unwrap().peak();
+    assert!(peak <= conn_budget, "the token held {peak} bytes of frames");
+    // 63 frames would be 252 MiB; budget (32) + window (64) + slack.
+    assert!(grown < 180, "the test process grew by {grown} MiB while the frames were pinned");
+    assert!(conn.close_reason().is_none());
+}
+
+/// A static slice as a chunk to write, without a copy.
+fn bytes_of(s: &'static [u8]) -> bytes::Bytes {
+    bytes::Bytes::from_static(s)
+}
+
+/// One token starting push sessions without end is refused past the
+/// per-host limit, with the limit's name; another host still starts.
+#[test]
+fn session_floods_are_refused_with_a_clear_error() {
+    let mut config = ServerConfig { cache_mb: 16, ..Default::default() };
+    config.limits.sessions_per_host = 4;
+    let server = TestServer::start_with(config);
+    let a = server.token("flood", Role::Push);
+    let b = server.token("web01", Role::Push);
+    let rt = rt();
+    rt.block_on(async {
+        let c = server.client(&a).await;
+        for _ in 0..4 {
+            c.start_push("x", SnapshotKind::Stream).await.unwrap();
+        }
+        for _ in 0..3 {
+            match c.start_push("x", SnapshotKind::Stream).await {
+                Err(ClientError::Server(m, ErrorCode::Busy)) => assert!(m.contains("sessions_per_host"), "{m}"),
+                other => panic!("session past the limit: {other:?}"),
+            }
+        }
+        server.client(&b).await.start_push("y", SnapshotKind::Stream).await.unwrap();
+    });
+    assert_eq!(server.state().sessions.live(), 5);
+}
+
+/// Chunks that decompress to thousands of times their size (32 MiB from
+/// a few hundred bytes) are paced to the token's decompression rate
+/// instead of costing the server 32 MiB of inflating per round trip.
+#[test]
+fn decompression_beyond_the_ratio_is_paced() {
+    let mut config = ServerConfig { cache_mb: 16, ..Default::default() };
+    config.limits.inflate_mb_per_sec = 8;
+    let server = TestServer::start_with(config);
+    let token = server.token("bomb", Role::Push);
+    let rt = rt();
+    rt.block_on(async {
+        let c = server.client(&token).await;
+        let session = c.start_push("x", SnapshotKind::Stream).await.unwrap();
+        let chunks: Vec<(ChunkId, Vec<u8>)> = (0..8u8)
+            .map(|i| {
+                let data = vec![i; 4 << 20];
+                (ChunkId::of(&data), blob::encode(&data, 3))
+            })
+            .collect();
+        let sent: usize = chunks.iter().map(|(_, b)| b.len()).sum();
+        assert!(sent < 16 << 10, "{sent} bytes");
+        let started = Instant::now();
+        c.put(session, chunks).await.unwrap();
+        // 32 MiB beyond the ratio, 8 MiB of burst, 8 MiB/s: at least 3 s.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(2500), "32 MiB inflated in {took:?}");
+    });
+}
+
+/// `bkp-server token revoke` (another process) while a push is under way:
+/// within a second or two its connection is closed with a reason the
+/// client prints, its session is gone and nothing is committed.
+#[test]
+fn revoking_a_token_ends_its_push_without_a_commit() {
+    let server = TestServer::start();
+    let (tok, id) = secret(&server, "web01", Role::Push);
+    let token_file = server.data().join("revoked.token");
+    std::fs::write(&token_file, &tok).unwrap();
+    let state = server.state();
+    let mut child = server
+        .bkp(&token_file)
+        .args(["push", "--json", "--stdin", "--name", "db"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&random_bytes(2 << 20, 5)).unwrap();
+    poll("the push to start", Duration::from_secs(30), || state.sessions.live() == 1);
+    let before = state.limits.connections_of(&id);
+    assert_eq!(before, 1);
+    ok(std::process::Command::new(bin("bkp-server")).args(["token", "revoke", "--data"]).arg(server.data()).arg(&id));
+    let revoked = Instant::now();
+    poll("the revoked token's connection to close", Duration::from_secs(3), || state.limits.connections_of(&id) == 0);
+    poll("its session to end", Duration::from_secs(3), || state.sessions.live() == 0);
+    assert!(revoked.elapsed() < Duration::from_secs(3));
+    let _ = stdin.write_all(&random_bytes(4 << 20, 6));
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a push with a revoked token succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revoked"), "{err}");
+    assert!(state.store.list_snapshots(None, None).unwrap().is_empty(), "a revoked push committed");
+}
+
+/// A hello over the size cap (a 10 KB "token") is refused in words the
+/// client prints, not with a lost connection.
+#[test]
+fn an_oversized_hello_is_refused_clearly() {
+    let server = TestServer::start();
+    let token = server.data().join("huge.token");
+    std::fs::write(&token, "x".repeat(10_000)).unwrap();
+    let out = server.bkp(&token).args(["snapshots"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("4096-byte limit") && err.contains("token"), "{err}");
+}
