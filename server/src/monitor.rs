@@ -1,5 +1,6 @@
 //! The monitor: every `check_interval` it reads the state of the store
-//! (sets and their freshness, job results, damaged snapshots, disk space),
+//! (sets and their freshness, failed pushes the clients reported, job
+//! results, damaged snapshots, disk space),
 //! turns what is wrong into alert conditions and notifies changes. The
 //! same [`Status`] feeds `/metrics`.
 
