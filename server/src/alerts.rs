@@ -1,6 +1,6 @@
-//! Alerts: conditions the monitor finds (a stale set, a failed job,
-//! damaged snapshots, low disk) become notifications when they start and
-//! when they end, never on every check.
+//! Alerts: conditions the monitor finds (a stale set, a failed push, a
+//! failed or missed job, damaged snapshots, low disk) become notifications
+//! when they start and when they end, never on every check.
 //!
 //! Each firing condition has a key ("stale:web01/pgdump") and a
 //! fingerprint of what matters about it (not its wording: "31h ago" changes

@@ -1,7 +1,8 @@
-//! The monitor: every `check_interval` it reads the state of the store
-//! (sets and their freshness, job results, damaged snapshots, disk space),
-//! turns what is wrong into alert conditions and notifies changes. The
-//! same [`Status`] feeds `/metrics`.
+//! The monitor: every `check_interval`, and at once when nudged (after a
+//! commit, a reported push failure or a missed job), it reads the state of
+//! the store (sets and their freshness, failed pushes, job results,
+//! damaged snapshots, disk space), turns what is wrong into alert
+//! conditions and notifies changes. The same [`Status`] feeds `/metrics`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
