@@ -164,7 +164,7 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
                 tokio::spawn(async move { ctx.stream(send, recv).await });
             }
             Err(e) => {
-                debug!(%remote, "connection ended: {e}");
+                debug!(%remote, frames_peak = ctx.frames.peak(), "connection ended: {e}");
                 break;
             }
         }

@@ -227,6 +227,7 @@ fn pinned_frames_are_bounded_and_other_hosts_still_push() {
     assert!(peak <= conn_budget, "the token held {peak} bytes of frames");
     // 63 frames would be 252 MiB; budget (32) + window (64) + slack.
     assert!(grown < 180, "the test process grew by {grown} MiB while the frames were pinned");
+    eprintln!("63 pinned frames: frames held {peak} bytes, process RSS +{grown} MiB");
     assert!(conn.close_reason().is_none());
 }
 
@@ -338,4 +339,61 @@ fn an_oversized_hello_is_refused_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("4096-byte limit") && err.contains("token"), "{err}");
+}
+
+/// The README's bound for unauthenticated peers, measured on a server
+/// process of its own: 256 connections from 8 addresses (the pool's
+/// size), each with a hello one byte short and a try at a second stream
+/// with 1 MiB on it. Before, each such connection could make the server
+/// buffer the 1 MiB (64 streams, 64 MiB window).
+#[test]
+fn unauthenticated_memory_stays_within_the_stated_bound() {
+    let mut p = bkp_tests::ServerProcess::init();
+    p.serve(&[]);
+    let data = p.dir.path().to_str().unwrap().to_string();
+    let proc_dir = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&data)))
+        .expect("the server process")
+        .path();
+    let rss_kib = || {
+        let s = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let rt = rt();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", p.port).parse().unwrap();
+    let cfg = bkp_client::conn::quic_config(&Trust::Fingerprint(p.fingerprint.clone())).unwrap();
+    let before = rss_kib();
+    let conns = rt.block_on(async {
+        let mut conns = Vec::new();
+        for ip in 2..10 {
+            let mut ep = quinn::Endpoint::client(format!("127.0.0.{ip}:0").parse().unwrap()).unwrap();
+            ep.set_default_client_config(cfg.clone());
+            for _ in 0..32 {
+                let c = ep.connect(addr, "localhost").unwrap().await.unwrap();
+                let (mut s, r) = c.open_bi().await.unwrap();
+                s.write_all(&4096u32.to_be_bytes()).await.unwrap();
+                s.write_all(&[1u8; 4095]).await.unwrap();
+                let c2 = c.clone();
+                let extra = tokio::spawn(async move {
+                    if let Ok(Ok((mut s, _r))) = tokio::time::timeout(Duration::from_secs(1), c2.open_bi()).await {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(&[2u8; 1 << 20])).await;
+                        std::future::pending::<()>().await;
+                    }
+                });
+                conns.push((c, s, r, extra));
+            }
+        }
+        // The second streams' tries end within their one-second timeouts.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        conns
+    });
+    let grown = rss_kib().saturating_sub(before);
+    let open = conns.iter().filter(|c| c.0.close_reason().is_none()).count();
+    assert_eq!(open, 256, "the pool holds 256 unauthenticated connections");
+    // README: about 48 KiB each, 12 MiB for the whole pool.
+    assert!(grown < 24 << 10, "256 unauthenticated connections grew the server by {grown} KiB");
+    eprintln!("256 unauthenticated connections: server RSS +{grown} KiB ({} KiB each)", grown / 256);
 }
