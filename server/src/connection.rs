@@ -28,6 +28,8 @@ const HELLO_MAX: usize = 4096;
 /// A frame must arrive in full this soon after its length did; until
 /// then it holds its budget.
 const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+/// An upload stream silent this long between frames stores what it holds.
+const BATCH_IDLE: Duration = Duration::from_secs(1);
 /// Connection receive window of a restore token (requests only).
 const RESTORE_WINDOW: u32 = 1 << 20;
 /// Chunks verified and written together on an upload stream: up to this
@@ -407,7 +409,25 @@ impl Conn {
                 let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
                 (chunks, bytes) = (chunks + n, bytes + b);
             }
-            let Some(len) = read_len(recv, MAX_FRAME).await? else { break };
+            // A stream that goes quiet holding part of a batch stores it
+            // rather than keep its budget until its next frame.
+            let len = {
+                let next = read_len(&mut *recv, MAX_FRAME);
+                tokio::pin!(next);
+                if batch.items.is_empty() {
+                    next.await?
+                } else {
+                    tokio::select! {
+                        len = &mut next => len?,
+                        _ = tokio::time::sleep(BATCH_IDLE) => {
+                            let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
+                            (chunks, bytes) = (chunks + n, bytes + b);
+                            next.await?
+                        }
+                    }
+                }
+            };
+            let Some(len) = len else { break };
             let admitted = match Budget::try_admit(&self.budgets(), len) {
                 Some(a) => a,
                 None => {

@@ -236,6 +236,28 @@ fn bytes_of(s: &'static [u8]) -> bytes::Bytes {
     bytes::Bytes::from_static(s)
 }
 
+/// One token opening connections without end is refused past its own
+/// limit, with the limit's name, and another host still connects. Before,
+/// one token could take every connection slot.
+#[test]
+fn one_token_cannot_take_every_connection() {
+    let mut config = ServerConfig { cache_mb: 16, max_connections: 4, ..Default::default() };
+    config.limits.connections_per_token = 2;
+    let server = TestServer::start_with(config);
+    let a = server.token("greedy", Role::Push);
+    let b = server.token("web01", Role::Push);
+    let rt = rt();
+    rt.block_on(async {
+        let _held = (server.client(&a).await, server.client(&a).await);
+        match bkp_client::Client::connect(&server.client_config(&a)).await {
+            Err(ClientError::Server(m, ErrorCode::Busy)) => assert!(m.contains("connections_per_token"), "{m}"),
+            other => panic!("a third connection of one token: {:?}", other.map(|c| c.host.clone())),
+        }
+        let other = server.client(&b).await;
+        assert_eq!(other.snapshots(None, None).await.unwrap().len(), 0);
+    });
+}
+
 /// One token starting push sessions without end is refused past the
 /// per-host limit, with the limit's name; another host still starts.
 #[test]
