@@ -258,6 +258,27 @@ fn one_token_cannot_take_every_connection() {
     });
 }
 
+/// Full receive windows are granted while the server's window budget
+/// lasts; a push connection beyond it gets the small window and still
+/// pushes, and a closed connection gives its window back.
+#[test]
+fn full_windows_come_from_a_budget() {
+    let mut config = ServerConfig { cache_mb: 16, ..Default::default() };
+    config.limits.window_budget_mb = 64;
+    let server = TestServer::start_with(config);
+    let a = server.token("web01", Role::Push);
+    let b = server.token("web02", Role::Push);
+    let windows = server.state().limits.windows.clone();
+    let rt = rt();
+    let first = rt.block_on(server.client(&a));
+    assert_eq!(windows.held(), 64 << 20);
+    // Beyond the budget: the small window, and the push still works.
+    server.push_stdin(&b, "db", &random_bytes(8 << 20, 8));
+    assert_eq!(windows.held(), 64 << 20);
+    rt.block_on(Arc::into_inner(first).unwrap().close());
+    poll("the closed connection's window to return", Duration::from_secs(5), || windows.held() == 0);
+}
+
 /// One token starting push sessions without end is refused past the
 /// per-host limit, with the limit's name; another host still starts.
 #[test]
