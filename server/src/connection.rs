@@ -16,7 +16,7 @@ use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
 use crate::commit::{check_tree, parent_refs, CommitError};
-use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON};
+use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
 use crate::server::ServerState;
 use crate::sessions::SessionError;
@@ -28,8 +28,8 @@ const HELLO_MAX: usize = 4096;
 /// A frame must arrive in full this soon after its length did; until
 /// then it holds its budget.
 const FRAME_DEADLINE: Duration = Duration::from_secs(30);
-/// Connection receive window of a restore token (requests only).
-const RESTORE_WINDOW: u32 = 1 << 20;
+/// An upload stream silent this long between frames stores what it holds.
+const BATCH_IDLE: Duration = Duration::from_secs(1);
 /// Chunks verified and written together on an upload stream: up to this
 /// many, or this many received bytes. Each batch is one blocking task and
 /// one RocksDB write; with small files, 16 chunks per batch made the
@@ -167,7 +167,7 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
                 tokio::spawn(async move { ctx.stream(send, recv).await });
             }
             Err(e) => {
-                debug!(%remote, "connection ended: {e}");
+                debug!(%remote, frames_peak = ctx.frames.peak(), "connection ended: {e}");
                 break;
             }
         }
@@ -217,13 +217,16 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
         let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
         return Err(refuse_hello(&mut send, ErrorCode::Unauthorized, msg).await);
     };
-    let auth = match state.limits.admit(&rec.id, &rec.host, conn) {
+    let mut auth = match state.limits.admit(&rec.id, &rec.host, conn) {
         Ok(a) => a,
         Err(msg) => return Err(refuse_hello(&mut send, ErrorCode::Busy, msg).await),
     };
     // Authenticated: the shared transport's streams and window. A restore
     // token only sends requests, so it keeps a small window.
-    let window = if rec.role == Role::Restore { RESTORE_WINDOW } else { bkp_common::quic::RECEIVE_WINDOW };
+    let window = match rec.role {
+        Role::Restore => SMALL_WINDOW,
+        _ => auth.take_window(bkp_common::quic::RECEIVE_WINDOW),
+    };
     conn.set_receive_window(window.into());
     conn.set_max_concurrent_bi_streams(bkp_common::quic::MAX_STREAMS.into());
     let welcome = Response::Welcome { host: rec.host.clone(), role: rec.role, server: bkp_common::VERSION.to_string() };
@@ -418,7 +421,25 @@ impl Conn {
                 let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
                 (chunks, bytes) = (chunks + n, bytes + b);
             }
-            let Some(len) = read_len(recv, MAX_FRAME).await? else { break };
+            // A stream that goes quiet holding part of a batch stores it
+            // rather than keep its budget until its next frame.
+            let len = {
+                let next = read_len(&mut *recv, MAX_FRAME);
+                tokio::pin!(next);
+                if batch.items.is_empty() {
+                    next.await?
+                } else {
+                    tokio::select! {
+                        len = &mut next => len?,
+                        _ = tokio::time::sleep(BATCH_IDLE) => {
+                            let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
+                            (chunks, bytes) = (chunks + n, bytes + b);
+                            next.await?
+                        }
+                    }
+                }
+            };
+            let Some(len) = len else { break };
             let admitted = match Budget::try_admit(&self.budgets(), len) {
                 Some(a) => a,
                 None => {

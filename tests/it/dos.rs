@@ -227,12 +227,56 @@ fn pinned_frames_are_bounded_and_other_hosts_still_push() {
     assert!(peak <= conn_budget, "the token held {peak} bytes of frames");
     // 63 frames would be 252 MiB; budget (32) + window (64) + slack.
     assert!(grown < 180, "the test process grew by {grown} MiB while the frames were pinned");
+    eprintln!("63 pinned frames: frames held {peak} bytes, process RSS +{grown} MiB");
     assert!(conn.close_reason().is_none());
 }
 
 /// A static slice as a chunk to write, without a copy.
 fn bytes_of(s: &'static [u8]) -> bytes::Bytes {
     bytes::Bytes::from_static(s)
+}
+
+/// One token opening connections without end is refused past its own
+/// limit, with the limit's name, and another host still connects. Before,
+/// one token could take every connection slot.
+#[test]
+fn one_token_cannot_take_every_connection() {
+    let mut config = ServerConfig { cache_mb: 16, max_connections: 4, ..Default::default() };
+    config.limits.connections_per_token = 2;
+    let server = TestServer::start_with(config);
+    let a = server.token("greedy", Role::Push);
+    let b = server.token("web01", Role::Push);
+    let rt = rt();
+    rt.block_on(async {
+        let _held = (server.client(&a).await, server.client(&a).await);
+        match bkp_client::Client::connect(&server.client_config(&a)).await {
+            Err(ClientError::Server(m, ErrorCode::Busy)) => assert!(m.contains("connections_per_token"), "{m}"),
+            other => panic!("a third connection of one token: {:?}", other.map(|c| c.host.clone())),
+        }
+        let other = server.client(&b).await;
+        assert_eq!(other.snapshots(None, None).await.unwrap().len(), 0);
+    });
+}
+
+/// Full receive windows are granted while the server's window budget
+/// lasts; a push connection beyond it gets the small window and still
+/// pushes, and a closed connection gives its window back.
+#[test]
+fn full_windows_come_from_a_budget() {
+    let mut config = ServerConfig { cache_mb: 16, ..Default::default() };
+    config.limits.window_budget_mb = 64;
+    let server = TestServer::start_with(config);
+    let a = server.token("web01", Role::Push);
+    let b = server.token("web02", Role::Push);
+    let windows = server.state().limits.windows.clone();
+    let rt = rt();
+    let first = rt.block_on(server.client(&a));
+    assert_eq!(windows.held(), 64 << 20);
+    // Beyond the budget: the small window, and the push still works.
+    server.push_stdin(&b, "db", &random_bytes(8 << 20, 8));
+    assert_eq!(windows.held(), 64 << 20);
+    rt.block_on(Arc::into_inner(first).unwrap().close());
+    poll("the closed connection's window to return", Duration::from_secs(5), || windows.held() == 0);
 }
 
 /// One token starting push sessions without end is refused past the
@@ -338,4 +382,61 @@ fn an_oversized_hello_is_refused_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("4096-byte limit") && err.contains("token"), "{err}");
+}
+
+/// The README's bound for unauthenticated peers, measured on a server
+/// process of its own: 256 connections from 8 addresses (the pool's
+/// size), each with a hello one byte short and a try at a second stream
+/// with 1 MiB on it. Before, each such connection could make the server
+/// buffer the 1 MiB (64 streams, 64 MiB window).
+#[test]
+fn unauthenticated_memory_stays_within_the_stated_bound() {
+    let mut p = bkp_tests::ServerProcess::init();
+    p.serve(&[]);
+    let data = p.dir.path().to_str().unwrap().to_string();
+    let proc_dir = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&data)))
+        .expect("the server process")
+        .path();
+    let rss_kib = || {
+        let s = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let rt = rt();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", p.port).parse().unwrap();
+    let cfg = bkp_client::conn::quic_config(&Trust::Fingerprint(p.fingerprint.clone())).unwrap();
+    let before = rss_kib();
+    let conns = rt.block_on(async {
+        let mut conns = Vec::new();
+        for ip in 2..10 {
+            let mut ep = quinn::Endpoint::client(format!("127.0.0.{ip}:0").parse().unwrap()).unwrap();
+            ep.set_default_client_config(cfg.clone());
+            for _ in 0..32 {
+                let c = ep.connect(addr, "localhost").unwrap().await.unwrap();
+                let (mut s, r) = c.open_bi().await.unwrap();
+                s.write_all(&4096u32.to_be_bytes()).await.unwrap();
+                s.write_all(&[1u8; 4095]).await.unwrap();
+                let c2 = c.clone();
+                let extra = tokio::spawn(async move {
+                    if let Ok(Ok((mut s, _r))) = tokio::time::timeout(Duration::from_secs(1), c2.open_bi()).await {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(&[2u8; 1 << 20])).await;
+                        std::future::pending::<()>().await;
+                    }
+                });
+                conns.push((c, s, r, extra));
+            }
+        }
+        // The second streams' tries end within their one-second timeouts.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        conns
+    });
+    let grown = rss_kib().saturating_sub(before);
+    let open = conns.iter().filter(|c| c.0.close_reason().is_none()).count();
+    assert_eq!(open, 256, "the pool holds 256 unauthenticated connections");
+    // README: about 48 KiB each, 12 MiB for the whole pool.
+    assert!(grown < 24 << 10, "256 unauthenticated connections grew the server by {grown} KiB");
+    eprintln!("256 unauthenticated connections: server RSS +{grown} KiB ({} KiB each)", grown / 256);
 }
