@@ -30,7 +30,13 @@ impl TestServer {
     }
 
     pub fn start_with(config: ServerConfig) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(&std::env::temp_dir(), config)
+    }
+
+    /// A server whose data directory is made under `parent` (a small
+    /// file system, for the disk-full tests).
+    pub fn start_in(parent: &Path, config: ServerConfig) -> Self {
+        let dir = tempfile::tempdir_in(parent).expect("tempdir");
         let fingerprint = bkp_server::tls::init(dir.path()).expect("tls init");
         let mut s = Self {
             dir,

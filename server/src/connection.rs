@@ -57,13 +57,17 @@ struct Fail(ErrorCode, String);
 
 type Reply = Result<(), Fail>;
 
+/// The detail (paths, RocksDB's words) stays in the server's log.
 impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
         if let StoreError::Protected(_) = e {
             return Fail(ErrorCode::Rejected, e.to_string());
         }
         warn!("store error: {e}");
-        Fail(ErrorCode::Internal, format!("server storage error: {e}"))
+        match e {
+            StoreError::Full(_) => Fail(ErrorCode::Internal, e.to_string()),
+            _ => Fail(ErrorCode::Internal, "server storage error (see the server log)".into()),
+        }
     }
 }
 
