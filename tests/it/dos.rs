@@ -376,12 +376,16 @@ fn revoking_a_token_ends_its_push_without_a_commit() {
 #[test]
 fn an_oversized_hello_is_refused_clearly() {
     let server = TestServer::start();
-    let token = server.data().join("huge.token");
-    std::fs::write(&token, "x".repeat(10_000)).unwrap();
-    let out = server.bkp(&token).args(["snapshots"]).output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("4096-byte limit") && err.contains("token"), "{err}");
+    // 10 KB fits the unauthenticated window; 1 MB does not, so the
+    // client is still writing when the refusal comes.
+    for size in [10_000, 1_000_000] {
+        let token = server.data().join("huge.token");
+        std::fs::write(&token, "x".repeat(size)).unwrap();
+        let out = server.bkp(&token).args(["snapshots"]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("4096-byte limit") && err.contains("token"), "{size}: {err}");
+    }
 }
 
 /// The README's bound for unauthenticated peers, measured on a server
