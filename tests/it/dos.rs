@@ -414,6 +414,32 @@ fn revoking_a_token_ends_its_push_without_a_commit() {
     assert!(state.store.list_snapshots(None, None).unwrap().is_empty(), "a revoked push committed");
 }
 
+/// A revocation is logged by a running server, with the token's id and
+/// host, and an open connection of the token learns why it was closed.
+#[test]
+fn a_revocation_is_logged_with_token_and_host() {
+    let mut p = bkp_tests::ServerProcess::init();
+    p.serve(&[]);
+    let file = p.token("web07", "push");
+    let tok = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    let id = Tokens::new(p.dir.path()).list().unwrap()[0].id.clone();
+    let rt = rt();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", p.port).parse().unwrap();
+    let conn = rt.block_on(async {
+        let conn = endpoint_for(&p.fingerprint).connect(addr, "localhost").unwrap().await.unwrap();
+        assert!(matches!(hello(&conn, &tok).await, Response::Welcome { .. }));
+        conn
+    });
+    ok(std::process::Command::new(bin("bkp-server")).args(["token", "revoke", "--data"]).arg(p.dir.path()).arg(&id));
+    let end = Instant::now() + Duration::from_secs(5);
+    while !p.log().lines().any(|l| l.contains("token revoked") && l.contains(&id) && l.contains("web07")) {
+        assert!(Instant::now() < end, "no revocation in the log:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reason = rt.block_on(async { conn.closed().await });
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+}
+
 /// A hello over the size cap (a 10 KB "token") is refused in words the
 /// client prints, not with a lost connection.
 #[test]
