@@ -179,8 +179,10 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
 }
 
 /// Sends a refusal on the hello stream and lets it reach the client
-/// before the connection is closed.
-async fn refuse_hello(send: &mut SendStream, code: ErrorCode, message: String) -> String {
+/// before the connection is closed. The rest of the hello is refused
+/// first: a client still writing an oversized one then stops and reads.
+async fn refuse_hello(send: &mut SendStream, recv: &mut RecvStream, code: ErrorCode, message: String) -> String {
+    let _ = recv.stop(0u32.into());
     let _ = write_frame(send, &Response::Error { code, message: message.clone() }).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
@@ -198,17 +200,19 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
                 "hello of {len} bytes is over the server's {HELLO_MAX}-byte limit; the token file must hold \
                  only the token that `bkp-server token create` printed"
             );
-            return Err(refuse_hello(&mut send, ErrorCode::BadRequest, msg).await);
+            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, msg).await);
         }
         Ok(None) => return Err("stream ended before the hello".into()),
-        Err(e) => return Err(refuse_hello(&mut send, ErrorCode::BadRequest, format!("bad hello: {e}")).await),
+        Err(e) => {
+            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await)
+        }
     };
     let req: Request = read_body(&mut recv, len, HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
     let (token, client) = match req {
         Request::Hello { magic, version, token, client } if magic == MAGIC && version == VERSION => (token, client),
         Request::Hello { version, .. } => {
             let msg = format!("protocol version {version} not supported (server speaks {VERSION}); upgrade bkp");
-            return Err(refuse_hello(&mut send, ErrorCode::BadRequest, msg).await);
+            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, msg).await);
         }
         _ => return Err("first request was not a hello".into()),
     };
@@ -219,11 +223,11 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
         .map_err(|e| e.to_string())?;
     let Some(rec) = rec else {
         let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
-        return Err(refuse_hello(&mut send, ErrorCode::Unauthorized, msg).await);
+        return Err(refuse_hello(&mut send, &mut recv, ErrorCode::Unauthorized, msg).await);
     };
     let mut auth = match state.limits.admit(&rec.id, &rec.host, conn) {
         Ok(a) => a,
-        Err(msg) => return Err(refuse_hello(&mut send, ErrorCode::Busy, msg).await),
+        Err(msg) => return Err(refuse_hello(&mut send, &mut recv, ErrorCode::Busy, msg).await),
     };
     // Authenticated: the shared transport's streams and window. A restore
     // token only sends requests, so it keeps a small window.

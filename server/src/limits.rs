@@ -383,8 +383,12 @@ pub async fn watch_tokens(state: Arc<ServerState>) {
             match tokio::task::spawn_blocking(move || t.list()).await {
                 Ok(Ok(list)) => {
                     let fresh: HashMap<String, String> = list.into_iter().map(|r| (r.id, r.host)).collect();
+                    // Tokens with open connections are reported when those
+                    // are closed, below.
                     for (id, host) in known.iter().flatten().filter(|(id, _)| !fresh.contains_key(*id)) {
-                        info!(token = %id, %host, "token revoked");
+                        if state.limits.connections_of(id) == 0 {
+                            info!(token = %id, %host, "token revoked");
+                        }
                     }
                     known = Some(fresh);
                     stamp = now;
@@ -401,7 +405,7 @@ pub async fn watch_tokens(state: Arc<ServerState>) {
         let Some(valid) = &known else { continue };
         let valid: HashSet<String> = valid.keys().cloned().collect();
         for (id, host, n) in state.limits.close_revoked(&valid) {
-            warn!(token = %id, %host, connections = n, "revoked token: closed its connections, ending its push sessions");
+            warn!(token = %id, %host, connections = n, "token revoked: closing its connections, ending its push sessions");
             let st = state.clone();
             let _ = tokio::task::spawn_blocking(move || st.sessions.end_token(&id)).await;
         }
