@@ -39,6 +39,9 @@ pub fn transport() -> quinn::TransportConfig {
     // many streams; memory per connection is bounded by these.
     t.max_concurrent_bidi_streams(MAX_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // bkp sends no QUIC datagrams; quinn would otherwise buffer 1.25 MB of
+    // them per connection, unread, for any peer that completed TLS.
+    t.datagram_receive_buffer_size(None);
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(64 << 20);

@@ -78,7 +78,11 @@ fn walk(
                 Entry::Dir { .. } => stats.dirs += 1,
                 Entry::File { size, .. } => {
                     stats.files += 1;
-                    stats.bytes += size;
+                    // A crafted tree may claim any size: overflow is a refusal, not a panic.
+                    stats.bytes = stats
+                        .bytes
+                        .checked_add(size)
+                        .ok_or_else(|| CommitError::Rejected("the tree's file sizes add up past 2^64 bytes".into()))?;
                 }
                 Entry::Chunks(list) => {
                     stats.data_chunks += list.len() as u64;

@@ -341,6 +341,7 @@ impl Conn {
                     })?;
                     let name = guard.info.name.clone();
                     let snap = Snapshot { host, name, time_ns: now_ns(), kind, stats, tree, client };
+                    guard.still_live()?;
                     let summary = store.commit_snapshot(&snap)?;
                     guard.finish();
                     Ok::<_, Fail>(summary)

@@ -53,6 +53,8 @@ pub enum SessionError {
     HostBusy(String, usize),
     #[error("the server has {0} push sessions in progress (limit limits.sessions); try again later")]
     ServerBusy(usize),
+    #[error("the token of this push was revoked; nothing was committed")]
+    Revoked,
 }
 
 /// A session silent this long may be dropped to make room for a new
@@ -70,6 +72,9 @@ struct Session {
     /// Whether an operation has taken on proving the set's previous
     /// snapshot for this session (see [`PushGuard::claim_parent`]).
     parent_claimed: bool,
+    /// Its token was revoked: it may not commit, even before
+    /// [`Sessions::end_token`] (which waits for the fence) removes it.
+    revoked: bool,
 }
 
 #[derive(Default)]
@@ -140,6 +145,18 @@ impl PushGuard<'_> {
         }
     }
 
+    /// Fails unless the session is still live and its token not revoked:
+    /// checked right before a commit is written, since revocation marks
+    /// sessions without waiting for the fence that this guard holds.
+    pub fn still_live(&self) -> Result<(), SessionError> {
+        let inner = self.sessions.inner.lock().expect("sessions lock");
+        match inner.map.get(&self.id) {
+            Some(s) if s.revoked => Err(SessionError::Revoked),
+            Some(_) => Ok(()),
+            None => Err(SessionError::Unknown),
+        }
+    }
+
     /// Ends the session after its commit. A running GC keeps protecting
     /// what it touched, since its mark phase may not see the new snapshot.
     pub fn finish(self) {
@@ -190,6 +207,18 @@ impl Sessions {
         if of_host < self.max.1 && inner.map.len() < self.max.0 {
             return Ok(Self::insert(&mut inner, token, host, name, kind));
         }
+        // Refused without the fence when nothing could be dropped: a
+        // waiting writer stalls every push's `enter`, so a flood of starts
+        // from a host at its limit must not queue on it.
+        let expired = inner.map.values().any(|s| s.last_seen.elapsed() > self.lease);
+        let stalled = inner.map.values().any(|s| s.host == host && s.last_seen.elapsed() >= RECLAIM_AFTER);
+        if !expired && !(of_host >= self.max.1 && stalled) {
+            return Err(if of_host >= self.max.1 {
+                SessionError::HostBusy(host.to_string(), of_host)
+            } else {
+                SessionError::ServerBusy(inner.map.len())
+            });
+        }
         drop(inner);
         let _w = self.fence.write().expect("fence");
         let mut inner = self.inner.lock().expect("sessions lock");
@@ -217,6 +246,10 @@ impl Sessions {
     /// Ends every session started with token `token`, without a commit.
     /// Takes the write fence: call it off the async runtime.
     pub fn end_token(&self, token: &str) -> usize {
+        {
+            let mut inner = self.inner.lock().expect("sessions lock");
+            inner.map.values_mut().filter(|s| s.token == token).for_each(|s| s.revoked = true);
+        }
         let _w = self.fence.write().expect("fence");
         let mut inner = self.inner.lock().expect("sessions lock");
         let before = inner.map.len();
@@ -239,6 +272,7 @@ impl Sessions {
             last_seen: Instant::now(),
             touched: HashSet::new(),
             parent_claimed: false,
+            revoked: false,
         };
         inner.map.insert(id, s);
         id
@@ -335,6 +369,36 @@ mod tests {
         assert!(s.enter(a, "h").is_err() && s.enter(c, "h").is_ok());
         assert_eq!(s.end_token("t1"), 2);
         assert_eq!(s.live(), 1);
+    }
+
+    #[test]
+    fn a_full_host_is_refused_without_waiting_for_the_fence() {
+        let s = Sessions::new(Duration::from_secs(3600)).with_limits(8, 1);
+        let a = s.start_for("t", "h", "n", SnapshotKind::Tree).unwrap();
+        // A push operation in progress holds the fence's read side; a start
+        // that took the write side would block here forever.
+        let _guard = s.enter(a, "h").unwrap();
+        assert_eq!(s.start_for("t", "h", "n", SnapshotKind::Tree), Err(SessionError::HostBusy("h".into(), 1)));
+    }
+
+    #[test]
+    fn a_revoked_session_may_not_commit_even_while_its_guard_is_held() {
+        let s = Sessions::new(Duration::from_secs(3600));
+        let id = s.start_for("t", "h", "n", SnapshotKind::Tree).unwrap();
+        let guard = s.enter(id, "h").unwrap();
+        assert_eq!(guard.still_live(), Ok(()));
+        std::thread::scope(|sc| {
+            // end_token marks at once, then waits for the guard to go.
+            let ender = sc.spawn(|| s.end_token("t"));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while guard.still_live() != Err(SessionError::Revoked) {
+                assert!(Instant::now() < deadline, "revocation never reached the session");
+                std::thread::yield_now();
+            }
+            drop(guard);
+            assert_eq!(ender.join().unwrap(), 1);
+        });
+        assert_eq!(s.live(), 0);
     }
 
     #[test]
