@@ -179,3 +179,26 @@ fn ls_escapes_control_characters_in_names() {
         .collect();
     assert!(names.iter().any(|n| n.ends_with(evil)), "{names:?}");
 }
+
+#[test]
+fn max_pushes_per_day_bounds_what_a_push_token_adds_to_a_set() {
+    let server = TestServer::start_with(ServerConfig { cache_mb: 16, max_pushes_per_day: 2, ..Default::default() });
+    let push = server.token("web01", Role::Push);
+    server.push_stdin(&push, "db", b"one");
+    server.push_stdin(&push, "db", b"two");
+    let mut child = server
+        .bkp(&push)
+        .args(["push", "--stdin", "--name", "db"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"three").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a third push in a day was committed");
+    assert!(err.contains("web01/db already has 2 snapshots") && err.contains("max_pushes_per_day"), "{err}");
+    // Another set has its own budget.
+    server.push_stdin(&push, "files", b"x");
+    assert_eq!(ids(&server, &push).len(), 3);
+}
