@@ -43,10 +43,11 @@ bench-micro: build
 	$(CARGO) bench -p bkp-benches
 
 # Every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each (not in CI).
-# cargo-fuzz's default sanitizer flags need a nightly compiler; where only
-# stable is installed, FUZZ_FLAGS="--sanitizer none" with RUSTC_BOOTSTRAP=1
-# still runs libFuzzer (it catches panics, not memory errors: the decoders
-# are safe Rust). Crashes land in fuzz/artifacts/TARGET/; builds go to
+# cargo-fuzz's default (address) sanitizer needs a nightly compiler; where
+# only stable is installed,
+#   make fuzz FUZZ_TOOLCHAIN= FUZZ_FLAGS="--sanitizer none" RUSTC_BOOTSTRAP=1
+# still runs libFuzzer, 5-10x faster (it catches panics, not memory errors:
+# the decoders are safe Rust). Crashes land in fuzz/artifacts/TARGET/; builds go to
 # a target directory of their own (other flags than the main build's).
 FUZZ_SECONDS ?= 120
 FUZZ_TOOLCHAIN ?= +nightly

@@ -170,7 +170,8 @@ impl std::fmt::Display for TempFail {
 impl std::error::Error for TempFail {}
 
 fn init(data: &Path) -> Result<()> {
-    crate::perms::private_dir(data).with_context(|| format!("creating {}", data.display()))?;
+    crate::perms::private_dir(data)
+        .with_context(|| format!("creating {} with mode 0700 (it must belong to this user)", data.display()))?;
     let fp = crate::tls::init(data)?;
     // Create the store now so that a bad directory fails here, not at serve.
     drop(ServerState::open(data, ServerConfig::default())?);

@@ -153,6 +153,25 @@ pub fn check_tree(
     Ok(stats)
 }
 
+/// `max_pushes_per_day` (0: no limit): refuses a commit into a set that
+/// already has that many snapshots from the last 24 hours. It bounds what
+/// a stolen push token can add to one set (see `retention` on why junk
+/// matters); a soft bound: two commits at once may both pass.
+pub fn push_budget(store: &dyn Store, max: u32, host: &str, name: &str, now_ns: u64) -> Result<(), CommitError> {
+    if max == 0 {
+        return Ok(());
+    }
+    let since = now_ns.saturating_sub(86_400 * 1_000_000_000);
+    let recent = store.list_snapshots(Some(host), Some(name))?.iter().filter(|s| s.time_ns > since).count();
+    if recent >= max as usize {
+        return Err(CommitError::Rejected(format!(
+            "set {host}/{name} already has {recent} snapshots from the last 24 hours, the server's \
+             max_pushes_per_day; push again later, or raise it in server.toml if this many are expected"
+        )));
+    }
+    Ok(())
+}
+
 /// The chunks a new push of set `name` by `host` may take as proven
 /// without asking the store about each: every reference of the set's
 /// newest snapshot that is still stored. Empty when the set has none.

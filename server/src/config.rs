@@ -19,6 +19,9 @@ pub struct ServerConfig {
     /// A push silent for this long loses its session (and its claim on
     /// chunks against garbage collection); its commit then fails.
     pub session_lease_secs: u64,
+    /// Snapshots one set may receive in 24 hours (0: no limit); a commit
+    /// past it is refused. Bounds what a stolen push token can add.
+    pub max_pushes_per_day: u32,
     pub retention: crate::prune::RetentionConfig,
     pub jobs: crate::jobs::JobsConfig,
     pub verify: crate::verify::VerifyConfig,
@@ -35,6 +38,7 @@ impl Default for ServerConfig {
             cache_mb: 128,
             max_connections: 256,
             session_lease_secs: 3600,
+            max_pushes_per_day: 0,
             retention: Default::default(),
             jobs: Default::default(),
             verify: Default::default(),
@@ -101,5 +105,7 @@ mod tests {
         assert_eq!(c.retention.default.min_age, std::time::Duration::from_secs(86_400));
         assert_eq!(c.retention.policy("web01", "db").min_age, std::time::Duration::ZERO);
         assert!(toml::from_str::<ServerConfig>("[retention.default]\nmin_age = \"a week\"").is_err());
+        assert_eq!(ServerConfig::default().max_pushes_per_day, 0, "no limit unless set");
+        assert_eq!(toml::from_str::<ServerConfig>("max_pushes_per_day = 48").unwrap().max_pushes_per_day, 48);
     }
 }

@@ -15,7 +15,7 @@ use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
-use crate::commit::{check_tree, parent_refs, CommitError};
+use crate::commit::{check_tree, parent_refs, push_budget, CommitError};
 use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
 use crate::server::ServerState;
@@ -335,10 +335,13 @@ impl Conn {
                 let result = blocking(move || {
                     let guard = state.sessions.enter(session, &host)?;
                     let kind = guard.info.kind;
-                    let stats = check_tree(store.as_ref(), &host, kind, &tree, &mut &guard).map_err(|e| match e {
-                        CommitError::Rejected(m) => Fail(ErrorCode::Rejected, m),
-                        CommitError::Store(s) => s.into(),
-                    })?;
+                    let max = state.config.max_pushes_per_day;
+                    let stats = check_tree(store.as_ref(), &host, kind, &tree, &mut &guard)
+                        .and_then(|s| push_budget(store.as_ref(), max, &host, &guard.info.name, now_ns()).map(|()| s))
+                        .map_err(|e| match e {
+                            CommitError::Rejected(m) => Fail(ErrorCode::Rejected, m),
+                            CommitError::Store(s) => s.into(),
+                        })?;
                     let name = guard.info.name.clone();
                     let snap = Snapshot { host, name, time_ns: now_ns(), kind, stats, tree, client };
                     guard.still_live()?;

@@ -29,7 +29,7 @@ fn protected_snapshot_cannot_be_forgotten() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "forget of a protected snapshot succeeded");
     assert!(err.contains("is protected") && err.contains(&format!("bkp protect {} --remove", &id[..8])), "{err}");
-    assert_eq!(ids(&server, &push), [id.clone()], "still listed");
+    assert_eq!(ids(&server, &push), std::slice::from_ref(&id), "still listed");
 
     ok(server.bkp(&admin).args(["protect", &id, "--remove"]));
     ok(server.bkp(&admin).args(["forget", &id]));
@@ -51,7 +51,7 @@ fn prune_keeps_a_snapshot_protected_after_its_plan_was_made() {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let plan = prune_plan(state.store.as_ref(), &state.config.retention, now).unwrap();
     let removed: Vec<String> = plan[0].verdicts.iter().filter(|v| !v.kept()).map(|v| v.id.to_string()).collect();
-    assert_eq!(removed, [old.clone()], "the plan removes the older one");
+    assert_eq!(removed, std::slice::from_ref(&old), "the plan removes the older one");
     // The operator protects it while the prune is under way.
     ok(server.bkp(&admin).args(["protect", &old]));
     let report = prune(state.store.as_ref(), plan, false).unwrap();
@@ -178,4 +178,27 @@ fn ls_escapes_control_characters_in_names() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].as_str().unwrap().to_string())
         .collect();
     assert!(names.iter().any(|n| n.ends_with(evil)), "{names:?}");
+}
+
+#[test]
+fn max_pushes_per_day_bounds_what_a_push_token_adds_to_a_set() {
+    let server = TestServer::start_with(ServerConfig { cache_mb: 16, max_pushes_per_day: 2, ..Default::default() });
+    let push = server.token("web01", Role::Push);
+    server.push_stdin(&push, "db", b"one");
+    server.push_stdin(&push, "db", b"two");
+    let mut child = server
+        .bkp(&push)
+        .args(["push", "--stdin", "--name", "db"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"three").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a third push in a day was committed");
+    assert!(err.contains("web01/db already has 2 snapshots") && err.contains("max_pushes_per_day"), "{err}");
+    // Another set has its own budget.
+    server.push_stdin(&push, "files", b"x");
+    assert_eq!(ids(&server, &push).len(), 3);
 }
