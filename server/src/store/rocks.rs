@@ -323,7 +323,9 @@ impl RocksStore {
             None => HostNum::FIRST,
             Some(m) => m.next().ok_or_else(|| StoreError::Db("no host numbers left".into()))?,
         };
-        self.db.put_cf_opt(self.cf(schema::CF_HOSTS), host, n.encode(), &Self::synced()).map_err(db_err)?;
+        self.db
+            .put_cf_opt(self.cf(schema::CF_HOSTS), host, n.encode(), &Self::synced())
+            .map_err(|e| self.write_err(e))?;
         hosts.by_name.insert(host.to_string(), n);
         hosts.by_num.insert(n, host.to_string());
         Ok(n)
@@ -660,7 +662,7 @@ impl Store for RocksStore {
         batch.delete_cf(self.cf(schema::CF_SETS), schema::set_key(&snap.host, &snap.name, snap.time_ns, id));
         // A forgotten snapshot no longer needs healing, nor alerting on.
         batch.delete_cf(self.cf(schema::CF_DAMAGED), id.as_bytes());
-        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
+        self.db.write_opt(batch, &Self::synced()).map_err(|e| self.write_err(e))?;
         Ok(true)
     }
 
@@ -672,7 +674,7 @@ impl Store for RocksStore {
         let Some(v) = self.db.get_cf(cf, &key).map_err(db_err)? else { return Ok(false) };
         let mut summary = Self::decode_summary(&v)?;
         summary.protected = protected;
-        self.db.put_cf_opt(cf, key, Self::encode_summary(&summary), &Self::synced()).map_err(db_err)?;
+        self.db.put_cf_opt(cf, key, Self::encode_summary(&summary), &Self::synced()).map_err(|e| self.write_err(e))?;
         Ok(true)
     }
 
@@ -711,7 +713,7 @@ impl Store for RocksStore {
             batch.delete_cf(self.cf(schema::CF_CHUNKS), id.as_bytes());
             batch.delete_cf(meta_cf, id.as_bytes());
         }
-        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
+        self.db.write_opt(batch, &Self::synced()).map_err(|e| self.write_err(e))?;
         Ok(freed)
     }
 
@@ -729,7 +731,7 @@ impl Store for RocksStore {
                 batch.put_cf(self.cf(schema::CF_CHUNK_META), c.as_bytes(), m.encode());
             }
         }
-        self.db.write_opt(batch, &Self::synced()).map_err(db_err)
+        self.db.write_opt(batch, &Self::synced()).map_err(|e| self.write_err(e))
     }
 
     fn host_name(&self, n: HostNum) -> Option<String> {
@@ -806,7 +808,7 @@ impl Store for RocksStore {
     fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError> {
         self.db
             .put_cf_opt(self.cf(schema::CF_JOBS), schema::job_key(start_ns, kind), record, &Self::synced())
-            .map_err(db_err)
+            .map_err(|e| self.write_err(e))
     }
 
     fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
@@ -854,7 +856,7 @@ impl Store for RocksStore {
         batch.put_cf(self.cf(schema::CF_QUARANTINE), id.as_bytes(), rec.encode());
         batch.delete_cf(self.cf(schema::CF_CHUNKS), id.as_bytes());
         batch.delete_cf(self.cf(schema::CF_CHUNK_META), id.as_bytes());
-        self.db.write_opt(batch, &Self::synced()).map_err(db_err)
+        self.db.write_opt(batch, &Self::synced()).map_err(|e| self.write_err(e))
     }
 
     fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError> {
@@ -875,7 +877,7 @@ impl Store for RocksStore {
     }
 
     fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.db.put_cf_opt(self.cf(schema::CF_META), key, value, &Self::synced()).map_err(db_err)
+        self.db.put_cf_opt(self.cf(schema::CF_META), key, value, &Self::synced()).map_err(|e| self.write_err(e))
     }
 
     fn damaged(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError> {
@@ -889,11 +891,15 @@ impl Store for RocksStore {
     }
 
     fn put_damaged(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError> {
-        self.db.put_cf_opt(self.cf(schema::CF_DAMAGED), id.as_bytes(), record, &Self::synced()).map_err(db_err)
+        self.db
+            .put_cf_opt(self.cf(schema::CF_DAMAGED), id.as_bytes(), record, &Self::synced())
+            .map_err(|e| self.write_err(e))
     }
 
     fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError> {
-        self.db.delete_cf_opt(self.cf(schema::CF_DAMAGED), id.as_bytes(), &Self::synced()).map_err(db_err)
+        self.db
+            .delete_cf_opt(self.cf(schema::CF_DAMAGED), id.as_bytes(), &Self::synced())
+            .map_err(|e| self.write_err(e))
     }
 
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError> {
