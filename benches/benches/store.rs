@@ -119,6 +119,16 @@ fn store(c: &mut Criterion) {
         b.iter(|| assert!(f.store.host_has(HOST, &f.big_ids).unwrap().iter().all(|&h| h)))
     });
     g.throughput(Throughput::Elements(Q as u64));
+    // The previous snapshot's references, proven in bulk at the start of
+    // an incremental push (`commit::parent_refs`): 78,000 sorted ids, as
+    // many as the linux-source tree has.
+    let mut parent: Vec<ChunkId> = f.ids.iter().step_by((f.ids.len() / 78_000).max(1)).copied().collect();
+    parent.sort_unstable();
+    g.throughput(Throughput::Elements(parent.len() as u64));
+    g.bench_function(BenchmarkId::new("stored_sorted", "78000"), |b| {
+        b.iter(|| assert!(f.store.stored_sorted(&parent).unwrap().iter().all(|&s| s)))
+    });
+    g.throughput(Throughput::Elements(Q as u64));
     // Unknown chunks: the first-backup case (bloom filters should answer).
     g.bench_function(BenchmarkId::new("has_chunk", "miss_1024"), |b| {
         b.iter_batched(
