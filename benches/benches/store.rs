@@ -76,6 +76,18 @@ fn fixture() -> Fixture {
     for b in big.chunks(16) {
         store.put_chunks(HOST, b).expect("put");
     }
+    // A commit flushes what was written without the WAL: the big chunks
+    // are read from blob files, as in a store that has been running.
+    let flush = bkp_common::snapshot::Snapshot {
+        host: HOST.into(),
+        name: "flush".into(),
+        time_ns: 1,
+        kind: bkp_common::snapshot::SnapshotKind::Stream,
+        stats: Default::default(),
+        tree: vec![],
+        client: "bench".into(),
+    };
+    store.commit_snapshot(&flush).expect("commit");
     eprintln!(
         "store fixture: {n} chunks + 64 x 1 MiB in {:.1} s, {} MB on disk",
         t.elapsed().as_secs_f64(),
@@ -100,6 +112,23 @@ fn store(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // Known chunks kept in blob files (1 MiB each): since `host_has` also
+    // looks up the data itself, what that lookup costs for large chunks.
+    g.throughput(Throughput::Elements(64));
+    g.bench_function(BenchmarkId::new("has_chunk", "hit_64x1MiB"), |b| {
+        b.iter(|| assert!(f.store.host_has(HOST, &f.big_ids).unwrap().iter().all(|&h| h)))
+    });
+    g.throughput(Throughput::Elements(Q as u64));
+    // The previous snapshot's references, proven in bulk at the start of
+    // an incremental push (`commit::parent_refs`): 78,000 sorted ids, as
+    // many as the linux-source tree has.
+    let mut parent: Vec<ChunkId> = f.ids.iter().step_by((f.ids.len() / 78_000).max(1)).copied().collect();
+    parent.sort_unstable();
+    g.throughput(Throughput::Elements(parent.len() as u64));
+    g.bench_function(BenchmarkId::new("stored_sorted", "78000"), |b| {
+        b.iter(|| assert!(f.store.stored_sorted(&parent).unwrap().iter().all(|&s| s)))
+    });
+    g.throughput(Throughput::Elements(Q as u64));
     // Unknown chunks: the first-backup case (bloom filters should answer).
     g.bench_function(BenchmarkId::new("has_chunk", "miss_1024"), |b| {
         b.iter_batched(

@@ -281,6 +281,7 @@ fn gc_on_a_nearly_full_disk_reports_only_what_it_freed() {
     let out = Command::new(bin("bkp-server")).args(["gc", "--json", "--data"]).arg(server.data()).output().unwrap();
     let after = db_bytes(server.data());
     let rec = json(&out);
+    eprintln!("gc on a 99% full disk: {rec}");
     let f = &rec["figures"];
     if out.status.success() {
         let freed = f["bytes_freed"].as_u64().unwrap();

@@ -40,6 +40,19 @@
 //! references it gets a record in `damaged` until a later drill of it
 //! passes, which happens once some push has uploaded the chunk again.
 
+//!
+//! # Faults
+//! * "Stored" means the chunk's data is there, not only its `chunk_meta`
+//!   (which outlives its data when a blob file is lost): `host_has`,
+//!   `stored_sorted` and `put_chunks` look the data key up (without reading
+//!   blob files, see `rocks::RocksStore::data_lookup`).
+//! * A full disk: writes are refused with [`StoreError::Full`] before
+//!   RocksDB runs out of space, and a reserve file gives GC room
+//!   (`space`).
+//! * A damaged file: `salvage` reports what is readable and rebuilds a
+//!   database from it; a lost WAL tail is logged at open
+//!   (`rocks::COMMIT_MARK_FILE`).
+
 pub mod rocks;
 pub mod salvage;
 pub mod schema;
