@@ -95,3 +95,24 @@ fn serve_log_to_the_journal_has_a_priority_and_no_timestamp() {
     let l = line_with(&log, "serving");
     assert!(!l.starts_with('<') && l.starts_with(|c: char| c.is_ascii_digit()), "{l:?}");
 }
+
+/// `bkp` has no log subscriber: what it writes to stderr is its summary
+/// (`--verbose`), its one-line reasons, clap's usage errors and, on a
+/// terminal only, the progress bar. None of it may colour a cron mail.
+#[test]
+fn client_output_to_a_file_has_no_escape_codes() {
+    let server = bkp_tests::TestServer::start();
+    let token = server.token("web01", bkp_common::protocol::Role::Push);
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("f"), b"some bytes").unwrap();
+    let runs = [
+        server.bkp(&token).args(["push", "--verbose"]).arg(tree.path()).output().unwrap(),
+        server.bkp(&token).args(["ls", "ffffffff"]).output().unwrap(),
+        server.bkp(&token).args(["restore"]).output().unwrap(),
+    ];
+    assert!(runs[0].status.success() && !runs[1].status.success() && !runs[2].status.success());
+    for out in &runs {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.is_empty() && !err.contains('\x1b'), "{err:?}");
+    }
+}
