@@ -30,7 +30,13 @@ impl TestServer {
     }
 
     pub fn start_with(config: ServerConfig) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(&std::env::temp_dir(), config)
+    }
+
+    /// A server whose data directory is made under `parent` (a small
+    /// file system, for the disk-full tests).
+    pub fn start_in(parent: &Path, config: ServerConfig) -> Self {
+        let dir = tempfile::tempdir_in(parent).expect("tempdir");
         let fingerprint = bkp_server::tls::init(dir.path()).expect("tls init");
         let mut s = Self {
             dir,
@@ -288,7 +294,7 @@ impl ServerProcess {
         let mut c = Command::new(bin("bkp-server"));
         c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--data"])
             .arg(self.dir.path())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("serve.log")).unwrap())
             .envs(env.iter().copied());
         self.child = Some(c.spawn().unwrap());
         for _ in 0..100 {
@@ -297,6 +303,11 @@ impl ServerProcess {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+    }
+
+    /// What `serve` logged so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
     /// SIGKILL, then wait for the process to be gone.

@@ -245,7 +245,9 @@ impl Client {
             token: cfg.token.clone(),
             client: format!("bkp {}", bkp_common::VERSION),
         };
-        write_frame(&mut send, &hello).await.map_err(|e| Attempt::Refused(e.into()))?;
+        // A refused hello (one too large, say) stops this write; the
+        // server's answer says why.
+        let _ = write_frame(&mut send, &hello).await;
         let _ = send.finish();
         match read_frame::<Response, _>(&mut recv).await {
             Ok(Some(Response::Welcome { host, role, .. })) => {

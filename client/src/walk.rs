@@ -149,13 +149,17 @@ fn meta_of(m: &fs::Metadata) -> Meta {
 
 /// A root as the snapshot names it: absolute, without `.`, `..` or a
 /// trailing `/`, which the server refuses in a tree (a restore could not
-/// place them). `..` is resolved on the filesystem, as the shell would.
+/// place them). `..` is resolved on the filesystem, as the kernel would;
+/// a last component that is a symlink stays the symlink.
 fn root_path(r: &Path) -> std::io::Result<PathBuf> {
-    let abs = std::path::absolute(r)?;
-    if abs.components().any(|c| c == std::path::Component::ParentDir) {
-        return fs::canonicalize(&abs);
+    let abs: PathBuf = std::path::absolute(r)?.components().collect();
+    if !abs.components().any(|c| c == std::path::Component::ParentDir) {
+        return Ok(abs);
     }
-    Ok(abs.components().collect())
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(root_path(parent)?.join(name)),
+        _ => fs::canonicalize(&abs),
+    }
 }
 
 /// The name a path gets inside a snapshot: absolute, without the leading `/`.
@@ -420,6 +424,8 @@ mod tests {
         for r in [base.join("a/"), base.join("a/./"), base.join("a/b/.."), base.join("./a")] {
             assert_eq!(root_path(&r).unwrap(), base.join("a"), "{}", r.display());
         }
+        std::os::unix::fs::symlink("a", base.join("l")).unwrap();
+        assert_eq!(root_path(&base.join("a/../l")).unwrap(), base.join("l"), "the link itself");
         let name = snapshot_path(&root_path(&base.join("a/b/")).unwrap());
         assert!(bkp_common::names::check_path(&name).is_ok(), "{}", String::from_utf8_lossy(&name));
     }

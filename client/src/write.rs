@@ -18,12 +18,45 @@ use crate::progress::Progress;
 use crate::restore::{RestoreReport, Sink};
 use crate::safepath;
 
+/// A file's temp file, removed when dropped unless it was renamed into
+/// place: whichever way a restore fails (a full disk, a refused chunk, an
+/// error from the server), no `.bkp-restore.*` file is left behind.
+struct TempPath(Option<PathBuf>);
+
+impl TempPath {
+    /// Renamed into place: nothing to remove any more.
+    fn kept(mut self) {
+        self.0 = None;
+    }
+}
+
+impl std::ops::Deref for TempPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.as_deref().expect("temp path still owned")
+    }
+}
+
+impl AsRef<Path> for TempPath {
+    fn as_ref(&self) -> &Path {
+        self
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
 enum Target {
     None,
     Skip,
     File {
         file: File,
-        tmp: PathBuf,
+        tmp: TempPath,
         dest: PathBuf,
         meta: Meta,
         written: u64,
@@ -194,7 +227,7 @@ impl TreeWriter {
                     .map_err(|e| io_err(&tmp, e))?;
                 self.sink = Target::File {
                     file,
-                    tmp,
+                    tmp: TempPath(Some(tmp)),
                     dest,
                     meta,
                     written: 0,
@@ -259,7 +292,7 @@ impl TreeWriter {
             return Ok(()); // a skipped file
         };
         if let Some(why) = bad {
-            let _ = fs::remove_file(&tmp);
+            drop(tmp);
             self.refuse(format!("{}: {why}; not restored", dest.display()));
             return Ok(());
         }
@@ -271,7 +304,7 @@ impl TreeWriter {
             None => ContentHash::from(hasher.finalize()),
         };
         if got != want {
-            let _ = fs::remove_file(&tmp);
+            drop(tmp);
             self.refuse(format!("{}: content does not match the snapshot; not restored", dest.display()));
             return Ok(());
         }
@@ -286,20 +319,22 @@ impl TreeWriter {
         // rename replaces a file or symlink at `dest` without following
         // it, and fails on a directory: no lookup of `dest` first.
         if let Err(e) = fs::rename(&tmp, &dest) {
-            let _ = fs::remove_file(&tmp);
+            drop(tmp);
             return Err(match e.raw_os_error() {
                 Some(libc::EISDIR) => ClientError::Restore(format!("{}: a directory is in the way", dest.display())),
                 _ => io_err(&dest, e),
             });
         }
+        tmp.kept();
         self.report.files += 1;
         self.report.bytes += written;
         Ok(())
     }
 
     fn close(&mut self) -> Result<RestoreReport> {
-        if let Target::File { tmp, .. } = &self.sink {
-            let _ = fs::remove_file(tmp);
+        if let Target::File { .. } = &self.sink {
+            // Dropping the target removes its temp file.
+            self.sink = Target::None;
             return Err(ClientError::Corrupt("snapshot ended inside a file".into()));
         }
         // Deepest first, so setting a parent's mtime comes last.
@@ -375,6 +410,22 @@ mod tests {
         let holey = dir.path().join("holey");
         assert_eq!(std::fs::read(&holey).unwrap(), whole, "a trailing hole still counts for the length");
         assert_eq!(std::fs::metadata(&holey).unwrap().mode() & 0o7777, 0o644);
+    }
+
+    #[test]
+    fn a_failed_restore_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Box::new(TreeWriter::new(dir.path(), Arc::new(crate::progress::Silent)).unwrap());
+        let mut f = file(b"f", &[b"abc"], blake3::hash(b"abc").into());
+        f.truncate(2);
+        for o in f {
+            w.handle(o).unwrap();
+        }
+        let temps = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(temps(), 1, "the temp file is there while the file is written");
+        // An error elsewhere in the restore drops the writer mid-file.
+        drop(w);
+        assert_eq!(temps(), 0, "the temp file is removed");
     }
 
     #[test]

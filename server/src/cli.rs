@@ -93,6 +93,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Report what of the database is intact, per column family (read
+    /// only; works on a database the server refuses to open). Exits
+    /// non-zero when anything is damaged.
+    Check {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the database from what is intact; the damaged one is kept
+    /// aside as db.damaged-<time>. Stop the server first.
+    Salvage {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -202,6 +219,8 @@ fn execute(cli: Cli) -> Result<()> {
             job(&data, ControlRequest::Verify { scope }, load_config(&data, None)?, json)
         }
         Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
+        Cmd::Check { data, json } => check_store(&data, json),
+        Cmd::Salvage { data, json } => salvage_store(&data, json),
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
                 let (token, rec) = Tokens::new(&data).create(&host, role)?;
@@ -418,6 +437,73 @@ fn print_job(r: &JobRecord) {
     }
     let dry = if r.dry_run { " (dry run: nothing changed)" } else { "" };
     println!("{}: {}{dry}", r.kind.as_str(), summary(r));
+}
+
+fn print_cfs(cfs: &[crate::store::salvage::CfReport]) {
+    println!("{:<12} {:>10} {:>8} {:>10}  STATUS", "COLUMN", "READABLE", "INVALID", "UNREADABLE");
+    for c in cfs {
+        let status = c.error.as_deref().map_or_else(
+            || if c.intact() { "ok".to_string() } else { "damaged".to_string() },
+            |e| format!("damaged: {e}"),
+        );
+        println!("{:<12} {:>10} {:>8} {:>10}  {status}", c.name, c.readable, c.invalid, c.unreadable);
+    }
+}
+
+/// `bkp-server check`.
+fn check_store(data: &Path, json: bool) -> Result<()> {
+    let db = data.join(crate::server::DB_DIR);
+    let report = crate::store::salvage::check(&db)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_cfs(&report.cfs);
+    }
+    if !report.intact() {
+        anyhow::bail!(
+            "the database in {} is damaged; stop the server and run `bkp-server salvage --data {}` to rebuild it \
+             from what is intact",
+            db.display(),
+            data.display()
+        );
+    }
+    if !json {
+        println!("the database in {} is intact", db.display());
+    }
+    Ok(())
+}
+
+/// `bkp-server salvage`.
+fn salvage_store(data: &Path, json: bool) -> Result<()> {
+    let db = data.join(crate::server::DB_DIR);
+    let r = crate::store::salvage::salvage(&db)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("read from the damaged database:");
+    print_cfs(&r.read.cfs);
+    println!(
+        "rebuilt {}: {} snapshots ({} index entries rebuilt, {} dropped), {} chunks ({} metas rebuilt, {} dropped), \
+         {} possession records added",
+        db.display(),
+        r.snapshots,
+        r.summaries_rebuilt,
+        r.summaries_dropped,
+        r.chunks,
+        r.metas_rebuilt,
+        r.metas_dropped,
+        r.possession_added
+    );
+    if r.snapshots_incomplete > 0 {
+        println!(
+            "{} snapshots reference chunks that were lost: run `bkp-server verify --full` after starting the server, \
+             then push again from their hosts",
+            r.snapshots_incomplete
+        );
+    }
+    println!("the damaged database is kept at {}; delete it once the server runs well", r.damaged_kept_at);
+    Ok(())
 }
 
 async fn shutdown_signal() {

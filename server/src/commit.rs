@@ -135,7 +135,8 @@ pub fn check_tree(
         if let Some(i) = have.iter().position(|h| !h) {
             let id = unproven[i].short();
             return Err(CommitError::Rejected(format!(
-                "chunk {id} is referenced but was never uploaded by host {host} (or was garbage-collected; push again)"
+                "chunk {id} is referenced but is not stored for host {host} (never uploaded, garbage-collected, or its data \
+                 is missing; push again)"
             )));
         }
         session.checked(&unproven);
@@ -159,7 +160,8 @@ pub fn check_tree(
 /// for the session once touched (a sweep spares touched chunks, a
 /// quarantine removes the id from every session). Whether each is stored
 /// is one sorted pass over `chunk_meta` rather than two random lookups
-/// per id, so a chunk that was quarantined or lost is not reused.
+/// per id, plus a lookup of its data, so a chunk that was quarantined, or
+/// lost with its meta left behind, is not reused.
 pub fn parent_refs(store: &dyn Store, host: &str, name: &str) -> Result<Vec<ChunkId>, CommitError> {
     let Some(newest) = store.list_snapshots(Some(host), Some(name))?.pop() else {
         return Ok(Vec::new());

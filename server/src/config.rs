@@ -90,6 +90,19 @@ mod tests {
         assert!(toml::from_str::<ServerConfig>("[limits]\nconections = 2").is_err());
     }
 
+    #[test]
+    fn min_age_defaults_to_a_week_in_every_policy() {
+        let week = crate::retention::MIN_AGE;
+        let c: ServerConfig = toml::from_str("[retention.sets.\"web01/db\"]\nkeep_last = 3").unwrap();
+        assert_eq!((c.retention.default.min_age, c.retention.policy("web01", "db").min_age), (week, week));
+        let c: ServerConfig =
+            toml::from_str("[retention.default]\nmin_age = \"1d\"\n[retention.sets.\"web01/db\"]\nmin_age = \"0s\"")
+                .unwrap();
+        assert_eq!(c.retention.default.min_age, std::time::Duration::from_secs(86_400));
+        assert_eq!(c.retention.policy("web01", "db").min_age, std::time::Duration::ZERO);
+        assert!(toml::from_str::<ServerConfig>("[retention.default]\nmin_age = \"a week\"").is_err());
+    }
+
     /// The annotated example, shipped as /etc/bkp/server.toml: every
     /// value it sets is the default (so installing the package changes
     /// nothing), and every commented-out example is a key the server

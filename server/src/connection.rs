@@ -16,7 +16,7 @@ use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
 use crate::commit::{check_tree, parent_refs, CommitError};
-use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON};
+use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
 use crate::server::ServerState;
 use crate::sessions::SessionError;
@@ -28,8 +28,8 @@ const HELLO_MAX: usize = 4096;
 /// A frame must arrive in full this soon after its length did; until
 /// then it holds its budget.
 const FRAME_DEADLINE: Duration = Duration::from_secs(30);
-/// Connection receive window of a restore token (requests only).
-const RESTORE_WINDOW: u32 = 1 << 20;
+/// An upload stream silent this long between frames stores what it holds.
+const BATCH_IDLE: Duration = Duration::from_secs(1);
 /// Chunks verified and written together on an upload stream: up to this
 /// many, or this many received bytes. Each batch is one blocking task and
 /// one RocksDB write; with small files, 16 chunks per batch made the
@@ -57,13 +57,17 @@ struct Fail(ErrorCode, String);
 
 type Reply = Result<(), Fail>;
 
+/// The detail (paths, RocksDB's words) stays in the server's log.
 impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
         if let StoreError::Protected(_) = e {
             return Fail(ErrorCode::Rejected, e.to_string());
         }
         warn!("store error: {e}");
-        Fail(ErrorCode::Internal, format!("server storage error: {e}"))
+        match e {
+            StoreError::Full(_) => Fail(ErrorCode::Internal, e.to_string()),
+            _ => Fail(ErrorCode::Internal, "server storage error (see the server log)".into()),
+        }
     }
 }
 
@@ -167,7 +171,7 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
                 tokio::spawn(async move { ctx.stream(send, recv).await });
             }
             Err(e) => {
-                debug!(%remote, "connection ended: {e}");
+                debug!(%remote, frames_peak = ctx.frames.peak(), "connection ended: {e}");
                 break;
             }
         }
@@ -175,8 +179,10 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
 }
 
 /// Sends a refusal on the hello stream and lets it reach the client
-/// before the connection is closed.
-async fn refuse_hello(send: &mut SendStream, code: ErrorCode, message: String) -> String {
+/// before the connection is closed. The rest of the hello is refused
+/// first: a client still writing an oversized one then stops and reads.
+async fn refuse_hello(send: &mut SendStream, recv: &mut RecvStream, code: ErrorCode, message: String) -> String {
+    let _ = recv.stop(0u32.into());
     let _ = write_frame(send, &Response::Error { code, message: message.clone() }).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
@@ -194,17 +200,19 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
                 "hello of {len} bytes is over the server's {HELLO_MAX}-byte limit; the token file must hold \
                  only the token that `bkp-server token create` printed"
             );
-            return Err(refuse_hello(&mut send, ErrorCode::BadRequest, msg).await);
+            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, msg).await);
         }
         Ok(None) => return Err("stream ended before the hello".into()),
-        Err(e) => return Err(refuse_hello(&mut send, ErrorCode::BadRequest, format!("bad hello: {e}")).await),
+        Err(e) => {
+            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await)
+        }
     };
     let req: Request = read_body(&mut recv, len, HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
     let (token, client) = match req {
         Request::Hello { magic, version, token, client } if magic == MAGIC && version == VERSION => (token, client),
         Request::Hello { version, .. } => {
             let msg = format!("protocol version {version} not supported (server speaks {VERSION}); upgrade bkp");
-            return Err(refuse_hello(&mut send, ErrorCode::BadRequest, msg).await);
+            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, msg).await);
         }
         _ => return Err("first request was not a hello".into()),
     };
@@ -215,15 +223,18 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
         .map_err(|e| e.to_string())?;
     let Some(rec) = rec else {
         let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
-        return Err(refuse_hello(&mut send, ErrorCode::Unauthorized, msg).await);
+        return Err(refuse_hello(&mut send, &mut recv, ErrorCode::Unauthorized, msg).await);
     };
-    let auth = match state.limits.admit(&rec.id, &rec.host, conn) {
+    let mut auth = match state.limits.admit(&rec.id, &rec.host, conn) {
         Ok(a) => a,
-        Err(msg) => return Err(refuse_hello(&mut send, ErrorCode::Busy, msg).await),
+        Err(msg) => return Err(refuse_hello(&mut send, &mut recv, ErrorCode::Busy, msg).await),
     };
     // Authenticated: the shared transport's streams and window. A restore
     // token only sends requests, so it keeps a small window.
-    let window = if rec.role == Role::Restore { RESTORE_WINDOW } else { bkp_common::quic::RECEIVE_WINDOW };
+    let window = match rec.role {
+        Role::Restore => SMALL_WINDOW,
+        _ => auth.take_window(bkp_common::quic::RECEIVE_WINDOW),
+    };
     conn.set_receive_window(window.into());
     conn.set_max_concurrent_bi_streams(bkp_common::quic::MAX_STREAMS.into());
     let welcome = Response::Welcome { host: rec.host.clone(), role: rec.role, server: bkp_common::VERSION.to_string() };
@@ -418,7 +429,25 @@ impl Conn {
                 let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
                 (chunks, bytes) = (chunks + n, bytes + b);
             }
-            let Some(len) = read_len(recv, MAX_FRAME).await? else { break };
+            // A stream that goes quiet holding part of a batch stores it
+            // rather than keep its budget until its next frame.
+            let len = {
+                let next = read_len(&mut *recv, MAX_FRAME);
+                tokio::pin!(next);
+                if batch.items.is_empty() {
+                    next.await?
+                } else {
+                    tokio::select! {
+                        len = &mut next => len?,
+                        _ = tokio::time::sleep(BATCH_IDLE) => {
+                            let (n, b) = self.store_batch(session, std::mem::take(&mut batch)).await?;
+                            (chunks, bytes) = (chunks + n, bytes + b);
+                            next.await?
+                        }
+                    }
+                }
+            };
+            let Some(len) = len else { break };
             let admitted = match Budget::try_admit(&self.budgets(), len) {
                 Some(a) => a,
                 None => {

@@ -12,7 +12,10 @@
 //! | GC / GC       | no  | one run of a kind at a time (`jobs`) |
 //! | verify / GC   | not built yet | |
 //!
-//! Any error while marking cancels the run before anything is deleted. A
+//! Any error while marking cancels the run before anything is deleted, and
+//! so does a referenced chunk the store no longer records (quarantined by
+//! verify, or lost): the run fails, naming them, until a push has uploaded
+//! them again. A
 //! crash in the middle of a sweep leaves a store where every snapshot is
 //! still whole (only unreferenced chunks were being removed); the next GC
 //! finishes the work.
@@ -22,21 +25,36 @@ use std::time::{Duration, Instant};
 
 use bkp_common::ChunkId;
 use serde::Serialize;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::commit::{walk_tree, CommitError};
 use crate::server::ServerState;
 use crate::sessions::Sessions;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 const SWEEP_BATCH: usize = 4096;
+
+/// Missing chunks named in [`GcError::Missing`].
+const MISSING_NAMED: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error("garbage collection cancelled while marking snapshot {0}: {1}; nothing was deleted")]
     Mark(String, String),
+    #[error(
+        "garbage collection refused: {count} chunk(s) that snapshots reference are missing from the store ({}); \
+         nothing was deleted. Run `bkp-server verify --full` to see which snapshots are damaged, then push \
+         again from the hosts that have the data (the push uploads the missing chunks), then run gc",
+        .named.join(", ")
+    )]
+    Missing { count: usize, named: Vec<String> },
     #[error("garbage collection failed while sweeping: {0}")]
     Sweep(#[from] StoreError),
+    #[error(
+        "garbage collection deleted {chunks} chunks but could not reclaim their disk space ({freed} bytes freed): \
+         {reason}"
+    )]
+    Reclaim { chunks: u64, freed: u64, reason: String },
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -45,7 +63,13 @@ pub struct GcReport {
     pub referenced_chunks: u64,
     pub chunks_deleted: u64,
     pub possession_records_deleted: u64,
+    /// Disk bytes really freed: `disk_bytes_before - disk_bytes_after`
+    /// (zero when the store grew meanwhile, e.g. by a push).
     pub bytes_freed: u64,
+    /// Stored bytes of the deleted chunks (what they took in the store).
+    pub chunk_bytes_deleted: u64,
+    /// Disk space reserve given back to let this run delete and compact.
+    pub reserve_released: u64,
     pub disk_bytes_before: u64,
     pub disk_bytes_after: u64,
     pub seconds: f64,
@@ -87,7 +111,10 @@ impl Drop for Epoch<'_> {
 pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let store = state.store.as_ref();
-    let mut report = GcReport { disk_bytes_before: store.disk_bytes()?, ..Default::default() };
+    // On a nearly full disk even deletes need room (the WAL, then the
+    // compaction that frees the space): the reserve is there for this.
+    let reserve_released = store.release_reserve_if_short();
+    let mut report = GcReport { disk_bytes_before: store.disk_bytes()?, reserve_released, ..Default::default() };
     state.sessions.gc_begin();
     let epoch = Epoch(&state.sessions);
 
@@ -116,6 +143,7 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
         report.snapshots += 1;
     }
     report.referenced_chunks = marked.len() as u64;
+    check_referenced(store, &marked)?;
     if let Some(h) = &hooks.before_sweep {
         h();
     }
@@ -172,16 +200,44 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
                 store.delete_chunks(&doomed).map(|freed| (doomed.len(), freed, disowned.len()))
             })?;
             report.chunks_deleted += n as u64;
-            report.bytes_freed += freed;
+            report.chunk_bytes_deleted += freed;
             report.possession_records_deleted += d as u64;
         }
         after = Some(last);
         pause();
     }
     drop(epoch);
-    store.reclaim_space()?;
+    let reclaimed = store.reclaim_space();
     report.disk_bytes_after = store.disk_bytes()?;
+    report.bytes_freed = report.disk_bytes_before.saturating_sub(report.disk_bytes_after);
     report.seconds = started.elapsed().as_secs_f64();
+    if let Err(e) = reclaimed {
+        warn!(?report, "gc deleted chunks but did not reclaim their space: {e}");
+        return Err(GcError::Reclaim {
+            chunks: report.chunks_deleted,
+            freed: report.bytes_freed,
+            reason: e.to_string(),
+        });
+    }
     info!(?report, "gc finished");
     Ok(report)
+}
+
+/// Refuses a run while chunks that snapshots reference are not recorded
+/// as stored: GC must not go on as if the store were whole (one sorted
+/// pass over `chunk_meta`, no chunk data read).
+fn check_referenced(store: &dyn Store, marked: &HashSet<ChunkId>) -> Result<(), GcError> {
+    let mut ids: Vec<ChunkId> = marked.iter().copied().collect();
+    ids.sort_unstable();
+    let recorded = store.recorded_sorted(&ids)?;
+    let missing: Vec<&ChunkId> = ids.iter().zip(&recorded).filter(|(_, r)| !**r).map(|(id, _)| id).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut named: Vec<String> = missing.iter().take(MISSING_NAMED).map(|id| id.short()).collect();
+    if missing.len() > MISSING_NAMED {
+        named.push(format!("and {} more", missing.len() - MISSING_NAMED));
+    }
+    error!(count = missing.len(), "gc refused: referenced chunks are missing: {}", named.join(", "));
+    Err(GcError::Missing { count: missing.len(), named })
 }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bkp_common::io::Budget;
+use bkp_common::io::{Admitted, Budget};
 use serde::Deserialize;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -68,6 +68,10 @@ pub struct LimitsConfig {
     /// Decompression beyond INFLATE_RATIO x the uploaded bytes allowed per
     /// token, MiB per second (with one second of burst).
     pub inflate_mb_per_sec: usize,
+    /// Full (64 MiB) receive windows granted at once, MiB: a push or admin
+    /// connection that finds none left gets a 1 MiB window (slower on
+    /// long paths, never refused).
+    pub window_budget_mb: usize,
 }
 
 impl Default for LimitsConfig {
@@ -82,6 +86,7 @@ impl Default for LimitsConfig {
             token_frame_budget_mb: 64,
             connection_frame_budget_mb: 32,
             inflate_mb_per_sec: 64,
+            window_budget_mb: 1024,
         }
     }
 }
@@ -114,6 +119,8 @@ pub struct Limits {
     reg: Mutex<Registry>,
     /// The whole server's frame budget.
     pub frames: Arc<Budget>,
+    /// Receive windows of authenticated connections beyond the small one.
+    pub windows: Arc<Budget>,
     next: AtomicU64,
     /// Unauthenticated connections closed to make room, since start.
     pub evicted: AtomicU64,
@@ -186,6 +193,32 @@ pub struct AuthSlot {
     token: String,
     key: u64,
     pub shared: Arc<TokenShared>,
+    /// The full receive window's share of [`Limits::windows`], if granted.
+    window: Option<Admitted>,
+}
+
+/// The small receive window: restore tokens (which only send requests)
+/// and connections beyond the window budget.
+pub const SMALL_WINDOW: u32 = 1 << 20;
+
+impl AuthSlot {
+    /// The receive window this connection may have: the full one (the
+    /// shared transport's) while the server's window budget lasts.
+    pub fn take_window(&mut self, full: u32) -> u32 {
+        let windows = &self.limits.windows;
+        // `try_admit` grants a request larger than the budget as the whole
+        // budget: a budget below one window grants none.
+        if windows.capacity() < full as usize {
+            return SMALL_WINDOW;
+        }
+        match Budget::try_admit(&[windows], full as usize) {
+            Some(a) => {
+                self.window = Some(a);
+                full
+            }
+            None => SMALL_WINDOW,
+        }
+    }
 }
 
 impl Drop for AuthSlot {
@@ -229,6 +262,7 @@ impl Limits {
     pub fn new(cfg: LimitsConfig, max_connections: usize) -> Arc<Self> {
         Arc::new(Self {
             frames: Budget::new(cfg.frame_budget_mb.max(1) * MIB),
+            windows: Budget::new(cfg.window_budget_mb * MIB),
             cfg,
             max_connections,
             reg: Mutex::default(),
@@ -289,7 +323,7 @@ impl Limits {
         entry.conns.insert(key, conn.clone());
         let shared = entry.shared.clone();
         reg.authed += 1;
-        Ok(AuthSlot { limits: self.clone(), token: id.to_string(), key, shared })
+        Ok(AuthSlot { limits: self.clone(), token: id.to_string(), key, shared, window: None })
     }
 
     /// A new connection's own frame budget.
@@ -349,8 +383,12 @@ pub async fn watch_tokens(state: Arc<ServerState>) {
             match tokio::task::spawn_blocking(move || t.list()).await {
                 Ok(Ok(list)) => {
                     let fresh: HashMap<String, String> = list.into_iter().map(|r| (r.id, r.host)).collect();
+                    // Tokens with open connections are reported when those
+                    // are closed, below.
                     for (id, host) in known.iter().flatten().filter(|(id, _)| !fresh.contains_key(*id)) {
-                        info!(token = %id, %host, "token revoked");
+                        if state.limits.connections_of(id) == 0 {
+                            info!(token = %id, %host, "token revoked");
+                        }
                     }
                     known = Some(fresh);
                     stamp = now;
@@ -367,7 +405,7 @@ pub async fn watch_tokens(state: Arc<ServerState>) {
         let Some(valid) = &known else { continue };
         let valid: HashSet<String> = valid.keys().cloned().collect();
         for (id, host, n) in state.limits.close_revoked(&valid) {
-            warn!(token = %id, %host, connections = n, "revoked token: closed its connections, ending its push sessions");
+            warn!(token = %id, %host, connections = n, "token revoked: closing its connections, ending its push sessions");
             let st = state.clone();
             let _ = tokio::task::spawn_blocking(move || st.sessions.end_token(&id)).await;
         }

@@ -58,9 +58,8 @@ pub fn prune_plan(store: &dyn Store, cfg: &RetentionConfig, now_ns: u64) -> Resu
 }
 
 /// Deletes what the plan removes. Chunks are freed by the next GC.
-pub fn prune(store: &dyn Store, plan: Vec<SetPlan>, dry_run: bool) -> Result<PruneReport, StoreError> {
+pub fn prune(store: &dyn Store, mut plan: Vec<SetPlan>, dry_run: bool) -> Result<PruneReport, StoreError> {
     let mut r = PruneReport { sets: plan.len() as u64, ..Default::default() };
-    let mut plan = plan;
     for set in &mut plan {
         for v in &mut set.verdicts {
             if v.kept() {
@@ -75,9 +74,8 @@ pub fn prune(store: &dyn Store, plan: Vec<SetPlan>, dry_run: bool) -> Result<Pru
                         r.kept += 1;
                         continue;
                     }
-                    other => {
-                        other?;
-                    }
+                    Err(e) => return Err(e),
+                    Ok(_) => {}
                 }
             }
             r.removed += 1;

@@ -194,10 +194,12 @@ fn verify_only_checks_everything_and_names_what_fails() {
         assert!(!verify(&server, &token, bad).status.success(), "{bad:?} conflicts with --verify-only");
     }
 
-    // One chunk gone from the store, one damaged on disk.
+    // One chunk gone from the store, one damaged on disk. (GC first: its
+    // compaction flushes the blobs into blob files; after the delete it
+    // would refuse to run.)
+    server.admin(&["gc"]);
     let lost = fs::read(root.join("sub/x")).unwrap();
     assert!(server.state().store.delete_chunks(&[ChunkId::of(&lost)]).unwrap() > 0, "bytes freed");
-    server.admin(&["gc"]);
     let big = fs::read(root.join("sub/big")).unwrap();
     server.corrupt_stored_bytes(&big[3 << 20..(3 << 20) + 64]);
 

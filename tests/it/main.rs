@@ -2,6 +2,7 @@
 //! on 127.0.0.1 with a real RocksDB and drives the real `bkp` binary.
 
 mod dos;
+mod faults;
 mod gc;
 mod hardening;
 mod incremental;

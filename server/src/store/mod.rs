@@ -41,7 +41,9 @@
 //! passes, which happens once some push has uploaded the chunk again.
 
 pub mod rocks;
+pub mod salvage;
 pub mod schema;
+pub mod space;
 
 pub use schema::{ChunkMeta, HostNum, QuarantineRecord};
 
@@ -60,6 +62,10 @@ pub enum StoreError {
     /// A protected snapshot is never deleted, by forget or by prune.
     #[error("snapshot {} is protected; lift the protection first with `bkp protect {} --remove`", .0.short(), .0.short())]
     Protected(SnapshotId),
+    /// A write refused (or failed) for want of disk space. Reads go on;
+    /// writes resume by themselves once space is freed.
+    #[error("server storage is full ({0} MiB free); free space on the server (`bkp-server gc`) and push again")]
+    Full(u64),
 }
 
 /// A chunk whose blob was decoded and re-hashed by the server. The only
@@ -99,9 +105,13 @@ pub trait Store: Send + Sync + 'static {
     /// find out.)
     fn host_holds(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
     /// For each id of `ids`, which must be sorted and free of repeats: is
-    /// the chunk stored? (Sorted keys let RocksDB look up neighbours in
-    /// one pass over each block.)
+    /// the chunk stored, its data included? (Sorted keys let RocksDB look
+    /// up neighbours in one pass over each block.)
     fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
+    /// As [`Store::stored_sorted`], from `chunk_meta` alone: the store's
+    /// own record of what it holds, without touching chunk data (what GC
+    /// checks its references against).
+    fn recorded_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
     /// Stores chunks and records that `host` holds them.
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError>;
     /// The stored blob of a chunk.
@@ -131,8 +141,12 @@ pub trait Store: Send + Sync + 'static {
     /// The host a [`ChunkMeta::owner`] names.
     fn host_name(&self, n: HostNum) -> Option<String>;
     /// Compacts so that deleted data really leaves the disk (blob files
-    /// included).
+    /// included). Fails when a compaction failed, or had no room to run.
     fn reclaim_space(&self) -> Result<(), StoreError>;
+    /// Gives the disk space reserve back when free space is short, so
+    /// that deletes and compactions (GC) have room; returns the bytes
+    /// released. The store makes the reserve again once there is room.
+    fn release_reserve_if_short(&self) -> u64;
     /// Bytes the database occupies on disk.
     fn disk_bytes(&self) -> Result<u64, StoreError>;
     fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;

@@ -13,6 +13,7 @@ use rocksdb::{
 };
 
 use super::schema::{self, ChunkMeta, HostNum, QuarantineRecord};
+use super::space::{self, Reserve};
 use super::{PutStats, Store, StoreError, VerifiedChunk};
 
 /// Summaries in the set index carry their own version byte.
@@ -28,6 +29,14 @@ const MIN_BLOB_FILE_BYTES: u64 = 16 << 10;
 const UNLOGGED_MIN_BYTES: usize = 256 << 10;
 /// L0 files of `chunks` that start a compaction (RocksDB's default is 4).
 const CHUNKS_L0_COMPACTION_TRIGGER: i32 = 16;
+/// Free space a write must leave beside what the memtables will need
+/// when flushed (WAL, MANIFEST, the flush's own files).
+const WRITE_HEADROOM: u64 = 8 << 20;
+/// Free space a compaction must leave beside the files it rewrites.
+const COMPACTION_HEADROOM: u64 = 1 << 20;
+/// Written after each acknowledged commit: the commit count it reached
+/// (see `check_commits`).
+pub const COMMIT_MARK_FILE: &str = "bkp-commit-mark";
 
 pub struct RocksStore {
     db: DB,
@@ -49,6 +58,10 @@ pub struct RocksStore {
     /// losing its possession (and with it its restore of that chunk).
     chunk_lock: Mutex<()>,
     hosts: RwLock<Hosts>,
+    reserve: Reserve,
+    /// Acknowledged commits so far, also kept in `meta` (in each commit's
+    /// batch) and in [`COMMIT_MARK_FILE`]; held across a commit's write.
+    commits: Mutex<u64>,
 }
 
 /// The `hosts` column family, in memory (a store has few hosts).
@@ -60,6 +73,33 @@ struct Hosts {
 
 fn db_err(e: rocksdb::Error) -> StoreError {
     StoreError::Db(e.into_string())
+}
+
+fn is_no_space(msg: &str) -> bool {
+    msg.contains("No space left") || msg.contains("NoSpace") || msg.contains("no space")
+}
+
+/// The database file a RocksDB message names, if any.
+fn named_file(msg: &str) -> Option<&str> {
+    msg.split(|c: char| c.is_whitespace() || c == ',' || c == ';' || c == '\'' || c == '"')
+        .map(|w| w.trim_end_matches(':'))
+        .find(|w| w.ends_with(".sst") || w.ends_with(".blob") || w.ends_with(".log") || w.contains("MANIFEST-"))
+}
+
+/// Why the database would not open, and what to do about it.
+fn open_hint(msg: &str, db_dir: &Path) -> String {
+    let data = db_dir.parent().unwrap_or(db_dir).display();
+    if msg.contains("While lock file") || msg.contains("/LOCK") {
+        " (is another bkp-server using this data directory?)".into()
+    } else if msg.contains("Corruption") || msg.contains("checksum mismatch") {
+        let file = named_file(msg).map_or_else(|| "a database file".to_string(), |f| format!("database file {f}"));
+        format!(
+            " ({file} is damaged; nothing was changed. `bkp-server check --data {data}` reports what is intact; \
+             `bkp-server salvage --data {data}` rebuilds the store from it and keeps the damaged one aside)"
+        )
+    } else {
+        String::new()
+    }
 }
 
 impl RocksStore {
@@ -133,9 +173,10 @@ impl RocksStore {
         });
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|e| {
             let msg = e.into_string();
-            let hint = if msg.contains("lock") { " (is another bkp-server using this data directory?)" } else { "" };
+            let hint = open_hint(&msg, dir);
             StoreError::Open(dir.display().to_string(), format!("{msg}{hint}"))
         })?;
+        let reserve = Reserve::new(dir);
         let store = Self {
             db,
             dir: dir.to_path_buf(),
@@ -144,10 +185,92 @@ impl RocksStore {
             flush_lock: Default::default(),
             chunk_lock: Default::default(),
             hosts: Default::default(),
+            reserve,
+            commits: Mutex::new(0),
         };
         store.check_schema()?;
         store.load_hosts()?;
+        store.check_commits()?;
+        store.reserve.ensure(WRITE_HEADROOM);
         Ok(store)
+    }
+
+    /// Compares the commits the database holds with the count the last
+    /// acknowledged commit wrote beside it: fewer means the recovery of the
+    /// write-ahead log dropped acknowledged commits (a lost or truncated
+    /// WAL tail), which RocksDB does without a word.
+    fn check_commits(&self) -> Result<(), StoreError> {
+        let stored = self
+            .meta_get(schema::META_COMMIT_COUNT)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let marked = std::fs::read(self.dir.join(COMMIT_MARK_FILE))
+            .ok()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes);
+        if let Some(m) = marked.filter(|&m| m > stored) {
+            tracing::error!(
+                acknowledged = m,
+                recovered = stored,
+                "the database came back without the last {} acknowledged snapshot commit(s): recovery dropped \
+                 the end of the write-ahead log in {} (lost or truncated, e.g. by a disk or file system fault). \
+                 Those snapshots are gone: push again, then run `bkp-server verify --full`",
+                m - stored,
+                self.dir.display()
+            );
+        }
+        *self.commits.lock().expect("commits lock") = stored;
+        Ok(())
+    }
+
+    /// A write's error; "no space" releases the reserve and becomes
+    /// [`StoreError::Full`].
+    fn write_err(&self, e: rocksdb::Error) -> StoreError {
+        let msg = e.into_string();
+        if !is_no_space(&msg) {
+            return StoreError::Db(msg);
+        }
+        tracing::error!("storage write failed: {msg}");
+        self.reserve.release();
+        StoreError::Full(space::free_bytes(&self.dir).unwrap_or(0) >> 20)
+    }
+
+    /// Bytes the memtables hold: what their flush will write.
+    fn memtable_bytes(&self) -> u64 {
+        [schema::CF_CHUNKS, schema::CF_CHUNK_META, schema::CF_HOST_CHUNKS]
+            .iter()
+            .filter_map(|n| {
+                self.db.property_int_value_cf(self.cf(n), rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES).ok().flatten()
+            })
+            .sum()
+    }
+
+    /// Refuses a write of about `extra` bytes that would leave too little
+    /// free space to flush what is in memory. Refusing here keeps RocksDB
+    /// out of its stopped state: reads go on and writes resume as soon as
+    /// space is freed. Spare room makes the reserve again.
+    fn ensure_room(&self, extra: u64) -> Result<(), StoreError> {
+        let Ok(free) = space::free_bytes(&self.dir) else { return Ok(()) };
+        let need = self.memtable_bytes() + extra + WRITE_HEADROOM;
+        if free < need {
+            tracing::warn!(free_mib = free >> 20, need_mib = need >> 20, "write refused: disk nearly full");
+            return Err(StoreError::Full(free >> 20));
+        }
+        if free > need + 4 * self.reserve.size() && !self.reserve.present() {
+            self.reserve.ensure(need);
+        }
+        Ok(())
+    }
+
+    /// Gives the reserve back to the disk when free space is short, so a
+    /// GC can delete and compact. Returns the bytes released.
+    fn release_reserve(&self) -> u64 {
+        let free = space::free_bytes(&self.dir).unwrap_or(0);
+        if free < self.memtable_bytes() + WRITE_HEADROOM + 2 * self.reserve.size() {
+            self.reserve.release()
+        } else {
+            0
+        }
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
@@ -218,12 +341,52 @@ impl RocksStore {
         ids.iter().zip(found).map(|(id, v)| v.map_err(db_err)?.map(|v| Self::decode_meta(id, &v)).transpose()).collect()
     }
 
+    /// For each id: is its data in `chunks`? One batched point lookup;
+    /// a chunk kept in a blob file is read from it (RocksDB's C API has no
+    /// lookup that stops at the blob index), a small one from its SST
+    /// block. `sorted`: the ids are in key order.
+    fn data_present(&self, ids: &[&ChunkId], sorted: bool) -> Result<Vec<bool>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The bytes are not used: whoever reads them checks their hash.
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_verify_checksums(false);
+        let found = self.db.batched_multi_get_cf_opt(
+            self.cf(schema::CF_CHUNKS),
+            ids.iter().map(|id| id.as_bytes()),
+            sorted,
+            &ro,
+        );
+        let out: Vec<bool> =
+            found.into_iter().map(|r| r.map(|v| v.is_some()).map_err(db_err)).collect::<Result<_, _>>()?;
+        for (id, _) in ids.iter().zip(&out).filter(|(_, p)| !**p) {
+            tracing::warn!(
+                chunk = %id.short(),
+                "chunk has its chunk_meta but no data: treated as missing (the next push uploads it again); \
+                 run `bkp-server verify --full`"
+            );
+        }
+        Ok(out)
+    }
+
     /// For each id: does `host` hold it (owner in its meta, or a
     /// `host_chunks` record), and is it stored? With `stored_only`, an id
-    /// that is not stored counts as not held without asking `host_chunks`.
+    /// that is not stored counts as not held without asking `host_chunks`,
+    /// and stored means its data too, not only its `chunk_meta` (what a
+    /// lost blob file leaves behind).
     fn possession(&self, host: &str, ids: &[ChunkId], stored_only: bool) -> Result<Vec<(bool, bool)>, StoreError> {
         let me = self.host_num(host);
-        let metas = self.metas(ids.iter().copied())?;
+        let mut metas = self.metas(ids.iter().copied())?;
+        if stored_only {
+            let with_meta: Vec<usize> = (0..ids.len()).filter(|&i| metas[i].is_some()).collect();
+            let present = self.data_present(&with_meta.iter().map(|&i| &ids[i]).collect::<Vec<_>>(), false)?;
+            for (i, p) in with_meta.into_iter().zip(present) {
+                if !p {
+                    metas[i] = None;
+                }
+            }
+        }
         let mut out: Vec<(bool, bool)> =
             metas.iter().map(|m| (m.is_some_and(|m| me.is_some() && m.owner == me), m.is_some())).collect();
         let ask: Vec<usize> = (0..ids.len()).filter(|&i| !out[i].0 && (out[i].1 || !stored_only)).collect();
@@ -236,7 +399,11 @@ impl RocksStore {
         Ok(out)
     }
 
-    fn cf(&self, name: &str) -> &ColumnFamily {
+    pub(super) fn raw_db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(super) fn cf(&self, name: &str) -> &ColumnFamily {
         self.db.cf_handle(name).expect("column family created at open")
     }
 
@@ -260,7 +427,7 @@ impl RocksStore {
         self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| {
             // Not flushed: the next commit must try again.
             self.unlogged.fetch_add(pending, Ordering::SeqCst);
-            db_err(e)
+            self.write_err(e)
         })
     }
 
@@ -279,11 +446,11 @@ impl RocksStore {
         self.db.multi_get_cf(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(db_err)).collect()
     }
 
-    fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
+    pub(super) fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
         postcard::to_extend(s, vec![SUMMARY_VERSION]).expect("postcard to Vec")
     }
 
-    fn decode_summary(b: &[u8]) -> Result<SnapshotSummary, StoreError> {
+    pub(super) fn decode_summary(b: &[u8]) -> Result<SnapshotSummary, StoreError> {
         match b.split_first() {
             Some((&SUMMARY_VERSION, rest)) => {
                 postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("snapshot summary: {e}")))
@@ -303,6 +470,16 @@ impl Store for RocksStore {
     }
 
     fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        let mut out = self.recorded_sorted(ids)?;
+        let with_meta: Vec<usize> = (0..ids.len()).filter(|&i| out[i]).collect();
+        let present = self.data_present(&with_meta.iter().map(|&i| &ids[i]).collect::<Vec<_>>(), true)?;
+        for (i, p) in with_meta.into_iter().zip(present) {
+            out[i] = p;
+        }
+        Ok(out)
+    }
+
+    fn recorded_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         debug_assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must be sorted and unique");
         // One forward pass of an iterator: a few `next` steps reach a
         // nearby id far cheaper than a point lookup (measured on 78,000
@@ -335,12 +512,22 @@ impl Store for RocksStore {
     }
 
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
+        self.ensure_room(chunks.iter().map(|c| c.blob.len() as u64).sum())?;
         let me = self.host_num_or_assign(host)?;
         let meta_cf = self.cf(schema::CF_CHUNK_META);
         let _l = self.chunk_lock.lock().expect("chunk lock");
         let existing = self.metas(chunks.iter().map(|c| c.id))?;
+        // A chunk whose meta outlived its data is written again.
+        let known: Vec<usize> = (0..chunks.len()).filter(|&i| existing[i].is_some()).collect();
+        let present = self.data_present(&known.iter().map(|&i| &chunks[i].id).collect::<Vec<_>>(), false)?;
         let mut batch = WriteBatch::default();
         let mut stats = PutStats::default();
+        for (i, p) in known.into_iter().zip(present) {
+            if !p {
+                batch.put_cf(self.cf(schema::CF_CHUNKS), chunks[i].id.as_bytes(), &chunks[i].blob);
+                stats.new_bytes += chunks[i].blob.len() as u64;
+            }
+        }
         for (c, found) in chunks.iter().zip(existing) {
             match found {
                 None => {
@@ -359,10 +546,10 @@ impl Store for RocksStore {
             let mut wo = WriteOptions::default();
             wo.disable_wal(true);
             let _counting = self.flush_lock.read().expect("flush lock");
-            self.db.write_opt(batch, &wo).map_err(db_err)?;
+            self.db.write_opt(batch, &wo).map_err(|e| self.write_err(e))?;
             self.unlogged.fetch_add(bytes as u64, Ordering::SeqCst);
         } else {
-            self.db.write(batch).map_err(db_err)?;
+            self.db.write(batch).map_err(|e| self.write_err(e))?;
         }
         Ok(stats)
     }
@@ -381,8 +568,12 @@ impl Store for RocksStore {
         let record = snapshot.encode();
         let id = SnapshotId::of(&record);
         let summary = snapshot.summary(id);
+        self.ensure_room(record.len() as u64)?;
         self.persist_unlogged()?;
+        let mut commits = self.commits.lock().expect("commits lock");
+        let count = *commits + 1;
         let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(schema::CF_META), schema::META_COMMIT_COUNT, count.to_le_bytes());
         batch.put_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes(), &record);
         batch.put_cf(
             self.cf(schema::CF_SETS),
@@ -390,7 +581,15 @@ impl Store for RocksStore {
             Self::encode_summary(&summary),
         );
         // Acknowledged means on disk, and with it every chunk written before.
-        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
+        self.db.write_opt(batch, &Self::synced()).map_err(|e| self.write_err(e))?;
+        *commits = count;
+        // Not synced: a mark that lags behind only hides a loss, never
+        // reports one that did not happen (the commit itself was synced).
+        let mark = self.dir.join(COMMIT_MARK_FILE);
+        let tmp = mark.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, count.to_le_bytes()).and_then(|()| std::fs::rename(&tmp, &mark)) {
+            tracing::warn!("writing {}: {e}", mark.display());
+        }
         Ok(summary)
     }
 
@@ -495,22 +694,69 @@ impl Store for RocksStore {
 
     fn reclaim_space(&self) -> Result<(), StoreError> {
         let chunks = self.cf(schema::CF_CHUNKS);
+        // The C API drops CompactRange's status: a failed compaction shows
+        // only as a new background error, and one that had no room to run
+        // (RocksDB's CompactionTooLarge) as not even that, hence the room
+        // check before each column family.
+        let bg_errors =
+            || self.db.property_int_value(rocksdb::properties::BACKGROUND_ERRORS).ok().flatten().unwrap_or(0);
+        let errors_before = bg_errors();
         // Blob files only shrink when compaction relocates their live
         // blobs; an age cutoff of 1.0 makes this compaction consider all
         // of them, so every freed chunk really leaves the disk.
         self.db.set_options_cf(chunks, &[("blob_garbage_collection_age_cutoff", "1.0")]).map_err(db_err)?;
         let mut opts = rocksdb::CompactOptions::default();
         opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        let mut short = None;
         for name in schema::ALL_CFS {
-            self.db.compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &opts);
+            let cf = self.cf(name);
+            // What the rewrite of its SST files needs at once (relocated
+            // blobs that find no room fail as a background error, below).
+            let need = self
+                .db
+                .property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE)
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            let free = space::free_bytes(&self.dir).unwrap_or(u64::MAX);
+            if free < need + COMPACTION_HEADROOM {
+                short.get_or_insert((name, free, need));
+                continue;
+            }
+            self.db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
         }
         self.db.set_options_cf(chunks, &[("blob_garbage_collection_age_cutoff", "0.25")]).map_err(db_err)?;
+        if let Some((name, free, need)) = short {
+            return Err(StoreError::Db(format!(
+                "not enough free space to compact {name} ({} MiB free, about {} MiB needed): the deleted data \
+                 still takes its space; free some space on the server and run gc again",
+                free >> 20,
+                (need + COMPACTION_HEADROOM) >> 20
+            )));
+        }
+        let errors = bg_errors().saturating_sub(errors_before);
+        if errors > 0 {
+            return Err(StoreError::Db(format!(
+                "{errors} compaction(s) failed (see the RocksDB LOG in {}): the deleted data may still take its space",
+                self.dir.display()
+            )));
+        }
         Ok(())
+    }
+
+    fn release_reserve_if_short(&self) -> u64 {
+        self.release_reserve()
     }
 
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         let rd = std::fs::read_dir(&self.dir).map_err(|e| StoreError::Db(e.to_string()))?;
-        Ok(rd.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        Ok(rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != space::RESERVE_FILE)
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum())
     }
 
     fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError> {

@@ -60,6 +60,9 @@ pub const OLDEST_SCHEMA_VERSION: u32 = 1;
 pub const META_SCRUB_CURSOR: &[u8] = b"scrub_cursor";
 /// Which alert conditions were last notified (see `crate::alerts`).
 pub const META_ALERT_STATE: &[u8] = b"alert_state";
+/// Acknowledged snapshot commits, u64 LE, written in each commit's batch
+/// (see `rocks::COMMIT_MARK_FILE`).
+pub const META_COMMIT_COUNT: &[u8] = b"commit_count";
 
 pub fn host_chunk_key(host: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(host.len() + 33);
