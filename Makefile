@@ -1,6 +1,11 @@
 # Two commands do everything on a fresh Debian machine with Rust:
 #   make demo   build, start a throwaway server, back up and restore, check
-#   make test   the whole test suite (installs PostgreSQL for its tests)
+#   make test   the whole test suite (installs PostgreSQL for its tests),
+#               then builds the Debian packages and installs, checks and
+#               purges them on this machine (scripts/test-deb.sh, root)
+#   make deb    bkp-server and bkp .deb packages in $(CARGO_TARGET_DIR)/debian/
+#               (cargo-deb, installed once if missing; units, man pages,
+#               completions, maintainer scripts: packaging/)
 #   make bench  bkp against restic and borg on real data (docs/BENCH.md)
 #
 # Builds go to a target directory outside the clone so that CI runs on the
@@ -8,7 +13,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/bkp/target
 CARGO ?= cargo
 
-.PHONY: build demo test bench bench-scaling bench-micro fuzz fmt clean-cache
+.PHONY: build demo test deb bench bench-scaling bench-micro fuzz fmt clean-cache
 
 build:
 	scripts/install-deps.sh build
@@ -20,6 +25,12 @@ demo: build
 test: build
 	scripts/install-deps.sh test
 	$(CARGO) test --release --workspace
+	$(MAKE) deb
+	scripts/test-deb.sh
+
+deb: build
+	scripts/install-deps.sh deb
+	scripts/build-deb.sh
 
 # The data (linux-source tree, pgbench dumps, ~6 GB with the scaling
 # dumps) is prepared once in ~/.cache/bkp/bench-data and reused.

@@ -5,6 +5,8 @@
 #          Prometheus and promtool (the metrics scrape test)
 #   bench: the benchmark's data and peers: linux-source, PostgreSQL (pgbench),
 #          restic, borgbackup, GNU time, rsync (see docs/BENCH.md)
+#   deb:   cargo-deb (`cargo install`, into ~/.cargo/bin: a few minutes
+#          once), and for the package test systemd-analyze and man
 set -euo pipefail
 
 want=()
@@ -33,7 +35,15 @@ case "${1:-build}" in
     command -v xz >/dev/null 2>&1 || want+=(xz-utils)
     command -v python3 >/dev/null 2>&1 || want+=(python3)
     ;;
-  *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
+  deb)
+    if ! command -v cargo-deb >/dev/null 2>&1; then
+      echo "installing cargo-deb (cargo install, a few minutes)" >&2
+      cargo install cargo-deb --locked
+    fi
+    command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
+    command -v man >/dev/null 2>&1 || want+=(man-db)
+    ;;
+  *) echo "usage: $0 build|test|bench|deb" >&2; exit 2 ;;
 esac
 
 [ ${#want[@]} -eq 0 ] && exit 0

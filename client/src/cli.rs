@@ -418,3 +418,9 @@ mod tests {
         assert!(!within(b"etcetera", b"etc") && !within(b"et", b"etc"));
     }
 }
+
+/// The clap definition, for generating man pages and shell completions
+/// (xtask/).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}

@@ -154,4 +154,25 @@ mod tests {
         assert_eq!(normalize_fingerprint(&colons.join(":")).unwrap(), h);
         assert!(normalize_fingerprint("abc").is_err());
     }
+
+    /// The annotated example in /usr/share/doc/bkp/examples/: the keys
+    /// it sets and the commented-out ones are all keys the client
+    /// accepts, and its fingerprint has the form `init` prints.
+    #[test]
+    fn packaged_example_config_is_current() {
+        let text = include_str!("../../packaging/examples/client.toml");
+        let shipped: FileConfig = toml::from_str(text).unwrap();
+        assert!(shipped.server.is_some() && shipped.token_file.is_some());
+        normalize_fingerprint(shipped.fingerprint.as_deref().unwrap()).unwrap();
+        let all: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.is_empty() && !rest.starts_with([' ', '#']) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all: FileConfig = toml::from_str(&all).unwrap();
+        assert!(all.ca_file.is_some() && all.cache_dir.is_some());
+    }
 }

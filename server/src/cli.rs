@@ -186,12 +186,7 @@ fn execute(cli: Cli) -> Result<()> {
         Cmd::Init { data } => init(&data),
         Cmd::Serve { data, listen, config } => {
             let _serve_lock = crate::control::lock_serve(&data).map_err(anyhow::Error::msg)?;
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("BKP_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            crate::logging::init();
             if let Some(w) = crate::perms::warning(&data) {
                 tracing::warn!("{w}");
             }
@@ -519,4 +514,10 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// The clap definition, for generating man pages and shell completions
+/// (xtask/).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }

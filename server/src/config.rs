@@ -108,4 +108,39 @@ mod tests {
         assert_eq!(ServerConfig::default().max_pushes_per_day, 0, "no limit unless set");
         assert_eq!(toml::from_str::<ServerConfig>("max_pushes_per_day = 48").unwrap().max_pushes_per_day, 48);
     }
+
+    /// The annotated example, shipped as /etc/bkp/server.toml: every
+    /// value it sets is the default (so installing the package changes
+    /// nothing), and every commented-out example is a key the server
+    /// accepts with a value it accepts.
+    #[test]
+    fn packaged_example_config_is_current() {
+        let text = include_str!("../../packaging/examples/server.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let (shipped, all) = (dir.path().join("shipped.toml"), dir.path().join("all.toml"));
+        std::fs::write(&shipped, text).unwrap();
+        std::fs::write(&all, uncomment_examples(text)).unwrap();
+        let c = ServerConfig::load(&shipped).unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", ServerConfig::default()));
+        let c = ServerConfig::load(&all).unwrap();
+        assert_eq!((c.retention.default.keep_daily, c.retention.default.keep_yearly), (14, 5));
+        assert_eq!(c.retention.policy("db01", "pgdump").keep_monthly, 24);
+        assert!(c.jobs.prune.is_some() && c.jobs.gc.is_some() && c.jobs.verify.is_some());
+        assert!(c.verify.max_duration.is_some() && c.freshness.interval.is_some());
+        assert!(c.freshness.sets.contains_key("web01/pgdump"));
+        assert_eq!((c.alerts.webhooks.len(), c.alerts.command.is_some()), (1, true));
+        assert!(c.monitor.listen.is_some());
+    }
+
+    /// `#key = value` and `#[table]` lines without the `#`; prose
+    /// comments (`# ...`) stay.
+    fn uncomment_examples(text: &str) -> String {
+        text.lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.is_empty() && !rest.starts_with([' ', '#']) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }

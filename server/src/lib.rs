@@ -13,6 +13,7 @@ pub mod gc;
 mod http;
 pub mod jobs;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod monitor;
 pub mod perms;

@@ -7,6 +7,7 @@ mod gc;
 mod hardening;
 mod incremental;
 mod jobs;
+mod logs;
 mod monitoring;
 mod postgres;
 mod resilience;
