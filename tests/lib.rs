@@ -294,7 +294,13 @@ impl ServerProcess {
         let mut c = Command::new(bin("bkp-server"));
         c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--data"])
             .arg(self.dir.path())
-            .stderr(std::fs::File::create(self.dir.path().join("serve.log")).unwrap())
+            // 0600 like everything the server writes there: the
+            // hardening test finds any file others could read.
+            .stderr({
+                use std::os::unix::fs::OpenOptionsExt;
+                let log = self.dir.path().join("serve.log");
+                std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(log).unwrap()
+            })
             .envs(env.iter().copied());
         self.child = Some(c.spawn().unwrap());
         for _ in 0..100 {
