@@ -477,6 +477,9 @@ fn check_store(data: &Path, json: bool) -> Result<()> {
 /// `bkp-server salvage`.
 fn salvage_store(data: &Path, json: bool) -> Result<()> {
     let db = data.join(crate::server::DB_DIR);
+    // Held for the whole rebuild: a `serve` started meanwhile would write
+    // into the database that salvage then moves aside.
+    let _serve = crate::control::lock_serve(data).map_err(|e| anyhow::anyhow!("salvage not started: {e}"))?;
     let r = crate::store::salvage::salvage(&db)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

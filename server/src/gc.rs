@@ -111,10 +111,7 @@ impl Drop for Epoch<'_> {
 pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let store = state.store.as_ref();
-    // On a nearly full disk even deletes need room (the WAL, then the
-    // compaction that frees the space): the reserve is there for this.
-    let reserve_released = store.release_reserve_if_short();
-    let mut report = GcReport { disk_bytes_before: store.disk_bytes()?, reserve_released, ..Default::default() };
+    let mut report = GcReport { disk_bytes_before: store.disk_bytes()?, ..Default::default() };
     state.sessions.gc_begin();
     let epoch = Epoch(&state.sessions);
 
@@ -144,6 +141,10 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
     }
     report.referenced_chunks = marked.len() as u64;
     check_referenced(store, &marked)?;
+    // On a nearly full disk even deletes need room (the WAL, then the
+    // compaction that frees the space): the reserve is there for this.
+    // Released only now, so that a run refused above keeps it.
+    report.reserve_released = store.release_reserve_if_short();
     if let Some(h) = &hooks.before_sweep {
         h();
     }

@@ -274,6 +274,7 @@ impl Limits {
     /// A slot for a new unauthenticated connection from `ip`, made by
     /// evicting the oldest one when the pool is full.
     pub fn pending(self: &Arc<Self>, ip: IpAddr) -> PendingSlot {
+        let ip = address_group(ip);
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let evict = Arc::new(Notify::new());
         let mut reg = self.reg.lock().expect("limits lock");
@@ -412,6 +413,19 @@ pub async fn watch_tokens(state: Arc<ServerState>) {
     }
 }
 
+/// The "address" per-address limits count: an IPv6 peer is its /64, the
+/// block one host or customer usually gets, or one attacker could take a
+/// fresh address for every connection.
+fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 /// What changes when the token file is rewritten (it is replaced by a
 /// rename, so the inode changes even within one mtime tick).
 fn file_stamp(path: &std::path::Path) -> Option<(u64, i64, i64, u64)> {
@@ -422,6 +436,15 @@ fn file_stamp(path: &std::path::Path) -> Option<(u64, i64, i64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_peers_are_counted_by_their_64() {
+        let g = |s: &str| address_group(s.parse().unwrap());
+        assert_eq!(g("2001:db8:1:2:aaaa::1"), g("2001:db8:1:2:ffff::9"));
+        assert_ne!(g("2001:db8:1:2::1"), g("2001:db8:1:3::1"));
+        assert_eq!(g("::ffff:10.0.0.1"), g("10.0.0.1"));
+        assert_ne!(g("10.0.0.1"), g("10.0.0.2"));
+    }
 
     #[test]
     fn bucket_paces_only_the_excess() {

@@ -31,6 +31,8 @@ const VERSION: u32 = 1;
 pub use bkp_common::protocol::MAX_REASON;
 /// Sets tracked; the one failed longest ago goes first.
 const MAX_SETS: usize = 4096;
+/// Sets tracked per host: a host's own reports evict its oldest entry.
+const MAX_SETS_PER_HOST: usize = 64;
 /// A stored record larger than this is not parsed (it cannot be ours).
 const MAX_RECORD: usize = MAX_SETS * (MAX_REASON + 512);
 
@@ -149,14 +151,29 @@ pub fn report(
         f.last_ns = f.last_ns.max(now_ns);
         f.reason = reason;
         f.kind = kind.or(f.kind);
-        while sets.len() > MAX_SETS {
-            let oldest = sets.iter().min_by_key(|(_, f)| f.last_ns).map(|(k, _)| k.clone()).expect("non-empty");
-            sets.remove(&oldest);
-        }
+        evict(sets, host);
         ((), true)
     });
     state.monitor.nudge.notify_one();
     Ok(())
+}
+
+/// Keeps the table within its caps. One host's reports displace only its
+/// own entries first, so a push token inventing set names cannot erase
+/// other hosts' failures (their alerts would resolve).
+fn evict(sets: &mut BTreeMap<(String, String), Failure>, host: &str) {
+    loop {
+        let mine = sets.iter().filter(|((h, _), _)| h == host);
+        if mine.clone().count() <= MAX_SETS_PER_HOST {
+            break;
+        }
+        let oldest = mine.min_by_key(|(_, f)| f.last_ns).map(|(k, _)| k.clone()).expect("non-empty");
+        sets.remove(&oldest);
+    }
+    while sets.len() > MAX_SETS {
+        let oldest = sets.iter().min_by_key(|(_, f)| f.last_ns).map(|(k, _)| k.clone()).expect("non-empty");
+        sets.remove(&oldest);
+    }
 }
 
 /// Every set's failures, by host/name (writing the table if it is owed).
@@ -178,6 +195,23 @@ mod tests {
             reason: "pg_dump failed".into(),
         };
         [(("db01".into(), "pgdump".into()), f)].into_iter().collect()
+    }
+
+    #[test]
+    fn one_host_cannot_evict_another_hosts_failures() {
+        let entry = |h: &str, n: String, t: u64| {
+            let f = Failure { host: h.into(), name: n.clone(), kind: None, count: 1, last_ns: t, reason: "x".into() };
+            ((h.to_string(), n), f)
+        };
+        let mut sets: BTreeMap<_, _> = [entry("db01", "pgdump".into(), 1)].into_iter().collect();
+        for i in 0..1000u64 {
+            let (k, f) = entry("evil", format!("junk{i}"), 10 + i);
+            sets.insert(k, f);
+            evict(&mut sets, "evil");
+        }
+        assert!(sets.contains_key(&("db01".to_string(), "pgdump".to_string())));
+        assert_eq!(sets.len(), 1 + MAX_SETS_PER_HOST);
+        assert!(sets.contains_key(&("evil".to_string(), "junk999".to_string())), "the newest stays");
     }
 
     #[test]
