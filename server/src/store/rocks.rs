@@ -410,12 +410,16 @@ impl RocksStore {
                 }
             }
             let mut ro = no_io();
+            // A plain get reads blob values whole (up to 4 MiB each): a few
+            // at a time, so 8192 ids of one request never sit in memory at once.
+            let per_ask = if step == 2 { 16 } else { open.len() };
             if step == 2 {
                 ro.set_read_tier(rocksdb::ReadTier::All);
             }
-            let found = ask(&open, &ro)?;
-            for (&i, f) in open.iter().zip(found) {
-                out[i] = f;
+            for part in open.chunks(per_ask) {
+                for (&i, f) in part.iter().zip(ask(part, &ro)?) {
+                    out[i] = f;
+                }
             }
             open.retain(|&i| out[i].is_none());
         }
