@@ -121,6 +121,15 @@ check "the snapshot is there, without the excluded file" sh -c \
   "set -a; . /etc/bkp/smoke.env; bkp ls latest --name smoke | grep -q client.toml && ! bkp ls latest --name smoke | grep -q bkp.cron"
 
 kill $server_pid; wait $server_pid || true; server_pid=""
+
+# An upgrade (here: the same version again) keeps the data directory and
+# its certificate, and the config's modes.
+crt=$(sha256sum /var/lib/bkp/server.crt)
+apt-get install -y -qq --reinstall -o DPkg::Lock::Timeout=600 "$server_deb" "$client_deb" >"$work/upgrade.log" 2>&1 \
+  || { cat "$work/upgrade.log" >&2; fail "apt-get install --reinstall"; }
+check "reinstall kept the certificate" test "$(sha256sum /var/lib/bkp/server.crt)" = "$crt"
+check "reinstall kept /var/lib/bkp bkp:bkp 0700 and server.toml root:bkp 0640" \
+  test "$(stat -c %U:%G:%a /var/lib/bkp /etc/bkp/server.toml | tr '\n' ' ')" = "bkp:bkp:700 root:bkp:640 "
 apt-get purge -y -qq -o DPkg::Lock::Timeout=600 bkp-server bkp >/dev/null
 check "purge removed the binaries" test ! -e /usr/bin/bkp-server -a ! -e /usr/bin/bkp
 check "purge kept the backups" test -e /var/lib/bkp/server.crt
