@@ -88,6 +88,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Status at a glance: sets and their freshness, jobs, verification,
+    /// damage, space and firing alerts (through the running server if
+    /// there is one). Exits non-zero when an alert is firing.
+    Status {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage host tokens (works whether or not `serve` is running).
     Token {
         #[command(subcommand)]
@@ -220,6 +229,7 @@ fn execute(cli: Cli) -> Result<()> {
             job(&data, ControlRequest::Verify { scope }, load_config(&data, None)?, json)
         }
         Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
+        Cmd::Status { data, json } => status(&data, load_config(&data, None)?, json),
         Cmd::Check { data, json } => check_store(&data, json),
         Cmd::Salvage { data, json } => salvage_store(&data, json),
         Cmd::Token { cmd } => match cmd {
@@ -326,6 +336,7 @@ fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Resul
             }
             Ok(())
         }
+        ControlResponse::Status(_) => anyhow::bail!("the server answered a job request with a status"),
         ControlResponse::Jobs(list) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -351,6 +362,92 @@ fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Resul
             }
             Ok(())
         }
+    }
+}
+
+fn status(data: &Path, cfg: ServerConfig, json: bool) -> Result<()> {
+    let s = match reach(data, ControlRequest::Status, cfg)? {
+        ControlResponse::Status(s) => s,
+        ControlResponse::Error(e) => anyhow::bail!(e),
+        _ => anyhow::bail!("the server answered a status request with something else; is it the same version?"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print_status(&s);
+    }
+    if !s.alerts.is_empty() {
+        anyhow::bail!("{} alert(s) firing", s.alerts.len());
+    }
+    Ok(())
+}
+
+fn print_status(s: &crate::status::ServerStatus) {
+    use crate::status::{ago, bytes};
+    println!("{:<32} {:<9} {:>9} {:<8} {:>11} {:>6}  NEWEST", "SET", "NEWEST", "AGE", "STATE", "SIZE", "SNAPS");
+    for set in &s.sets {
+        let mut state = set.freshness.as_str().to_string();
+        if set.damaged > 0 {
+            state = format!("{state}, {} damaged", set.damaged);
+        }
+        println!(
+            "{:<32} {:<9} {:>9} {:<8} {:>11} {:>6}  {}",
+            escape(&format!("{}/{}", set.host, set.name)),
+            set.newest_id.get(..8).unwrap_or(""),
+            ago(set.age_secs),
+            state,
+            bytes(set.size_bytes),
+            set.snapshots,
+            fmt_time(set.newest_ns)
+        );
+    }
+    println!();
+    for j in &s.jobs {
+        let last = match &j.last {
+            None => "never run".to_string(),
+            Some(r) if r.ok => format!("ok at {}", fmt_time(r.start_ns)),
+            Some(r) => format!("FAILED at {}: {}", fmt_time(r.start_ns), escape(r.error.as_deref().unwrap_or(""))),
+        };
+        println!("job {:<7} {last}{}", j.kind, if j.scheduled { " (scheduled)" } else { "" });
+    }
+    let v = &s.verify;
+    let cycle = if v.scrub_last_cycle_end_ns == 0 { "never".into() } else { fmt_time(v.scrub_last_cycle_end_ns) };
+    let drill = match (v.drill_last_ns, v.drill_snapshots) {
+        (Some(t), Some(n)) => format!("{n} snapshots at {}", fmt_time(t)),
+        (Some(t), None) => format!("last run {}", fmt_time(t)),
+        _ => "never run".into(),
+    };
+    println!("verify: scrub {:.0}% of this cycle, last full pass {cycle}; drill {drill}", v.scrub_coverage * 100.0);
+    for d in &s.damaged {
+        println!(
+            "damaged snapshot {} {}/{} of {}: {}",
+            d.id.get(..8).unwrap_or(""),
+            escape(&d.host),
+            escape(&d.name),
+            fmt_time(d.time_ns),
+            escape(&d.paths.join(", "))
+        );
+    }
+    if s.quarantined_chunks > 0 {
+        println!("{} chunk(s) quarantined", s.quarantined_chunks);
+    }
+    let sp = &s.space;
+    let disk = match (sp.disk_free_bytes, sp.disk_total_bytes) {
+        (Some(f), Some(t)) => format!("; disk {} free of {}", bytes(f), bytes(t)),
+        _ => String::new(),
+    };
+    println!(
+        "space: {} backed up, {} chunks ({} stored), store {} on disk{disk}",
+        bytes(sp.logical_bytes),
+        sp.chunks,
+        bytes(sp.stored_bytes),
+        bytes(sp.store_disk_bytes)
+    );
+    if s.alerts.is_empty() {
+        println!("no alert firing");
+    }
+    for a in &s.alerts {
+        println!("ALERT {}: {}", a.kind, escape(&a.summary));
     }
 }
 

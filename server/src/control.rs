@@ -1,5 +1,5 @@
 //! The control socket, `DATA/control.sock` (mode 0600): how
-//! `bkp-server prune|gc|verify|jobs` reach a running server, since RocksDB
+//! `bkp-server prune|gc|verify|jobs|status` reach a running server, since RocksDB
 //! admits one process. One JSON request line, one JSON answer line.
 //! Access is the file's permission: whoever may read the data directory.
 //!
@@ -33,6 +33,7 @@ pub enum ControlRequest {
     Run { kind: JobKind, dry_run: bool },
     Verify { scope: Scope },
     Jobs { limit: usize },
+    Status,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +42,7 @@ pub enum ControlResponse {
     Job(JobRecord),
     Jobs(Vec<JobRecord>),
     Error(String),
+    Status(Box<crate::status::ServerStatus>),
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -98,6 +100,10 @@ pub fn answer(state: &ServerState, req: ControlRequest) -> ControlResponse {
         ControlRequest::Jobs { limit } => match jobs::list(state, limit) {
             Ok(l) => ControlResponse::Jobs(l),
             Err(e) => ControlResponse::Error(e),
+        },
+        ControlRequest::Status => match crate::status::collect(state) {
+            Ok(s) => ControlResponse::Status(Box::new(s)),
+            Err(e) => ControlResponse::Error(format!("reading the store for the status: {e}")),
         },
     }
 }

@@ -1,5 +1,6 @@
 //! The monitoring HTTP endpoint (`[monitor] listen`): `/metrics` for
-//! Prometheus and `/healthz` for load balancers and uptime checks. Plain
+//! Prometheus, `/healthz` for load balancers and uptime checks, and the
+//! read-only status page at `/` (`status_html`). Plain
 //! HTTP on its own address, apart from the QUIC port clients use; it
 //! shows set names and sizes, so bind it to a private interface.
 
@@ -14,7 +15,11 @@ use axum::Router;
 use crate::server::ServerState;
 
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServerState>) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(state);
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(state);
     axum::serve(listener, app).await
 }
 
@@ -27,6 +32,16 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
     .await;
     match body {
         Ok(Ok(text)) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unreadable: {e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn page(State(state): State<Arc<ServerState>>) -> Response {
+    match tokio::task::spawn_blocking(move || crate::status::collect(&state)).await {
+        Ok(Ok(s)) => {
+            ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], crate::status_html::render(&s)).into_response()
+        }
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unreadable: {e}\n")).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }

@@ -23,6 +23,8 @@ pub mod retention;
 pub mod schedule;
 pub mod server;
 pub mod sessions;
+pub mod status;
+mod status_html;
 pub mod store;
 pub mod tls;
 pub mod tokens;
