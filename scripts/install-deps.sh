@@ -2,7 +2,8 @@
 # Installs the Debian packages a step needs, only when missing.
 #   build: libclang and clang (bindgen for RocksDB's C API)
 #   test:  PostgreSQL server and client tools (pg_dump round-trip test),
-#          Prometheus and promtool (the metrics scrape test)
+#          Prometheus and promtool (the metrics scrape test), Chromium
+#          (the status page is checked in a headless browser)
 #   bench: the benchmark's data and peers: linux-source, PostgreSQL (pgbench),
 #          restic, borgbackup, GNU time, rsync (see docs/BENCH.md)
 #   deb:   cargo-deb (`cargo install`, into ~/.cargo/bin: a few minutes
@@ -22,6 +23,7 @@ case "${1:-build}" in
     command -v psql >/dev/null 2>&1 || want+=(postgresql-client)
     command -v runuser >/dev/null 2>&1 || want+=(util-linux)
     command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
+    command -v chromium >/dev/null 2>&1 || want+=(chromium)
     ;;
   bench)
     ls /usr/src/linux-source-*.tar.xz >/dev/null 2>&1 || want+=(linux-source)

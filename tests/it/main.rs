@@ -12,6 +12,7 @@ mod monitoring;
 mod postgres;
 mod resilience;
 mod security;
+mod status;
 mod stream;
 mod tree;
 mod verify;

@@ -9,7 +9,7 @@ use bkp_common::{blob, ChunkId, SnapshotId};
 use bkp_tests::{bin, ok, random_bytes, TestServer};
 
 /// The first data chunk of a snapshot's (only) file.
-fn first_data_chunk(server: &TestServer, id: &str) -> ChunkId {
+pub(crate) fn first_data_chunk(server: &TestServer, id: &str) -> ChunkId {
     let store = server.state().store.clone();
     let snap = store.snapshot(&id.parse::<SnapshotId>().unwrap()).unwrap().unwrap();
     let mut dec = TreeDecoder::new();
