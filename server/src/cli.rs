@@ -96,6 +96,10 @@ enum Cmd {
         data: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Config with the [freshness] and [alerts] settings, when no
+        /// server is running (default: DATA/server.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Manage host tokens (works whether or not `serve` is running).
     Token {
@@ -229,7 +233,7 @@ fn execute(cli: Cli) -> Result<()> {
             job(&data, ControlRequest::Verify { scope }, load_config(&data, None)?, json)
         }
         Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
-        Cmd::Status { data, json } => status(&data, load_config(&data, None)?, json),
+        Cmd::Status { data, json, config } => status(&data, load_config(&data, config.as_deref())?, json),
         Cmd::Check { data, json } => check_store(&data, json),
         Cmd::Salvage { data, json } => salvage_store(&data, json),
         Cmd::Token { cmd } => match cmd {

@@ -12,8 +12,17 @@ use bkp_tests::{bin, random_bytes, TestServer};
 use crate::monitoring::{toml_config, wait_for};
 use crate::verify::first_data_chunk;
 
-fn status_json(server: &TestServer) -> (bool, String, serde_json::Value) {
-    let out = Command::new(bin("bkp-server")).args(["status", "--json", "--data"]).arg(server.data()).output().unwrap();
+const CONFIG: &str = "cache_mb = 16\n[monitor]\nlisten = \"127.0.0.1:0\"\ncheck_interval = \"200ms\"\n\
+    [freshness.sets.\"web01/old\"]\ninterval = \"1s\"\ngrace = \"0s\"\n\
+    [freshness.sets.\"web01/db\"]\ninterval = \"1h\"\n";
+
+fn status_json(server: &TestServer, args: &[&str]) -> (bool, String, serde_json::Value) {
+    let out = Command::new(bin("bkp-server"))
+        .args(["status", "--json", "--data"])
+        .arg(server.data())
+        .args(args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
     (out.status.success(), err, v)
@@ -76,11 +85,42 @@ fn browse(profile: &Path, url: &str, args: &[String]) -> String {
 
 #[test]
 fn status_shows_a_stale_set_and_a_damaged_snapshot_on_the_cli_the_page_and_in_a_browser() {
-    let cfg = toml_config(
-        "cache_mb = 16\n[monitor]\nlisten = \"127.0.0.1:0\"\ncheck_interval = \"200ms\"\n\
-         [freshness.sets.\"web01/old\"]\ninterval = \"1s\"\ngrace = \"0s\"\n\
-         [freshness.sets.\"web01/db\"]\ninterval = \"1h\"\n",
-    );
+    let mut server = start_and_damage();
+    let bad = server.state().store.damaged().unwrap()[0].0.to_hex();
+    check_page(&server, &bad);
+
+    // With the server stopped, `status` opens the store itself, with the
+    // config it is given.
+    server.stop();
+    assert!(!bkp_server::control::socket_path(server.data()).exists());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (_, _, v) = status_json(&server, &["--config", cfg]);
+    assert_eq!(v["damaged"][0]["id"], bad.as_str(), "{v}");
+    let old = v["sets"].as_array().unwrap().iter().find(|s| s["name"] == "old").cloned().unwrap();
+    assert_eq!(old["freshness"], "stale", "{v}");
+    // The text form says the same.
+    let out = Command::new(bin("bkp-server"))
+        .args(["status", "--config", cfg, "--data"])
+        .arg(server.data())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    let line = text.lines().find(|l| l.starts_with("web01/old ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" stale "), "{text}");
+    let line = text.lines().find(|l| l.starts_with("web01/db ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("fresh, 1 damaged"), "{text}");
+    assert!(text.contains(&format!("damaged snapshot {}", &bad[..8])), "{text}");
+    assert!(text.contains("ALERT stale: web01/old: last backup"), "{text}");
+}
+
+/// A server with sets `old` (stale after a second) and `db` (two
+/// snapshots, the newest damaged), checked through `status --json`.
+fn start_and_damage() -> TestServer {
+    let cfg = toml_config(CONFIG);
     let server = TestServer::start_with(cfg);
     let tok = server.token("web01", Role::Push);
     server.push_stdin(&tok, "old", b"yesterday's dump\n");
@@ -89,7 +129,7 @@ fn status_shows_a_stale_set_and_a_damaged_snapshot_on_the_cli_the_page_and_in_a_
     let bad = server.push_stdin(&tok, "db", &random_bytes(3 << 20, 8))["snapshot"]["id"].as_str().unwrap().to_string();
 
     // Before any damage: `db` is fresh and whole.
-    let (_, _, v) = status_json(&server);
+    let (_, _, v) = status_json(&server, &[]);
     let db = v["sets"].as_array().unwrap().iter().find(|s| s["name"] == "db").cloned().unwrap();
     assert_eq!(db["freshness"], "fresh", "{v}");
     assert_eq!(db["snapshots"], 2);
@@ -109,10 +149,10 @@ fn status_shows_a_stale_set_and_a_damaged_snapshot_on_the_cli_the_page_and_in_a_
     assert!(!out.status.success(), "verify must find the damage: {}", String::from_utf8_lossy(&out.stdout));
 
     wait_for("web01/old to go stale", 20, || {
-        let (_, _, v) = status_json(&server);
+        let (_, _, v) = status_json(&server, &[]);
         v["sets"].as_array().unwrap().iter().any(|s| s["name"] == "old" && s["freshness"] == "stale")
     });
-    let (ok, err, v) = status_json(&server);
+    let (ok, err, v) = status_json(&server, &[]);
     assert!(!ok, "firing alerts make status exit non-zero: {v}");
     assert!(err.contains("alert(s) firing"), "{err}");
     let set = |n: &str| v["sets"].as_array().unwrap().iter().find(|s| s["name"] == n).cloned().unwrap();
@@ -135,7 +175,10 @@ fn status_shows_a_stale_set_and_a_damaged_snapshot_on_the_cli_the_page_and_in_a_
     assert_eq!(v["verify"]["drill_snapshots"], 3);
     assert_eq!(v["quarantined_chunks"], 1);
     assert!(v["space"]["chunks"].as_u64().unwrap() >= 2);
+    server
+}
 
+fn check_page(server: &TestServer, bad: &str) {
     // The page, over HTTP.
     let http = server.state().monitor.http_addr.lock().unwrap().expect("monitor endpoint bound");
     let url = format!("http://{http}/");
