@@ -23,7 +23,7 @@ case "${1:-build}" in
     command -v psql >/dev/null 2>&1 || want+=(postgresql-client)
     command -v runuser >/dev/null 2>&1 || want+=(util-linux)
     command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
-    command -v chromium >/dev/null 2>&1 || want+=(chromium)
+    command -v chromium >/dev/null 2>&1 || want+=(chromium fonts-liberation)
     ;;
   bench)
     ls /usr/src/linux-source-*.tar.xz >/dev/null 2>&1 || want+=(linux-source)
