@@ -28,7 +28,8 @@ fn status_json(server: &TestServer, args: &[&str]) -> (bool, String, serde_json:
     (out.status.success(), err, v)
 }
 
-/// The `<tr>` of the sets table for `key` ("host/name") in `html`.
+/// The `<tr>` that starts at attribute `attr` (`data-set="host/name"`,
+/// `data-snapshot="ID"`) in `html`, up to its `</tr>`.
 fn row<'a>(html: &'a str, attr: &str) -> &'a str {
     let start = html.find(attr).unwrap_or_else(|| panic!("no {attr} in {html}"));
     let end = html[start..].find("</tr>").map_or(html.len(), |e| start + e);
