@@ -360,8 +360,12 @@ impl Conn {
                 self.require(&[Role::Push, Role::Admin], "commit")?;
                 let client = self.client.clone();
                 let state = self.state.clone();
+                // The set, for the per-set counters, once the session is known.
+                let set = Arc::new(std::sync::Mutex::new(String::new()));
+                let set_in = set.clone();
                 let result = blocking(move || {
                     let guard = state.sessions.enter(session, &host)?;
+                    set_in.lock().expect("set name").clone_from(&guard.info.name);
                     let kind = guard.info.kind;
                     let max = state.config.max_pushes_per_day;
                     let stats = check_tree(store.as_ref(), &host, kind, &tree, &mut &guard)
@@ -380,6 +384,8 @@ impl Conn {
                 .await
                 .and_then(|r| r);
                 let c = &self.state.monitor.counters;
+                let set = std::mem::take(&mut *set.lock().expect("set name"));
+                c.push_done(&self.host, &set, result.is_ok());
                 match &result {
                     Ok(s) => {
                         Counters::add(&c.pushes_ok, 1);
