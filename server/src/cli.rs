@@ -9,6 +9,7 @@ use bkp_common::names::escape;
 use bkp_common::protocol::Role;
 use clap::{Parser, Subcommand};
 
+use crate::audit::{Event, Line};
 use crate::config::ServerConfig;
 use crate::control::{ControlRequest, ControlResponse};
 use crate::jobs::{JobKind, JobRecord};
@@ -112,6 +113,18 @@ enum Cmd {
     Check {
         #[arg(long)]
         data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the audit log (token changes, admin actions, job runs,
+    /// refused requests), oldest first.
+    Audit {
+        #[arg(long)]
+        data: PathBuf,
+        /// Only lines at or after this RFC 3339 time, or this long ago (24h).
+        #[arg(long, value_parser = crate::audit::parse_since)]
+        since: Option<u64>,
+        /// One JSON object a line, as stored.
         #[arg(long)]
         json: bool,
     },
@@ -236,9 +249,18 @@ fn execute(cli: Cli) -> Result<()> {
         Cmd::Status { data, json, config } => status(&data, load_config(&data, config.as_deref())?, json),
         Cmd::Check { data, json } => check_store(&data, json),
         Cmd::Salvage { data, json } => salvage_store(&data, json),
+        Cmd::Audit { data, since, json } => print_audit(&data, since, json),
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
-                let (token, rec) = Tokens::new(&data).create(&host, role)?;
+                let made = Tokens::new(&data).create(&host, role);
+                let line = match &made {
+                    Ok((_, rec)) => {
+                        Line::new(Event::TokenCreate, "ok").token(&rec.id).detail(format!("role {}", role.as_str()))
+                    }
+                    Err(e) => Line::new(Event::TokenCreate, "failed").detail(e.to_string()),
+                };
+                cli_audit(&data, line.host(&host));
+                let (token, rec) = made?;
                 eprintln!(
                     "created {} token {} for host {}; it is shown only once:",
                     role.as_str(),
@@ -249,7 +271,15 @@ fn execute(cli: Cli) -> Result<()> {
                 Ok(())
             }
             TokenCmd::List { data, json } => {
-                let list = Tokens::new(&data).list()?;
+                let list = Tokens::new(&data).list();
+                cli_audit(
+                    &data,
+                    match &list {
+                        Ok(l) => Line::new(Event::TokenList, "ok").detail(format!("{} tokens", l.len())),
+                        Err(e) => Line::new(Event::TokenList, "failed").detail(e.to_string()),
+                    },
+                );
+                let list = list?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&list)?);
                 } else {
@@ -261,12 +291,73 @@ fn execute(cli: Cli) -> Result<()> {
                 Ok(())
             }
             TokenCmd::Revoke { data, id } => {
-                let r = Tokens::new(&data).revoke(&id)?;
+                let r = Tokens::new(&data).revoke(&id);
+                cli_audit(
+                    &data,
+                    match &r {
+                        Ok(r) => Line::new(Event::TokenRevoke, "ok").token(&r.id).host(&r.host),
+                        Err(e) => Line::new(Event::TokenRevoke, "failed").token(&id).detail(e.to_string()),
+                    },
+                );
+                let r = r?;
                 eprintln!("revoked token {} of host {}", escape(&r.id), escape(&r.host));
                 Ok(())
             }
         },
     }
+}
+
+/// A CLI action's audit line, written before the command returns. A
+/// failure to write is reported and does not fail the command.
+fn cli_audit(data: &Path, line: Line) {
+    let cfg = load_config(data, None).map(|c| c.audit).unwrap_or_default();
+    if let Err(e) = crate::audit::append(data, &cfg, &line) {
+        eprintln!(
+            "bkp-server: audit log {}: {e}; this action was not recorded",
+            data.join(crate::audit::FILE).display()
+        );
+    }
+}
+
+/// `bkp-server audit`.
+fn print_audit(data: &Path, since: Option<u64>, json: bool) -> Result<()> {
+    let lines = crate::audit::read(data).with_context(|| format!("reading the audit log in {}", data.display()))?;
+    let mut bad = 0;
+    if !json {
+        println!("{:<20} {:<14} {:<9} {:<12} {:<16} {:<22} DETAIL", "TIME", "EVENT", "RESULT", "TOKEN", "HOST", "PEER");
+    }
+    for l in lines {
+        let l = match l {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bkp-server: {}", escape(&e));
+                bad += 1;
+                continue;
+            }
+        };
+        if since.is_some_and(|s| l.unix_secs().unwrap_or(0) < s) {
+            continue;
+        }
+        if json {
+            println!("{}", serde_json::to_string(&l)?);
+        } else {
+            let o = |v: &Option<String>| escape(v.as_deref().unwrap_or("-"));
+            println!(
+                "{:<20} {:<14} {:<9} {:<12} {:<16} {:<22} {}",
+                escape(&l.time),
+                l.event.as_str(),
+                escape(&l.result),
+                o(&l.token),
+                o(&l.host),
+                o(&l.peer),
+                o(&l.detail)
+            );
+        }
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} audit lines could not be read (see above); the others are shown");
+    }
+    Ok(())
 }
 
 /// `--config FILE`, else `DATA/server.toml` when present, else defaults.

@@ -29,6 +29,7 @@ pub struct ServerConfig {
     pub alerts: crate::alerts::AlertsConfig,
     pub monitor: crate::monitor::MonitorConfig,
     pub limits: crate::limits::LimitsConfig,
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +47,7 @@ impl Default for ServerConfig {
             alerts: Default::default(),
             monitor: Default::default(),
             limits: Default::default(),
+            audit: Default::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
+use crate::audit::Event;
 use crate::commit::{check_tree, parent_refs, push_budget, CommitError};
 use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
@@ -48,6 +49,7 @@ struct Conn {
     client: String,
     token_id: String,
     token: Arc<TokenShared>,
+    peer: std::net::SocketAddr,
     /// This connection's frame budget (see `crate::limits`).
     frames: Arc<Budget>,
 }
@@ -223,6 +225,11 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
         .map_err(|e| e.to_string())?;
     let Some(rec) = rec else {
         let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
+        state.audit.record(
+            crate::audit::Line::new(crate::audit::Event::HelloRefused, "refused")
+                .peer(conn.remote_address())
+                .detail("unknown or revoked token"),
+        );
         return Err(refuse_hello(&mut send, &mut recv, ErrorCode::Unauthorized, msg).await);
     };
     let mut auth = match state.limits.admit(&rec.id, &rec.host, conn) {
@@ -244,6 +251,7 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
         frames: state.limits.connection_budget(),
         token: auth.shared.clone(),
         token_id: rec.id,
+        peer: conn.remote_address(),
         state,
         host: rec.host,
         role: rec.role,
@@ -280,12 +288,32 @@ impl Conn {
         Ok(Some((read_body::<Request, _>(recv, len, FRAME_DEADLINE).await?, admitted)))
     }
 
-    fn require(&self, allowed: &[Role]) -> Reply {
+    fn require(&self, allowed: &[Role], what: &str) -> Reply {
         if allowed.contains(&self.role) {
             Ok(())
         } else {
+            self.refused(&format!("{what}: a {} token may not do this", self.role.as_str()));
             Err(Fail(ErrorCode::Forbidden, format!("a {} token may not do this", self.role.as_str())))
         }
+    }
+
+    /// An audit line about this connection's token.
+    fn audit(&self, event: crate::audit::Event, result: &str) -> crate::audit::Line {
+        crate::audit::Line::new(event, result).token(&self.token_id).host(&self.host).peer(self.peer)
+    }
+
+    /// Audits a forget or protect: `done` is whether the snapshot existed.
+    fn admin_done(&self, event: Event, id: &bkp_common::SnapshotId, done: &Result<bool, StoreError>) {
+        let result = match done {
+            Ok(true) => "ok",
+            Ok(false) => "not_found",
+            Err(_) => "failed",
+        };
+        self.state.audit.record(self.audit(event, result).detail(format!("snapshot {id}")));
+    }
+
+    fn refused(&self, detail: &str) {
+        self.state.audit.record(self.audit(crate::audit::Event::Refused, "refused").detail(detail));
     }
 
     /// Answers one request; `admitted` is its frame's budget, held until
@@ -296,14 +324,14 @@ impl Conn {
         let resp = match req {
             Request::Hello { .. } => return Err(Fail(ErrorCode::BadRequest, "hello sent twice".into())),
             Request::StartPush { name, kind } => {
-                self.require(&[Role::Push, Role::Admin])?;
+                self.require(&[Role::Push, Role::Admin], "start_push")?;
                 check_set_name(&name).map_err(|e| Fail(ErrorCode::BadRequest, e.to_string()))?;
                 let (state, token) = (self.state.clone(), self.token_id.clone());
                 let session = blocking(move || state.sessions.start_for(&token, &host, &name, kind)).await??;
                 Response::PushStarted { session }
             }
             Request::HasChunks { session, ids } => {
-                self.require(&[Role::Push, Role::Admin])?;
+                self.require(&[Role::Push, Role::Admin], "has_chunks")?;
                 if ids.len() > MAX_IDS {
                     return Err(Fail(ErrorCode::BadRequest, format!("more than {MAX_IDS} ids")));
                 }
@@ -325,15 +353,19 @@ impl Conn {
                 Response::Missing(missing)
             }
             Request::PutChunk { session, id, blob } => {
-                self.require(&[Role::Push, Role::Admin])?;
+                self.require(&[Role::Push, Role::Admin], "put_chunk")?;
                 return self.upload(session, (id, blob, admitted), send, recv).await;
             }
             Request::Commit { session, tree } => {
-                self.require(&[Role::Push, Role::Admin])?;
+                self.require(&[Role::Push, Role::Admin], "commit")?;
                 let client = self.client.clone();
                 let state = self.state.clone();
+                // The set, for the per-set counters, once the session is known.
+                let set = Arc::new(std::sync::Mutex::new(String::new()));
+                let set_in = set.clone();
                 let result = blocking(move || {
                     let guard = state.sessions.enter(session, &host)?;
+                    set_in.lock().expect("set name").clone_from(&guard.info.name);
                     let kind = guard.info.kind;
                     let max = state.config.max_pushes_per_day;
                     let stats = check_tree(store.as_ref(), &host, kind, &tree, &mut &guard)
@@ -352,6 +384,8 @@ impl Conn {
                 .await
                 .and_then(|r| r);
                 let c = &self.state.monitor.counters;
+                let set = std::mem::take(&mut *set.lock().expect("set name"));
+                c.push_done(&self.host, &set, result.is_ok());
                 match &result {
                     Ok(s) => {
                         Counters::add(&c.pushes_ok, 1);
@@ -369,7 +403,8 @@ impl Conn {
                 let filter = match (self.role, want) {
                     (Role::Admin, w) => w,
                     (_, Some(w)) if w != self.host => {
-                        return Err(Fail(ErrorCode::Forbidden, "only an admin token lists other hosts".into()))
+                        self.refused(&format!("list_snapshots of host {w}: only an admin token lists other hosts"));
+                        return Err(Fail(ErrorCode::Forbidden, "only an admin token lists other hosts".into()));
                     }
                     _ => Some(self.host.clone()),
                 };
@@ -387,22 +422,26 @@ impl Conn {
             }
             Request::GetChunks { ids } => return self.fetch(ids, send).await,
             Request::Forget { id } => {
-                self.require(&[Role::Admin])?;
-                if !blocking(move || store.delete_snapshot(&id)).await?? {
+                self.require(&[Role::Admin], "forget")?;
+                let done = blocking(move || store.delete_snapshot(&id)).await?;
+                self.admin_done(Event::Forget, &id, &done);
+                if !done? {
                     return Err(Fail(ErrorCode::NotFound, format!("no snapshot {}", id.short())));
                 }
                 info!(host = %self.host, id = %id.short(), "snapshot forgotten");
                 Response::Done
             }
             Request::Protect { id, protected } => {
-                self.require(&[Role::Admin])?;
-                if !blocking(move || store.set_protected(&id, protected)).await?? {
+                self.require(&[Role::Admin], "protect")?;
+                let done = blocking(move || store.set_protected(&id, protected)).await?;
+                self.admin_done(if protected { Event::Protect } else { Event::Unprotect }, &id, &done);
+                if !done? {
                     return Err(Fail(ErrorCode::NotFound, format!("no snapshot {}", id.short())));
                 }
                 Response::Done
             }
             Request::PushFailed { name, kind, reason } => {
-                self.require(&[Role::Push, Role::Admin])?;
+                self.require(&[Role::Push, Role::Admin], "push_failed")?;
                 let state = self.state.clone();
                 blocking(move || crate::push_failures::report(&state, &host, &name, kind, &reason, now_ns()))
                     .await?
@@ -518,7 +557,7 @@ impl Conn {
     }
 
     async fn fetch(&self, ids: Vec<ChunkId>, send: &mut SendStream) -> Reply {
-        self.require(&[Role::Push, Role::Restore, Role::Admin])?;
+        self.require(&[Role::Push, Role::Restore, Role::Admin], "get_chunks")?;
         if ids.len() > MAX_FETCH {
             return Err(Fail(ErrorCode::BadRequest, format!("more than {MAX_FETCH} chunks in one request")));
         }

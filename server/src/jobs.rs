@@ -156,6 +156,7 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
             refused,
         };
         record(state, &rec);
+        audit(state, &rec);
         rec
     };
     if kind != JobKind::Prune && dry_run {
@@ -180,11 +181,36 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
     let rec =
         JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
     record(state, &rec);
+    audit(state, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
         Some(e) => error!(job = kind.as_str(), "job failed: {e}"),
     }
     rec
+}
+
+/// One audit line per run, dry runs and refused runs included.
+fn audit(state: &ServerState, rec: &JobRecord) {
+    use crate::audit::{Event, Line};
+    let event = match rec.kind {
+        JobKind::Prune => Event::Prune,
+        JobKind::Gc => Event::Gc,
+        JobKind::Verify => Event::Verify,
+    };
+    let result = match (rec.ok, rec.refused) {
+        (_, true) => "refused",
+        (true, _) => "ok",
+        _ => "failed",
+    };
+    let mut line = Line::new(event, result);
+    let dry = if rec.dry_run { "dry run" } else { "" };
+    line = match &rec.error {
+        Some(e) if dry.is_empty() => line.detail(e.clone()),
+        Some(e) => line.detail(format!("{dry}: {e}")),
+        None if !dry.is_empty() => line.detail(dry),
+        None => line,
+    };
+    state.audit.record(line);
 }
 
 /// Stores a run's record; dry runs change nothing and are not kept.

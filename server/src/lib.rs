@@ -3,6 +3,7 @@
 //! docs/ARCHITECTURE.md for the whole system.
 
 pub mod alerts;
+pub mod audit;
 pub mod cli;
 pub mod commit;
 pub mod config;

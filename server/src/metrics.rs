@@ -34,6 +34,12 @@ impl Reg {
         self.0.register(name, help, f);
     }
 
+    /// Registered without `_info`: the encoder appends it. Rendered as
+    /// `NAME_info{...} 1`.
+    fn info(&mut self, name: &str, help: &str, labels: Labels) {
+        self.0.register(name, help, prometheus_client::metrics::info::Info::new(labels));
+    }
+
     /// Registered without `_total`: the encoder appends it.
     fn counter(&mut self, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
         let f = Family::<Labels, Counter>::default();
@@ -44,8 +50,25 @@ impl Reg {
     }
 }
 
+/// prometheus_client writes label values as given: `\`, `"` and newlines
+/// are escaped here, as the exposition format wants. (Host and set names
+/// cannot hold them today; this keeps a future name from breaking the
+/// scrape.)
 fn l(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), escape_label(v))).collect()
+}
+
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn secs(ns: u64) -> f64 {
@@ -56,10 +79,17 @@ pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut r = Reg(Registry::default());
     r.gauge("bkp_up", "1 while the server answers", 1.0);
+    r.info("bkp_build", "the server's version", l(&[("version", bkp_common::VERSION)]));
+    let per_set: Vec<_> = c.per_set.lock().expect("per-set counters").clone().into_iter().collect();
     r.counter(
         "bkp_pushes",
-        "push commits since start",
-        [(l(&[("result", "ok")]), get(&c.pushes_ok)), (l(&[("result", "failed")]), get(&c.pushes_failed))],
+        "push commits since start, per set (name \"\": the session had expired)",
+        per_set.iter().flat_map(|((host, name), (ok, failed))| {
+            [
+                (l(&[("host", host), ("name", name), ("result", "ok")]), *ok),
+                (l(&[("host", host), ("name", name), ("result", "failed")]), *failed),
+            ]
+        }),
     );
     r.counter("bkp_push_read_bytes", "logical bytes of committed snapshots", [(vec![], get(&c.read_bytes))]);
     r.counter("bkp_push_uploaded_bytes", "compressed chunk bytes received", [(vec![], get(&c.uploaded_bytes))]);
@@ -171,4 +201,39 @@ pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
     let mut out = String::new();
     encode(&mut out, &r.0).expect("writing to a String");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_set_pushes_build_info_and_escaped_labels() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let c = Counters::default();
+        c.push_done("web01", "db", true);
+        c.push_done("web01", "db", true);
+        c.push_done("web01", "db", false);
+        c.push_done("we\"b", "x", true);
+        let st = Status {
+            sets: vec![],
+            jobs: Default::default(),
+            damaged: vec![],
+            quarantined: 0,
+            stats: Default::default(),
+            logical_bytes: 0,
+            disk: None,
+            store_disk_bytes: 0,
+            scrub: Default::default(),
+            sessions: 0,
+            push_failures: vec![],
+            scheduled: vec![],
+        };
+        let text = render(&st, &c, 0);
+        assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"ok\"} 2"), "{text}");
+        assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"failed\"} 1"), "{text}");
+        assert!(text.contains("bkp_pushes_total{host=\"we\\\"b\",name=\"x\",result=\"ok\"} 1"), "{text}");
+        let build = format!("bkp_build_info{{version=\"{}\"}} 1", bkp_common::VERSION);
+        assert!(text.contains(&build), "{text}");
+    }
 }

@@ -59,6 +59,9 @@ pub struct Counters {
     pub notified_firing: AtomicU64,
     pub notified_resolved: AtomicU64,
     pub delivery_failures: AtomicU64,
+    /// Commits per (host, set): (ok, failed). A commit whose session had
+    /// already expired is counted under the set name "".
+    pub per_set: Mutex<std::collections::BTreeMap<(String, String), (u64, u64)>>,
 }
 
 impl Monitor {
@@ -72,6 +75,16 @@ impl Monitor {
 impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn push_done(&self, host: &str, name: &str, ok: bool) {
+        let mut m = self.per_set.lock().expect("per-set counters");
+        let e = m.entry((host.to_string(), name.to_string())).or_default();
+        if ok {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
     }
 }
 

@@ -40,6 +40,8 @@ pub struct ServerState {
     pub monitor: crate::monitor::Monitor,
     /// Connection slots, frame budgets and the live-connection registry.
     pub limits: Arc<Limits>,
+    /// The audit log's writer (see `crate::audit`).
+    pub audit: crate::audit::Audit,
 }
 
 impl ServerState {
@@ -51,8 +53,10 @@ impl ServerState {
         let sessions = Sessions::new(Duration::from_secs(config.session_lease_secs))
             .with_limits(config.limits.sessions, config.limits.sessions_per_host);
         let limits = Limits::new(config.limits.clone(), config.max_connections);
+        let audit = crate::audit::Audit::start(data_dir, config.audit.clone());
         Ok(Arc::new(Self {
             limits,
+            audit,
             store: Arc::new(store),
             sessions,
             running: Default::default(),

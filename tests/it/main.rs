@@ -1,6 +1,7 @@
 //! End-to-end tests, compiled into one binary. Each starts a real server
 //! on 127.0.0.1 with a real RocksDB and drives the real `bkp` binary.
 
+mod audit;
 mod dos;
 mod faults;
 mod gc;

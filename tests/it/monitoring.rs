@@ -149,7 +149,7 @@ fn prometheus_scrapes_the_metrics() {
     assert_eq!(health.status(), 200);
     let text = ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
     assert!(text.contains("bkp_snapshots{host=\"db01\",name=\"pgdump\"} 2"), "{text}");
-    assert!(text.contains("bkp_pushes_total{result=\"ok\"} 2"), "{text}");
+    assert!(text.contains("bkp_pushes_total{host=\"db01\",name=\"pgdump\",result=\"ok\"} 2"), "{text}");
 
     let prom = which("prometheus").expect("prometheus is not installed: run scripts/install-deps.sh test");
     let dir = tempfile::tempdir().unwrap();
