@@ -176,34 +176,35 @@ fn rotated(dir: &Path, n: u32) -> PathBuf {
 
 /// Appends one line to `dir/audit.log`, rotating first when it is full.
 /// Blocking: the CLI calls it directly, `serve` from its writer thread.
+/// The size check, the rotation and the write happen under one flock of
+/// `dir/audit.lock`: a writer that checked, then wrote after another one
+/// rotated, would grow a rotated file past `max_bytes` (seen with two
+/// CLIs at once).
 pub fn append(dir: &Path, cfg: &AuditConfig, line: &Line) -> std::io::Result<()> {
     let path = dir.join(FILE);
     let bytes = line.encode();
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(LOCK))?;
+    // SAFETY: flock on a descriptor we own; released when `lock` drops.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     if size > 0 && size + bytes.len() as u64 > cfg.max_bytes {
-        rotate(dir, cfg, bytes.len() as u64)?;
+        rotate(dir, cfg)?;
     }
-    // One write call: O_APPEND makes it land whole at the end, whoever
-    // else is appending.
+    // One write call, O_APPEND: the line lands whole at the end.
     let n = open_append(&path)?.write(&bytes)?;
+    drop(lock);
     if n != bytes.len() {
         return Err(std::io::Error::other(format!("short write to {}: {n} of {} bytes", path.display(), bytes.len())));
     }
     Ok(())
 }
 
-fn rotate(dir: &Path, cfg: &AuditConfig, adding: u64) -> std::io::Result<()> {
-    let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(LOCK))?;
-    // SAFETY: flock on a descriptor we own; released when `lock` drops.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+/// Shifts `audit.log.N` up and the live file to `.1`; the caller holds
+/// the lock.
+fn rotate(dir: &Path, cfg: &AuditConfig) -> std::io::Result<()> {
     let path = dir.join(FILE);
-    // The other process may have rotated while we waited for the lock.
-    let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    if size == 0 || size + adding <= cfg.max_bytes {
-        return Ok(());
-    }
     if cfg.keep == 0 {
         return fs::remove_file(&path);
     }
