@@ -63,8 +63,11 @@ impl Since {
     }
 }
 
-/// Job records read at start to find each kind's newest.
+/// Job records read at start to find each kind's newest: first this
+/// many, ten times more while a scheduled kind is not among them (an
+/// hourly prune buries a monthly verify's record), up to MAX_HISTORY.
 const HISTORY: usize = 500;
+const MAX_HISTORY: usize = 500_000;
 /// Occurrences counted per window at most (a `* * * * *` schedule and a
 /// server down for years must not take long to count).
 const MAX_COUNT: usize = 10_000;
@@ -182,9 +185,18 @@ fn watermarks(
     now: DateTime<Utc>,
 ) -> Result<BTreeMap<JobKind, DateTime<Utc>>, String> {
     let mut last = BTreeMap::new();
-    for r in jobs::list(state, HISTORY)? {
-        // Newest first: the first of each kind is its newest.
-        last.entry(r.kind).or_insert_with(|| from_ns(r.start_ns));
+    let mut limit = HISTORY;
+    loop {
+        let records = jobs::list(state, limit)?;
+        for r in &records {
+            // Newest first: the first of each kind is its newest.
+            last.entry(r.kind).or_insert_with(|| from_ns(r.start_ns));
+        }
+        let all_found = plans.iter().all(|(k, _)| last.contains_key(k));
+        if all_found || records.len() < limit || limit >= MAX_HISTORY {
+            break;
+        }
+        limit *= 10;
     }
     let stored = state.store.meta_get(META_SCHEDULED_SINCE).map_err(|e| e.to_string())?;
     let old = stored.map(|b| Since::decode(&b)).transpose().unwrap_or_else(|e| {
@@ -451,6 +463,24 @@ mod tests {
             "{e}"
         );
         task.abort();
+    }
+
+    #[test]
+    fn a_kind_buried_under_another_kinds_records_is_still_found() {
+        let jobs = JobsConfig { prune: Some("0 * * * *".into()), gc: None, verify: Some("0 2 1 * *".into()) };
+        let (_dir, state) = server(jobs.clone());
+        let at = |s: &str| t(s).timestamp_nanos_opt().unwrap() as u64;
+        let ok = |kind, start_ns| {
+            let r = missed_record(&Due { kind, first: t("2026-11-01T02:00:00Z"), count: 1 }, start_ns);
+            JobRecord { ok: true, error: None, end_ns: start_ns, ..r }
+        };
+        jobs::record(&state, &ok(Verify, at("2026-11-01T02:00:00Z")));
+        // A month of hourly prunes: far more than the first read takes in.
+        for h in 0..(HISTORY as u64 + 200) {
+            jobs::record(&state, &ok(Prune, at("2026-11-01T03:00:00Z") + h * 3_600_000_000_000));
+        }
+        let marks = watermarks(&state, &plans(&jobs), t("2026-11-30T00:00:00Z")).unwrap();
+        assert_eq!(marks.get(&Verify), Some(&t("2026-11-01T02:00:00Z")), "{marks:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
