@@ -34,14 +34,19 @@ fn total_bytes(dir: &Path) -> std::io::Result<u64> {
 pub struct Reserve {
     path: PathBuf,
     size: u64,
-    /// Held while the file is made or removed.
-    lock: Mutex<()>,
+    /// Held while the file is made or removed; holds when making it last
+    /// failed, so a file system without fallocate is not asked on every
+    /// write.
+    lock: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long after a failed attempt the reserve is not tried again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Reserve {
     pub fn new(dir: &Path) -> Self {
         let size = total_bytes(dir).map_or(RESERVE_MAX, |t| (t / RESERVE_SHARE).min(RESERVE_MAX));
-        Self { path: dir.join(RESERVE_FILE), size, lock: Mutex::new(()) }
+        Self { path: dir.join(RESERVE_FILE), size, lock: Mutex::new(None) }
     }
 
     pub fn size(&self) -> u64 {
@@ -55,9 +60,12 @@ impl Reserve {
     /// Makes the reserve when it is missing and at least `spare` bytes
     /// would stay free beside it. Returns whether it is in place.
     pub fn ensure(&self, spare: u64) -> bool {
-        let _l = self.lock.lock().expect("reserve lock");
+        let mut failed = self.lock.lock().expect("reserve lock");
         if self.present() {
             return true;
+        }
+        if failed.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            return false;
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
         if free_bytes(dir).map_or(true, |f| f < self.size + spare) {
@@ -71,10 +79,12 @@ impl Reserve {
         });
         match made {
             Ok(()) => {
+                *failed = None;
                 tracing::info!(mib = self.size >> 20, "disk space reserve in place");
                 true
             }
             Err(e) => {
+                *failed = Some(std::time::Instant::now());
                 let _ = std::fs::remove_file(&self.path);
                 tracing::warn!("could not make the disk space reserve {}: {e}", self.path.display());
                 false
