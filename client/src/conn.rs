@@ -277,11 +277,8 @@ impl Client {
 
     /// Tells the server a push of set `name` failed, so it alerts now.
     pub async fn push_failed(&self, name: &str, kind: Option<SnapshotKind>, reason: &str) -> Result<()> {
-        let mut end = reason.len().min(bkp_common::protocol::MAX_REASON);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        let req = Request::PushFailed { name: name.to_string(), kind, reason: reason[..end].to_string() };
+        let reason = bkp_common::names::prefix_within(reason, bkp_common::protocol::MAX_REASON);
+        let req = Request::PushFailed { name: name.to_string(), kind, reason: reason.to_string() };
         self.call_done(&req).await
     }
 

@@ -75,6 +75,16 @@ pub fn escape(name: &str) -> String {
     out
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary: for capping client-sent text without a panic.
+pub fn prefix_within(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn escape_into(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
@@ -114,6 +124,14 @@ mod tests {
             assert!(check_path(ok).is_ok(), "{:?}", String::from_utf8_lossy(ok));
         }
         assert!(check_path(b"../x").unwrap_err().to_string().contains("\"../x\""));
+    }
+
+    #[test]
+    fn prefixes_end_on_a_char_boundary() {
+        assert_eq!(prefix_within("abc", 10), "abc");
+        assert_eq!(prefix_within("abc", 2), "ab");
+        assert_eq!(prefix_within("aé", 2), "a", "é is two bytes");
+        assert_eq!(prefix_within("é", 0), "");
     }
 
     #[test]

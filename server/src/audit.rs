@@ -112,11 +112,7 @@ fn cut(s: String) -> String {
     if s.len() <= MAX_FIELD {
         return s;
     }
-    let mut end = MAX_FIELD - 3;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
+    format!("{}...", bkp_common::names::prefix_within(&s, MAX_FIELD - 3))
 }
 
 impl Line {

@@ -4,7 +4,7 @@
 //! host, and errors go back on the stream instead of ending the server.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bkp_common::blob;
 use bkp_common::io::{read_body, read_len, write_frame, Admitted, Budget, IoError};
@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::audit::Event;
 use crate::commit::{check_tree, parent_refs, push_budget, CommitError};
+use crate::jobs::now_ns;
 use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
 use crate::server::ServerState;
@@ -87,10 +88,6 @@ impl From<IoError> for Fail {
     fn from(e: IoError) -> Self {
         Fail(ErrorCode::BadRequest, e.to_string())
     }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Touches the references of the set's newest snapshot for this session

@@ -80,11 +80,7 @@ fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    format!("{}…", bkp_common::names::prefix_within(s, max))
 }
 
 /// The stored table; one that cannot be read only costs old counts (the
