@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bkp_common::snapshot::SnapshotSummary;
 use bkp_common::SnapshotId;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
@@ -181,9 +182,15 @@ pub fn store_stats(state: &ServerState, fresh: bool) -> Result<StoreStats, Store
 }
 
 pub fn status(state: &ServerState, now_ns: u64) -> Result<Status, StoreError> {
+    let summaries = state.store.list_snapshots(None, None)?;
+    status_of(state, &summaries, now_ns)
+}
+
+/// [`status`] from a listing the caller already holds (the status page
+/// needs it too).
+pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64) -> Result<Status, StoreError> {
     let store = state.store.as_ref();
-    let summaries = store.list_snapshots(None, None)?;
-    let sets = freshness::evaluate(&summaries, &state.config.freshness, now_ns);
+    let sets = freshness::evaluate(summaries, &state.config.freshness, now_ns);
     let mut jobs_by_kind: BTreeMap<&'static str, (JobRecord, Option<JobRecord>)> = BTreeMap::new();
     // A refused run (one of its kind was in progress) is not a run.
     for rec in jobs::list(state, JOB_HISTORY).map_err(StoreError::Corrupt)?.into_iter().filter(|r| !r.refused) {

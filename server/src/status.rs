@@ -244,8 +244,8 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
 pub fn collect(state: &ServerState) -> Result<ServerStatus, StoreError> {
     crate::jobs::flush_unwritten(state);
     let now = crate::jobs::now_ns();
-    let st = monitor::status(state, now)?;
     let summaries = state.store.list_snapshots(None, None)?;
+    let st = monitor::status_of(state, &summaries, now)?;
     Ok(build(&st, &summaries, state.config.alerts.disk_free_min_percent, now))
 }
 
