@@ -108,7 +108,9 @@ pub struct Event {
     pub server: String,
 }
 
-fn rfc3339(ns: u64) -> String {
+/// A time in ns since the epoch as RFC 3339 UTC, to the second: how the
+/// server prints times everywhere (alerts, the CLI, the status page).
+pub fn rfc3339(ns: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
 }
 

@@ -9,6 +9,7 @@ use bkp_common::names::escape;
 use bkp_common::protocol::Role;
 use clap::{Parser, Subcommand};
 
+use crate::alerts::rfc3339 as fmt_time;
 use crate::audit::{Event, Line};
 use crate::config::ServerConfig;
 use crate::control::{ControlRequest, ControlResponse};
@@ -551,10 +552,6 @@ fn parse_share(s: &str) -> Result<f64, String> {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
         _ => Err(format!("{s:?} is not a share between 0 and 1 (0.1 drills a tenth of the older snapshots)")),
     }
-}
-
-fn fmt_time(ns: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)).to_string()
 }
 
 fn summary(r: &JobRecord) -> String {

@@ -275,10 +275,6 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-pub fn time(ns: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -6,7 +6,8 @@
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use crate::status::{ago, bytes, time, ServerStatus, SetView, HISTORY_DAYS};
+use crate::alerts::rfc3339 as time;
+use crate::status::{ago, bytes, ServerStatus, SetView, HISTORY_DAYS};
 
 const CHART_W: f64 = 360.0;
 const CHART_H: f64 = 48.0;
