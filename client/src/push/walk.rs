@@ -1,9 +1,9 @@
 //! The push producer: walks file trees (or reads one stream), chunks and
 //! hashes the data, and writes the tree stream. Runs on its own thread;
-//! chunks go to the pipeline ([`crate::pipeline`]) through a bounded
+//! chunks go to the pipeline ([`super::pipeline`]) through a bounded
 //! channel and a byte budget, so memory is bounded whatever the size of
 //! the input. Unchanged files come from the metadata cache
-//! ([`crate::incremental`]) instead of being read.
+//! ([`super::incremental`]) instead of being read.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -16,13 +16,13 @@ use std::sync::Arc;
 use bkp_common::chunker::{ChunkReadError, PushChunker, StreamChunker};
 use bkp_common::tree::{ChunkRef, Entry, Meta, SpecialKind, TreeEncoder, MAX_CHUNKS_PER_RECORD};
 use bkp_common::{ChunkId, ContentHash};
-use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use crate::cache::{CacheWriter, CachedFile};
+use super::cache::{CacheWriter, CachedFile};
+use super::excludes::Excludes;
+use super::incremental::{file_key, Incremental};
+use super::lister::Listed;
+use super::pipeline::ChunkSink;
 use crate::error::{ClientError, Result};
-use crate::incremental::{file_key, Incremental};
-use crate::list::Listed;
-use crate::pipeline::ChunkSink;
 use crate::progress::Progress;
 
 /// What a producer made: the tree stream's chunks and what to report.
@@ -49,33 +49,6 @@ pub struct Producer {
     files_read: u64,
     files_cached: u64,
     pub warnings: Vec<String>,
-}
-
-/// `--exclude` patterns: one without `/` matches a name anywhere; one
-/// with `/` matches the absolute path.
-pub struct Excludes {
-    names: GlobSet,
-    paths: GlobSet,
-}
-
-impl Excludes {
-    pub fn new(patterns: &[String]) -> Result<Self> {
-        let (mut names, mut paths) = (GlobSetBuilder::new(), GlobSetBuilder::new());
-        for p in patterns {
-            let g = Glob::new(p).map_err(|e| ClientError::Input(format!("bad --exclude {p:?}: {e}")))?;
-            if p.contains('/') {
-                paths.add(g)
-            } else {
-                names.add(g)
-            };
-        }
-        let build = |b: GlobSetBuilder| b.build().map_err(|e| ClientError::Input(e.to_string()));
-        Ok(Self { names: build(names)?, paths: build(paths)? })
-    }
-
-    pub fn excluded(&self, abs: &Path) -> bool {
-        abs.file_name().is_some_and(|n| self.names.is_match(n)) || self.paths.is_match(abs)
-    }
 }
 
 /// Chunks cut ahead of the hashing thread (up to 4 MiB each).
@@ -114,7 +87,7 @@ impl<'a> Content<'a> {
         }
         // The chunk id and the file hash at once for a large chunk: a
         // dump's producer was otherwise bound by hashing on one core.
-        let id = crate::par::hash_while(&data, &mut self.hasher, || ChunkId::of(&data));
+        let id = crate::parallel_hash::hash_while(&data, &mut self.hasher, || ChunkId::of(&data));
         self.send(id, data)
     }
 
@@ -346,7 +319,7 @@ impl Producer {
     }
 
     /// Backs up `root` and everything below it, in walk order (listed
-    /// ahead on a second thread, see `list`).
+    /// ahead on a second thread, see `lister`).
     fn walk(&mut self, root: &Path) -> Result<()> {
         let excludes = self.excludes.clone();
         if excludes.excluded(root) {
@@ -360,7 +333,7 @@ impl Producer {
             }
         };
         std::thread::scope(|s| {
-            let rx = crate::list::spawn(s, root.to_path_buf(), m, &excludes)
+            let rx = super::lister::spawn(s, root.to_path_buf(), m, &excludes)
                 .map_err(|e| ClientError::Io(format!("starting the directory lister: {e}")))?;
             for l in rx.into_iter().flatten() {
                 match l {

@@ -17,13 +17,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bkp_common::snapshot::{SnapshotKind, SnapshotSummary};
 use bkp_common::tree::Meta;
 
-use crate::cache::Header;
 use crate::conn::Client;
 use crate::error::{ClientError, Result};
-use crate::incremental::{CacheSpec, Incremental};
-use crate::pipeline::{self, ChunkSink};
 use crate::progress::Progress;
-use crate::walk::{Excludes, Produced, Producer};
+use cache::Header;
+use excludes::Excludes;
+use incremental::{CacheSpec, Incremental};
+use pipeline::ChunkSink;
+use walk::{Produced, Producer};
+
+pub mod cache;
+pub mod excludes;
+pub mod incremental;
+pub mod lister;
+pub mod pipeline;
+pub mod walk;
 
 pub enum Source {
     Paths {

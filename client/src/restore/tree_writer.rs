@@ -1,7 +1,7 @@
 //! Restore's writing side for a directory target: each file goes to a
 //! temp file beside its destination and is renamed into place only after
 //! its whole-content hash checks out; nothing is written outside the
-//! target (`safepath`).
+//! target (`safe_path`).
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
@@ -12,11 +12,11 @@ use std::sync::Arc;
 use bkp_common::tree::{Entry, Meta, SpecialKind};
 use bkp_common::{ChunkId, ContentHash};
 
+use super::fetch::Out;
+use super::safe_path;
+use super::sink::{RestoreReport, Sink};
 use crate::error::{ClientError, Result};
-use crate::fetch::Out;
 use crate::progress::Progress;
-use crate::restore::{RestoreReport, Sink};
-use crate::safepath;
 
 /// A file's temp file, removed when dropped unless it was renamed into
 /// place: whichever way a restore fails (a full disk, a refused chunk, an
@@ -75,7 +75,7 @@ enum Target {
 
 pub struct TreeWriter {
     root: PathBuf,
-    dirs_checked: safepath::Dirs,
+    dirs_checked: safe_path::Dirs,
     dirs: Vec<(PathBuf, Meta)>,
     sink: Target,
     as_root: bool,
@@ -124,7 +124,7 @@ impl TreeWriter {
             old
         } as u32;
         Ok(Self {
-            dirs_checked: safepath::Dirs::new(&root),
+            dirs_checked: safe_path::Dirs::new(&root),
             root,
             dirs: Vec::new(),
             sink: Target::None,
@@ -156,7 +156,7 @@ impl TreeWriter {
                 };
                 match is_first {
                     true => write(),
-                    false => crate::par::hash_while(&d, hasher, write),
+                    false => crate::parallel_hash::hash_while(&d, hasher, write),
                 }
                 .map_err(|e| io_err(tmp, e))?;
                 *written += d.len() as u64;
@@ -246,7 +246,7 @@ impl TreeWriter {
                 }
                 filetime::set_symlink_file_times(&dest, mtime(&meta), mtime(&meta)).map_err(|e| io_err(&dest, e))?;
             }
-            Entry::Hardlink { target, .. } => match safepath::existing_file(&self.root, &target) {
+            Entry::Hardlink { target, .. } => match safe_path::existing_file(&self.root, &target) {
                 Ok(src) => {
                     clear(&dest)?;
                     fs::hard_link(&src, &dest).map_err(|e| io_err(&dest, e))?;
