@@ -18,14 +18,14 @@ impl Excludes {
     pub fn new(patterns: &[String]) -> Result<Self> {
         let (mut names, mut paths) = (GlobSetBuilder::new(), GlobSetBuilder::new());
         for p in patterns {
-            let g = Glob::new(p).map_err(|e| ClientError::Input(format!("bad --exclude {p:?}: {e}")))?;
+            let g = Glob::new(p).map_err(|e| ClientError::Usage(format!("bad --exclude {p:?}: {e}")))?;
             if p.contains('/') {
                 paths.add(g)
             } else {
                 names.add(g)
             };
         }
-        let build = |b: GlobSetBuilder| b.build().map_err(|e| ClientError::Input(e.to_string()));
+        let build = |b: GlobSetBuilder| b.build().map_err(|e| ClientError::Usage(e.to_string()));
         Ok(Self { names: build(names)?, paths: build(paths)? })
     }
 

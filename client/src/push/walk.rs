@@ -211,7 +211,7 @@ impl Producer {
         threaded: bool,
     ) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
         let read_err =
-            |e: ChunkReadError| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(path)));
+            |e: ChunkReadError| ClientError::source(format!("reading {}", String::from_utf8_lossy(path)), e.0);
         let mut content = Content::new(&mut self.sink, &*self.progress);
         let chunker = &mut self.chunker;
         if threaded {
@@ -226,7 +226,9 @@ impl Producer {
                         }
                     }
                 };
-                std::thread::Builder::new().spawn_scoped(s, cutter).map_err(|e| ClientError::Io(e.to_string()))?;
+                std::thread::Builder::new()
+                    .spawn_scoped(s, cutter)
+                    .map_err(|e| ClientError::Thread { what: "a reader thread", source: e })?;
                 for c in rx {
                     content.take(c.map_err(read_err)?)?;
                 }
@@ -292,7 +294,7 @@ impl Producer {
     pub fn walk_roots(&mut self, roots: &[PathBuf]) -> Result<()> {
         let mut abs: Vec<PathBuf> = roots
             .iter()
-            .map(|r| root_path(r).map_err(|e| ClientError::Input(format!("{}: {e}", r.display()))))
+            .map(|r| root_path(r).map_err(|e| ClientError::source(r.display().to_string(), e)))
             .collect::<Result<_>>()?;
         abs.sort();
         abs.dedup();
@@ -302,14 +304,14 @@ impl Producer {
                 continue; // inside a root already walked
             }
             fs::symlink_metadata(&root)
-                .map_err(|e| ClientError::Input(format!("cannot back up {}: {e}", root.display())))?;
+                .map_err(|e| ClientError::source(format!("cannot back up {}", root.display()), e))?;
             // Ancestors as directories, so restore recreates their metadata.
             let ancestors: Vec<&Path> = root.ancestors().skip(1).filter(|a| a.parent().is_some()).collect();
             for a in ancestors.into_iter().rev() {
                 if done.iter().any(|d| d.starts_with(a) || a.starts_with(d)) {
                     continue;
                 }
-                let m = fs::metadata(a).map_err(|e| ClientError::Input(format!("{}: {e}", a.display())))?;
+                let m = fs::metadata(a).map_err(|e| ClientError::source(a.display().to_string(), e))?;
                 self.emit(Entry::Dir { path: snapshot_path(a), meta: meta_of(&m) })?;
             }
             self.walk(&root)?;
@@ -334,7 +336,7 @@ impl Producer {
         };
         std::thread::scope(|s| {
             let rx = super::lister::spawn(s, root.to_path_buf(), m, &excludes)
-                .map_err(|e| ClientError::Io(format!("starting the directory lister: {e}")))?;
+                .map_err(|e| ClientError::Thread { what: "the directory lister", source: e })?;
             for l in rx.into_iter().flatten() {
                 match l {
                     Listed::Entry(path, m) => self.entry(&path, &m)?,
@@ -363,7 +365,7 @@ impl Producer {
             }
             return self.regular_file(path, name, m);
         } else if ft.is_symlink() {
-            let target = fs::read_link(path).map_err(|e| ClientError::Input(format!("{}: {e}", path.display())))?;
+            let target = fs::read_link(path).map_err(|e| ClientError::source(path.display().to_string(), e))?;
             return self.emit(Entry::Symlink {
                 path: name,
                 meta: meta_of(m),

@@ -54,10 +54,10 @@ pub async fn restore(
             let p = progress.clone();
             tokio::task::spawn_blocking(move || TreeWriter::new(&t, p).map(|w| Box::new(w) as Box<dyn Sink>))
                 .await
-                .map_err(|e| ClientError::Restore(format!("restore thread: {e}")))??
+                .map_err(|e| ClientError::Task { what: "restore thread", source: e })??
         }
         None if snap.kind != SnapshotKind::Stream => {
-            return Err(ClientError::Input(format!(
+            return Err(ClientError::Usage(format!(
                 "snapshot {} is a file tree; --stdout restores stream snapshots, use --target DIR",
                 id.short()
             )))
@@ -104,7 +104,7 @@ async fn run(
         sink.finish()
     });
     let (p, f, w) = tokio::join!(planner, fetcher, writer);
-    let join = |e: tokio::task::JoinError| ClientError::Restore(format!("restore thread: {e}"));
+    let join = |e: tokio::task::JoinError| ClientError::Task { what: "restore thread", source: e };
     // The writer's error is the cause when it stopped first; the others
     // then only saw a closed channel.
     let report = w.map_err(join)??;

@@ -9,7 +9,7 @@ use bkp_common::tree::Entry;
 use bkp_common::ContentHash;
 
 use super::fetch::Out;
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, Corruption, Result};
 use crate::progress::Progress;
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -47,16 +47,14 @@ impl Sink for Stdout {
         match o {
             Out::Data { data: d, .. } => {
                 crate::parallel_hash::hash_while(&d, &mut self.hasher, || std::io::stdout().lock().write_all(&d))
-                    .map_err(|e| ClientError::Restore(format!("writing to stdout: {e}")))?;
+                    .map_err(|e| ClientError::Write { what: "writing to stdout".into(), source: e })?;
                 self.report.bytes += d.len() as u64;
                 self.progress.restored(d.len() as u64);
             }
-            Out::Bad { id, reason } => {
-                return Err(ClientError::Corrupt(format!("chunk {} of the stream: {reason}", id.short())))
-            }
+            Out::Bad { id, reason } => return Err(Corruption::StreamChunk { id: id.short(), reason }.into()),
             Out::Entry(Entry::FileEnd { hash }) => {
                 if ContentHash::from(self.hasher.finalize()) != hash {
-                    return Err(ClientError::Corrupt("stream content hash mismatch".into()));
+                    return Err(Corruption::StreamHash.into());
                 }
                 self.report.files += 1;
             }
@@ -66,7 +64,7 @@ impl Sink for Stdout {
     }
 
     fn finish(self: Box<Self>) -> Result<RestoreReport> {
-        std::io::stdout().flush().map_err(|e| ClientError::Restore(format!("writing to stdout: {e}")))?;
+        std::io::stdout().flush().map_err(|e| ClientError::Write { what: "writing to stdout".into(), source: e })?;
         Ok(self.report)
     }
 }
@@ -99,7 +97,7 @@ impl Verifier {
 
 impl Sink for Verifier {
     fn handle(&mut self, o: Out) -> Result<()> {
-        let outside = || ClientError::Corrupt("snapshot tree: data outside a file".into());
+        let outside = || ClientError::from(Corruption::Layout("snapshot tree: data outside a file"));
         match o {
             Out::Entry(Entry::File { path, .. }) => {
                 self.file = Some(Checking { path, hasher: blake3::Hasher::new(), bytes: 0, bad: None });
@@ -138,7 +136,7 @@ impl Sink for Verifier {
 
     fn finish(self: Box<Self>) -> Result<RestoreReport> {
         if self.file.is_some() {
-            return Err(ClientError::Corrupt("snapshot tree ended inside a file".into()));
+            return Err(Corruption::Layout("snapshot tree ended inside a file").into());
         }
         Ok(self.report)
     }

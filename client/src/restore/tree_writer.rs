@@ -15,7 +15,7 @@ use bkp_common::{ChunkId, ContentHash};
 use super::fetch::Out;
 use super::safe_path;
 use super::sink::{RestoreReport, Sink};
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, Corruption, Result};
 use crate::progress::Progress;
 
 /// A file's temp file, removed when dropped unless it was renamed into
@@ -86,7 +86,7 @@ pub struct TreeWriter {
 }
 
 fn io_err(p: &Path, e: std::io::Error) -> ClientError {
-    ClientError::Restore(format!("{}: {e}", p.display()))
+    ClientError::write(p, e)
 }
 
 fn set_owner(p: &Path, m: &Meta) -> std::io::Result<()> {
@@ -104,7 +104,7 @@ fn mtime(m: &Meta) -> filetime::FileTime {
 /// replace a file or symlink without following it.
 fn clear(p: &Path) -> Result<()> {
     match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => Err(ClientError::Restore(format!("{}: a directory is in the way", p.display()))),
+        Ok(m) if m.is_dir() => Err(ClientError::InTheWay(p.display().to_string())),
         Ok(_) => fs::remove_file(p).map_err(|e| io_err(p, e)),
         Err(_) => Ok(()),
     }
@@ -169,7 +169,7 @@ impl TreeWriter {
                 }
                 Ok(())
             }
-            Target::None => Err(ClientError::Corrupt("data outside a file".into())),
+            Target::None => Err(Corruption::Layout("data outside a file").into()),
         }
     }
 
@@ -180,7 +180,7 @@ impl TreeWriter {
                 Ok(())
             }
             Target::Skip => Ok(()),
-            Target::None => Err(ClientError::Corrupt("data outside a file".into())),
+            Target::None => Err(Corruption::Layout("data outside a file").into()),
         }
     }
 
@@ -321,7 +321,7 @@ impl TreeWriter {
         if let Err(e) = fs::rename(&tmp, &dest) {
             drop(tmp);
             return Err(match e.raw_os_error() {
-                Some(libc::EISDIR) => ClientError::Restore(format!("{}: a directory is in the way", dest.display())),
+                Some(libc::EISDIR) => ClientError::InTheWay(dest.display().to_string()),
                 _ => io_err(&dest, e),
             });
         }
@@ -335,7 +335,7 @@ impl TreeWriter {
         if let Target::File { .. } = &self.sink {
             // Dropping the target removes its temp file.
             self.sink = Target::None;
-            return Err(ClientError::Corrupt("snapshot ended inside a file".into()));
+            return Err(Corruption::Layout("snapshot ended inside a file").into());
         }
         // Deepest first, so setting a parent's mtime comes last.
         self.dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
