@@ -3,6 +3,9 @@
 //! its whole-content hash checks out; nothing is written outside the
 //! target (`safepath`).
 
+// unsafe: geteuid, umask and mknod, which std does not wrap; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};

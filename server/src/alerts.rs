@@ -289,7 +289,7 @@ mod tests {
     fn one_notification_per_change() {
         let mut st = State::new();
         let c = cond("stale:a/db", "stale", "a/db: last backup 31h ago");
-        let evs = diff(&st, &[c.clone()], 10, "srv");
+        let evs = diff(&st, std::slice::from_ref(&c), 10, "srv");
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].0.status, Status::Firing);
         apply(&mut st, &evs);

@@ -23,6 +23,7 @@ pub mod push_failures;
 pub mod retention;
 pub mod schedule;
 pub mod server;
+pub mod service;
 pub mod sessions;
 pub mod status;
 mod status_html;

@@ -223,7 +223,7 @@ pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64
         store_disk_bytes: store.disk_bytes()?,
         scrub: scrub::Cursor::load(store)?,
         sessions: state.sessions.live() as u64,
-        push_failures: push_failures::all(state)
+        push_failures: push_failures::all(&state.monitor.push_failures, store)
             .into_iter()
             .map(|f| {
                 let last_backup_ns = sets.iter().find(|s| s.host == f.host && s.name == f.name).map(|s| s.last_ns);
