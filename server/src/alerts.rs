@@ -256,10 +256,11 @@ fn run_program(
 fn stderr_start(mut pipe: std::process::ChildStderr) -> String {
     use std::io::Read;
     use std::os::fd::AsRawFd;
-    // SAFETY: fcntl on a descriptor `pipe` owns.
-    unsafe {
-        let fd = pipe.as_raw_fd();
-        libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK);
+    let fd = pipe.as_raw_fd();
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
+    let nonblocking = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(nonblocking)).is_err() {
+        return String::new();
     }
     let mut buf = vec![0; 4096];
     let n = pipe.read(&mut buf).unwrap_or(0);
