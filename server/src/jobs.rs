@@ -19,7 +19,7 @@ use crate::audit::Audit;
 use crate::gc::{self, GcHooks};
 use crate::prune::{prune, prune_plan, RetentionConfig};
 use crate::sessions::Sessions;
-use crate::store::Store;
+use crate::store::{MetaStore, Store};
 use crate::verify::{self, Scope, VerifyConfig};
 
 /// Declared in the order the scheduler runs kinds due at the same time:
@@ -228,7 +228,7 @@ fn audit(log: &Audit, rec: &JobRecord) {
 }
 
 /// Stores a run's record; dry runs change nothing and are not kept.
-pub(crate) fn record(store: &dyn Store, running: &Running, rec: &JobRecord) {
+pub(crate) fn record(store: &dyn MetaStore, running: &Running, rec: &JobRecord) {
     if rec.dry_run {
         return;
     }
@@ -241,7 +241,7 @@ pub(crate) fn record(store: &dyn Store, running: &Running, rec: &JobRecord) {
     write_unwritten(&mut q, |r| put(store, r));
 }
 
-fn put(store: &dyn Store, rec: &JobRecord) -> Result<(), String> {
+fn put(store: &dyn MetaStore, rec: &JobRecord) -> Result<(), String> {
     let body = serde_json::to_vec(rec).expect("record to json");
     store.put_job(rec.start_ns, rec.kind.as_str(), &body).map_err(|e| e.to_string())
 }
@@ -262,7 +262,7 @@ fn write_unwritten(q: &mut Vec<JobRecord>, mut put: impl FnMut(&JobRecord) -> Re
 }
 
 /// Retries the records the store refused (the monitor calls this).
-pub fn flush_unwritten(store: &dyn Store, running: &Running) {
+pub fn flush_unwritten(store: &dyn MetaStore, running: &Running) {
     let mut q = running.unwritten.lock().expect("unwritten lock");
     if !q.is_empty() {
         write_unwritten(&mut q, |r| put(store, r));
@@ -270,7 +270,7 @@ pub fn flush_unwritten(store: &dyn Store, running: &Running) {
 }
 
 /// The newest `limit` job records, those not yet written included.
-pub fn list(store: &dyn Store, running: &Running, limit: usize) -> Result<Vec<JobRecord>, String> {
+pub fn list(store: &dyn MetaStore, running: &Running, limit: usize) -> Result<Vec<JobRecord>, String> {
     // Held across the read, so a record being written is seen once.
     let unwritten = running.unwritten.lock().expect("unwritten lock");
     let raw = store.jobs(limit).map_err(|e| e.to_string())?;
