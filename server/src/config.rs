@@ -69,7 +69,7 @@ impl ServerConfig {
         let cfg: Self = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         for (_, expr) in cfg.jobs.schedules() {
             if let Some(expr) = expr {
-                crate::jobs::parse_schedule(expr).map_err(err)?;
+                crate::jobs::parse_schedule(expr).map_err(|e| err(e.to_string()))?;
             }
         }
         cfg.alerts.check().map_err(err)?;

@@ -99,7 +99,7 @@ pub fn answer(state: &ServerState, req: ControlRequest) -> ControlResponse {
         ControlRequest::Verify { scope } => ControlResponse::Job(jobs::run_verify(&state.jobs(), scope)),
         ControlRequest::Jobs { limit } => match jobs::list(state.store.as_ref(), &state.running, limit) {
             Ok(l) => ControlResponse::Jobs(l),
-            Err(e) => ControlResponse::Error(e),
+            Err(e) => ControlResponse::Error(e.to_string()),
         },
         ControlRequest::Status => match crate::status::collect(&state.monitor_inputs()) {
             Ok(s) => ControlResponse::Status(Box::new(s)),
@@ -116,6 +116,15 @@ pub enum ControlError {
     Io(String),
     #[error("the running server's answer does not decode ({0}); is it the same version as this command?")]
     Decode(String),
+}
+
+impl ControlError {
+    /// Whether asking again can help: a server that stopped may be
+    /// restarted (then run the command again); an answer that does not
+    /// decode needs matching versions first.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, ControlError::Decode(_))
+    }
 }
 
 /// Sends a request to a running server; `None` when none is listening.
@@ -207,6 +216,7 @@ mod tests {
         t.join().unwrap();
         let e = r.unwrap_err();
         assert!(matches!(e, ControlError::ServerStopped), "{e}");
+        assert!(e.retryable() && !ControlError::Decode("x".into()).retryable());
         assert!(e.to_string().starts_with("the server stopped during the job; check its log"));
     }
 

@@ -19,7 +19,7 @@ use crate::audit::Audit;
 use crate::gc::{self, GcHooks};
 use crate::prune::{prune, prune_plan, RetentionConfig};
 use crate::sessions::Sessions;
-use crate::store::{MetaStore, Store};
+use crate::store::{MetaStore, Store, StoreError};
 use crate::verify::{self, Scope, VerifyConfig};
 
 /// Declared in the order the scheduler runs kinds due at the same time:
@@ -74,18 +74,49 @@ impl JobsConfig {
     }
 }
 
-pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
+/// A `[jobs]` schedule the server refuses; fix it in the config file (a
+/// retry cannot help).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScheduleError {
+    #[error("schedule {0:?} must have 5 fields (minute hour day month weekday)")]
+    Fields(String),
+    #[error("schedule {0:?}: write weekdays as names (MON-FRI, SUN), not numbers")]
+    WeekdayNumber(String),
+    #[error("schedule {0:?}: {1}")]
+    Cron(String, String),
+}
+
+/// Job records could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record does not decode: written by a newer bkp-server, or
+    /// damaged; list fewer with `--limit`, or upgrade.
+    #[error("job record: {0}")]
+    Record(String),
+}
+
+impl JobsError {
+    /// A database error may pass (a full disk, a busy compaction); an
+    /// undecodable record stays.
+    pub fn retryable(&self) -> bool {
+        matches!(self, JobsError::Store(StoreError::Db(_) | StoreError::Full(_)))
+    }
+}
+
+pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, ScheduleError> {
     // The cron crate wants seconds first; operators write five fields.
     let fields = expr.split_whitespace().count();
     if fields != 5 {
-        return Err(format!("schedule {expr:?} must have 5 fields (minute hour day month weekday)"));
+        return Err(ScheduleError::Fields(expr.to_string()));
     }
     // The cron crate numbers weekdays 1 = Sunday, crontab 0 = Sunday: names
     // mean the same in both, numbers would silently shift a day.
     if expr.split_whitespace().nth(4).is_some_and(|w| w.chars().any(|c| c.is_ascii_digit())) {
-        return Err(format!("schedule {expr:?}: write weekdays as names (MON-FRI, SUN), not numbers"));
+        return Err(ScheduleError::WeekdayNumber(expr.to_string()));
     }
-    cron::Schedule::from_str(&format!("0 {expr}")).map_err(|e| format!("schedule {expr:?}: {e}"))
+    cron::Schedule::from_str(&format!("0 {expr}")).map_err(|e| ScheduleError::Cron(expr.to_string(), e.to_string()))
 }
 
 /// Records kept in memory while the store refuses them, at most this many
@@ -241,13 +272,13 @@ pub(crate) fn record(store: &dyn MetaStore, running: &Running, rec: &JobRecord) 
     write_unwritten(&mut q, |r| put(store, r));
 }
 
-fn put(store: &dyn MetaStore, rec: &JobRecord) -> Result<(), String> {
+fn put(store: &dyn MetaStore, rec: &JobRecord) -> Result<(), StoreError> {
     let body = serde_json::to_vec(rec).expect("record to json");
-    store.put_job(rec.start_ns, rec.kind.as_str(), &body).map_err(|e| e.to_string())
+    store.put_job(rec.start_ns, rec.kind.as_str(), &body)
 }
 
 /// Writes queued records, oldest first, until one fails.
-fn write_unwritten(q: &mut Vec<JobRecord>, mut put: impl FnMut(&JobRecord) -> Result<(), String>) {
+fn write_unwritten(q: &mut Vec<JobRecord>, mut put: impl FnMut(&JobRecord) -> Result<(), StoreError>) {
     while let Some(rec) = q.first() {
         match put(rec) {
             Ok(()) => {
@@ -270,13 +301,13 @@ pub fn flush_unwritten(store: &dyn MetaStore, running: &Running) {
 }
 
 /// The newest `limit` job records, those not yet written included.
-pub fn list(store: &dyn MetaStore, running: &Running, limit: usize) -> Result<Vec<JobRecord>, String> {
+pub fn list(store: &dyn MetaStore, running: &Running, limit: usize) -> Result<Vec<JobRecord>, JobsError> {
     // Held across the read, so a record being written is seen once.
     let unwritten = running.unwritten.lock().expect("unwritten lock");
-    let raw = store.jobs(limit).map_err(|e| e.to_string())?;
+    let raw = store.jobs(limit)?;
     let mut out: Vec<JobRecord> = raw
         .iter()
-        .map(|b| serde_json::from_slice(b).map_err(|e| format!("job record: {e}")))
+        .map(|b| serde_json::from_slice(b).map_err(|e| JobsError::Record(e.to_string())))
         .collect::<Result<_, _>>()?;
     out.extend(unwritten.iter().cloned());
     drop(unwritten);
@@ -295,9 +326,10 @@ mod tests {
         let s = parse_schedule("0 4 * * *").unwrap();
         let from = chrono::DateTime::parse_from_rfc3339("2026-11-23T05:00:00Z").unwrap().with_timezone(&chrono::Utc);
         assert_eq!(s.after(&from).next().unwrap().to_rfc3339(), "2026-11-24T04:00:00+00:00");
-        assert!(parse_schedule("0 4 * *").is_err());
-        assert!(parse_schedule("99 4 * * *").is_err());
-        assert!(parse_schedule("0 4 * * 1").is_err());
+        assert_eq!(parse_schedule("0 4 * *").unwrap_err(), ScheduleError::Fields("0 4 * *".into()));
+        assert!(matches!(parse_schedule("99 4 * * *"), Err(ScheduleError::Cron(..))));
+        let e = parse_schedule("0 4 * * 1").unwrap_err();
+        assert_eq!(e.to_string(), "schedule \"0 4 * * 1\": write weekdays as names (MON-FRI, SUN), not numbers");
         let mon = parse_schedule("0 4 * * MON").unwrap();
         assert_eq!(mon.after(&from).next().unwrap().to_rfc3339(), "2026-11-30T04:00:00+00:00");
     }
@@ -320,12 +352,12 @@ mod tests {
         let mut q = vec![rec(1), rec(2)];
         let mut stored = Vec::new();
         // Disk full: nothing is lost, order is kept.
-        write_unwritten(&mut q, |_| Err("No space left on device".into()));
+        write_unwritten(&mut q, |_| Err(StoreError::Full(0)));
         assert_eq!(q.len(), 2);
         let mut room = 1;
         write_unwritten(&mut q, |r| {
             if room == 0 {
-                return Err("No space left on device".into());
+                return Err(StoreError::Full(0));
             }
             room -= 1;
             stored.push(r.start_ns);

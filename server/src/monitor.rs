@@ -210,8 +210,13 @@ pub fn status_of(inp: &Inputs<'_>, summaries: &[SnapshotSummary], now_ns: u64) -
     let sets = freshness::evaluate(summaries, inp.freshness, now_ns);
     let mut jobs_by_kind: BTreeMap<&'static str, (JobRecord, Option<JobRecord>)> = BTreeMap::new();
     // A refused run (one of its kind was in progress) is not a run.
-    for rec in
-        jobs::list(store, inp.running, JOB_HISTORY).map_err(StoreError::Corrupt)?.into_iter().filter(|r| !r.refused)
+    for rec in jobs::list(store, inp.running, JOB_HISTORY)
+        .map_err(|e| match e {
+            jobs::JobsError::Store(s) => s,
+            jobs::JobsError::Record(m) => StoreError::Corrupt(format!("job record: {m}")),
+        })?
+        .into_iter()
+        .filter(|r| !r.refused)
     {
         let ok = rec.ok.then(|| rec.clone());
         let e = jobs_by_kind.entry(rec.kind.as_str()).or_insert((rec, None));

@@ -187,7 +187,7 @@ fn watermarks(
     let mut last = BTreeMap::new();
     let mut limit = HISTORY;
     loop {
-        let records = jobs::list(state.store.as_ref(), &state.running, limit)?;
+        let records = jobs::list(state.store.as_ref(), &state.running, limit).map_err(|e| e.to_string())?;
         for r in &records {
             // Newest first: the first of each kind is its newest.
             last.entry(r.kind).or_insert_with(|| from_ns(r.start_ns));
