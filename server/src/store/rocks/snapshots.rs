@@ -40,7 +40,7 @@ impl RocksStore {
         Ok(())
     }
 
-    pub(crate) fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
+    pub fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
         let record = snapshot.encode();
         let id = SnapshotId::of(&record);
         let summary = snapshot.summary(id);
@@ -65,7 +65,7 @@ impl RocksStore {
         Ok(summary)
     }
 
-    pub(crate) fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
         match self.db.raw().get_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes()).map_err(db_err)? {
             None => Ok(None),
             Some(b) => {
@@ -74,7 +74,7 @@ impl RocksStore {
         }
     }
 
-    pub(crate) fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError> {
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError> {
         let _l = self.snapshot_lock.lock().expect("snapshot lock");
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
         let set_key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
@@ -92,7 +92,7 @@ impl RocksStore {
         Ok(true)
     }
 
-    pub(crate) fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError> {
+    pub fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError> {
         let _l = self.snapshot_lock.lock().expect("snapshot lock");
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
         let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
@@ -106,11 +106,7 @@ impl RocksStore {
         Ok(true)
     }
 
-    pub(crate) fn list_snapshots(
-        &self,
-        host: Option<&str>,
-        name: Option<&str>,
-    ) -> Result<Vec<SnapshotSummary>, StoreError> {
+    pub fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError> {
         let prefix = match (host, name) {
             (Some(h), Some(n)) => schema::set_prefix(h, n),
             (Some(h), None) => schema::host_prefix(h),
