@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 use bkp_common::snapshot::SnapshotSummary;
 use bkp_common::SnapshotId;
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::alerts::{self, Condition, State};
 use crate::freshness::{self, SetStatus};
 use crate::jobs::{self, JobKind, JobRecord};
 use crate::push_failures::{self, Failure};
 use crate::server::ServerState;
-use crate::store::schema::META_ALERT_STATE;
 use crate::store::StoreError;
 use crate::verify::damage::Damage;
 use crate::verify::scrub;
@@ -201,12 +200,7 @@ pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64
         }
     }
     let mut damaged = Vec::new();
-    for (id, raw) in store.damaged()? {
-        match Damage::decode(&raw) {
-            Ok(d) => damaged.push((id, d)),
-            Err(e) => warn!(snapshot = %id.short(), "unreadable damage record: {e}"),
-        }
-    }
+    damaged.extend(store.damaged()?);
     let mut quarantined = 0;
     for (id, _) in store.quarantined()? {
         if store.chunk_meta(&id)?.is_none() {
@@ -221,7 +215,7 @@ pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64
         logical_bytes: summaries.iter().map(|s| s.stats.bytes).sum(),
         disk: disk(&state.data_dir),
         store_disk_bytes: store.disk_bytes()?,
-        scrub: scrub::Cursor::load(store)?,
+        scrub: store.scrub_cursor()?,
         sessions: state.sessions.live() as u64,
         push_failures: push_failures::all(&state.monitor.push_failures, store)
             .into_iter()
@@ -252,7 +246,7 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
     }
     for (kind, (last, _)) in &st.jobs {
         // A verify run that found damage is the "damaged" alert's business.
-        let found_damage = *kind == JobKind::Verify.as_str() && !last.figures.is_null();
+        let found_damage = *kind == JobKind::Verify.as_str() && last.figures.is_some();
         if !last.ok && !found_damage {
             let err = last.error.clone().unwrap_or_default();
             out.push(Condition {
@@ -321,11 +315,7 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
 }
 
 fn load_state(state: &ServerState) -> Result<State, StoreError> {
-    Ok(match state.store.meta_get(META_ALERT_STATE)? {
-        None => State::new(),
-        // The state only suppresses repeats: if it cannot be read, notify afresh.
-        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
-    })
+    state.store.alert_state()
 }
 
 fn hostname() -> String {
@@ -362,7 +352,7 @@ pub fn check(state: &ServerState) -> Result<(), StoreError> {
         }
     }
     if changed {
-        state.store.meta_put(META_ALERT_STATE, &serde_json::to_vec(&notified).expect("state to json"))?;
+        state.store.set_alert_state(&notified)?;
     }
     Ok(())
 }

@@ -9,23 +9,7 @@ use super::durability::Batch;
 use super::RocksStore;
 use crate::store::{schema, StoreError};
 
-/// Summaries in the set index carry their own version byte.
-const SUMMARY_VERSION: u8 = 1;
-
 impl RocksStore {
-    pub(crate) fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
-        postcard::to_extend(s, vec![SUMMARY_VERSION]).expect("postcard to Vec")
-    }
-
-    pub(crate) fn decode_summary(b: &[u8]) -> Result<SnapshotSummary, StoreError> {
-        match b.split_first() {
-            Some((&SUMMARY_VERSION, rest)) => {
-                postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("snapshot summary: {e}")))
-            }
-            _ => Err(StoreError::Corrupt("snapshot summary version".into())),
-        }
-    }
-
     /// The commit count `meta` holds, checked against the commit mark.
     pub(super) fn check_commits(&self) -> Result<(), StoreError> {
         let stored = self
@@ -56,7 +40,7 @@ impl RocksStore {
         batch.put(
             schema::CF_SETS,
             schema::set_key(&snapshot.host, &snapshot.name, snapshot.time_ns, &id),
-            Self::encode_summary(&summary),
+            schema::encode_summary(&summary),
         );
         // Acknowledged means on disk, and with it every chunk written before.
         self.db.write_synced(batch)?;
@@ -79,7 +63,7 @@ impl RocksStore {
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
         let set_key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
         if let Some(v) = self.db.raw().get_cf(self.cf(schema::CF_SETS), &set_key).map_err(db_err)? {
-            if Self::decode_summary(&v)?.protected {
+            if schema::decode_summary(&v)?.protected {
                 return Err(StoreError::Protected(*id));
             }
         }
@@ -98,10 +82,10 @@ impl RocksStore {
         let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
         let cf = self.cf(schema::CF_SETS);
         let Some(v) = self.db.raw().get_cf(cf, &key).map_err(db_err)? else { return Ok(false) };
-        let mut summary = Self::decode_summary(&v)?;
+        let mut summary = schema::decode_summary(&v)?;
         summary.protected = protected;
         let mut batch = Batch::new(&self.db);
-        batch.put(schema::CF_SETS, key, Self::encode_summary(&summary));
+        batch.put(schema::CF_SETS, key, schema::encode_summary(&summary));
         self.db.write_synced(batch)?;
         Ok(true)
     }
@@ -118,7 +102,7 @@ impl RocksStore {
             if !k.starts_with(&prefix) {
                 break;
             }
-            let s = Self::decode_summary(&v)?;
+            let s = schema::decode_summary(&v)?;
             if host.is_none() && name.is_some_and(|n| n != s.name) {
                 continue;
             }
