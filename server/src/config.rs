@@ -134,7 +134,7 @@ mod tests {
         assert!(c.jobs.prune.is_some() && c.jobs.gc.is_some() && c.jobs.verify.is_some());
         assert!(c.verify.max_duration.is_some() && c.freshness.interval.is_some());
         assert!(c.freshness.sets.contains_key("web01/pgdump"));
-        assert_eq!((c.alerts.webhooks.len(), c.alerts.command.is_some()), (1, true));
+        assert_eq!((c.alerts.webhooks.len(), c.alerts.command.is_some(), c.alerts.email.len()), (1, true, 1));
         assert!(c.monitor.listen.is_some());
         let s = &c.storage;
         assert_eq!(s.backend, crate::store::object::config::Backend::S3);

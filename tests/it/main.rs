@@ -3,6 +3,7 @@
 
 mod audit;
 mod dos;
+mod email;
 mod faults;
 mod gc;
 mod hardening;
