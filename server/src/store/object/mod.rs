@@ -14,7 +14,7 @@
 
 pub mod config;
 #[cfg(test)]
-mod faulty;
+pub(crate) mod faulty;
 pub mod lease;
 
 use std::ops::Range;
