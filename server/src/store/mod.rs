@@ -83,6 +83,7 @@
 pub mod object;
 pub mod pack;
 pub mod rocks;
+pub mod s3;
 pub mod salvage;
 pub mod schema;
 pub mod space;
