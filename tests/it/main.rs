@@ -13,6 +13,7 @@ mod logs;
 mod monitoring;
 mod postgres;
 mod resilience;
+mod s3;
 mod security;
 mod status;
 mod stream;

@@ -12,7 +12,7 @@ use super::{admin, push, read, Caller, ServiceError};
 use crate::push_failures::{self, PushFailures};
 use crate::sessions::{SessionError, Sessions};
 use crate::store::rocks::RocksStore;
-use crate::store::Store;
+use crate::store::ChunkStore;
 
 struct World {
     _dir: tempfile::TempDir,

@@ -34,7 +34,7 @@ use serde::Serialize;
 
 use super::rocks::RocksStore;
 use super::schema::{self, ChunkMeta, HostNum, QuarantineRecord};
-use super::{Store, StoreError};
+use super::{ChunkStore, StoreError};
 
 /// Bytes of records per write batch of the rebuild.
 const BATCH_BYTES: usize = 8 << 20;
