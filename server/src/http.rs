@@ -27,7 +27,12 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
         let st = crate::monitor::status(&state.monitor_inputs(), crate::jobs::now_ns())?;
         let firing = state.monitor.firing.load(std::sync::atomic::Ordering::Relaxed);
-        Ok::<_, crate::store::StoreError>(crate::metrics::render(&st, &state.monitor.counters, firing))
+        Ok::<_, crate::store::StoreError>(crate::metrics::render(
+            &st,
+            &state.monitor.counters,
+            firing,
+            state.audit.dropped(),
+        ))
     })
     .await;
     match body {

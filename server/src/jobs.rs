@@ -197,7 +197,9 @@ pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> Jo
             .and_then(|plan| prune(jobs.store, plan, dry_run))
             .map(|r| (Report::Prune(r), None))
             .map_err(|e| e.to_string()),
-        JobKind::Gc => gc::run(jobs.store, jobs.sessions, hooks).map(|r| (Report::Gc(r), None)).map_err(|e| e.to_string()),
+        JobKind::Gc => {
+            gc::run(jobs.store, jobs.sessions, hooks).map(|r| (Report::Gc(r), None)).map_err(|e| e.to_string())
+        }
         JobKind::Verify => unreachable!("handled above"),
     })
 }

@@ -75,7 +75,8 @@ fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
+/// `audit_dropped`: audit lines lost since start, (queue full, rate limit).
+pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64)) -> String {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut r = Reg(Registry::default());
     r.gauge("bkp_up", "1 while the server answers", 1.0);
@@ -103,6 +104,11 @@ pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
         ],
     );
     r.counter("bkp_alert_delivery_failures", "alert deliveries that failed", [(vec![], get(&c.delivery_failures))]);
+    r.counter(
+        "bkp_audit_dropped",
+        "audit lines not written: the writer's queue was full, or refusals over [audit] refusals_per_second",
+        [(l(&[("reason", "queue_full")]), audit_dropped.0), (l(&[("reason", "rate_limit")]), audit_dropped.1)],
+    );
 
     let s = st.stats;
     r.gauge("bkp_store_chunks", "chunks stored", s.chunks as f64);
@@ -230,7 +236,9 @@ mod tests {
             push_failures: vec![],
             scheduled: vec![],
         };
-        let text = render(&st, &c, 0);
+        let text = render(&st, &c, 0, (3, 4));
+        assert!(text.contains("bkp_audit_dropped_total{reason=\"queue_full\"} 3"), "{text}");
+        assert!(text.contains("bkp_audit_dropped_total{reason=\"rate_limit\"} 4"), "{text}");
         assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"ok\"} 2"), "{text}");
         assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"failed\"} 1"), "{text}");
         assert!(text.contains("bkp_pushes_total{host=\"we\\\"b\",name=\"x\",result=\"ok\"} 1"), "{text}");
