@@ -51,14 +51,10 @@
 //!   crash loses unflushed chunks, which no snapshot references yet.
 //!
 //! # Which operations may overlap
-//! | pair            | allowed | what protects it                                   |
-//! |-----------------|---------|----------------------------------------------------|
-//! | push / push     | yes     | chunk puts are idempotent; commits are single batches |
-//! | push / restore  | yes     | readers see only committed snapshots               |
-//! | restore/restore | yes     | read-only                                          |
-//! | verify / push   | yes     | a quarantined chunk is gone from `chunks`, so `host_has` says "missing" and the next push uploads it again; a commit that raced the quarantine fails and asks for a new push |
-//! | verify / GC     | yes     | a chunk GC deleted under the scrub is recognised (its meta is gone too) and not reported; a snapshot forgotten under the drill is skipped |
-//! | verify / verify | no      | one run of a kind at a time (`jobs`) |
+//! See the table in the server crate's doc (`crate`, "Which operations may
+//! overlap"): what the store guarantees there is that chunk puts are
+//! idempotent, a commit and a snapshot delete are each one write, and a
+//! quarantine is one synced write.
 //!
 //! # Verification and quarantine
 //! The verify job (`crate::verify`) re-reads chunks and rebuilds sampled
