@@ -17,11 +17,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{ClientConfig, FileConfig};
 use crate::conn::Client;
-use crate::incremental::CacheSpec;
 use crate::progress::{Progress, Silent};
+use crate::push::incremental::CacheSpec;
 use crate::push::{push_with, PushOptions, Source};
+use crate::restore::snapshot_spec::resolve;
 use crate::restore::{restore, verify, RestoreOptions, TreeReader};
-use crate::select::resolve;
 
 #[derive(Parser)]
 #[command(name = "bkp", version, about = "bkp backup client")]

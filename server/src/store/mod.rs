@@ -80,6 +80,8 @@
 //!   database from it; a lost WAL tail is logged at open
 //!   (`rocks::COMMIT_MARK_FILE`).
 
+pub mod object;
+pub mod pack;
 pub mod rocks;
 pub mod salvage;
 pub mod schema;
