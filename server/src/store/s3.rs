@@ -538,7 +538,11 @@ impl RangeCache {
 }
 
 /// The store `[storage]` asks for: chunk data local (the default) or in
-/// the bucket, metadata in the RocksDB under `db_dir` either way.
+/// the bucket, metadata in the RocksDB under `db_dir` either way. A data
+/// directory remembers its backend (`meta` `storage_backend`) and refuses
+/// the other one: a command run without the config that names the bucket
+/// would otherwise find every chunk missing (and a verify would report
+/// every snapshot damaged).
 pub fn open_store(
     db_dir: &Path,
     cache_bytes: usize,
@@ -546,12 +550,46 @@ pub fn open_store(
     data_dir: &Path,
 ) -> Result<super::rocks::RocksStore, StoreError> {
     use super::object::config::Backend;
-    match storage.backend {
-        Backend::Local => super::rocks::RocksStore::open(db_dir, cache_bytes),
+    // Only s3 is marked: `bkp-server init` opens every new directory with
+    // the defaults (local), which must not claim it.
+    let want: &[u8] = if storage.backend == Backend::S3 { b"s3" } else { b"local" };
+    // Looked at before the bucket is reached (and its lease taken).
+    let (had, has_chunks) = {
+        let s = super::rocks::RocksStore::open(db_dir, cache_bytes)?;
+        (s.meta_get(schema::META_STORAGE_BACKEND)?, !s.chunk_metas(None, 1)?.is_empty())
+    };
+    match &had {
+        Some(had) if had != want && had.as_slice() != b"local" => {
+            return Err(StoreError::Open(
+                data_dir.display().to_string(),
+                format!(
+                    "this data directory keeps its chunk data in backend {:?}, but [storage] says {:?}: give the \
+                     command the server's config (`--config FILE`, or DATA/server.toml) with its [storage] section",
+                    String::from_utf8_lossy(had),
+                    String::from_utf8_lossy(want)
+                ),
+            ))
+        }
+        None if storage.backend == Backend::S3 && has_chunks => {
+            return Err(StoreError::Open(
+                data_dir.display().to_string(),
+                "this data directory holds chunk data on local disk (backend \"local\"); an s3 backend starts \
+                 with a new data directory (moving a store to a bucket is not built yet)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    let store = match storage.backend {
+        Backend::Local => super::rocks::RocksStore::open(db_dir, cache_bytes)?,
         Backend::S3 => super::rocks::RocksStore::open_with(db_dir, cache_bytes, |db| {
             Ok(Arc::new(S3Chunks::open(db, storage, data_dir)?) as Arc<dyn ChunkStore>)
-        }),
+        })?,
+    };
+    if had.is_none() && storage.backend == Backend::S3 {
+        store.meta_put(schema::META_STORAGE_BACKEND, want)?;
     }
+    Ok(store)
 }
 
 #[cfg(test)]
@@ -705,5 +743,35 @@ mod tests {
         let mut bad = enc.clone();
         bad[1] = 9;
         assert_eq!(PackRecord::decode(&bad), None);
+    }
+
+    /// A data directory opened with the other backend refuses, saying
+    /// which config it needs (a verify without the bucket's config would
+    /// find every chunk missing).
+    #[test]
+    fn a_data_directory_keeps_its_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let s3 = StorageConfig {
+            backend: crate::store::object::config::Backend::S3,
+            bucket: Some("b".into()),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        {
+            let s = open_store(&db, 8 << 20, &StorageConfig::default(), dir.path()).unwrap();
+            let data = b"local chunk";
+            let c = VerifiedChunk::verify(ChunkId::of(data), blob::encode(data, 3)).unwrap();
+            crate::store::MetaStore::put_chunks(&s, "h", &[c]).unwrap();
+        }
+        let Err(e) = open_store(&db, 8 << 20, &s3, dir.path()) else { panic!("opened") };
+        assert!(e.to_string().contains("backend \"local\""), "{e}");
+        // Marked s3 (as an s3 open does): a local open refuses.
+        {
+            let s = crate::store::rocks::RocksStore::open(&db, 8 << 20).unwrap();
+            crate::store::MetaStore::meta_put(&s, schema::META_STORAGE_BACKEND, b"s3").unwrap();
+        }
+        let Err(e) = open_store(&db, 8 << 20, &StorageConfig::default(), dir.path()) else { panic!("opened") };
+        assert!(e.to_string().contains("--config"), "{e}");
     }
 }
