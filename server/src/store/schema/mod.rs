@@ -1,6 +1,8 @@
-//! The RocksDB key schema: column family names and key encodings. Only
-//! this module knows how keys are laid out; tests check that encoded keys
-//! sort like the values they encode.
+//! The RocksDB schema: column family names, key encodings and every
+//! persisted value's codec (the small ones here, the rest in `values`).
+//! Only this module knows how keys and values are laid out; tests check
+//! that encoded keys sort like the values they encode, and pin each
+//! value's bytes.
 //!
 //! | column family | key                                   | value                  |
 //! |---------------|---------------------------------------|------------------------|
@@ -9,11 +11,11 @@
 //! | `host_chunks` | host NUL chunk id                     | empty                  |
 //! | `hosts`       | host name                             | [`HostNum`] u32 LE     |
 //! | `snapshots`   | snapshot id (32)                      | snapshot record        |
-//! | `sets`        | host NUL name NUL time_ns:u64 BE id   | snapshot summary       |
-//! | `meta`        | ASCII key                             | store metadata         |
-//! | `jobs`        | start_ns:u64 BE, kind                 | job run record (JSON)  |
+//! | `sets`        | host NUL name NUL time_ns:u64 BE id   | snapshot summary (`values`) |
+//! | `meta`        | ASCII key                             | store metadata (`META_*`) |
+//! | `jobs`        | start_ns:u64 BE, kind                 | job record (`values`)  |
 //! | `quarantine`  | chunk id (32)                         | [`QuarantineRecord`]   |
-//! | `damaged`     | snapshot id (32)                      | damage record (verify) |
+//! | `damaged`     | snapshot id (32)                      | [`Damage`]             |
 //! | `chunk_loc`   | chunk id (32)                         | s3: pack number, offset, length (`s3::Location`) |
 //! | `packs`       | pack number:u64 BE                    | s3: uploaded pack's name, kind, size (`s3::PackRecord`) |
 //!
@@ -25,6 +27,13 @@
 //!
 //! Host and set names never contain NUL (see `bkp_common::names`), so the
 //! NUL terminator makes tuple order and byte order agree.
+
+mod values;
+
+pub use values::{
+    decode_alert_state, decode_job, decode_summary, encode_alert_state, encode_job, encode_summary, AlertState, Damage,
+    Notified, ScrubCursor, MAX_LISTED,
+};
 
 use bkp_common::{ChunkId, SnapshotId};
 
