@@ -162,3 +162,59 @@ fn push_and_restore_through_seaweedfs() {
     };
     assert!(e.to_string().contains("in use by another bkp-server"), "{e}");
 }
+
+/// Figures for the issue (not a pass/fail test; run by hand):
+/// `cargo test --release -p bkp-tests --test it -- s3::measure --ignored --nocapture`
+/// pushes BKP_MEASURE_MIB (default 256) MiB of incompressible files to a
+/// local-backend server and to an s3 one on SeaweedFS, restores each (s3
+/// after a restart: every chunk from the bucket), and prints MB/s and
+/// PUTs per GiB.
+#[test]
+#[ignore]
+fn measure() {
+    use bkp_common::protocol::Role;
+    use bkp_tests::{ok, random_bytes, TestServer};
+    use std::time::Instant;
+
+    let mib: usize = std::env::var("BKP_MEASURE_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..mib / 16 {
+        std::fs::write(src.path().join(format!("f{i}")), random_bytes(16 << 20, i as u64)).unwrap();
+    }
+    let mb = (mib << 20) as f64 / 1e6;
+    let run = |server: &mut TestServer, restart: bool| {
+        let token = server.token("h", Role::Push);
+        let t = Instant::now();
+        ok(server.bkp(&token).args(["push"]).arg(src.path()));
+        let push = t.elapsed().as_secs_f64();
+        if restart {
+            server.restart();
+        }
+        let target = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        ok(server.bkp(&token).args(["restore", "latest", "--target"]).arg(target.path()));
+        (mb / push, mb / t.elapsed().as_secs_f64())
+    };
+    let mut local = TestServer::start();
+    let (lp, lr) = run(&mut local, false);
+    drop(local);
+    let weed = Seaweed::start("measure");
+    let cfgdir = tempfile::tempdir().unwrap();
+    let mut cfg = s3_config(&weed, cfgdir.path(), "m");
+    cfg.storage.pack_size = 32 << 20;
+    let mut s3 = TestServer::start_with(cfg);
+    let (sp, sr) = run(&mut s3, true);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let packs = rt.block_on(async {
+        use futures::TryStreamExt;
+        weed.store().list(Some(&Path::from("m/packs"))).try_collect::<Vec<_>>().await.unwrap()
+    });
+    let bytes: u64 = packs.iter().map(|m| m.size).sum();
+    println!(
+        "{mib} MiB: local push {lp:.0} MB/s restore {lr:.0} MB/s | s3 (SeaweedFS) push {sp:.0} MB/s restore {sr:.0} MB/s \
+         (cold cache) | {} pack PUTs, {:.1} per GiB, {} bytes in the bucket",
+        packs.len(),
+        packs.len() as f64 / (bytes as f64 / (1u64 << 30) as f64),
+        bytes
+    );
+}

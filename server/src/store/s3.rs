@@ -119,6 +119,14 @@ pub fn pack_object(id: &PackId) -> String {
     format!("packs/{}", id.to_hex())
 }
 
+/// A sealed pack waiting for (or in) its PUT. `Bytes`: the PUT and the
+/// readers share the buffer.
+struct Sealed {
+    id: PackId,
+    kind: Kind,
+    bytes: Bytes,
+}
+
 struct OpenPack {
     num: u64,
     w: PackWriter,
@@ -129,7 +137,7 @@ struct OpenPack {
 #[derive(Default)]
 struct Staging {
     open: Option<OpenPack>,
-    sealed: Vec<(u64, SealedPack)>,
+    sealed: Vec<(u64, Sealed)>,
 }
 
 pub struct S3Chunks {
@@ -287,17 +295,27 @@ impl S3Chunks {
     fn seal(st: &mut Staging) {
         if let Some(op) = st.open.take() {
             if !op.w.is_empty() {
-                st.sealed.push((op.num, op.w.finish()));
+                let SealedPack { id, kind, bytes, .. } = op.w.finish();
+                st.sealed.push((op.num, Sealed { id, kind, bytes: Bytes::from(bytes) }));
             }
         }
     }
 
-    /// PUTs every sealed pack, recording each one that is stored. Stops at
-    /// the first failure (the rest stay queued).
-    fn upload_sealed(&self, st: &mut Staging) -> Result<(), StoreError> {
-        while let Some((num, pack)) = st.sealed.first() {
-            let (num, id, kind, len) = (*num, pack.id, pack.kind, pack.bytes.len() as u64);
-            let bytes = Bytes::from(pack.bytes.clone());
+    /// PUTs every pack that was sealed when it was called, recording each
+    /// one that is stored; on return (Ok) all of them are in the bucket.
+    /// The staging lock is not held during a PUT, so other pushes go on
+    /// filling the next pack meanwhile. Two callers may PUT the same pack
+    /// at once: create-only and content-named, the second finds it there.
+    fn upload_sealed(&self) -> Result<(), StoreError> {
+        let todo: Vec<(u64, PackId, Kind, Bytes)> = {
+            let st = self.staging.lock().expect("staging lock");
+            st.sealed.iter().map(|(n, p)| (*n, p.id, p.kind, p.bytes.clone())).collect()
+        };
+        for (num, id, kind, bytes) in todo {
+            if self.packs.read().expect("packs lock").contains_key(&num) {
+                continue;
+            }
+            let len = bytes.len() as u64;
             let o = self.objects.clone();
             let name = pack_object(&id);
             run_on(self.rt(), async move { o.put_new(&name, bytes).await }).map_err(obj_err)?;
@@ -306,7 +324,7 @@ impl S3Chunks {
             b.put(schema::CF_PACKS, schema::pack_key(num), rec.encode());
             self.db.write_synced(b)?;
             self.packs.write().expect("packs lock").insert(num, rec);
-            st.sealed.remove(0);
+            self.staging.lock().expect("staging lock").sealed.retain(|(n, _)| *n != num);
         }
         Ok(())
     }
@@ -389,22 +407,30 @@ impl ChunkStore for S3Chunks {
 
     fn stage_data(&self, chunks: &[&VerifiedChunk], batch: &mut Batch<'_>) -> Result<(), StoreError> {
         self.check_lease()?;
-        let mut st = self.staging.lock().expect("staging lock");
         // A pack that failed to upload is tried again first; while the
         // bucket refuses, no more data piles up in memory.
-        self.upload_sealed(&mut st)?;
-        for c in chunks {
-            if st.open.is_none() {
-                st.open = Some(OpenPack { num: self.next_pack_num()?, w: PackWriter::new(Kind::Data) });
+        if !self.staging.lock().expect("staging lock").sealed.is_empty() {
+            self.upload_sealed()?;
+        }
+        let mut sealed_any = false;
+        {
+            let mut st = self.staging.lock().expect("staging lock");
+            for c in chunks {
+                if st.open.is_none() {
+                    st.open = Some(OpenPack { num: self.next_pack_num()?, w: PackWriter::new(Kind::Data) });
+                }
+                let op = st.open.as_mut().expect("opened above");
+                let e = op.w.add(&c.id, &c.blob);
+                let loc = Location { pack: op.num, offset: e.offset, len: e.len };
+                batch.put(schema::CF_CHUNK_LOC, c.id.as_bytes(), loc.encode());
+                if op.w.len() >= self.pack_size {
+                    Self::seal(&mut st);
+                    sealed_any = true;
+                }
             }
-            let op = st.open.as_mut().expect("opened above");
-            let e = op.w.add(&c.id, &c.blob);
-            let loc = Location { pack: op.num, offset: e.offset, len: e.len };
-            batch.put(schema::CF_CHUNK_LOC, c.id.as_bytes(), loc.encode());
-            if op.w.len() >= self.pack_size {
-                Self::seal(&mut st);
-                self.upload_sealed(&mut st)?;
-            }
+        }
+        if sealed_any {
+            self.upload_sealed()?;
         }
         Ok(())
     }
@@ -446,9 +472,8 @@ impl ChunkStore for S3Chunks {
 
     fn persist(&self) -> Result<(), StoreError> {
         self.check_lease()?;
-        let mut st = self.staging.lock().expect("staging lock");
-        Self::seal(&mut st);
-        self.upload_sealed(&mut st)
+        Self::seal(&mut self.staging.lock().expect("staging lock"));
+        self.upload_sealed()
     }
 
     /// None at chunk level: what a crash leaves in the bucket is whole
@@ -538,7 +563,11 @@ impl RangeCache {
 }
 
 /// The store `[storage]` asks for: chunk data local (the default) or in
-/// the bucket, metadata in the RocksDB under `db_dir` either way.
+/// the bucket, metadata in the RocksDB under `db_dir` either way. A data
+/// directory remembers its backend (`meta` `storage_backend`) and refuses
+/// the other one: a command run without the config that names the bucket
+/// would otherwise find every chunk missing (and a verify would report
+/// every snapshot damaged).
 pub fn open_store(
     db_dir: &Path,
     cache_bytes: usize,
@@ -546,12 +575,46 @@ pub fn open_store(
     data_dir: &Path,
 ) -> Result<super::rocks::RocksStore, StoreError> {
     use super::object::config::Backend;
-    match storage.backend {
-        Backend::Local => super::rocks::RocksStore::open(db_dir, cache_bytes),
+    // Only s3 is marked: `bkp-server init` opens every new directory with
+    // the defaults (local), which must not claim it.
+    let want: &[u8] = if storage.backend == Backend::S3 { b"s3" } else { b"local" };
+    // Looked at before the bucket is reached (and its lease taken).
+    let (had, has_chunks) = {
+        let s = super::rocks::RocksStore::open(db_dir, cache_bytes)?;
+        (s.meta_get(schema::META_STORAGE_BACKEND)?, !s.chunk_metas(None, 1)?.is_empty())
+    };
+    match &had {
+        Some(had) if had != want && had.as_slice() != b"local" => {
+            return Err(StoreError::Open(
+                data_dir.display().to_string(),
+                format!(
+                    "this data directory keeps its chunk data in backend {:?}, but [storage] says {:?}: give the \
+                     command the server's config (`--config FILE`, or DATA/server.toml) with its [storage] section",
+                    String::from_utf8_lossy(had),
+                    String::from_utf8_lossy(want)
+                ),
+            ))
+        }
+        None if storage.backend == Backend::S3 && has_chunks => {
+            return Err(StoreError::Open(
+                data_dir.display().to_string(),
+                "this data directory holds chunk data on local disk (backend \"local\"); an s3 backend starts \
+                 with a new data directory (moving a store to a bucket is not built yet)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    let store = match storage.backend {
+        Backend::Local => super::rocks::RocksStore::open(db_dir, cache_bytes)?,
         Backend::S3 => super::rocks::RocksStore::open_with(db_dir, cache_bytes, |db| {
             Ok(Arc::new(S3Chunks::open(db, storage, data_dir)?) as Arc<dyn ChunkStore>)
-        }),
+        })?,
+    };
+    if had.is_none() && storage.backend == Backend::S3 {
+        store.meta_put(schema::META_STORAGE_BACKEND, want)?;
     }
+    Ok(store)
 }
 
 #[cfg(test)]
@@ -705,5 +768,35 @@ mod tests {
         let mut bad = enc.clone();
         bad[1] = 9;
         assert_eq!(PackRecord::decode(&bad), None);
+    }
+
+    /// A data directory opened with the other backend refuses, saying
+    /// which config it needs (a verify without the bucket's config would
+    /// find every chunk missing).
+    #[test]
+    fn a_data_directory_keeps_its_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let s3 = StorageConfig {
+            backend: crate::store::object::config::Backend::S3,
+            bucket: Some("b".into()),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        {
+            let s = open_store(&db, 8 << 20, &StorageConfig::default(), dir.path()).unwrap();
+            let data = b"local chunk";
+            let c = VerifiedChunk::verify(ChunkId::of(data), blob::encode(data, 3)).unwrap();
+            crate::store::MetaStore::put_chunks(&s, "h", &[c]).unwrap();
+        }
+        let Err(e) = open_store(&db, 8 << 20, &s3, dir.path()) else { panic!("opened") };
+        assert!(e.to_string().contains("backend \"local\""), "{e}");
+        // Marked s3 (as an s3 open does): a local open refuses.
+        {
+            let s = crate::store::rocks::RocksStore::open(&db, 8 << 20).unwrap();
+            crate::store::MetaStore::meta_put(&s, schema::META_STORAGE_BACKEND, b"s3").unwrap();
+        }
+        let Err(e) = open_store(&db, 8 << 20, &StorageConfig::default(), dir.path()) else { panic!("opened") };
+        assert!(e.to_string().contains("--config"), "{e}");
     }
 }

@@ -81,6 +81,8 @@ pub const META_ALERT_STATE: &[u8] = b"alert_state";
 pub const META_COMMIT_COUNT: &[u8] = b"commit_count";
 /// The next pack number (`store::s3`), u64 LE, synced before it is used.
 pub const META_PACKS_NEXT: &[u8] = b"packs_next";
+/// Which backend holds this store's chunk data: `local` or `s3`.
+pub const META_STORAGE_BACKEND: &[u8] = b"storage_backend";
 
 pub fn host_chunk_key(host: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(host.len() + 33);
