@@ -17,11 +17,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{ClientConfig, FileConfig};
 use crate::conn::Client;
-use crate::incremental::CacheSpec;
 use crate::progress::{Progress, Silent};
+use crate::push::incremental::CacheSpec;
 use crate::push::{push_with, PushOptions, Source};
+use crate::restore::snapshot_spec::resolve;
 use crate::restore::{restore, verify, RestoreOptions, TreeReader};
-use crate::select::resolve;
 
 #[derive(Parser)]
 #[command(name = "bkp", version, about = "bkp backup client")]
@@ -403,6 +403,12 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
     }
 }
 
+/// The clap definition, for generating man pages and shell completions
+/// (xtask/).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -417,10 +423,4 @@ mod tests {
         assert!(within(b"etc", b"etc") && within(b"etc/hosts", b"etc") && within(b"x", b""));
         assert!(!within(b"etcetera", b"etc") && !within(b"et", b"etc"));
     }
-}
-
-/// The clap definition, for generating man pages and shell completions
-/// (xtask/).
-pub fn command() -> clap::Command {
-    <Cli as clap::CommandFactory>::command()
 }

@@ -22,7 +22,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
 use crate::config::{ClientConfig, Trust};
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, LinkError, Result};
 
 /// Accepts exactly one certificate, by SHA-256 of its DER bytes, and still
 /// checks the handshake signature so the server must hold its key.
@@ -148,7 +148,7 @@ enum Attempt {
 /// lost" alone does not say what to do.
 fn closed_or(conn: &quinn::Connection, e: ClientError) -> ClientError {
     match (&e, conn.close_reason()) {
-        (ClientError::Io(_) | ClientError::Connect(..), Some(quinn::ConnectionError::ApplicationClosed(c)))
+        (ClientError::Link(_) | ClientError::Connect(..), Some(quinn::ConnectionError::ApplicationClosed(c)))
             if !c.reason.is_empty() =>
         {
             ClientError::Closed(String::from_utf8_lossy(&c.reason).into_owned())
@@ -209,7 +209,7 @@ impl Client {
     }
 
     fn gave_up(cfg: &ClientConfig, attempts: u32, start: std::time::Instant, why: &str) -> ClientError {
-        ClientError::Connect(
+        ClientError::NoAnswer(
             cfg.server.clone(),
             format!(
                 "{why} after {attempts} attempts in {} s; is bkp-server running there, with its UDP port reachable?",
@@ -293,7 +293,7 @@ impl Client {
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-        self.conn.open_bi().await.map_err(|e| closed_or(&self.conn, ClientError::Io(e.to_string())))
+        self.conn.open_bi().await.map_err(|e| closed_or(&self.conn, ClientError::Link(e.into())))
     }
 
     /// One request, one response.
@@ -308,7 +308,7 @@ impl Client {
         match read_frame::<Response, _>(&mut recv).await? {
             Some(Response::Error { code, message }) => Err(ClientError::Server(message, code)),
             Some(r) => Ok(r),
-            None => Err(ClientError::Io("stream closed before the answer".into())),
+            None => Err(ClientError::Link(LinkError::Ended("stream closed before the answer"))),
         }
     }
 
@@ -355,22 +355,22 @@ impl Client {
         match read_frame::<Response, _>(&mut recv).await? {
             Some(Response::PutOk { bytes, .. }) => Ok(bytes),
             Some(r) => Err(unexpected(r)),
-            None => Err(ClientError::Io("upload stream closed without an answer".into())),
+            None => Err(ClientError::Link(LinkError::Ended("upload stream closed without an answer"))),
         }
     }
 
     /// Commits the push. A connection lost before the request was sent is
-    /// [`ClientError::Io`] (nothing committed); lost after, it is
+    /// [`ClientError::Link`] (nothing committed); lost after, it is
     /// [`ClientError::CommitUnknown`].
     pub async fn commit(&self, session: u64, tree: Vec<ChunkId>) -> Result<SnapshotSummary> {
         let (mut send, mut recv) = self.open().await?;
         write_frame(&mut send, &Request::Commit { session, tree }).await?;
         let _ = send.finish();
-        let unknown = |e: String| ClientError::CommitUnknown(e);
-        match read_frame::<Response, _>(&mut recv).await.map_err(|e| unknown(e.to_string()))? {
+        let unknown = |e: LinkError| ClientError::CommitUnknown(e);
+        match read_frame::<Response, _>(&mut recv).await.map_err(|e| unknown(e.into()))? {
             Some(Response::Committed(s)) => Ok(s),
             Some(r) => Err(unexpected(r)),
-            None => Err(unknown("stream closed before the answer".into())),
+            None => Err(unknown(LinkError::Ended("stream closed before the answer"))),
         }
     }
 
@@ -411,11 +411,11 @@ impl Client {
         let mut f = self.fetch(vec![id]).await?;
         match f.next_blob().await? {
             Some((_, blob)) => tokio::task::spawn_blocking(move || {
-                blob::decode_verified(&blob, &id).map_err(|e| ClientError::Corrupt(e.to_string()))
+                blob::decode_verified(&blob, &id).map_err(|e| ClientError::Corrupt(e.into()))
             })
             .await
-            .map_err(|e| ClientError::Io(e.to_string()))?,
-            None => Err(ClientError::Io("stream closed before the chunk".into())),
+            .map_err(|e| ClientError::Task { what: "decoding a chunk", source: e })?,
+            None => Err(ClientError::Link(LinkError::Ended("stream closed before the chunk"))),
         }
     }
 
@@ -450,7 +450,7 @@ impl Fetch {
                 Ok(Some((id, blob)))
             }
             Some(r) => Err(unexpected(r)),
-            None => Err(ClientError::Io("stream closed before the chunk".into())),
+            None => Err(ClientError::Link(LinkError::Ended("stream closed before the chunk"))),
         }
     }
 }

@@ -180,10 +180,8 @@ pub fn append(dir: &Path, cfg: &AuditConfig, line: &Line) -> std::io::Result<()>
     let path = dir.join(FILE);
     let bytes = line.encode();
     let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(LOCK))?;
-    // SAFETY: flock on a descriptor we own; released when `lock` drops.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // Released when `lock` drops.
+    lock.lock()?;
     let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     if size > 0 && size + bytes.len() as u64 > cfg.max_bytes {
         rotate(dir, cfg)?;

@@ -207,6 +207,25 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
         after = Some(last);
         pause();
     }
+    // Chunk data no metadata records (a crash between a backend's data
+    // write and its metadata batch): unreferenced by construction.
+    let mut after: Option<ChunkId> = None;
+    loop {
+        let mut ids = store.orphan_candidates(after.as_ref(), batch)?;
+        ids.sort_unstable();
+        let Some(last) = ids.last().copied() else { break };
+        let n = state.sessions.sweep(|protected| {
+            let recorded = store.recorded_sorted(&ids)?;
+            let doomed: Vec<ChunkId> =
+                ids.iter().zip(recorded).filter(|(c, r)| !r && !protected(c, None)).map(|(c, _)| *c).collect();
+            if !doomed.is_empty() {
+                store.delete_chunks(&doomed)?;
+            }
+            Ok::<_, StoreError>(doomed.len())
+        })?;
+        report.chunks_deleted += n as u64;
+        after = Some(last);
+    }
     drop(epoch);
     let reclaimed = store.reclaim_space();
     report.disk_bytes_after = store.disk_bytes()?;

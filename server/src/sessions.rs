@@ -212,7 +212,7 @@ impl Sessions {
         // from a host at its limit must not queue on it.
         let expired = inner.map.values().any(|s| s.last_seen.elapsed() > self.lease);
         let stalled = inner.map.values().any(|s| s.host == host && s.last_seen.elapsed() >= RECLAIM_AFTER);
-        if !expired && !(of_host >= self.max.1 && stalled) {
+        if !expired && (of_host < self.max.1 || !stalled) {
             return Err(if of_host >= self.max.1 {
                 SessionError::HostBusy(host.to_string(), of_host)
             } else {

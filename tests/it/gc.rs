@@ -177,7 +177,7 @@ fn frozen_client_past_its_lease_cannot_commit_holes() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let r = gc::run(&*server.state().store, &server.state().sessions, &GcHooks::default()).unwrap();
         assert_eq!(r.chunks_deleted, 1, "{r:?}");
-        let tree = stream_tree(&data, &[data.clone()]);
+        let tree = stream_tree(&data, std::slice::from_ref(&data));
         let tid = ChunkId::of(&tree);
         match c.put(session, vec![(tid, blob::encode(&tree, 3))]).await {
             Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("push session"), "{m}"),

@@ -3,6 +3,7 @@
 
 mod audit;
 mod dos;
+mod email;
 mod faults;
 mod gc;
 mod hardening;
@@ -12,6 +13,7 @@ mod logs;
 mod monitoring;
 mod postgres;
 mod resilience;
+mod s3;
 mod security;
 mod status;
 mod stream;

@@ -76,7 +76,7 @@ impl TreeReader {
     }
 
     pub fn next_entry(&mut self) -> Result<Option<Entry>> {
-        let corrupt = |e: bkp_common::tree::TreeError| ClientError::Corrupt(format!("snapshot tree: {e}"));
+        let corrupt = |e: bkp_common::tree::TreeError| ClientError::Corrupt(e.into());
         loop {
             if let Some(e) = self.dec.next_entry().map_err(corrupt)? {
                 return Ok(Some(e));
@@ -90,7 +90,8 @@ impl TreeReader {
                 self.dec.finish().map_err(corrupt)?;
                 return Ok(None);
             };
-            let data = self.handle.block_on(next).map_err(|e| ClientError::Io(e.to_string()))??;
+            let data =
+                self.handle.block_on(next).map_err(|e| ClientError::Task { what: "tree fetch task", source: e })??;
             self.dec.feed(&data);
         }
     }
@@ -131,7 +132,7 @@ pub async fn fetch_stage(client: Arc<Client>, mut rx: mpsc::Receiver<Item>, tx: 
         }
         tokio::select! {
             Some(done) = segments.next(), if !segments.is_empty() => {
-                let outs = done.map_err(|e| ClientError::Io(format!("fetch task: {e}")))??;
+                let outs = done.map_err(|e| ClientError::Task { what: "fetch task", source: e })??;
                 if tx.send(outs).await.is_err() {
                     return Ok(()); // the writer stopped; its error says why
                 }
@@ -243,7 +244,9 @@ async fn fetch_segment(client: Arc<Client>, items: Vec<Item>, decoders: Arc<Sema
     for p in pending {
         match p {
             Pending::Ready(o) => data.push(o),
-            Pending::Decoding(h) => data.extend(h.await.map_err(|e| ClientError::Io(format!("decode task: {e}")))?),
+            Pending::Decoding(h) => {
+                data.extend(h.await.map_err(|e| ClientError::Task { what: "decode task", source: e })?)
+            }
         }
     }
     let mut data = data.into_iter();

@@ -1,7 +1,10 @@
 //! Restore's writing side for a directory target: each file goes to a
 //! temp file beside its destination and is renamed into place only after
 //! its whole-content hash checks out; nothing is written outside the
-//! target (`safepath`).
+//! target (`safe_path`).
+
+// unsafe: geteuid, umask and mknod, which std does not wrap; each block has a SAFETY note.
+#![allow(unsafe_code)]
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
@@ -12,11 +15,11 @@ use std::sync::Arc;
 use bkp_common::tree::{Entry, Meta, SpecialKind};
 use bkp_common::{ChunkId, ContentHash};
 
-use crate::error::{ClientError, Result};
-use crate::fetch::Out;
+use super::fetch::Out;
+use super::safe_path;
+use super::sink::{RestoreReport, Sink};
+use crate::error::{ClientError, Corruption, Result};
 use crate::progress::Progress;
-use crate::restore::{RestoreReport, Sink};
-use crate::safepath;
 
 /// A file's temp file, removed when dropped unless it was renamed into
 /// place: whichever way a restore fails (a full disk, a refused chunk, an
@@ -75,7 +78,7 @@ enum Target {
 
 pub struct TreeWriter {
     root: PathBuf,
-    dirs_checked: safepath::Dirs,
+    dirs_checked: safe_path::Dirs,
     dirs: Vec<(PathBuf, Meta)>,
     sink: Target,
     as_root: bool,
@@ -86,7 +89,7 @@ pub struct TreeWriter {
 }
 
 fn io_err(p: &Path, e: std::io::Error) -> ClientError {
-    ClientError::Restore(format!("{}: {e}", p.display()))
+    ClientError::write(p, e)
 }
 
 fn set_owner(p: &Path, m: &Meta) -> std::io::Result<()> {
@@ -104,7 +107,7 @@ fn mtime(m: &Meta) -> filetime::FileTime {
 /// replace a file or symlink without following it.
 fn clear(p: &Path) -> Result<()> {
     match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => Err(ClientError::Restore(format!("{}: a directory is in the way", p.display()))),
+        Ok(m) if m.is_dir() => Err(ClientError::InTheWay(p.display().to_string())),
         Ok(_) => fs::remove_file(p).map_err(|e| io_err(p, e)),
         Err(_) => Ok(()),
     }
@@ -124,7 +127,7 @@ impl TreeWriter {
             old
         } as u32;
         Ok(Self {
-            dirs_checked: safepath::Dirs::new(&root),
+            dirs_checked: safe_path::Dirs::new(&root),
             root,
             dirs: Vec::new(),
             sink: Target::None,
@@ -156,7 +159,7 @@ impl TreeWriter {
                 };
                 match is_first {
                     true => write(),
-                    false => crate::par::hash_while(&d, hasher, write),
+                    false => crate::parallel_hash::hash_while(&d, hasher, write),
                 }
                 .map_err(|e| io_err(tmp, e))?;
                 *written += d.len() as u64;
@@ -169,7 +172,7 @@ impl TreeWriter {
                 }
                 Ok(())
             }
-            Target::None => Err(ClientError::Corrupt("data outside a file".into())),
+            Target::None => Err(Corruption::Layout("data outside a file").into()),
         }
     }
 
@@ -180,7 +183,7 @@ impl TreeWriter {
                 Ok(())
             }
             Target::Skip => Ok(()),
-            Target::None => Err(ClientError::Corrupt("data outside a file".into())),
+            Target::None => Err(Corruption::Layout("data outside a file").into()),
         }
     }
 
@@ -246,7 +249,7 @@ impl TreeWriter {
                 }
                 filetime::set_symlink_file_times(&dest, mtime(&meta), mtime(&meta)).map_err(|e| io_err(&dest, e))?;
             }
-            Entry::Hardlink { target, .. } => match safepath::existing_file(&self.root, &target) {
+            Entry::Hardlink { target, .. } => match safe_path::existing_file(&self.root, &target) {
                 Ok(src) => {
                     clear(&dest)?;
                     fs::hard_link(&src, &dest).map_err(|e| io_err(&dest, e))?;
@@ -321,7 +324,7 @@ impl TreeWriter {
         if let Err(e) = fs::rename(&tmp, &dest) {
             drop(tmp);
             return Err(match e.raw_os_error() {
-                Some(libc::EISDIR) => ClientError::Restore(format!("{}: a directory is in the way", dest.display())),
+                Some(libc::EISDIR) => ClientError::InTheWay(dest.display().to_string()),
                 _ => io_err(&dest, e),
             });
         }
@@ -335,7 +338,7 @@ impl TreeWriter {
         if let Target::File { .. } = &self.sink {
             // Dropping the target removes its temp file.
             self.sink = Target::None;
-            return Err(ClientError::Corrupt("snapshot ended inside a file".into()));
+            return Err(Corruption::Layout("snapshot ended inside a file").into());
         }
         // Deepest first, so setting a parent's mtime comes last.
         self.dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));

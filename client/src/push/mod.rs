@@ -17,13 +17,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bkp_common::snapshot::{SnapshotKind, SnapshotSummary};
 use bkp_common::tree::Meta;
 
-use crate::cache::Header;
 use crate::conn::Client;
 use crate::error::{ClientError, Result};
-use crate::incremental::{CacheSpec, Incremental};
-use crate::pipeline::{self, ChunkSink};
 use crate::progress::Progress;
-use crate::walk::{Excludes, Produced, Producer};
+use cache::Header;
+use excludes::Excludes;
+use incremental::{CacheSpec, Incremental};
+use pipeline::ChunkSink;
+use walk::{Produced, Producer};
+
+pub mod cache;
+pub mod excludes;
+pub mod incremental;
+pub mod lister;
+pub mod pipeline;
+pub mod walk;
 
 pub enum Source {
     Paths {
@@ -95,25 +103,25 @@ fn produce(
         }
         Source::Command(argv) => {
             let (prog, args) =
-                argv.split_first().ok_or_else(|| ClientError::Input("no command given after --".into()))?;
+                argv.split_first().ok_or_else(|| ClientError::Usage("no command given after --".into()))?;
             let shown = prog.to_string_lossy().to_string();
             let mut child = Command::new(prog)
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .spawn()
-                .map_err(|e| ClientError::Input(format!("cannot run {shown}: {e}")))?;
+                .map_err(|e| ClientError::source(format!("cannot run {shown}"), e))?;
             let stdout = child.stdout.take().expect("piped stdout");
             let mut p = Producer::new(sink, progress, Excludes::new(&[])?, None);
             let read = p.file_from_reader(name.as_bytes().to_vec(), stream_meta, stdout);
             if read.is_err() {
                 let _ = child.kill();
             }
-            let status = child.wait().map_err(|e| ClientError::Input(format!("waiting for {shown}: {e}")))?;
+            let status = child.wait().map_err(|e| ClientError::source(format!("waiting for {shown}"), e))?;
             read?;
             // A failed dump must never look like a good backup.
             if !status.success() {
-                return Err(ClientError::Input(format!("{shown} failed ({status}); no snapshot was committed")));
+                return Err(ClientError::DumpFailed { command: shown, status });
             }
             p.finish()
         }
@@ -146,8 +154,8 @@ pub async fn push_with(
     let e = match push_inner(client.clone(), opts, kind, cache, progress).await {
         Ok(r) => return Ok(r),
         // Before the commit was sent, nothing landed.
-        Err(ClientError::Io(m)) if client.is_closed() => ClientError::Lost(m),
-        Err(ClientError::Io(m)) => ClientError::Io(format!("{m}; nothing was committed; run the push again")),
+        Err(ClientError::Link(source)) if client.is_closed() => ClientError::Lost { source, note: String::new() },
+        Err(ClientError::Link(source)) => ClientError::NotCommitted(source),
         Err(e) => e,
     };
     // The commit may have landed: a failure report could raise a false alert.
@@ -155,7 +163,7 @@ pub async fn push_with(
         return Err(e);
     }
     match (report(&client, &name, kind, &e).await, e) {
-        (Some(note), ClientError::Lost(m)) => Err(ClientError::Lost(format!("{m} ({note})"))),
+        (Some(note), ClientError::Lost { source, .. }) => Err(ClientError::Lost { source, note: format!(" ({note})") }),
         (_, e) => Err(e),
     }
 }
@@ -165,8 +173,14 @@ async fn report(client: &Client, name: &str, kind: SnapshotKind, e: &ClientError
     let reason = e.to_string();
     match tokio::time::timeout(REPORT_TIMEOUT, client.push_failed(name, Some(kind), &reason)).await {
         Ok(Ok(())) => return None,
-        Ok(Err(ClientError::Server(m, _))) => return Some(format!("the server refused the failure report: {m}")),
-        // The connection is gone; the server may be back already.
+        Ok(Err(e)) if !e.retryable() => {
+            return Some(match e {
+                ClientError::Server(m, _) => format!("the server refused the failure report: {m}"),
+                e => format!("the server was not told of the failure: {e}"),
+            })
+        }
+        // The connection is gone or the server busy: a new connection
+        // may get through (the server may be back already).
         _ => {}
     }
     let again = async {
@@ -207,7 +221,7 @@ async fn push_inner(
     // drops the channel, which stops the producer.
     let (produced, counters) = tokio::join!(producer, pipeline);
     let counters = counters?;
-    let produced = produced.map_err(|e| ClientError::Input(format!("reader thread: {e}")))??;
+    let produced = produced.map_err(|e| ClientError::Task { what: "reader thread", source: e })??;
     let snapshot = client.commit(session, produced.tree).await?;
     let mut warnings = produced.warnings;
     // Only now is the new cache true: every chunk it names is in a snapshot.

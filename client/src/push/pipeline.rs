@@ -25,7 +25,7 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::task::JoinSet;
 
 use crate::conn::Client;
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, LinkError, Result};
 use crate::progress::Progress;
 
 /// Raw bytes of chunks between the producer and the server's answer.
@@ -49,7 +49,7 @@ const UPLOAD_GROUP_BYTES: usize = 8 << 20;
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn stopped() -> ClientError {
-    ClientError::Io("upload stopped".into())
+    ClientError::Link(LinkError::Ended("upload stopped"))
 }
 
 /// Bytes that may be held by chunks anywhere in the pipeline.
@@ -240,7 +240,7 @@ pub fn start(
         let mut c = u?;
         c.chunks = q?;
         if pool.failed() {
-            return Err(ClientError::Io("a compression thread failed".into()));
+            return Err(ClientError::Bug("a compression thread failed"));
         }
         Ok(c)
     };
@@ -374,7 +374,7 @@ async fn upload_stage(
     let mut group_bytes = 0usize;
     let mut open = true;
     let account = |done: std::result::Result<UploadDone, tokio::task::JoinError>, c: &mut Counters| {
-        let (ids, sent, new) = done.map_err(|e| ClientError::Io(format!("upload task: {e}")))??;
+        let (ids, sent, new) = done.map_err(|e| ClientError::Task { what: "upload task", source: e })??;
         let mut f = in_flight.lock().expect("in-flight lock");
         for id in &ids {
             f.remove(id);
@@ -428,7 +428,7 @@ async fn put_group(client: Arc<Client>, session: u64, group: Vec<Encoded>) -> Up
     let (blobs, leases): (Vec<_>, Vec<_>) = group.into_iter().map(|e| ((e.id, e.blob), e._lease)).unzip();
     let new = tokio::time::timeout(UPLOAD_TIMEOUT, client.put(session, blobs))
         .await
-        .map_err(|_| ClientError::Io("upload timed out".into()))??;
+        .map_err(|_| ClientError::Link(LinkError::TimedOut("upload")))??;
     drop(leases);
     Ok((ids, sent, new))
 }

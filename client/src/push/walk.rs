@@ -1,9 +1,9 @@
 //! The push producer: walks file trees (or reads one stream), chunks and
 //! hashes the data, and writes the tree stream. Runs on its own thread;
-//! chunks go to the pipeline ([`crate::pipeline`]) through a bounded
+//! chunks go to the pipeline ([`super::pipeline`]) through a bounded
 //! channel and a byte budget, so memory is bounded whatever the size of
 //! the input. Unchanged files come from the metadata cache
-//! ([`crate::incremental`]) instead of being read.
+//! ([`super::incremental`]) instead of being read.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -16,13 +16,13 @@ use std::sync::Arc;
 use bkp_common::chunker::{ChunkReadError, PushChunker, StreamChunker};
 use bkp_common::tree::{ChunkRef, Entry, Meta, SpecialKind, TreeEncoder, MAX_CHUNKS_PER_RECORD};
 use bkp_common::{ChunkId, ContentHash};
-use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use crate::cache::{CacheWriter, CachedFile};
+use super::cache::{CacheWriter, CachedFile};
+use super::excludes::Excludes;
+use super::incremental::{file_key, Incremental};
+use super::lister::Listed;
+use super::pipeline::ChunkSink;
 use crate::error::{ClientError, Result};
-use crate::incremental::{file_key, Incremental};
-use crate::list::Listed;
-use crate::pipeline::ChunkSink;
 use crate::progress::Progress;
 
 /// What a producer made: the tree stream's chunks and what to report.
@@ -49,33 +49,6 @@ pub struct Producer {
     files_read: u64,
     files_cached: u64,
     pub warnings: Vec<String>,
-}
-
-/// `--exclude` patterns: one without `/` matches a name anywhere; one
-/// with `/` matches the absolute path.
-pub struct Excludes {
-    names: GlobSet,
-    paths: GlobSet,
-}
-
-impl Excludes {
-    pub fn new(patterns: &[String]) -> Result<Self> {
-        let (mut names, mut paths) = (GlobSetBuilder::new(), GlobSetBuilder::new());
-        for p in patterns {
-            let g = Glob::new(p).map_err(|e| ClientError::Input(format!("bad --exclude {p:?}: {e}")))?;
-            if p.contains('/') {
-                paths.add(g)
-            } else {
-                names.add(g)
-            };
-        }
-        let build = |b: GlobSetBuilder| b.build().map_err(|e| ClientError::Input(e.to_string()));
-        Ok(Self { names: build(names)?, paths: build(paths)? })
-    }
-
-    pub fn excluded(&self, abs: &Path) -> bool {
-        abs.file_name().is_some_and(|n| self.names.is_match(n)) || self.paths.is_match(abs)
-    }
 }
 
 /// Chunks cut ahead of the hashing thread (up to 4 MiB each).
@@ -114,7 +87,7 @@ impl<'a> Content<'a> {
         }
         // The chunk id and the file hash at once for a large chunk: a
         // dump's producer was otherwise bound by hashing on one core.
-        let id = crate::par::hash_while(&data, &mut self.hasher, || ChunkId::of(&data));
+        let id = crate::parallel_hash::hash_while(&data, &mut self.hasher, || ChunkId::of(&data));
         self.send(id, data)
     }
 
@@ -238,7 +211,7 @@ impl Producer {
         threaded: bool,
     ) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
         let read_err =
-            |e: ChunkReadError| ClientError::Input(format!("reading {}: {e}", String::from_utf8_lossy(path)));
+            |e: ChunkReadError| ClientError::source(format!("reading {}", String::from_utf8_lossy(path)), e.0);
         let mut content = Content::new(&mut self.sink, &*self.progress);
         let chunker = &mut self.chunker;
         if threaded {
@@ -253,7 +226,9 @@ impl Producer {
                         }
                     }
                 };
-                std::thread::Builder::new().spawn_scoped(s, cutter).map_err(|e| ClientError::Io(e.to_string()))?;
+                std::thread::Builder::new()
+                    .spawn_scoped(s, cutter)
+                    .map_err(|e| ClientError::Thread { what: "a reader thread", source: e })?;
                 for c in rx {
                     content.take(c.map_err(read_err)?)?;
                 }
@@ -319,7 +294,7 @@ impl Producer {
     pub fn walk_roots(&mut self, roots: &[PathBuf]) -> Result<()> {
         let mut abs: Vec<PathBuf> = roots
             .iter()
-            .map(|r| root_path(r).map_err(|e| ClientError::Input(format!("{}: {e}", r.display()))))
+            .map(|r| root_path(r).map_err(|e| ClientError::source(r.display().to_string(), e)))
             .collect::<Result<_>>()?;
         abs.sort();
         abs.dedup();
@@ -329,14 +304,14 @@ impl Producer {
                 continue; // inside a root already walked
             }
             fs::symlink_metadata(&root)
-                .map_err(|e| ClientError::Input(format!("cannot back up {}: {e}", root.display())))?;
+                .map_err(|e| ClientError::source(format!("cannot back up {}", root.display()), e))?;
             // Ancestors as directories, so restore recreates their metadata.
             let ancestors: Vec<&Path> = root.ancestors().skip(1).filter(|a| a.parent().is_some()).collect();
             for a in ancestors.into_iter().rev() {
                 if done.iter().any(|d| d.starts_with(a) || a.starts_with(d)) {
                     continue;
                 }
-                let m = fs::metadata(a).map_err(|e| ClientError::Input(format!("{}: {e}", a.display())))?;
+                let m = fs::metadata(a).map_err(|e| ClientError::source(a.display().to_string(), e))?;
                 self.emit(Entry::Dir { path: snapshot_path(a), meta: meta_of(&m) })?;
             }
             self.walk(&root)?;
@@ -346,7 +321,7 @@ impl Producer {
     }
 
     /// Backs up `root` and everything below it, in walk order (listed
-    /// ahead on a second thread, see `list`).
+    /// ahead on a second thread, see `lister`).
     fn walk(&mut self, root: &Path) -> Result<()> {
         let excludes = self.excludes.clone();
         if excludes.excluded(root) {
@@ -360,8 +335,8 @@ impl Producer {
             }
         };
         std::thread::scope(|s| {
-            let rx = crate::list::spawn(s, root.to_path_buf(), m, &excludes)
-                .map_err(|e| ClientError::Io(format!("starting the directory lister: {e}")))?;
+            let rx = super::lister::spawn(s, root.to_path_buf(), m, &excludes)
+                .map_err(|e| ClientError::Thread { what: "the directory lister", source: e })?;
             for l in rx.into_iter().flatten() {
                 match l {
                     Listed::Entry(path, m) => self.entry(&path, &m)?,
@@ -390,7 +365,7 @@ impl Producer {
             }
             return self.regular_file(path, name, m);
         } else if ft.is_symlink() {
-            let target = fs::read_link(path).map_err(|e| ClientError::Input(format!("{}: {e}", path.display())))?;
+            let target = fs::read_link(path).map_err(|e| ClientError::source(path.display().to_string(), e))?;
             return self.emit(Entry::Symlink {
                 path: name,
                 meta: meta_of(m),

@@ -1,7 +1,7 @@
 //! Incremental pushes of file trees: a file whose stat key (size, mtime,
 //! ctime, inode, device) equals the one recorded by the set's last
 //! successful push is not read again; its chunk list and content hash
-//! come from the metadata cache ([`crate::cache`]).
+//! come from the metadata cache ([`super::cache`]).
 //!
 //! The cache is never trusted over the server: a checker thread streams
 //! the old cache ahead of the walk and asks the server (batched
@@ -24,7 +24,7 @@ use bkp_common::protocol::MAX_IDS;
 use bkp_common::ChunkId;
 use tokio::runtime::Handle;
 
-use crate::cache::{path_cmp, CacheReader, CacheWriter, CachedFile, FileKey, Header};
+use super::cache::{path_cmp, CacheReader, CacheWriter, CachedFile, FileKey, Header};
 use crate::conn::Client;
 use crate::error::Result;
 

@@ -10,29 +10,29 @@ use crate::error::{ClientError, Result};
 pub fn resolve(spec: &str, name: Option<&str>, list: &[SnapshotSummary]) -> Result<SnapshotId> {
     if spec == "latest" {
         if name.is_none() && list.iter().any(|s| s.name != list[0].name) {
-            return Err(ClientError::Input("`latest` needs --name when a host has several backup sets".into()));
+            return Err(ClientError::Usage("`latest` needs --name when a host has several backup sets".into()));
         }
         // An admin token sees every host: never pick another host's backup
         // by accident.
         if list.iter().any(|s| s.host != list[0].host) {
-            return Err(ClientError::Input("`latest` matches several hosts; give a snapshot id".into()));
+            return Err(ClientError::Usage("`latest` matches several hosts; give a snapshot id".into()));
         }
         return list
             .iter()
             .max_by_key(|s| s.time_ns)
             .map(|s| s.id)
-            .ok_or_else(|| ClientError::Input("no snapshots yet".into()));
+            .ok_or_else(|| ClientError::Usage("no snapshots yet".into()));
     }
     if spec.len() < 4 || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(ClientError::Input(format!(
+        return Err(ClientError::Usage(format!(
             "{spec:?} is not a snapshot: give `latest`, or at least 4 hex digits of an id from `bkp snapshots`"
         )));
     }
     let hits: Vec<_> = list.iter().filter(|s| s.id.matches_prefix(spec)).collect();
     match hits.as_slice() {
         [one] => Ok(one.id),
-        [] => Err(ClientError::Input(format!("no snapshot matches {spec}"))),
-        many => Err(ClientError::Input(format!("{spec} is ambiguous ({} snapshots); type more digits", many.len()))),
+        [] => Err(ClientError::Usage(format!("no snapshot matches {spec}"))),
+        many => Err(ClientError::Usage(format!("{spec} is ambiguous ({} snapshots); type more digits", many.len()))),
     }
 }
 

@@ -10,7 +10,7 @@ use std::fs::{self, Metadata};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
-use crate::walk::Excludes;
+use super::excludes::Excludes;
 
 /// Batches queued ahead, and entries per batch (one hand-off per entry
 /// would wake a thread per entry).

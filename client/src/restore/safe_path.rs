@@ -37,7 +37,7 @@ pub fn prepare(root: &Path, path: &[u8]) -> Result<PathBuf, PathError> {
 /// checked, so that the files of one directory (a tree comes in path
 /// order) cost no lookups of their parents. A directory checked or made
 /// during the restore stays one: every later entry that replaces a name
-/// refuses a directory (`write::clear`, and rename onto a directory
+/// refuses a directory (`tree_writer::clear`, and rename onto a directory
 /// fails), so no snapshot content can turn it into a symlink.
 pub struct Dirs {
     root: PathBuf,

@@ -1,0 +1,114 @@
+//! `bkp restore`: bring a snapshot back to a directory or to stdout, or
+//! (`--verify-only`) fetch and check all of it without writing anything.
+//! Three stages: a planner thread ([`planner`]) reads the tree and picks entries, the
+//! fetcher ([`fetch`]) keeps many chunks in flight and checks each
+//! against its id, and a sink thread writes (or only hashes) each file,
+//! checking its whole-content hash. Restore and verify differ only in the
+//! sink.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bkp_common::snapshot::SnapshotKind;
+use bkp_common::SnapshotId;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use crate::conn::Client;
+use crate::error::{ClientError, Result};
+use crate::progress::Progress;
+use fetch::{fetch_stage, Item, Out};
+use sink::{Stdout, Verifier};
+use tree_writer::TreeWriter;
+
+pub use fetch::TreeReader;
+pub use sink::{RestoreReport, Sink};
+
+pub mod fetch;
+pub mod planner;
+pub mod safe_path;
+pub mod sink;
+pub mod snapshot_spec;
+pub mod tree_writer;
+
+/// Items queued between the planner and the fetcher.
+const ITEMS: usize = 4096;
+/// Fetched segments (up to ~8 MiB each) queued for the sink.
+const SEGMENTS: usize = 4;
+
+pub struct RestoreOptions {
+    /// `None` streams the single file of a stream snapshot to stdout.
+    pub target: Option<PathBuf>,
+    pub include: Vec<String>,
+}
+
+pub async fn restore(
+    client: Arc<Client>,
+    id: SnapshotId,
+    opts: RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreReport> {
+    let snap = client.snapshot(id).await?;
+    let sink: Box<dyn Sink> = match opts.target {
+        Some(t) => {
+            let p = progress.clone();
+            tokio::task::spawn_blocking(move || TreeWriter::new(&t, p).map(|w| Box::new(w) as Box<dyn Sink>))
+                .await
+                .map_err(|e| ClientError::Task { what: "restore thread", source: e })??
+        }
+        None if snap.kind != SnapshotKind::Stream => {
+            return Err(ClientError::Usage(format!(
+                "snapshot {} is a file tree; --stdout restores stream snapshots, use --target DIR",
+                id.short()
+            )))
+        }
+        None => Box::new(Stdout::new(progress)),
+    };
+    run(client, snap, opts.include, sink).await
+}
+
+/// Fetches and checks every chunk and every file's content hash of a
+/// snapshot (or of the `include`d paths) without writing anything.
+/// Failures are listed in the report, one per file, not returned as errors.
+pub async fn verify(
+    client: Arc<Client>,
+    id: SnapshotId,
+    include: Vec<String>,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreReport> {
+    let snap = client.snapshot(id).await?;
+    let shown_root = if snap.kind == SnapshotKind::Tree { "/" } else { "" };
+    let sink = Verifier::new(shown_root, progress);
+    run(client, snap, include, Box::new(sink)).await
+}
+
+async fn run(
+    client: Arc<Client>,
+    snap: bkp_common::snapshot::Snapshot,
+    include: Vec<String>,
+    mut sink: Box<dyn Sink>,
+) -> Result<RestoreReport> {
+    let include: Vec<Vec<u8>> =
+        include.iter().map(|i| i.trim_start_matches('/').trim_end_matches('/').as_bytes().to_vec()).collect();
+    let (item_tx, item_rx) = mpsc::channel::<Item>(ITEMS);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<Out>>(SEGMENTS);
+    let reader = TreeReader::new(client.clone(), Handle::current(), &snap);
+    let planner = tokio::task::spawn_blocking(move || planner::plan(reader, &include, item_tx));
+    let fetcher = fetch_stage(client, item_rx, out_tx);
+    let writer = tokio::task::spawn_blocking(move || -> Result<RestoreReport> {
+        while let Some(outs) = out_rx.blocking_recv() {
+            for o in outs {
+                sink.handle(o)?;
+            }
+        }
+        sink.finish()
+    });
+    let (p, f, w) = tokio::join!(planner, fetcher, writer);
+    let join = |e: tokio::task::JoinError| ClientError::Task { what: "restore thread", source: e };
+    // The writer's error is the cause when it stopped first; the others
+    // then only saw a closed channel.
+    let report = w.map_err(join)??;
+    f?;
+    p.map_err(join)??;
+    Ok(report)
+}
