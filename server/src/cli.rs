@@ -14,7 +14,8 @@ use crate::audit::{Event, Line};
 use crate::config::ServerConfig;
 use crate::control::{ControlRequest, ControlResponse};
 use crate::jobs::{JobKind, JobRecord};
-use crate::server::{bind, ServerState};
+use crate::server::bind;
+use crate::state::ServerState;
 use crate::tokens::Tokens;
 use crate::verify::Scope;
 
@@ -642,7 +643,7 @@ fn print_cfs(cfs: &[crate::store::salvage::CfReport]) {
 
 /// `bkp-server check`.
 fn check_store(data: &Path, json: bool) -> Result<()> {
-    let db = data.join(crate::server::DB_DIR);
+    let db = data.join(crate::state::DB_DIR);
     let report = crate::store::salvage::check(&db)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -665,7 +666,7 @@ fn check_store(data: &Path, json: bool) -> Result<()> {
 
 /// `bkp-server salvage`.
 fn salvage_store(data: &Path, json: bool) -> Result<()> {
-    let db = data.join(crate::server::DB_DIR);
+    let db = data.join(crate::state::DB_DIR);
     // Held for the whole rebuild: a `serve` started meanwhile would write
     // into the database that salvage then moves aside.
     let _serve = crate::control::lock_serve(data).map_err(|e| anyhow::anyhow!("salvage not started: {e}"))?;

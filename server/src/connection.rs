@@ -20,9 +20,9 @@ use crate::audit::{Event, Line};
 use crate::jobs::now_ns;
 use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
-use crate::server::ServerState;
 use crate::service::{admin, push, read, Caller, ServiceError};
 use crate::sessions::SessionError;
+use crate::state::ServerState;
 use crate::store::StoreError;
 
 /// From the first packet to an accepted hello.

@@ -20,7 +20,7 @@ use tracing::warn;
 
 use crate::gc::GcHooks;
 use crate::jobs::{self, JobKind, JobRecord};
-use crate::server::ServerState;
+use crate::state::ServerState;
 use crate::verify::Scope;
 
 pub const SOCKET: &str = "control.sock";
@@ -94,14 +94,14 @@ async fn handle(stream: UnixStream, state: Arc<ServerState>) -> std::io::Result<
 pub fn answer(state: &ServerState, req: ControlRequest) -> ControlResponse {
     match req {
         ControlRequest::Run { kind, dry_run } => {
-            ControlResponse::Job(jobs::run(state, kind, dry_run, &GcHooks::from_env()))
+            ControlResponse::Job(jobs::run(&state.jobs(), kind, dry_run, &GcHooks::from_env()))
         }
-        ControlRequest::Verify { scope } => ControlResponse::Job(jobs::run_verify(state, scope)),
-        ControlRequest::Jobs { limit } => match jobs::list(state, limit) {
+        ControlRequest::Verify { scope } => ControlResponse::Job(jobs::run_verify(&state.jobs(), scope)),
+        ControlRequest::Jobs { limit } => match jobs::list(state.store.as_ref(), &state.running, limit) {
             Ok(l) => ControlResponse::Jobs(l),
             Err(e) => ControlResponse::Error(e),
         },
-        ControlRequest::Status => match crate::status::collect(state) {
+        ControlRequest::Status => match crate::status::collect(&state.monitor_inputs()) {
             Ok(s) => ControlResponse::Status(Box::new(s)),
             Err(e) => ControlResponse::Error(format!("reading the store for the status: {e}")),
         },

@@ -9,16 +9,18 @@
 //! written at the next record or monitor check.
 
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
+use crate::audit::Audit;
 use crate::gc::{self, GcHooks};
-use crate::prune::{prune, prune_plan};
-use crate::server::ServerState;
-use crate::verify::{self, Scope};
+use crate::prune::{prune, prune_plan, RetentionConfig};
+use crate::sessions::Sessions;
+use crate::store::Store;
+use crate::verify::{self, Scope, VerifyConfig};
 
 /// Declared in the order the scheduler runs kinds due at the same time:
 /// prune first (its removals are what gc frees), verify last (it checks
@@ -104,18 +106,30 @@ pub fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// What a job run needs: the store, the sessions (GC's fence, verify's
+/// quarantine), the guards and unwritten records, the audit log, and the
+/// jobs' own configuration.
+pub struct Jobs<'a> {
+    pub store: &'a dyn Store,
+    pub sessions: &'a Sessions,
+    pub running: &'a Running,
+    pub audit: &'a Audit,
+    pub retention: &'a RetentionConfig,
+    pub verify: &'a VerifyConfig,
+}
+
 /// Runs a job now, on the calling (blocking) thread, and records it.
 /// A verify run covers the scheduled slice; see [`run_verify`].
-pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> JobRecord {
+pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> JobRecord {
     if kind == JobKind::Verify {
-        return run_verify(state, Scope::Scheduled);
+        return run_verify(jobs, Scope::Scheduled);
     }
-    run_with(state, kind, dry_run, |start_ns| match kind {
-        JobKind::Prune => prune_plan(state.store.as_ref(), &state.config.retention, start_ns)
-            .and_then(|plan| prune(state.store.as_ref(), plan, dry_run))
+    run_with(jobs, kind, dry_run, |start_ns| match kind {
+        JobKind::Prune => prune_plan(jobs.store, jobs.retention, start_ns)
+            .and_then(|plan| prune(jobs.store, plan, dry_run))
             .map(|r| (serde_json::to_value(r).expect("report to json"), None))
             .map_err(|e| e.to_string()),
-        JobKind::Gc => gc::run(state, hooks)
+        JobKind::Gc => gc::run(jobs.store, jobs.sessions, hooks)
             .map(|r| (serde_json::to_value(r).expect("report to json"), None))
             .map_err(|e| e.to_string()),
         JobKind::Verify => unreachable!("handled above"),
@@ -125,9 +139,9 @@ pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -
 /// Runs a verification. Damage found makes the record failed, with the
 /// report kept as its figures (so a failed record with figures means
 /// "found damage", without figures "could not run").
-pub fn run_verify(state: &ServerState, scope: Scope) -> JobRecord {
-    run_with(state, JobKind::Verify, false, |start_ns| {
-        verify::run(state, scope, start_ns)
+pub fn run_verify(jobs: &Jobs<'_>, scope: Scope) -> JobRecord {
+    run_with(jobs, JobKind::Verify, false, |start_ns| {
+        verify::run(jobs.store, jobs.sessions, jobs.verify, scope, start_ns)
             .map(|r| (serde_json::to_value(&r).expect("report to json"), r.problem()))
             .map_err(|e| e.to_string())
     })
@@ -137,11 +151,11 @@ pub fn run_verify(state: &ServerState, scope: Scope) -> JobRecord {
 /// problem, that problem; or why it could not run.
 type Outcome = Result<(serde_json::Value, Option<String>), String>;
 
-fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce(u64) -> Outcome) -> JobRecord {
+fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64) -> Outcome) -> JobRecord {
     let lock = match kind {
-        JobKind::Prune => &state.running.prune,
-        JobKind::Gc => &state.running.gc,
-        JobKind::Verify => &state.running.verify,
+        JobKind::Prune => &jobs.running.prune,
+        JobKind::Gc => &jobs.running.gc,
+        JobKind::Verify => &jobs.running.verify,
     };
     let start_ns = now_ns();
     let refuse = |msg: String, refused: bool| {
@@ -155,8 +169,8 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
             figures: serde_json::Value::Null,
             refused,
         };
-        record(state, &rec);
-        audit(state, &rec);
+        record(jobs.store, jobs.running, &rec);
+        audit(jobs.audit, &rec);
         rec
     };
     if kind != JobKind::Prune && dry_run {
@@ -180,8 +194,8 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
     };
     let rec =
         JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
-    record(state, &rec);
-    audit(state, &rec);
+    record(jobs.store, jobs.running, &rec);
+    audit(jobs.audit, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
         Some(e) => error!(job = kind.as_str(), "job failed: {e}"),
@@ -190,7 +204,7 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
 }
 
 /// One audit line per run, dry runs and refused runs included.
-fn audit(state: &ServerState, rec: &JobRecord) {
+fn audit(log: &Audit, rec: &JobRecord) {
     use crate::audit::{Event, Line};
     let event = match rec.kind {
         JobKind::Prune => Event::Prune,
@@ -210,26 +224,26 @@ fn audit(state: &ServerState, rec: &JobRecord) {
         None if !dry.is_empty() => line.detail(dry),
         None => line,
     };
-    state.audit.record(line);
+    log.record(line);
 }
 
 /// Stores a run's record; dry runs change nothing and are not kept.
-pub(crate) fn record(state: &ServerState, rec: &JobRecord) {
+pub(crate) fn record(store: &dyn Store, running: &Running, rec: &JobRecord) {
     if rec.dry_run {
         return;
     }
-    let mut q = state.running.unwritten.lock().expect("unwritten lock");
+    let mut q = running.unwritten.lock().expect("unwritten lock");
     q.push(rec.clone());
     if q.len() > MAX_UNWRITTEN {
         let lost = q.remove(0);
         error!(job = lost.kind.as_str(), start_ns = lost.start_ns, "job record dropped: the store refuses records");
     }
-    write_unwritten(&mut q, |r| put(state, r));
+    write_unwritten(&mut q, |r| put(store, r));
 }
 
-fn put(state: &ServerState, rec: &JobRecord) -> Result<(), String> {
+fn put(store: &dyn Store, rec: &JobRecord) -> Result<(), String> {
     let body = serde_json::to_vec(rec).expect("record to json");
-    state.store.put_job(rec.start_ns, rec.kind.as_str(), &body).map_err(|e| e.to_string())
+    store.put_job(rec.start_ns, rec.kind.as_str(), &body).map_err(|e| e.to_string())
 }
 
 /// Writes queued records, oldest first, until one fails.
@@ -248,18 +262,18 @@ fn write_unwritten(q: &mut Vec<JobRecord>, mut put: impl FnMut(&JobRecord) -> Re
 }
 
 /// Retries the records the store refused (the monitor calls this).
-pub fn flush_unwritten(state: &ServerState) {
-    let mut q = state.running.unwritten.lock().expect("unwritten lock");
+pub fn flush_unwritten(store: &dyn Store, running: &Running) {
+    let mut q = running.unwritten.lock().expect("unwritten lock");
     if !q.is_empty() {
-        write_unwritten(&mut q, |r| put(state, r));
+        write_unwritten(&mut q, |r| put(store, r));
     }
 }
 
 /// The newest `limit` job records, those not yet written included.
-pub fn list(state: &ServerState, limit: usize) -> Result<Vec<JobRecord>, String> {
+pub fn list(store: &dyn Store, running: &Running, limit: usize) -> Result<Vec<JobRecord>, String> {
     // Held across the read, so a record being written is seen once.
-    let unwritten = state.running.unwritten.lock().expect("unwritten lock");
-    let raw = state.store.jobs(limit).map_err(|e| e.to_string())?;
+    let unwritten = running.unwritten.lock().expect("unwritten lock");
+    let raw = store.jobs(limit).map_err(|e| e.to_string())?;
     let mut out: Vec<JobRecord> = raw
         .iter()
         .map(|b| serde_json::from_slice(b).map_err(|e| format!("job record: {e}")))
@@ -270,11 +284,6 @@ pub fn list(state: &ServerState, limit: usize) -> Result<Vec<JobRecord>, String>
     out.dedup_by(|a, b| a.start_ns == b.start_ns && a.kind == b.kind);
     out.truncate(limit);
     Ok(out)
-}
-
-/// Runs the configured schedules until the task is dropped.
-pub async fn scheduler(state: Arc<ServerState>) {
-    crate::schedule::run(state, Arc::new(crate::schedule::SystemClock)).await
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ fn scrub_covers_the_store_in_the_configured_number_of_runs() {
     let mut checked = 0;
     let mut completed_at = None;
     for run in 1..=4 {
-        let rec = bkp_server::jobs::run_verify(&server.state(), bkp_server::verify::Scope::Scheduled);
+        let rec = bkp_server::jobs::run_verify(&server.state().jobs(), bkp_server::verify::Scope::Scheduled);
         assert!(rec.ok, "{rec:?}");
         checked += rec.figures["scrub"]["chunks_checked"].as_u64().unwrap();
         if rec.figures["scrub"]["cycle_completed"] == true {

@@ -23,7 +23,7 @@ use bkp_common::{ChunkId, SnapshotId};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::server::ServerState;
+use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 use damage::Damage;
 
@@ -122,11 +122,16 @@ impl VerifyReport {
     }
 }
 
-/// Runs a verification now, on the calling (blocking) thread.
-pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyReport, VerifyError> {
+/// Runs a verification now, on the calling (blocking) thread. A bad
+/// chunk is quarantined under the write side of `sessions`' fence.
+pub fn run(
+    store: &dyn Store,
+    sessions: &Sessions,
+    cfg: &VerifyConfig,
+    scope: Scope,
+    now_ns: u64,
+) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let store = state.store.as_ref();
-    let cfg = &state.config.verify;
     let mut report = VerifyReport { scope: Some(scope), ..Default::default() };
     let mut bad: Vec<BadChunk> = Vec::new();
     let mut seen: HashSet<ChunkId> = HashSet::new();
@@ -137,7 +142,7 @@ pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyRepor
         }
         warn!(chunk = %id.short(), %reason, "bad chunk quarantined");
         if store.chunk_meta(&id)?.is_some() || store.chunk_blob(&id)?.is_some() {
-            state.sessions.quarantine(&id, || store.quarantine_chunk(&id, &reason, now_ns))?;
+            sessions.quarantine(&id, || store.quarantine_chunk(&id, &reason, now_ns))?;
         }
         bad.push(BadChunk { id, reason });
         Ok(())
