@@ -234,18 +234,21 @@ fn execute(cli: Cli) -> Result<()> {
         }
         Cmd::Prune { data, dry_run, json, config } => {
             let cfg = load_config(&data, config.as_deref())?;
-            job(&data, ControlRequest::Run { kind: JobKind::Prune, dry_run }, cfg, json)
+            job(&data, ControlRequest::Run { kind: JobKind::Prune, dry_run, user: cli_user() }, cfg, json)
         }
-        Cmd::Gc { data, json } => {
-            job(&data, ControlRequest::Run { kind: JobKind::Gc, dry_run: false }, load_config(&data, None)?, json)
-        }
+        Cmd::Gc { data, json } => job(
+            &data,
+            ControlRequest::Run { kind: JobKind::Gc, dry_run: false, user: cli_user() },
+            load_config(&data, None)?,
+            json,
+        ),
         Cmd::Verify { data, full, sample, json } => {
             let scope = match (full, sample) {
                 (true, _) => Scope::Full,
                 (false, Some(share)) => Scope::Sample { share },
                 (false, None) => Scope::Scheduled,
             };
-            job(&data, ControlRequest::Verify { scope }, load_config(&data, None)?, json)
+            job(&data, ControlRequest::Verify { scope, user: cli_user() }, load_config(&data, None)?, json)
         }
         Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
         Cmd::Status { data, json, config } => status(&data, load_config(&data, config.as_deref())?, json),
@@ -372,6 +375,12 @@ fn load_config(data: &Path, explicit: Option<&Path>) -> Result<ServerConfig> {
     })
 }
 
+/// Who runs this command, as the audit log names it: the user behind sudo
+/// first, since the uid is then root's.
+fn cli_user() -> Option<String> {
+    ["SUDO_USER", "USER", "LOGNAME"].iter().find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+}
+
 /// How long a job command waits for a starting server's control socket.
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -387,7 +396,10 @@ fn reach(data: &Path, req: ControlRequest, cfg: ServerConfig) -> Result<ControlR
         }
         if !crate::control::serve_running(data) {
             match ServerState::open(data, cfg.clone()) {
-                Ok(state) => return Ok(crate::control::answer(&state, req)),
+                Ok(state) => {
+                    let by = format!("cli uid={}", nix::unistd::getuid());
+                    return Ok(crate::control::answer(&state, req, &by));
+                }
                 // Unless a serve took the database after the check above
                 // (another job command holding it is an error).
                 Err(e) if !crate::control::serve_running(data) => return Err(e.into()),

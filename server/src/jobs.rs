@@ -184,6 +184,8 @@ pub struct Jobs<'a> {
     pub audit: &'a Audit,
     pub retention: &'a RetentionConfig,
     pub verify: &'a VerifyConfig,
+    /// Who started the run, for its audit line (`crate::audit::Line::by`).
+    pub by: &'a str,
 }
 
 /// Runs a job now, on the calling (blocking) thread, and records it.
@@ -241,7 +243,7 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
             refused,
         };
         record(jobs.store, jobs.running, &rec);
-        audit(jobs.audit, &rec);
+        audit(jobs.audit, jobs.by, &rec);
         rec
     };
     if kind != JobKind::Prune && dry_run {
@@ -266,7 +268,7 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
     let rec =
         JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
     record(jobs.store, jobs.running, &rec);
-    audit(jobs.audit, &rec);
+    audit(jobs.audit, jobs.by, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
         Some(e) => error!(job = kind.as_str(), "job failed: {e}"),
@@ -275,7 +277,7 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
 }
 
 /// One audit line per run, dry runs and refused runs included.
-fn audit(log: &Audit, rec: &JobRecord) {
+fn audit(log: &Audit, by: &str, rec: &JobRecord) {
     use crate::audit::{Event, Line};
     let event = match rec.kind {
         JobKind::Prune => Event::Prune,
@@ -287,7 +289,7 @@ fn audit(log: &Audit, rec: &JobRecord) {
         (true, _) => "ok",
         _ => "failed",
     };
-    let mut line = Line::new(event, result);
+    let mut line = Line::new(event, result).by(by);
     let dry = if rec.dry_run { "dry run" } else { "" };
     line = match &rec.error {
         Some(e) if dry.is_empty() => line.detail(e.clone()),

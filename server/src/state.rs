@@ -80,6 +80,7 @@ impl ServerState {
             audit: &self.audit,
             retention: &self.config.retention,
             verify: &self.config.verify,
+            by: "schedule",
         }
     }
 

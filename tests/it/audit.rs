@@ -236,3 +236,42 @@ fn a_flood_of_bad_hellos_is_rate_limited_and_counted() {
     assert!(lines.last().map(|l| l["event"] == "hello_refused").unwrap_or(false), "{lines:?}");
     assert_eq!(suppressed, dropped(), "the counts in the log add up to the metric: {lines:?}");
 }
+
+/// A job's audit line says who started it: through the control socket,
+/// the peer's uid and pid as the kernel gives them and the user the CLI
+/// runs as; with no server, the CLI itself.
+#[test]
+fn job_lines_say_who_started_them() {
+    let mut server = TestServer::start();
+    let run_gc = |server: &TestServer| {
+        ok(Command::new(bin("bkp-server"))
+            .args(["gc", "--data"])
+            .arg(server.data())
+            .env_remove("SUDO_USER")
+            .env("USER", "alice"))
+    };
+    run_gc(&server);
+    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
+    let mut lines = Vec::new();
+    wait_for("the gc line", 20, || {
+        lines = audit_lines(&server);
+        find(&lines, "gc", "ok").is_some()
+    });
+    let by = find(&lines, "gc", "ok").unwrap()["by"].as_str().unwrap().to_string();
+    let pid: u32 = by
+        .strip_prefix(&format!("socket uid={uid} pid="))
+        .and_then(|r| r.strip_suffix(" user=alice"))
+        .unwrap_or_else(|| panic!("{by}"))
+        .parse()
+        .unwrap();
+    assert_ne!(pid, std::process::id(), "the CLI's pid, not the server's");
+
+    server.stop();
+    run_gc(&server);
+    let lines = audit_lines(&server);
+    let gcs: Vec<_> = lines.iter().filter(|l| l["event"] == "gc").collect();
+    assert_eq!(gcs.len(), 2, "{lines:?}");
+    assert_eq!(gcs[1]["by"], format!("cli uid={uid} user=alice"), "{lines:?}");
+    // Lines of other events carry no `by`.
+    assert!(lines.iter().filter(|l| l["event"] != "gc").all(|l| l.get("by").is_none()), "{lines:?}");
+}
