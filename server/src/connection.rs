@@ -16,11 +16,12 @@ use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
-use crate::audit::Event;
+use crate::audit::{Event, Line};
 use crate::jobs::now_ns;
 use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
 use crate::service::{admin, push, read, Caller, ServiceError};
+use crate::sessions::SessionError;
 use crate::state::ServerState;
 use crate::store::StoreError;
 
@@ -103,7 +104,7 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
             conn.close(CLOSE_CROWDED.into(), CROWDED_REASON.as_bytes());
             return;
         }
-        h = tokio::time::timeout_at(deadline, hello(&conn, state)) => match h {
+        h = tokio::time::timeout_at(deadline, hello(&conn, state.clone())) => match h {
             Ok(Ok((ctx, auth))) => (Arc::new(ctx), auth),
             Ok(Err(msg)) => {
                 info!(%remote, "refused: {msg}");
@@ -111,6 +112,7 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
                 return;
             }
             Err(_) => {
+                audit_hello(&state, remote, "no hello within 10s");
                 conn.close(CLOSE_REFUSED.into(), b"no hello within 10s");
                 return;
             }
@@ -132,10 +134,24 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
     }
 }
 
-/// Sends a refusal on the hello stream and lets it reach the client
-/// before the connection is closed. The rest of the hello is refused
-/// first: a client still writing an oversized one then stops and reads.
-async fn refuse_hello(send: &mut SendStream, recv: &mut RecvStream, code: ErrorCode, message: String) -> String {
+/// A hello refused before any token was accepted (or over a limit): the
+/// audit log's rate limit keeps a flood of these from filling the disk.
+fn audit_hello(state: &ServerState, peer: std::net::SocketAddr, why: &str) {
+    state.audit.record(Line::new(Event::HelloRefused, "refused").peer(peer).detail(why));
+}
+
+/// Audits a refused hello, sends the refusal on the hello stream and lets
+/// it reach the client before the connection is closed. The rest of the
+/// hello is refused first: a client still writing an oversized one then
+/// stops and reads.
+async fn refuse_hello(
+    (state, conn): (&ServerState, &quinn::Connection),
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    code: ErrorCode,
+    message: String,
+) -> String {
+    audit_hello(state, conn.remote_address(), &message);
     let _ = recv.stop(0u32.into());
     let _ = write_frame(send, &Response::Error { code, message: message.clone() }).await;
     let _ = send.finish();
@@ -145,6 +161,7 @@ async fn refuse_hello(send: &mut SendStream, recv: &mut RecvStream, code: ErrorC
 
 async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Conn, AuthSlot), String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let at = (state.as_ref(), conn);
     // Unauthenticated peers get a small frame budget; the length is read
     // first so an oversized hello is refused in words.
     let len = match read_len(&mut recv, MAX_FRAME).await {
@@ -154,21 +171,32 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
                 "hello of {len} bytes is over the server's {HELLO_MAX}-byte limit; the token file must hold \
                  only the token that `bkp-server token create` printed"
             );
-            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, msg).await);
+            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await);
         }
-        Ok(None) => return Err("stream ended before the hello".into()),
+        Ok(None) => {
+            audit_hello(&state, conn.remote_address(), "stream ended before the hello");
+            return Err("stream ended before the hello".into());
+        }
         Err(e) => {
-            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await)
+            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await)
         }
     };
-    let req: Request = read_body(&mut recv, len, HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+    let req: Request = match read_body(&mut recv, len, HELLO_TIMEOUT).await {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await)
+        }
+    };
     let (token, client) = match req {
         Request::Hello { magic, version, token, client } if magic == MAGIC && version == VERSION => (token, client),
         Request::Hello { version, .. } => {
             let msg = format!("protocol version {version} not supported (server speaks {VERSION}); upgrade bkp");
-            return Err(refuse_hello(&mut send, &mut recv, ErrorCode::BadRequest, msg).await);
+            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await);
         }
-        _ => return Err("first request was not a hello".into()),
+        _ => {
+            let msg = "the first request must be a hello".to_string();
+            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await);
+        }
     };
     let tokens = state.tokens();
     let rec = tokio::task::spawn_blocking(move || tokens.authenticate(&token))
@@ -177,16 +205,11 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
         .map_err(|e| e.to_string())?;
     let Some(rec) = rec else {
         let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
-        state.audit.record(
-            crate::audit::Line::new(crate::audit::Event::HelloRefused, "refused")
-                .peer(conn.remote_address())
-                .detail("unknown or revoked token"),
-        );
-        return Err(refuse_hello(&mut send, &mut recv, ErrorCode::Unauthorized, msg).await);
+        return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::Unauthorized, msg).await);
     };
     let mut auth = match state.limits.admit(&rec.id, &rec.host, conn) {
         Ok(a) => a,
-        Err(msg) => return Err(refuse_hello(&mut send, &mut recv, ErrorCode::Busy, msg).await),
+        Err(msg) => return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::Busy, msg).await),
     };
     // Authenticated: the shared transport's streams and window. A restore
     // token only sends requests, so it keeps a small window.
@@ -242,6 +265,9 @@ impl Conn {
     fn fail(&self, e: ServiceError) -> Fail {
         match &e {
             ServiceError::Forbidden { audit, .. } => self.refused(audit),
+            ServiceError::Session(SessionError::OtherHost { owner }) => {
+                self.refused(&format!("push session of host {owner} used by this token"))
+            }
             ServiceError::Store(StoreError::Protected(_)) => {}
             ServiceError::Store(s) => warn!("store error: {s}"),
             _ => {}

@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
 use crate::gc::GcHooks;
-use crate::jobs::{self, JobKind, JobRecord};
+use crate::jobs::{self, JobKind, JobRecord, Jobs};
 use crate::state::ServerState;
 use crate::verify::Scope;
 
@@ -30,9 +30,22 @@ const MAX_LINE: u64 = 64 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ControlRequest {
-    Run { kind: JobKind, dry_run: bool },
-    Verify { scope: Scope },
-    Jobs { limit: usize },
+    /// `user`: who the CLI runs as ($SUDO_USER, else $USER), for the audit
+    /// log beside the socket peer's uid and pid.
+    Run {
+        kind: JobKind,
+        dry_run: bool,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    Verify {
+        scope: Scope,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    Jobs {
+        limit: usize,
+    },
     Status,
 }
 
@@ -73,6 +86,11 @@ pub async fn serve(listener: UnixListener, state: Arc<ServerState>) {
 }
 
 async fn handle(stream: UnixStream, state: Arc<ServerState>) -> std::io::Result<()> {
+    // The kernel's word on the peer; a job's audit line names it.
+    let peer = match stream.peer_cred() {
+        Ok(c) => format!("socket uid={} pid={}", c.uid(), c.pid().map_or("?".into(), |p| p.to_string())),
+        Err(e) => format!("socket (peer unknown: {e})"),
+    };
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r.take(MAX_LINE)).read_line(&mut line).await?;
@@ -80,7 +98,7 @@ async fn handle(stream: UnixStream, state: Arc<ServerState>) -> std::io::Result<
         Err(e) => ControlResponse::Error(format!("bad control request: {e}")),
         Ok(req) => {
             let st = state.clone();
-            tokio::task::spawn_blocking(move || answer(&st, req))
+            tokio::task::spawn_blocking(move || answer(&st, req, &peer))
                 .await
                 .unwrap_or_else(|e| ControlResponse::Error(e.to_string()))
         }
@@ -90,13 +108,22 @@ async fn handle(stream: UnixStream, state: Arc<ServerState>) -> std::io::Result<
     w.write_all(&out).await
 }
 
-/// Answers a request against an open state (server or local).
-pub fn answer(state: &ServerState, req: ControlRequest) -> ControlResponse {
+/// Answers a request against an open state (server or local); `by` says
+/// where it came from ("socket uid=0 pid=42", "cli uid=0").
+pub fn answer(state: &ServerState, req: ControlRequest, by: &str) -> ControlResponse {
+    let who = |user: Option<String>| match user {
+        Some(u) => format!("{by} user={u}"),
+        None => by.to_string(),
+    };
     match req {
-        ControlRequest::Run { kind, dry_run } => {
-            ControlResponse::Job(jobs::run(&state.jobs(), kind, dry_run, &GcHooks::from_env()))
+        ControlRequest::Run { kind, dry_run, user } => {
+            let by = who(user);
+            ControlResponse::Job(jobs::run(&Jobs { by: &by, ..state.jobs() }, kind, dry_run, &GcHooks::from_env()))
         }
-        ControlRequest::Verify { scope } => ControlResponse::Job(jobs::run_verify(&state.jobs(), scope)),
+        ControlRequest::Verify { scope, user } => {
+            let by = who(user);
+            ControlResponse::Job(jobs::run_verify(&Jobs { by: &by, ..state.jobs() }, scope))
+        }
         ControlRequest::Jobs { limit } => match jobs::list(state.store.as_ref(), &state.running, limit) {
             Ok(l) => ControlResponse::Jobs(l),
             Err(e) => ControlResponse::Error(e.to_string()),

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bkp_common::ChunkId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::commit::{walk_tree, CommitError};
@@ -49,7 +49,7 @@ pub enum GcError {
     Reclaim { chunks: u64, freed: u64, reason: String },
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct GcReport {
     pub snapshots: u64,
     pub referenced_chunks: u64,

@@ -27,7 +27,12 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
         let st = crate::monitor::status(&state.monitor_inputs(), crate::jobs::now_ns())?;
         let firing = state.monitor.firing.load(std::sync::atomic::Ordering::Relaxed);
-        Ok::<_, crate::store::StoreError>(crate::metrics::render(&st, &state.monitor.counters, firing))
+        Ok::<_, crate::store::StoreError>(crate::metrics::render(
+            &st,
+            &state.monitor.counters,
+            firing,
+            state.audit.dropped(),
+        ))
     })
     .await;
     match body {
@@ -49,7 +54,7 @@ async fn page(State(state): State<Arc<ServerState>>) -> Response {
 
 /// 200 when the store answers a read, else 503.
 async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
-    let ok = tokio::task::spawn_blocking(move || state.store.meta_get(b"schema_version").map(|v| v.is_some())).await;
+    let ok = tokio::task::spawn_blocking(move || state.store.schema_version().map(|v| v.is_some())).await;
     match ok {
         Ok(Ok(true)) => (StatusCode::OK, "ok\n").into_response(),
         Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "store has no schema record\n").into_response(),

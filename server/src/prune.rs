@@ -24,7 +24,7 @@ impl RetentionConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SetPlan {
     pub host: String,
     pub name: String,
@@ -32,7 +32,7 @@ pub struct SetPlan {
     pub verdicts: Vec<Verdict>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PruneReport {
     pub sets: u64,
     pub kept: u64,

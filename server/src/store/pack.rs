@@ -217,7 +217,7 @@ pub fn read_trailer(trailer: &[u8], pack_len: u64) -> Result<(std::ops::Range<u6
     }
     let index_len = u32_at(trailer, 0) as u64;
     let room = pack_len - HEADER_LEN as u64 - TRAILER_LEN as u64;
-    if index_len < 4 || index_len > room || (index_len - 4) % INDEX_ENTRY_LEN as u64 != 0 {
+    if index_len < 4 || index_len > room || !(index_len - 4).is_multiple_of(INDEX_ENTRY_LEN as u64) {
         return Err(PackError::Index(format!("index length {index_len} in a pack of {pack_len} bytes")));
     }
     let end = pack_len - TRAILER_LEN as u64;
