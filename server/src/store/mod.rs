@@ -67,8 +67,9 @@
 //! # Faults
 //! * "Stored" means the chunk's data is there, not only its `chunk_meta`
 //!   (which outlives its data when a blob file is lost): `host_has`,
-//!   `stored_sorted` and `put_chunks` look the data key up (without reading
-//!   blob files, see `rocks::RocksStore::data_lookup`).
+//!   `stored_sorted` and `put_chunks` ask [`ChunkStore::has_data`] (the
+//!   local backend answers without reading blob files, see
+//!   `rocks::LocalChunks`).
 //! * A full disk: writes are refused with [`StoreError::Full`] before
 //!   RocksDB runs out of space, and a reserve file gives GC room
 //!   (`space`).
