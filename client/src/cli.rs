@@ -411,6 +411,12 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
     }
 }
 
+/// The clap definition, for generating man pages and shell completions
+/// (xtask/).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -425,10 +431,4 @@ mod tests {
         assert!(within(b"etc", b"etc") && within(b"etc/hosts", b"etc") && within(b"x", b""));
         assert!(!within(b"etcetera", b"etc") && !within(b"et", b"etc"));
     }
-}
-
-/// The clap definition, for generating man pages and shell completions
-/// (xtask/).
-pub fn command() -> clap::Command {
-    <Cli as clap::CommandFactory>::command()
 }

@@ -23,8 +23,11 @@ pub const MAGIC: [u8; 4] = *b"BKP\0";
 pub const VERSION: u16 = 1;
 /// One chunk blob plus its envelope; every other message is smaller.
 pub const MAX_FRAME: usize = MAX_BLOB + 1024;
-/// Ids per has-chunk query and per chunk fetch.
+/// Ids per has-chunk query (a fetch is capped by [`MAX_FETCH`]).
 pub const MAX_IDS: usize = 8192;
+/// Chunks per `GetChunks` request; the server answers with one `Chunk`
+/// frame per id on the request's stream, and refuses more.
+pub const MAX_FETCH: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {

@@ -21,6 +21,9 @@
 //! the frames of chunks smaller than one block are what zstd gives at that
 //! level with the same two flags (the first block is never split).
 
+// unsafe: zstd-sys calls (the context API the safe crate does not expose); each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::ptr::NonNull;
 
 use zstd::zstd_safe::zstd_sys;

@@ -8,8 +8,12 @@
 //! in the store so a restart does not notify again. A notification that
 //! could not be delivered to every target is retried on the next check, so
 //! a target may see one twice but never misses one.
+//!
+//! Targets: webhooks, a command, and mail through the local sendmail
+//! ([`email`]). Each program gets `timeout` to finish and is killed after.
 
-use std::collections::BTreeMap;
+pub mod email;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -24,6 +28,8 @@ pub struct AlertsConfig {
     /// A program run per alert: the JSON body on stdin, the essentials in
     /// `BKP_ALERT_*` variables.
     pub command: Option<Vec<String>>,
+    /// `[[alerts.email]]`: a mail per alert through the local sendmail.
+    pub email: Vec<email::Email>,
     /// Alert when free space on the data directory's filesystem falls
     /// under this percentage.
     pub disk_free_min_percent: f64,
@@ -33,7 +39,13 @@ pub struct AlertsConfig {
 
 impl Default for AlertsConfig {
     fn default() -> Self {
-        Self { webhooks: Vec::new(), command: None, disk_free_min_percent: 10.0, timeout: Duration::from_secs(10) }
+        Self {
+            webhooks: Vec::new(),
+            command: None,
+            email: Vec::new(),
+            disk_free_min_percent: 10.0,
+            timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -47,7 +59,7 @@ impl AlertsConfig {
         if self.command.as_ref().is_some_and(|c| c.is_empty()) {
             return Err("alerts command is empty; give the program and its arguments as a list".into());
         }
-        Ok(())
+        self.email.iter().try_for_each(email::Email::check)
     }
 }
 
@@ -78,16 +90,9 @@ pub struct Condition {
     pub fingerprint: String,
 }
 
-/// What was last notified for a key that is firing.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notified {
-    pub kind: String,
-    pub summary: String,
-    pub fingerprint: String,
-    pub since_ns: u64,
-}
-
-pub type State = BTreeMap<String, Notified>;
+/// What was last notified, by key: kept in the store (its codec is the
+/// schema's).
+pub use crate::store::schema::{AlertState as State, Notified};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -169,8 +174,24 @@ pub fn deliver(cfg: &AlertsConfig, ev: &Event) -> Result<(), String> {
         }
     }
     if let Some(cmd) = &cfg.command {
-        if let Err(e) = run_command(cmd, ev, cfg.timeout) {
+        let status = if ev.status == Status::Firing { "firing" } else { "resolved" };
+        let env = [
+            ("BKP_ALERT_STATUS", status),
+            ("BKP_ALERT_KEY", &ev.key),
+            ("BKP_ALERT_KIND", &ev.kind),
+            ("BKP_ALERT_SUMMARY", &ev.summary),
+        ];
+        let body = serde_json::to_vec(ev).expect("event to json");
+        if let Err(e) = run_program(&cmd[0], &cmd[1..], &env, &body, cfg.timeout) {
             errors.push(format!("command {}: {e}", cmd[0]));
+        }
+    }
+    let date = chrono::Utc::now().to_rfc2822();
+    for m in &cfg.email {
+        let msg = m.message(ev, &date);
+        let program = m.sendmail_path.to_string_lossy();
+        if let Err(e) = run_program(&program, &["-t".into(), "-oi".into()], &[], msg.as_bytes(), cfg.timeout) {
+            errors.push(format!("email to {} via {program}: {e}", m.to.join(", ")));
         }
     }
     if errors.is_empty() {
@@ -180,26 +201,37 @@ pub fn deliver(cfg: &AlertsConfig, ev: &Event) -> Result<(), String> {
     }
 }
 
-fn run_command(cmd: &[String], ev: &Event, timeout: Duration) -> Result<(), String> {
-    let status = if ev.status == Status::Firing { "firing" } else { "resolved" };
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .env("BKP_ALERT_STATUS", status)
-        .env("BKP_ALERT_KEY", &ev.key)
-        .env("BKP_ALERT_KIND", &ev.kind)
-        .env("BKP_ALERT_SUMMARY", &ev.summary)
+/// Runs a program with `stdin` as its input, waiting at most `timeout`.
+/// The error has the exit status and the start of what it wrote to stderr.
+fn run_program(
+    program: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let body = serde_json::to_vec(ev).expect("event to json");
-    // A program that ignores its stdin is fine.
-    let _ = child.stdin.take().expect("piped stdin").write_all(&body);
+    // A program that ignores its stdin is fine; its exit status decides.
+    let _ = child.stdin.take().expect("piped stdin").write_all(stdin);
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match child.try_wait().map_err(|e| e.to_string())? {
             Some(s) if s.success() => return Ok(()),
-            Some(s) => return Err(format!("exited with {s}")),
+            Some(s) => {
+                let said = child.stderr.take().map(stderr_start).unwrap_or_default();
+                return Err(if said.is_empty() {
+                    format!("exited with {s}")
+                } else {
+                    format!("exited with {s}: {said}")
+                });
+            }
             None if std::time::Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -208,6 +240,25 @@ fn run_command(cmd: &[String], ev: &Event, timeout: Duration) -> Result<(), Stri
             None => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// The first line of what an exited program left in its stderr pipe, read
+/// without blocking: a child it forked (sendmail's background delivery)
+/// may still hold the pipe open.
+fn stderr_start(mut pipe: std::process::ChildStderr) -> String {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let fd = pipe.as_raw_fd();
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
+    let nonblocking = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(nonblocking)).is_err() {
+        return String::new();
+    }
+    let mut buf = vec![0; 4096];
+    let n = pipe.read(&mut buf).unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    bkp_common::names::prefix_within(first, 300).chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 #[cfg(test)]
@@ -231,7 +282,7 @@ mod tests {
     fn one_notification_per_change() {
         let mut st = State::new();
         let c = cond("stale:a/db", "stale", "a/db: last backup 31h ago");
-        let evs = diff(&st, &[c.clone()], 10, "srv");
+        let evs = diff(&st, std::slice::from_ref(&c), 10, "srv");
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].0.status, Status::Firing);
         apply(&mut st, &evs);
@@ -276,5 +327,49 @@ mod tests {
         assert_eq!(got["key"], "k");
         let fail = AlertsConfig { command: Some(vec!["false".into()]), ..Default::default() };
         assert!(deliver(&fail, &ev).is_err());
+    }
+
+    fn fake_sendmail(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("sendmail");
+        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn email_target_runs_sendmail_with_the_message_and_reports_its_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let ok = fake_sendmail(dir.path(), &format!("printf '%s\\n' \"$@\" > {d}/args; cat > {d}/mail"));
+        let target = |path: std::path::PathBuf| email::Email {
+            to: vec!["ops@example.com".into()],
+            from: "bkp@example.com".into(),
+            subject_prefix: "[bkp]".into(),
+            sendmail_path: path,
+        };
+        let cfg = AlertsConfig { email: vec![target(ok)], ..Default::default() };
+        let ev = diff(&State::new(), &[cond("stale:a/db", "f", "a/db: last backup 31h ago")], 0, "srv").remove(0).0;
+        deliver(&cfg, &ev).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("args")).unwrap(), "-t\n-oi\n");
+        let mail = std::fs::read_to_string(dir.path().join("mail")).unwrap();
+        assert!(
+            mail.starts_with("From: bkp@example.com\nTo: ops@example.com\nSubject: [bkp] FIRING stale:a/db on srv\n")
+        );
+        assert!(mail.contains("\n\na/db: last backup 31h ago\n"), "{mail}");
+
+        // A refusal names the target and says what sendmail said.
+        let bad = fake_sendmail(dir.path(), "echo 'sendmail: fatal: no such user' >&2; exit 75");
+        let cfg = AlertsConfig { email: vec![target(bad)], ..Default::default() };
+        let e = deliver(&cfg, &ev).unwrap_err();
+        assert!(e.starts_with("email to ops@example.com via ") && e.ends_with("sendmail: fatal: no such user"), "{e}");
+        // One that hangs is killed at the timeout.
+        let hang = fake_sendmail(dir.path(), "exec sleep 30");
+        let cfg = AlertsConfig { email: vec![target(hang)], timeout: Duration::from_millis(300), ..Default::default() };
+        let t = std::time::Instant::now();
+        let e = deliver(&cfg, &ev).unwrap_err();
+        assert!(e.contains("still running after 300ms; killed") && t.elapsed() < Duration::from_secs(10), "{e}");
+        let missing = AlertsConfig { email: vec![target("/nonexistent/sendmail".into())], ..Default::default() };
+        assert!(deliver(&missing, &ev).unwrap_err().contains("/nonexistent/sendmail"));
     }
 }

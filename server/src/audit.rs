@@ -12,6 +12,13 @@
 //! to one writer thread; when it is full the event is dropped, counted
 //! and warned about. A failed write is logged as an error; the request
 //! that caused it goes on.
+//!
+//! Refusals (a bad hello, a role or host that may not) are what anyone
+//! on the network can cause at will, so they pass a token bucket
+//! (`[audit] refusals_per_second`) before the queue: a flood cannot fill
+//! the disk or push out the admin actions. What the bucket holds back is
+//! counted, and the next refusal written says how many were skipped
+//! (`"suppressed"`). Both kinds of loss are `bkp_audit_dropped_total`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -21,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
@@ -46,11 +53,14 @@ pub struct AuditConfig {
     pub max_bytes: u64,
     /// Rotated files kept (audit.log.1 .. audit.log.KEEP).
     pub keep: u32,
+    /// Refusal lines written per second at most (bursts of as many); the
+    /// rest are counted, not written.
+    pub refusals_per_second: u32,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { max_bytes: 16 << 20, keep: 4 }
+        Self { max_bytes: 16 << 20, keep: 4, refusals_per_second: 20 }
     }
 }
 
@@ -106,6 +116,14 @@ pub struct Line {
     pub result: String,
     /// What was acted on or why it was refused.
     pub detail: Option<String>,
+    /// Who started it, for job runs: "schedule", or the control socket's
+    /// peer ("socket uid=0 pid=4242 user=root"), or a CLI run without a
+    /// server ("cli uid=0 user=root"). Absent from other lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Refusals before this one that the rate limit kept out of the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 fn cut(s: String) -> String {
@@ -126,7 +144,19 @@ impl Line {
             peer: None,
             result: result.into(),
             detail: None,
+            by: None,
+            suppressed: None,
         }
+    }
+
+    pub fn by(mut self, by: impl Into<String>) -> Self {
+        self.by = Some(cut(by.into()));
+        self
+    }
+
+    /// Refusals go through the rate limit; everything else is kept.
+    fn is_refusal(&self) -> bool {
+        matches!(self.event, Event::Refused | Event::HelloRefused)
     }
 
     pub fn token(mut self, id: &str) -> Self {
@@ -180,10 +210,8 @@ pub fn append(dir: &Path, cfg: &AuditConfig, line: &Line) -> std::io::Result<()>
     let path = dir.join(FILE);
     let bytes = line.encode();
     let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(LOCK))?;
-    // SAFETY: flock on a descriptor we own; released when `lock` drops.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // Released when `lock` drops.
+    lock.lock()?;
     let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     if size > 0 && size + bytes.len() as u64 > cfg.max_bytes {
         rotate(dir, cfg)?;
@@ -249,17 +277,52 @@ pub fn read(dir: &Path) -> std::io::Result<Vec<Result<Line, String>>> {
     Ok(out)
 }
 
+/// A token bucket: `rate` lines a second, bursts of `rate`.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+    /// Held back since the last line let through.
+    held: u64,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self { rate, tokens: rate, at: Instant::now(), held: 0 }
+    }
+
+    /// `Some(n)`: let through, `n` held back before it; `None`: hold back.
+    fn take(&mut self, now: Instant) -> Option<u64> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.held))
+        } else {
+            self.held += 1;
+            None
+        }
+    }
+}
+
 /// `serve`'s writer: a bounded queue in front of one thread.
 pub struct Audit {
     tx: Mutex<Option<SyncSender<Line>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    pub dropped: AtomicU64,
+    refusals: Mutex<Bucket>,
+    /// Lines lost because the queue was full.
+    pub dropped_full: AtomicU64,
+    /// Refusal lines the rate limit kept out.
+    pub dropped_rate: AtomicU64,
 }
 
 impl Audit {
     pub fn start(dir: &Path, cfg: AuditConfig) -> Self {
         let (tx, rx) = sync_channel::<Line>(QUEUE);
         let dir = dir.to_path_buf();
+        let refusals = Mutex::new(Bucket::new(cfg.refusals_per_second));
         let thread = std::thread::Builder::new()
             .name("bkp-audit".into())
             .spawn(move || {
@@ -275,17 +338,45 @@ impl Audit {
             })
             .map_err(|e| error!("audit log writer not started: {e}"))
             .ok();
-        Self { tx: Mutex::new(Some(tx)), thread: Mutex::new(thread), dropped: AtomicU64::new(0) }
+        Self {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(thread),
+            refusals,
+            dropped_full: AtomicU64::new(0),
+            dropped_rate: AtomicU64::new(0),
+        }
+    }
+
+    /// Lines lost since start: (queue full, rate limit).
+    pub fn dropped(&self) -> (u64, u64) {
+        (self.dropped_full.load(Ordering::Relaxed), self.dropped_rate.load(Ordering::Relaxed))
     }
 
     /// Queues a line; never waits.
-    pub fn record(&self, line: Line) {
+    pub fn record(&self, mut line: Line) {
+        if line.is_refusal() {
+            let mut b = self.refusals.lock().expect("audit bucket");
+            match b.take(Instant::now()) {
+                Some(0) => {}
+                Some(n) => line.suppressed = Some(n),
+                None => {
+                    self.dropped_rate.fetch_add(1, Ordering::Relaxed);
+                    if b.held == 1 {
+                        warn!(
+                            "audit log: refusals over {}/s; more are counted (bkp_audit_dropped_total), not written",
+                            b.rate
+                        );
+                    }
+                    return;
+                }
+            }
+        }
         let tx = self.tx.lock().expect("audit sender");
         let Some(tx) = tx.as_ref() else { return };
         match tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(l)) => {
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = self.dropped_full.fetch_add(1, Ordering::Relaxed) + 1;
                 warn!(dropped = n, "audit log queue full; event {} not recorded", l.event.as_str());
             }
             Err(TrySendError::Disconnected(l)) => {
@@ -335,6 +426,8 @@ mod tests {
             peer: Some("127.0.0.1:5000".into()),
             result: "ok".into(),
             detail: Some("snapshot 1a2b3c4d".into()),
+            by: None,
+            suppressed: None,
         }
     }
 
@@ -349,6 +442,45 @@ mod tests {
             let j = serde_json::to_string(&e).unwrap();
             assert_eq!(j, format!("\"{}\"", e.as_str()));
         }
+        // The two optional fields appear only when set, at the end.
+        let l = Line { event: Event::Gc, by: Some("schedule".into()), suppressed: Some(7), ..sample() };
+        let golden = r#"{"v":1,"time":"2026-12-04T02:30:00Z","event":"gc","token":"0123456789ab","host":"web01","peer":"127.0.0.1:5000","result":"ok","detail":"snapshot 1a2b3c4d","by":"schedule","suppressed":7}"#;
+        assert_eq!(String::from_utf8(l.encode()).unwrap(), format!("{golden}\n"));
+        assert_eq!(serde_json::from_str::<Line>(golden).unwrap(), l);
+    }
+
+    #[test]
+    fn bucket_lets_a_burst_through_then_the_rate_and_counts_the_rest() {
+        let mut b = Bucket::new(10);
+        let t0 = b.at;
+        let passed = (0..50).filter(|_| b.take(t0).is_some()).count();
+        assert_eq!((passed, b.held), (10, 40));
+        // A tenth of a second later: one more, told about the 40.
+        assert_eq!(b.take(t0 + Duration::from_millis(100)), Some(40));
+        assert_eq!(b.take(t0 + Duration::from_millis(100)), None);
+        // Idle for long: a full burst again, never more.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(b.take(later), Some(1));
+        assert_eq!((1..20).filter(|_| b.take(later).is_some()).count(), 9);
+    }
+
+    #[test]
+    fn a_refusal_flood_is_limited_and_other_events_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Audit::start(dir.path(), AuditConfig { refusals_per_second: 5, ..Default::default() });
+        for _ in 0..1000 {
+            a.record(Line::new(Event::HelloRefused, "refused"));
+        }
+        for _ in 0..100 {
+            a.record(Line::new(Event::Forget, "ok"));
+        }
+        a.close();
+        let lines: Vec<Line> = read(dir.path()).unwrap().into_iter().map(Result::unwrap).collect();
+        let refused = lines.iter().filter(|l| l.event == Event::HelloRefused).count();
+        // A slow machine may refill a token or two during the loop.
+        assert!((5..=8).contains(&refused), "{refused}");
+        assert_eq!(lines.iter().filter(|l| l.event == Event::Forget).count(), 100);
+        assert_eq!(a.dropped(), (0, 1000 - refused as u64));
     }
 
     #[test]
@@ -362,7 +494,7 @@ mod tests {
     #[test]
     fn rotates_and_keeps_n_files_and_reads_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = AuditConfig { max_bytes: 1000, keep: 2 };
+        let cfg = AuditConfig { max_bytes: 1000, keep: 2, ..Default::default() };
         for i in 0..100 {
             append(dir.path(), &cfg, &Line::new(Event::Gc, "ok").detail(format!("run {i}"))).unwrap();
         }
@@ -385,7 +517,7 @@ mod tests {
         }
         a.close();
         assert_eq!(read(dir.path()).unwrap().len(), 50);
-        assert_eq!(a.dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(a.dropped(), (0, 0));
     }
 
     #[test]

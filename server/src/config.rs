@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub monitor: crate::monitor::MonitorConfig,
     pub limits: crate::limits::LimitsConfig,
     pub audit: crate::audit::AuditConfig,
+    /// Where chunk data lives: local RocksDB, or packs in an S3 bucket.
+    pub storage: crate::store::object::config::StorageConfig,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +50,7 @@ impl Default for ServerConfig {
             monitor: Default::default(),
             limits: Default::default(),
             audit: Default::default(),
+            storage: Default::default(),
         }
     }
 }
@@ -70,6 +73,7 @@ impl ServerConfig {
             }
         }
         cfg.alerts.check().map_err(err)?;
+        cfg.storage.check().map_err(err)?;
         Ok(cfg)
     }
 }
@@ -130,8 +134,12 @@ mod tests {
         assert!(c.jobs.prune.is_some() && c.jobs.gc.is_some() && c.jobs.verify.is_some());
         assert!(c.verify.max_duration.is_some() && c.freshness.interval.is_some());
         assert!(c.freshness.sets.contains_key("web01/pgdump"));
-        assert_eq!((c.alerts.webhooks.len(), c.alerts.command.is_some()), (1, true));
+        assert_eq!((c.alerts.webhooks.len(), c.alerts.command.is_some(), c.alerts.email.len()), (1, true, 1));
         assert!(c.monitor.listen.is_some());
+        let s = &c.storage;
+        assert_eq!(s.backend, crate::store::object::config::Backend::S3);
+        assert!(s.endpoint.is_some() && s.bucket.is_some() && s.credentials_file.is_some() && s.ca_file.is_some());
+        assert_eq!((s.pack_size, s.cache_size), (32 << 20, 8 << 30));
     }
 
     /// `#key = value` and `#[table]` lines without the `#`; prose

@@ -20,7 +20,7 @@ use tracing::warn;
 
 use crate::gc::GcHooks;
 use crate::jobs::{self, JobKind, JobRecord};
-use crate::server::ServerState;
+use crate::state::ServerState;
 use crate::verify::Scope;
 
 pub const SOCKET: &str = "control.sock";
@@ -94,14 +94,14 @@ async fn handle(stream: UnixStream, state: Arc<ServerState>) -> std::io::Result<
 pub fn answer(state: &ServerState, req: ControlRequest) -> ControlResponse {
     match req {
         ControlRequest::Run { kind, dry_run } => {
-            ControlResponse::Job(jobs::run(state, kind, dry_run, &GcHooks::from_env()))
+            ControlResponse::Job(jobs::run(&state.jobs(), kind, dry_run, &GcHooks::from_env()))
         }
-        ControlRequest::Verify { scope } => ControlResponse::Job(jobs::run_verify(state, scope)),
-        ControlRequest::Jobs { limit } => match jobs::list(state, limit) {
+        ControlRequest::Verify { scope } => ControlResponse::Job(jobs::run_verify(&state.jobs(), scope)),
+        ControlRequest::Jobs { limit } => match jobs::list(state.store.as_ref(), &state.running, limit) {
             Ok(l) => ControlResponse::Jobs(l),
             Err(e) => ControlResponse::Error(e),
         },
-        ControlRequest::Status => match crate::status::collect(state) {
+        ControlRequest::Status => match crate::status::collect(&state.monitor_inputs()) {
             Ok(s) => ControlResponse::Status(Box::new(s)),
             Err(e) => ControlResponse::Error(format!("reading the store for the status: {e}")),
         },
@@ -143,7 +143,6 @@ pub fn call(data: &Path, req: &ControlRequest) -> Option<Result<ControlResponse,
 /// holds it.
 pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
     let p = data.join(SERVE_LOCK);
     let mut f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&p).map_err(
         |e| match e.kind() {
@@ -153,10 +152,11 @@ pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
             _ => format!("{}: {e}", p.display()),
         },
     )?;
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    // std's file locks are flock(2) on Linux: the same lock older
+    // binaries and `serve_running` take.
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = f.read_to_string(&mut pid);
             return Err(format!(
@@ -165,7 +165,7 @@ pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
                 data.display()
             ));
         }
-        return Err(format!("locking {}: {e}", p.display()));
+        Err(std::fs::TryLockError::Error(e)) => return Err(format!("locking {}: {e}", p.display())),
     }
     // The pid is for the message above only; the lock is the truth.
     let _ = f.set_len(0).and_then(|_| f.rewind()).and_then(|_| write!(f, "{}", std::process::id()));
@@ -174,12 +174,9 @@ pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
 
 /// Is a `serve` holding `DATA/serve.lock` (running, or still starting)?
 pub fn serve_running(data: &Path) -> bool {
-    use std::os::fd::AsRawFd;
     let Ok(f) = std::fs::File::open(data.join(SERVE_LOCK)) else { return false };
-    // SAFETY: flock on a descriptor this function owns; closing it drops
-    // the probe's lock.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+    // Closing `f` drops the probe's shared lock.
+    matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
 }
 
 /// A pause between opening the store and binding the control socket, for

@@ -177,7 +177,8 @@ mod tests {
     fn table() {
         let daily = [0, 24, 48, 72];
         // (config, set history in hours, now in hours, expected interval in hours, stale)
-        let cases: &[(&str, &[u64], u64, Option<u64>, bool)] = &[
+        type Case<'a> = (&'a str, &'a [u64], u64, Option<u64>, bool);
+        let cases: &[Case] = &[
             // Learned daily, grace 6h: stale only after 30h.
             ("", &daily, 72 + 29, Some(24), false),
             ("", &daily, 72 + 31, Some(24), true),

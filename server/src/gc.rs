@@ -24,11 +24,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bkp_common::ChunkId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::commit::{walk_tree, CommitError};
-use crate::server::ServerState;
 use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 
@@ -57,7 +56,7 @@ pub enum GcError {
     Reclaim { chunks: u64, freed: u64, reason: String },
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct GcReport {
     pub snapshots: u64,
     pub referenced_chunks: u64,
@@ -108,12 +107,13 @@ impl Drop for Epoch<'_> {
     }
 }
 
-pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
+/// One run, on the calling (blocking) thread: sweep batches take the
+/// write side of `sessions`' fence.
+pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<GcReport, GcError> {
     let started = Instant::now();
-    let store = state.store.as_ref();
     let mut report = GcReport { disk_bytes_before: store.disk_bytes()?, ..Default::default() };
-    state.sessions.gc_begin();
-    let epoch = Epoch(&state.sessions);
+    sessions.gc_begin();
+    let epoch = Epoch(sessions);
 
     // Mark.
     let summaries = store.list_snapshots(None, None)?;
@@ -166,7 +166,7 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
         let candidates: Vec<_> =
             keys.into_iter().filter(|(h, c)| hosts.get(h).is_none_or(|i| !marked_host.contains(&(*i, *c)))).collect();
         if !candidates.is_empty() {
-            let n = state.sessions.sweep(|protected| {
+            let n = sessions.sweep(|protected| {
                 let doomed: Vec<_> = candidates.into_iter().filter(|(h, c)| !protected(c, Some(h))).collect();
                 store.forget_possession(&doomed).map(|_| doomed.len())
             })?;
@@ -194,7 +194,7 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
             }
         }
         if !unreferenced.is_empty() || !disowned.is_empty() {
-            let (n, freed, d) = state.sessions.sweep(|protected| {
+            let (n, freed, d) = sessions.sweep(|protected| {
                 let doomed: Vec<_> = unreferenced.into_iter().filter(|c| !protected(c, None)).collect();
                 let disowned: Vec<_> = disowned.into_iter().filter(|(h, c)| !protected(c, Some(h))).collect();
                 store.forget_possession(&disowned)?;
@@ -206,6 +206,25 @@ pub fn run(state: &ServerState, hooks: &GcHooks) -> Result<GcReport, GcError> {
         }
         after = Some(last);
         pause();
+    }
+    // Chunk data no metadata records (a crash between a backend's data
+    // write and its metadata batch): unreferenced by construction.
+    let mut after: Option<ChunkId> = None;
+    loop {
+        let mut ids = store.orphan_candidates(after.as_ref(), batch)?;
+        ids.sort_unstable();
+        let Some(last) = ids.last().copied() else { break };
+        let n = sessions.sweep(|protected| {
+            let recorded = store.recorded_sorted(&ids)?;
+            let doomed: Vec<ChunkId> =
+                ids.iter().zip(recorded).filter(|(c, r)| !r && !protected(c, None)).map(|(c, _)| *c).collect();
+            if !doomed.is_empty() {
+                store.delete_chunks(&doomed)?;
+            }
+            Ok::<_, StoreError>(doomed.len())
+        })?;
+        report.chunks_deleted += n as u64;
+        after = Some(last);
     }
     drop(epoch);
     let reclaimed = store.reclaim_space();

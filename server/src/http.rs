@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::server::ServerState;
+use crate::state::ServerState;
 
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServerState>) -> std::io::Result<()> {
     let app = Router::new()
@@ -25,9 +25,14 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServerState>) -
 
 async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
-        let st = crate::monitor::status(&state, crate::jobs::now_ns())?;
+        let st = crate::monitor::status(&state.monitor_inputs(), crate::jobs::now_ns())?;
         let firing = state.monitor.firing.load(std::sync::atomic::Ordering::Relaxed);
-        Ok::<_, crate::store::StoreError>(crate::metrics::render(&st, &state.monitor.counters, firing))
+        Ok::<_, crate::store::StoreError>(crate::metrics::render(
+            &st,
+            &state.monitor.counters,
+            firing,
+            state.audit.dropped(),
+        ))
     })
     .await;
     match body {
@@ -38,7 +43,7 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
 }
 
 async fn page(State(state): State<Arc<ServerState>>) -> Response {
-    match tokio::task::spawn_blocking(move || crate::status::collect(&state)).await {
+    match tokio::task::spawn_blocking(move || crate::status::collect(&state.monitor_inputs())).await {
         Ok(Ok(s)) => {
             ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], crate::status_html::render(&s)).into_response()
         }
@@ -49,7 +54,7 @@ async fn page(State(state): State<Arc<ServerState>>) -> Response {
 
 /// 200 when the store answers a read, else 503.
 async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
-    let ok = tokio::task::spawn_blocking(move || state.store.meta_get(b"schema_version").map(|v| v.is_some())).await;
+    let ok = tokio::task::spawn_blocking(move || state.store.schema_version().map(|v| v.is_some())).await;
     match ok {
         Ok(Ok(true)) => (StatusCode::OK, "ok\n").into_response(),
         Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "store has no schema record\n").into_response(),

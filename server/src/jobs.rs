@@ -9,16 +9,18 @@
 //! written at the next record or monitor check.
 
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
-use crate::gc::{self, GcHooks};
-use crate::prune::{prune, prune_plan};
-use crate::server::ServerState;
-use crate::verify::{self, Scope};
+use crate::audit::Audit;
+use crate::gc::{self, GcHooks, GcReport};
+use crate::prune::{prune, prune_plan, PruneReport, RetentionConfig};
+use crate::sessions::Sessions;
+use crate::store::{schema, MetaStore, Store};
+use crate::verify::{self, Scope, VerifyConfig, VerifyReport};
 
 /// Declared in the order the scheduler runs kinds due at the same time:
 /// prune first (its removals are what gc frees), verify last (it checks
@@ -41,7 +43,10 @@ impl JobKind {
     }
 }
 
+/// One run, as stored (framed by `store::schema::encode_job`) and as
+/// `bkp-server jobs --json` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(from = "StoredRecord")]
 pub struct JobRecord {
     pub kind: JobKind,
     pub start_ns: u64,
@@ -49,12 +54,77 @@ pub struct JobRecord {
     pub ok: bool,
     pub dry_run: bool,
     pub error: Option<String>,
-    /// The job's own report (what was kept, removed, freed...).
-    pub figures: serde_json::Value,
+    /// The job's own report (what was kept, removed, freed...); none when
+    /// it could not run.
+    pub figures: Option<Report>,
     /// Not run because a run of the same kind was in progress: not a
     /// failure (no alert), and not a run for the monitor's "latest run".
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refused: bool,
+}
+
+/// A job's report. Serialized as the report alone, so `figures` in the
+/// JSON is what it was before the reports were typed.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    Prune(PruneReport),
+    Gc(GcReport),
+    Verify(VerifyReport),
+    /// Figures this build cannot read as its kind's report (a report
+    /// shape of another version): kept, and shown, as they were.
+    Other(serde_json::Value),
+}
+
+impl Report {
+    /// Reads `figures` as `kind`'s report.
+    fn read(kind: JobKind, figures: serde_json::Value) -> Self {
+        let typed = match kind {
+            JobKind::Prune => serde_json::from_value(figures.clone()).map(Report::Prune),
+            JobKind::Gc => serde_json::from_value(figures.clone()).map(Report::Gc),
+            JobKind::Verify => serde_json::from_value(figures.clone()).map(Report::Verify),
+        };
+        typed.unwrap_or(Report::Other(figures))
+    }
+}
+
+impl JobRecord {
+    pub fn verify_report(&self) -> Option<&VerifyReport> {
+        match &self.figures {
+            Some(Report::Verify(v)) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// What a record's JSON holds, before its figures are typed by its kind.
+#[derive(Deserialize)]
+struct StoredRecord {
+    kind: JobKind,
+    start_ns: u64,
+    end_ns: u64,
+    ok: bool,
+    dry_run: bool,
+    error: Option<String>,
+    figures: serde_json::Value,
+    #[serde(default)]
+    refused: bool,
+}
+
+impl From<StoredRecord> for JobRecord {
+    fn from(r: StoredRecord) -> Self {
+        let figures = (!r.figures.is_null()).then(|| Report::read(r.kind, r.figures));
+        JobRecord {
+            kind: r.kind,
+            start_ns: r.start_ns,
+            end_ns: r.end_ns,
+            ok: r.ok,
+            dry_run: r.dry_run,
+            error: r.error,
+            figures,
+            refused: r.refused,
+        }
+    }
 }
 
 /// `[jobs]` in the server config: 5-field cron schedules, in UTC.
@@ -104,20 +174,32 @@ pub fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// What a job run needs: the store, the sessions (GC's fence, verify's
+/// quarantine), the guards and unwritten records, the audit log, and the
+/// jobs' own configuration.
+pub struct Jobs<'a> {
+    pub store: &'a dyn Store,
+    pub sessions: &'a Sessions,
+    pub running: &'a Running,
+    pub audit: &'a Audit,
+    pub retention: &'a RetentionConfig,
+    pub verify: &'a VerifyConfig,
+}
+
 /// Runs a job now, on the calling (blocking) thread, and records it.
 /// A verify run covers the scheduled slice; see [`run_verify`].
-pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> JobRecord {
+pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> JobRecord {
     if kind == JobKind::Verify {
-        return run_verify(state, Scope::Scheduled);
+        return run_verify(jobs, Scope::Scheduled);
     }
-    run_with(state, kind, dry_run, |start_ns| match kind {
-        JobKind::Prune => prune_plan(state.store.as_ref(), &state.config.retention, start_ns)
-            .and_then(|plan| prune(state.store.as_ref(), plan, dry_run))
-            .map(|r| (serde_json::to_value(r).expect("report to json"), None))
+    run_with(jobs, kind, dry_run, |start_ns| match kind {
+        JobKind::Prune => prune_plan(jobs.store, jobs.retention, start_ns)
+            .and_then(|plan| prune(jobs.store, plan, dry_run))
+            .map(|r| (Report::Prune(r), None))
             .map_err(|e| e.to_string()),
-        JobKind::Gc => gc::run(state, hooks)
-            .map(|r| (serde_json::to_value(r).expect("report to json"), None))
-            .map_err(|e| e.to_string()),
+        JobKind::Gc => {
+            gc::run(jobs.store, jobs.sessions, hooks).map(|r| (Report::Gc(r), None)).map_err(|e| e.to_string())
+        }
         JobKind::Verify => unreachable!("handled above"),
     })
 }
@@ -125,23 +207,26 @@ pub fn run(state: &ServerState, kind: JobKind, dry_run: bool, hooks: &GcHooks) -
 /// Runs a verification. Damage found makes the record failed, with the
 /// report kept as its figures (so a failed record with figures means
 /// "found damage", without figures "could not run").
-pub fn run_verify(state: &ServerState, scope: Scope) -> JobRecord {
-    run_with(state, JobKind::Verify, false, |start_ns| {
-        verify::run(state, scope, start_ns)
-            .map(|r| (serde_json::to_value(&r).expect("report to json"), r.problem()))
+pub fn run_verify(jobs: &Jobs<'_>, scope: Scope) -> JobRecord {
+    run_with(jobs, JobKind::Verify, false, |start_ns| {
+        verify::run(jobs.store, jobs.sessions, jobs.verify, scope, start_ns)
+            .map(|r| {
+                let problem = r.problem();
+                (Report::Verify(r), problem)
+            })
             .map_err(|e| e.to_string())
     })
 }
 
 /// What a job body returns: its figures and, when it ran but found a
 /// problem, that problem; or why it could not run.
-type Outcome = Result<(serde_json::Value, Option<String>), String>;
+type Outcome = Result<(Report, Option<String>), String>;
 
-fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce(u64) -> Outcome) -> JobRecord {
+fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64) -> Outcome) -> JobRecord {
     let lock = match kind {
-        JobKind::Prune => &state.running.prune,
-        JobKind::Gc => &state.running.gc,
-        JobKind::Verify => &state.running.verify,
+        JobKind::Prune => &jobs.running.prune,
+        JobKind::Gc => &jobs.running.gc,
+        JobKind::Verify => &jobs.running.verify,
     };
     let start_ns = now_ns();
     let refuse = |msg: String, refused: bool| {
@@ -152,11 +237,11 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
             ok: false,
             dry_run,
             error: Some(msg),
-            figures: serde_json::Value::Null,
+            figures: None,
             refused,
         };
-        record(state, &rec);
-        audit(state, &rec);
+        record(jobs.store, jobs.running, &rec);
+        audit(jobs.audit, &rec);
         rec
     };
     if kind != JobKind::Prune && dry_run {
@@ -175,13 +260,13 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
     };
     info!(job = kind.as_str(), dry_run, "job started");
     let (figures, error) = match body(start_ns) {
-        Ok((figures, problem)) => (figures, problem),
-        Err(e) => (serde_json::Value::Null, Some(e)),
+        Ok((figures, problem)) => (Some(figures), problem),
+        Err(e) => (None, Some(e)),
     };
     let rec =
         JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
-    record(state, &rec);
-    audit(state, &rec);
+    record(jobs.store, jobs.running, &rec);
+    audit(jobs.audit, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
         Some(e) => error!(job = kind.as_str(), "job failed: {e}"),
@@ -190,7 +275,7 @@ fn run_with(state: &ServerState, kind: JobKind, dry_run: bool, body: impl FnOnce
 }
 
 /// One audit line per run, dry runs and refused runs included.
-fn audit(state: &ServerState, rec: &JobRecord) {
+fn audit(log: &Audit, rec: &JobRecord) {
     use crate::audit::{Event, Line};
     let event = match rec.kind {
         JobKind::Prune => Event::Prune,
@@ -210,26 +295,25 @@ fn audit(state: &ServerState, rec: &JobRecord) {
         None if !dry.is_empty() => line.detail(dry),
         None => line,
     };
-    state.audit.record(line);
+    log.record(line);
 }
 
 /// Stores a run's record; dry runs change nothing and are not kept.
-pub(crate) fn record(state: &ServerState, rec: &JobRecord) {
+pub(crate) fn record(store: &dyn MetaStore, running: &Running, rec: &JobRecord) {
     if rec.dry_run {
         return;
     }
-    let mut q = state.running.unwritten.lock().expect("unwritten lock");
+    let mut q = running.unwritten.lock().expect("unwritten lock");
     q.push(rec.clone());
     if q.len() > MAX_UNWRITTEN {
         let lost = q.remove(0);
         error!(job = lost.kind.as_str(), start_ns = lost.start_ns, "job record dropped: the store refuses records");
     }
-    write_unwritten(&mut q, |r| put(state, r));
+    write_unwritten(&mut q, |r| put(store, r));
 }
 
-fn put(state: &ServerState, rec: &JobRecord) -> Result<(), String> {
-    let body = serde_json::to_vec(rec).expect("record to json");
-    state.store.put_job(rec.start_ns, rec.kind.as_str(), &body).map_err(|e| e.to_string())
+fn put(store: &dyn MetaStore, rec: &JobRecord) -> Result<(), String> {
+    store.put_job(rec.start_ns, rec.kind.as_str(), &schema::encode_job(rec)).map_err(|e| e.to_string())
 }
 
 /// Writes queued records, oldest first, until one fails.
@@ -248,33 +332,26 @@ fn write_unwritten(q: &mut Vec<JobRecord>, mut put: impl FnMut(&JobRecord) -> Re
 }
 
 /// Retries the records the store refused (the monitor calls this).
-pub fn flush_unwritten(state: &ServerState) {
-    let mut q = state.running.unwritten.lock().expect("unwritten lock");
+pub fn flush_unwritten(store: &dyn MetaStore, running: &Running) {
+    let mut q = running.unwritten.lock().expect("unwritten lock");
     if !q.is_empty() {
-        write_unwritten(&mut q, |r| put(state, r));
+        write_unwritten(&mut q, |r| put(store, r));
     }
 }
 
 /// The newest `limit` job records, those not yet written included.
-pub fn list(state: &ServerState, limit: usize) -> Result<Vec<JobRecord>, String> {
+pub fn list(store: &dyn MetaStore, running: &Running, limit: usize) -> Result<Vec<JobRecord>, String> {
     // Held across the read, so a record being written is seen once.
-    let unwritten = state.running.unwritten.lock().expect("unwritten lock");
-    let raw = state.store.jobs(limit).map_err(|e| e.to_string())?;
-    let mut out: Vec<JobRecord> = raw
-        .iter()
-        .map(|b| serde_json::from_slice(b).map_err(|e| format!("job record: {e}")))
-        .collect::<Result<_, _>>()?;
+    let unwritten = running.unwritten.lock().expect("unwritten lock");
+    let raw = store.jobs(limit).map_err(|e| e.to_string())?;
+    let mut out: Vec<JobRecord> =
+        raw.iter().map(|b| schema::decode_job(b).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
     out.extend(unwritten.iter().cloned());
     drop(unwritten);
     out.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then(b.kind.cmp(&a.kind)));
     out.dedup_by(|a, b| a.start_ns == b.start_ns && a.kind == b.kind);
     out.truncate(limit);
     Ok(out)
-}
-
-/// Runs the configured schedules until the task is dropped.
-pub async fn scheduler(state: Arc<ServerState>) {
-    crate::schedule::run(state, Arc::new(crate::schedule::SystemClock)).await
 }
 
 #[cfg(test)]
@@ -301,7 +378,7 @@ mod tests {
             ok: true,
             dry_run: false,
             error: None,
-            figures: serde_json::Value::Null,
+            figures: None,
             refused: false,
         }
     }
@@ -339,5 +416,52 @@ mod tests {
         assert!(!serde_json::to_string(&r).unwrap().contains("refused"));
         let r = JobRecord { refused: true, ..r };
         assert!(serde_json::to_string(&r).unwrap().contains("\"refused\":true"));
+    }
+
+    #[test]
+    fn records_read_by_kind_and_keep_their_json() {
+        // A gc record as builds before the version byte stored it.
+        let v1 = br#"{"kind":"gc","start_ns":5,"end_ns":6,"ok":true,"dry_run":false,"error":null,"figures":{"snapshots":1,"referenced_chunks":2,"chunks_deleted":3,"possession_records_deleted":0,"bytes_freed":10,"chunk_bytes_deleted":9,"reserve_released":0,"disk_bytes_before":100,"disk_bytes_after":90,"seconds":0.5}}"#;
+        let r: JobRecord = schema::decode_job(v1).unwrap();
+        let Some(Report::Gc(g)) = &r.figures else { panic!("{r:?}") };
+        assert_eq!((g.chunks_deleted, g.disk_bytes_after), (3, 90));
+        // Stored again, it is framed, and its JSON is what it was.
+        let e = schema::encode_job(&r);
+        assert_eq!(e[0], 2);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&e[1..]).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(v1).unwrap()
+        );
+        // Figures of a shape this build does not know stay as they were.
+        let odd = br#"{"kind":"verify","start_ns":1,"end_ns":1,"ok":false,"dry_run":false,"error":"x","figures":{"novel":1},"refused":true}"#;
+        let r: JobRecord = schema::decode_job(odd).unwrap();
+        assert!(matches!(&r.figures, Some(Report::Other(_))) && r.refused);
+        assert_eq!(serde_json::to_value(&r).unwrap()["figures"], serde_json::json!({"novel": 1}));
+        // No figures: null, as before.
+        let none = rec(3);
+        assert!(serde_json::to_value(&none).unwrap()["figures"].is_null());
+        assert!(schema::decode_job::<JobRecord>(&schema::encode_job(&none)).unwrap().figures.is_none());
+    }
+
+    #[test]
+    fn a_prune_report_reads_back_typed() {
+        use crate::retention::{Policy, Reason, Verdict};
+        let plan = crate::prune::SetPlan {
+            host: "h".into(),
+            name: "n".into(),
+            policy: Policy::default(),
+            verdicts: vec![Verdict {
+                id: bkp_common::SnapshotId::from_bytes([1; 32]),
+                time_ns: 7,
+                keep: vec![Reason::MinAge],
+            }],
+        };
+        let mut r = rec(9);
+        r.kind = JobKind::Prune;
+        r.figures = Some(Report::Prune(PruneReport { sets: 1, kept: 1, removed: 0, plan: vec![plan] }));
+        let back: JobRecord = schema::decode_job(&schema::encode_job(&r)).unwrap();
+        let Some(Report::Prune(p)) = &back.figures else { panic!("{back:?}") };
+        assert_eq!(p.plan[0].verdicts[0].keep, [Reason::MinAge]);
+        assert_eq!(p.plan[0].policy, Policy::default());
     }
 }

@@ -13,6 +13,8 @@ pub mod freshness;
 pub mod gc;
 mod http;
 pub mod jobs;
+#[cfg(test)]
+mod layering;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
@@ -23,7 +25,9 @@ pub mod push_failures;
 pub mod retention;
 pub mod schedule;
 pub mod server;
+pub mod service;
 pub mod sessions;
+pub mod state;
 pub mod status;
 mod status_html;
 pub mod store;
@@ -31,4 +35,5 @@ pub mod tls;
 pub mod tokens;
 pub mod verify;
 
-pub use server::{bind, run, serve, ServerState};
+pub use server::{bind, run, serve};
+pub use state::ServerState;

@@ -13,7 +13,7 @@
 //!
 //! The registry also knows every authenticated connection by token id, so
 //! a revoked token's connections can be closed ([`Limits::close_revoked`],
-//! driven by [`watch_tokens`]).
+//! driven by `server::watch_tokens`).
 //!
 //! Memory for request frames is admitted against three budgets (the
 //! connection's, the token's, the server's; see `bkp_common::io::Budget`),
@@ -29,9 +29,6 @@ use std::time::{Duration, Instant};
 use bkp_common::io::{Admitted, Budget};
 use serde::Deserialize;
 use tokio::sync::Notify;
-use tracing::{info, warn};
-
-use crate::server::ServerState;
 
 /// Application close codes the server uses (the client prints the reason).
 pub const CLOSE_REFUSED: u32 = 1;
@@ -363,56 +360,6 @@ impl Limits {
     }
 }
 
-/// How often the token file is checked for revocations.
-const WATCH_EVERY: Duration = Duration::from_millis(500);
-
-/// Watches the token file (shared with `bkp-server token revoke`, which
-/// may run in another process) and closes the connections of tokens that
-/// are no longer in it, ending their push sessions without a commit.
-pub async fn watch_tokens(state: Arc<ServerState>) {
-    let tokens = state.tokens();
-    let path = tokens.file();
-    let mut stamp = None;
-    let mut known: Option<HashMap<String, String>> = None;
-    let mut tick = tokio::time::interval(WATCH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let now = file_stamp(&path);
-        if known.is_none() || now != stamp {
-            let t = tokens.clone();
-            match tokio::task::spawn_blocking(move || t.list()).await {
-                Ok(Ok(list)) => {
-                    let fresh: HashMap<String, String> = list.into_iter().map(|r| (r.id, r.host)).collect();
-                    // Tokens with open connections are reported when those
-                    // are closed, below.
-                    for (id, host) in known.iter().flatten().filter(|(id, _)| !fresh.contains_key(*id)) {
-                        if state.limits.connections_of(id) == 0 {
-                            info!(token = %id, %host, "token revoked");
-                        }
-                    }
-                    known = Some(fresh);
-                    stamp = now;
-                }
-                Ok(Err(e)) => {
-                    if now != stamp {
-                        warn!("reading tokens to apply revocations: {e}");
-                    }
-                    stamp = now;
-                }
-                Err(e) => warn!("token watcher: {e}"),
-            }
-        }
-        let Some(valid) = &known else { continue };
-        let valid: HashSet<String> = valid.keys().cloned().collect();
-        for (id, host, n) in state.limits.close_revoked(&valid) {
-            warn!(token = %id, %host, connections = n, "token revoked: closing its connections, ending its push sessions");
-            let st = state.clone();
-            let _ = tokio::task::spawn_blocking(move || st.sessions.end_token(&id)).await;
-        }
-    }
-}
-
 /// The "address" per-address limits count: an IPv6 peer is its /64, the
 /// block one host or customer usually gets, or one attacker could take a
 /// fresh address for every connection.
@@ -424,13 +371,6 @@ fn address_group(ip: IpAddr) -> IpAddr {
         },
         v4 => v4,
     }
-}
-
-/// What changes when the token file is rewritten (it is replaced by a
-/// rename, so the inode changes even within one mtime tick).
-fn file_stamp(path: &std::path::Path) -> Option<(u64, i64, i64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
 }
 
 #[cfg(test)]

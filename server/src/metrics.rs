@@ -75,7 +75,8 @@ fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
+/// `audit_dropped`: audit lines lost since start, (queue full, rate limit).
+pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64)) -> String {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut r = Reg(Registry::default());
     r.gauge("bkp_up", "1 while the server answers", 1.0);
@@ -103,6 +104,11 @@ pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
         ],
     );
     r.counter("bkp_alert_delivery_failures", "alert deliveries that failed", [(vec![], get(&c.delivery_failures))]);
+    r.counter(
+        "bkp_audit_dropped",
+        "audit lines not written: the writer's queue was full, or refusals over [audit] refusals_per_second",
+        [(l(&[("reason", "queue_full")]), audit_dropped.0), (l(&[("reason", "rate_limit")]), audit_dropped.1)],
+    );
 
     let s = st.stats;
     r.gauge("bkp_store_chunks", "chunks stored", s.chunks as f64);
@@ -161,10 +167,11 @@ pub fn render(st: &Status, c: &Counters, firing: u64) -> String {
     r.gauge("bkp_verify_coverage_ratio", "share of chunks scrubbed in the current cycle", st.scrub.coverage());
     r.gauge("bkp_verify_last_cycle_timestamp_seconds", "end of the last full scrub", secs(st.scrub.last_cycle_end_ns));
     r.gauge("bkp_verify_last_run_timestamp_seconds", "last scrub run", secs(st.scrub.last_run_ns));
-    let last_verify = st.jobs.get("verify").and_then(|(_, ok)| ok.as_ref()).map(|j| &j.figures);
-    let fig = |k: &str| last_verify.and_then(|f| f.pointer(k)).and_then(|v| v.as_f64()).unwrap_or(0.0);
-    r.gauge("bkp_verify_chunks_checked", "chunks scrubbed by the last verify run", fig("/scrub/chunks_checked"));
-    r.gauge("bkp_verify_files_checked", "files rebuilt by the last restore drill", fig("/files_checked"));
+    let last_verify = st.jobs.get("verify").and_then(|(_, ok)| ok.as_ref()).and_then(|j| j.verify_report());
+    let scrubbed = last_verify.and_then(|v| v.scrub.as_ref()).map_or(0, |s| s.chunks_checked);
+    r.gauge("bkp_verify_chunks_checked", "chunks scrubbed by the last verify run", scrubbed as f64);
+    let files = last_verify.map_or(0, |v| v.files_checked);
+    r.gauge("bkp_verify_files_checked", "files rebuilt by the last restore drill", files as f64);
     r.gauge("bkp_quarantined_chunks", "chunks in quarantine, not healed", st.quarantined as f64);
     r.gauge("bkp_damaged_snapshots", "snapshots that failed verification", st.damaged.len() as f64);
 
@@ -229,7 +236,9 @@ mod tests {
             push_failures: vec![],
             scheduled: vec![],
         };
-        let text = render(&st, &c, 0);
+        let text = render(&st, &c, 0, (3, 4));
+        assert!(text.contains("bkp_audit_dropped_total{reason=\"queue_full\"} 3"), "{text}");
+        assert!(text.contains("bkp_audit_dropped_total{reason=\"rate_limit\"} 4"), "{text}");
         assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"ok\"} 2"), "{text}");
         assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"failed\"} 1"), "{text}");
         assert!(text.contains("bkp_pushes_total{host=\"we\\\"b\",name=\"x\",result=\"ok\"} 1"), "{text}");

@@ -8,21 +8,20 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bkp_common::snapshot::SnapshotSummary;
 use bkp_common::SnapshotId;
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
-use crate::alerts::{self, Condition, State};
-use crate::freshness::{self, SetStatus};
-use crate::jobs::{self, JobKind, JobRecord};
+use crate::alerts::{self, AlertsConfig, Condition, State};
+use crate::freshness::{self, FreshnessConfig, SetStatus};
+use crate::jobs::{self, JobKind, JobRecord, JobsConfig, Running};
 use crate::push_failures::{self, Failure};
-use crate::server::ServerState;
-use crate::store::schema::META_ALERT_STATE;
-use crate::store::StoreError;
+use crate::sessions::Sessions;
+use crate::store::{Store, StoreError};
 use crate::verify::damage::Damage;
 use crate::verify::scrub;
 
@@ -155,20 +154,37 @@ pub fn disk(path: &Path) -> Option<Disk> {
     Some(Disk { free: s.blocks_available() as u64 * unit, total: s.blocks() as u64 * unit })
 }
 
+/// What the monitor reads: the store, the live sessions, the job records
+/// (stored and unwritten), its own counters and caches, the data
+/// directory's filesystem, and its part of the configuration.
+pub struct Inputs<'a> {
+    pub store: &'a dyn Store,
+    pub sessions: &'a Sessions,
+    pub running: &'a Running,
+    pub monitor: &'a Monitor,
+    pub data_dir: &'a Path,
+    pub freshness: &'a FreshnessConfig,
+    pub alerts: &'a AlertsConfig,
+    /// Which kinds are scheduled (a kind scheduled but never run shows).
+    pub jobs: &'a JobsConfig,
+    /// How often the chunk totals are recomputed (`[monitor]`).
+    pub stats_interval: Duration,
+}
+
 /// Chunk totals, recomputed at most every `stats_interval`.
-pub fn store_stats(state: &ServerState, fresh: bool) -> Result<StoreStats, StoreError> {
-    let mut cached = state.monitor.stats.lock().expect("stats lock");
+pub fn store_stats(inp: &Inputs<'_>, fresh: bool) -> Result<StoreStats, StoreError> {
+    let mut cached = inp.monitor.stats.lock().expect("stats lock");
     if let Some((at, s)) = *cached {
-        let dirty = state.monitor.stats_dirty.load(Ordering::Relaxed) && at.elapsed() >= Duration::from_secs(1);
-        if !fresh && !dirty && at.elapsed() < state.config.monitor.stats_interval {
+        let dirty = inp.monitor.stats_dirty.load(Ordering::Relaxed) && at.elapsed() >= Duration::from_secs(1);
+        if !fresh && !dirty && at.elapsed() < inp.stats_interval {
             return Ok(s);
         }
     }
-    state.monitor.stats_dirty.store(false, Ordering::Relaxed);
+    inp.monitor.stats_dirty.store(false, Ordering::Relaxed);
     let mut s = StoreStats::default();
     let mut after = None;
     loop {
-        let batch = state.store.chunk_metas(after.as_ref(), STATS_BATCH)?;
+        let batch = inp.store.chunk_metas(after.as_ref(), STATS_BATCH)?;
         let Some(last) = batch.last() else { break };
         after = Some(last.0);
         for (_, m) in &batch {
@@ -181,19 +197,21 @@ pub fn store_stats(state: &ServerState, fresh: bool) -> Result<StoreStats, Store
     Ok(s)
 }
 
-pub fn status(state: &ServerState, now_ns: u64) -> Result<Status, StoreError> {
-    let summaries = state.store.list_snapshots(None, None)?;
-    status_of(state, &summaries, now_ns)
+pub fn status(inp: &Inputs<'_>, now_ns: u64) -> Result<Status, StoreError> {
+    let summaries = inp.store.list_snapshots(None, None)?;
+    status_of(inp, &summaries, now_ns)
 }
 
 /// [`status`] from a listing the caller already holds (the status page
 /// needs it too).
-pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64) -> Result<Status, StoreError> {
-    let store = state.store.as_ref();
-    let sets = freshness::evaluate(summaries, &state.config.freshness, now_ns);
+pub fn status_of(inp: &Inputs<'_>, summaries: &[SnapshotSummary], now_ns: u64) -> Result<Status, StoreError> {
+    let store = inp.store;
+    let sets = freshness::evaluate(summaries, inp.freshness, now_ns);
     let mut jobs_by_kind: BTreeMap<&'static str, (JobRecord, Option<JobRecord>)> = BTreeMap::new();
     // A refused run (one of its kind was in progress) is not a run.
-    for rec in jobs::list(state, JOB_HISTORY).map_err(StoreError::Corrupt)?.into_iter().filter(|r| !r.refused) {
+    for rec in
+        jobs::list(store, inp.running, JOB_HISTORY).map_err(StoreError::Corrupt)?.into_iter().filter(|r| !r.refused)
+    {
         let ok = rec.ok.then(|| rec.clone());
         let e = jobs_by_kind.entry(rec.kind.as_str()).or_insert((rec, None));
         if e.1.is_none() {
@@ -201,12 +219,7 @@ pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64
         }
     }
     let mut damaged = Vec::new();
-    for (id, raw) in store.damaged()? {
-        match Damage::decode(&raw) {
-            Ok(d) => damaged.push((id, d)),
-            Err(e) => warn!(snapshot = %id.short(), "unreadable damage record: {e}"),
-        }
-    }
+    damaged.extend(store.damaged()?);
     let mut quarantined = 0;
     for (id, _) in store.quarantined()? {
         if store.chunk_meta(&id)?.is_none() {
@@ -217,13 +230,13 @@ pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64
         jobs: jobs_by_kind,
         damaged,
         quarantined,
-        stats: store_stats(state, false)?,
+        stats: store_stats(inp, false)?,
         logical_bytes: summaries.iter().map(|s| s.stats.bytes).sum(),
-        disk: disk(&state.data_dir),
+        disk: disk(inp.data_dir),
         store_disk_bytes: store.disk_bytes()?,
-        scrub: scrub::Cursor::load(store)?,
-        sessions: state.sessions.live() as u64,
-        push_failures: push_failures::all(state)
+        scrub: store.scrub_cursor()?,
+        sessions: inp.sessions.live() as u64,
+        push_failures: push_failures::all(&inp.monitor.push_failures, store)
             .into_iter()
             .map(|f| {
                 let last_backup_ns = sets.iter().find(|s| s.host == f.host && s.name == f.name).map(|s| s.last_ns);
@@ -231,7 +244,7 @@ pub fn status_of(state: &ServerState, summaries: &[SnapshotSummary], now_ns: u64
             })
             .collect(),
         sets,
-        scheduled: state.config.jobs.schedules().iter().filter(|(_, e)| e.is_some()).map(|(k, _)| k.as_str()).collect(),
+        scheduled: inp.jobs.schedules().iter().filter(|(_, e)| e.is_some()).map(|(k, _)| k.as_str()).collect(),
     })
 }
 
@@ -252,7 +265,7 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
     }
     for (kind, (last, _)) in &st.jobs {
         // A verify run that found damage is the "damaged" alert's business.
-        let found_damage = *kind == JobKind::Verify.as_str() && !last.figures.is_null();
+        let found_damage = *kind == JobKind::Verify.as_str() && last.figures.is_some();
         if !last.ok && !found_damage {
             let err = last.error.clone().unwrap_or_default();
             out.push(Condition {
@@ -320,12 +333,8 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
     out
 }
 
-fn load_state(state: &ServerState) -> Result<State, StoreError> {
-    Ok(match state.store.meta_get(META_ALERT_STATE)? {
-        None => State::new(),
-        // The state only suppresses repeats: if it cannot be read, notify afresh.
-        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
-    })
+fn load_state(store: &dyn Store) -> Result<State, StoreError> {
+    store.alert_state()
 }
 
 fn hostname() -> String {
@@ -333,18 +342,18 @@ fn hostname() -> String {
 }
 
 /// One check: evaluate, notify changes, remember what was notified.
-pub fn check(state: &ServerState) -> Result<(), StoreError> {
-    jobs::flush_unwritten(state);
+pub fn check(inp: &Inputs<'_>) -> Result<(), StoreError> {
+    jobs::flush_unwritten(inp.store, inp.running);
     let now_ns = jobs::now_ns();
-    let st = status(state, now_ns)?;
-    let conds = conditions(&st, state.config.alerts.disk_free_min_percent);
-    state.monitor.firing.store(conds.len() as u64, Ordering::Relaxed);
-    let mut notified = load_state(state)?;
+    let st = status(inp, now_ns)?;
+    let conds = conditions(&st, inp.alerts.disk_free_min_percent);
+    inp.monitor.firing.store(conds.len() as u64, Ordering::Relaxed);
+    let mut notified = load_state(inp.store)?;
     let server = hostname();
     let mut changed = false;
     for (ev, next) in alerts::diff(&notified, &conds, now_ns, &server) {
-        let c = &state.monitor.counters;
-        match alerts::deliver(&state.config.alerts, &ev) {
+        let c = &inp.monitor.counters;
+        match alerts::deliver(inp.alerts, &ev) {
             Ok(()) => {
                 info!(key = %ev.key, status = ?ev.status, "alert: {}", ev.summary);
                 Counters::add(if next.is_some() { &c.notified_firing } else { &c.notified_resolved }, 1);
@@ -362,23 +371,7 @@ pub fn check(state: &ServerState) -> Result<(), StoreError> {
         }
     }
     if changed {
-        state.store.meta_put(META_ALERT_STATE, &serde_json::to_vec(&notified).expect("state to json"))?;
+        inp.store.set_alert_state(&notified)?;
     }
     Ok(())
-}
-
-/// Checks every `check_interval`, or sooner when nudged.
-pub async fn run(state: Arc<ServerState>) {
-    loop {
-        let st = state.clone();
-        match tokio::task::spawn_blocking(move || check(&st)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!("monitor check: {e}"),
-            Err(e) => error!("monitor check panicked: {e}"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(state.config.monitor.check_interval) => {}
-            _ = state.monitor.nudge.notified() => {}
-        }
-    }
 }

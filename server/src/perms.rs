@@ -5,6 +5,9 @@
 //! the directory 0700, and `serve` warns about what it finds wider: a
 //! directory made by an older version, or copied with `cp -r`.
 
+// unsafe: umask(2), which std does not wrap; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 

@@ -23,7 +23,7 @@ use bkp_common::snapshot::SnapshotKind;
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use crate::server::ServerState;
+use crate::store::MetaStore;
 
 pub const META_PUSH_FAILURES: &[u8] = b"push_failures";
 const VERSION: u32 = 1;
@@ -85,8 +85,8 @@ fn truncate(s: &str, max: usize) -> String {
 
 /// The stored table; one that cannot be read only costs old counts (the
 /// alerts come from what is reported from now on).
-fn load(state: &ServerState) -> BTreeMap<(String, String), Failure> {
-    let stored = match state.store.meta_get(META_PUSH_FAILURES) {
+fn load(store: &dyn MetaStore) -> BTreeMap<(String, String), Failure> {
+    let stored = match store.meta_get(META_PUSH_FAILURES) {
         Ok(b) => b,
         Err(e) => {
             error!("reading push failures: {e}; starting a new table");
@@ -103,13 +103,16 @@ fn load(state: &ServerState) -> BTreeMap<(String, String), Failure> {
         .unwrap_or_default()
 }
 
-fn with_sets<T>(state: &ServerState, f: impl FnOnce(&mut BTreeMap<(String, String), Failure>) -> (T, bool)) -> T {
-    let pf = &state.monitor.push_failures;
+fn with_sets<T>(
+    pf: &PushFailures,
+    store: &dyn MetaStore,
+    f: impl FnOnce(&mut BTreeMap<(String, String), Failure>) -> (T, bool),
+) -> T {
     let mut guard = pf.sets.lock().expect("push failures lock");
-    let sets = guard.get_or_insert_with(|| load(state));
+    let sets = guard.get_or_insert_with(|| load(store));
     let (out, changed) = f(sets);
     if changed || pf.unwritten.load(Ordering::Relaxed) {
-        match state.store.meta_put(META_PUSH_FAILURES, &encode(sets)) {
+        match store.meta_put(META_PUSH_FAILURES, &encode(sets)) {
             Ok(()) => pf.unwritten.store(false, Ordering::Relaxed),
             Err(e) => {
                 pf.unwritten.store(true, Ordering::Relaxed);
@@ -120,21 +123,23 @@ fn with_sets<T>(state: &ServerState, f: impl FnOnce(&mut BTreeMap<(String, Strin
     out
 }
 
-/// A client's report of a failed push of `host`'s set `name`. `Err` is a
-/// message for the client (a bad name); a store that cannot be written
-/// is not the client's problem (the failure is kept in memory).
+/// A client's report of a failed push of `host`'s set `name`. `Err` is
+/// for the client (a bad name); a store that cannot be written is not the
+/// client's problem (the failure is kept in memory). The caller nudges the
+/// monitor, so that the alert goes out at once.
 pub fn report(
-    state: &ServerState,
+    table: &PushFailures,
+    store: &dyn MetaStore,
     host: &str,
     name: &str,
     kind: Option<SnapshotKind>,
     reason: &str,
     now_ns: u64,
-) -> Result<(), String> {
-    check_set_name(name).map_err(|e| e.to_string())?;
+) -> Result<(), bkp_common::names::NameError> {
+    check_set_name(name)?;
     let reason = truncate(reason.trim(), MAX_REASON);
     error!(host, name, "push failed on the client: {reason}");
-    with_sets(state, |sets| {
+    with_sets(table, store, |sets| {
         let f = sets.entry((host.to_string(), name.to_string())).or_insert_with(|| Failure {
             host: host.to_string(),
             name: name.to_string(),
@@ -150,7 +155,6 @@ pub fn report(
         evict(sets, host);
         ((), true)
     });
-    state.monitor.nudge.notify_one();
     Ok(())
 }
 
@@ -173,8 +177,8 @@ fn evict(sets: &mut BTreeMap<(String, String), Failure>, host: &str) {
 }
 
 /// Every set's failures, by host/name (writing the table if it is owed).
-pub fn all(state: &ServerState) -> Vec<Failure> {
-    with_sets(state, |sets| (sets.values().cloned().collect(), false))
+pub fn all(table: &PushFailures, store: &dyn MetaStore) -> Vec<Failure> {
+    with_sets(table, store, |sets| (sets.values().cloned().collect(), false))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use tracing::{error, warn};
 
 use crate::gc::GcHooks;
 use crate::jobs::{self, JobKind, JobRecord, JobsConfig};
-use crate::server::ServerState;
+use crate::state::ServerState;
 
 pub const META_SCHEDULED_SINCE: &[u8] = b"scheduled_since";
 const SINCE_VERSION: u32 = 1;
@@ -168,7 +168,7 @@ pub fn missed_record(d: &Due, now_ns: u64) -> JobRecord {
              the run; it runs at its next scheduled time, or now with `bkp-server {kind}`",
             rfc3339(d.first)
         )),
-        figures: serde_json::Value::Null,
+        figures: None,
         refused: false,
     }
 }
@@ -187,7 +187,7 @@ fn watermarks(
     let mut last = BTreeMap::new();
     let mut limit = HISTORY;
     loop {
-        let records = jobs::list(state, limit)?;
+        let records = jobs::list(state.store.as_ref(), &state.running, limit)?;
         for r in &records {
             // Newest first: the first of each kind is its newest.
             last.entry(r.kind).or_insert_with(|| from_ns(r.start_ns));
@@ -230,7 +230,7 @@ fn record_missed(state: &ServerState, plans: &[(JobKind, cron::Schedule)], now: 
     for d in &found {
         let rec = missed_record(d, jobs::now_ns());
         error!(job = d.kind.as_str(), "{}", rec.error.as_deref().unwrap_or_default());
-        jobs::record(state, &rec);
+        jobs::record(state.store.as_ref(), &state.running, &rec);
     }
     if !found.is_empty() {
         state.monitor.nudge.notify_one();
@@ -267,7 +267,7 @@ pub async fn run(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
                 if d.count > 1 {
                     warn!(job = d.kind.as_str(), "{} runs were due since the last wake-up; running once", d.count);
                 }
-                jobs::run(&st, d.kind, false, &GcHooks::from_env());
+                jobs::run(&st.jobs(), d.kind, false, &GcHooks::from_env());
             }
         });
     }
@@ -421,11 +421,11 @@ mod tests {
         wait_for("the scheduler to sleep", || clock.0.receiver_count() > 0).await;
         clock.0.send_replace(t("2026-12-01T02:00:00Z"));
         wait_for("a prune and a verify record", || {
-            let l = jobs::list(&state, 10).unwrap();
+            let l = jobs::list(&*state.store, &state.running, 10).unwrap();
             l.iter().any(|r| r.kind == Prune) && l.iter().any(|r| r.kind == Verify)
         })
         .await;
-        let l = jobs::list(&state, 10).unwrap();
+        let l = jobs::list(&*state.store, &state.running, 10).unwrap();
         let prune = l.iter().find(|r| r.kind == Prune).unwrap();
         let verify = l.iter().find(|r| r.kind == Verify).unwrap();
         assert!(prune.ok && verify.ok, "{l:?}");
@@ -452,12 +452,12 @@ mod tests {
         let task = tokio::spawn(run(state.clone(), clock.clone()));
         wait_for("the scheduler to sleep", || clock.0.receiver_count() > 0).await;
         task.abort();
-        assert!(jobs::list(&state, 10).unwrap().is_empty());
+        assert!(jobs::list(&*state.store, &state.running, 10).unwrap().is_empty());
         // Down for two days, then started again: two nights missed.
         let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-03T10:00:00Z")).0));
         let task = tokio::spawn(run(state.clone(), clock));
-        wait_for("the missed-run record", || !jobs::list(&state, 10).unwrap().is_empty()).await;
-        let e = jobs::list(&state, 10).unwrap()[0].error.clone().unwrap_or_default();
+        wait_for("the missed-run record", || !jobs::list(&*state.store, &state.running, 10).unwrap().is_empty()).await;
+        let e = jobs::list(&*state.store, &state.running, 10).unwrap()[0].error.clone().unwrap_or_default();
         assert!(
             e.starts_with("verify was due at 2026-12-02T02:00:00Z and did not run (2 scheduled runs missed)"),
             "{e}"
@@ -474,10 +474,10 @@ mod tests {
             let r = missed_record(&Due { kind, first: t("2026-11-01T02:00:00Z"), count: 1 }, start_ns);
             JobRecord { ok: true, error: None, end_ns: start_ns, ..r }
         };
-        jobs::record(&state, &ok(Verify, at("2026-11-01T02:00:00Z")));
+        jobs::record(&*state.store, &state.running, &ok(Verify, at("2026-11-01T02:00:00Z")));
         // A month of hourly prunes: far more than the first read takes in.
         for h in 0..(HISTORY as u64 + 200) {
-            jobs::record(&state, &ok(Prune, at("2026-11-01T03:00:00Z") + h * 3_600_000_000_000));
+            jobs::record(&*state.store, &state.running, &ok(Prune, at("2026-11-01T03:00:00Z") + h * 3_600_000_000_000));
         }
         let marks = watermarks(&state, &plans(&jobs), t("2026-11-30T00:00:00Z")).unwrap();
         assert_eq!(marks.get(&Verify), Some(&t("2026-11-01T02:00:00Z")), "{marks:?}");
@@ -494,11 +494,11 @@ mod tests {
             ..missed_record(&Due { kind: Verify, first: before, count: 1 }, 0)
         };
         let old = JobRecord { ok: true, error: None, end_ns: old.start_ns, ..old };
-        jobs::record(&state, &old);
+        jobs::record(&*state.store, &state.running, &old);
         let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T10:00:00Z")).0));
         let task = tokio::spawn(run(state.clone(), clock));
-        wait_for("the missed-run record", || jobs::list(&state, 10).unwrap().len() == 2).await;
-        let l = jobs::list(&state, 10).unwrap();
+        wait_for("the missed-run record", || jobs::list(&*state.store, &state.running, 10).unwrap().len() == 2).await;
+        let l = jobs::list(&*state.store, &state.running, 10).unwrap();
         let e = l[0].error.clone().unwrap_or_default();
         assert!(!l[0].ok, "{l:?}");
         assert!(

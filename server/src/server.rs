@@ -1,75 +1,20 @@
-//! The server as a library: open a data directory, bind an endpoint, run
-//! until `shutdown` resolves. Tests call [`run`] on 127.0.0.1:0.
+//! The server as a library: bind an endpoint for an open [`ServerState`],
+//! run until `shutdown` resolves. Tests call [`run`] on 127.0.0.1:0.
+//! Besides the QUIC endpoint, [`serve`] runs the tasks around it: the
+//! control socket, the scheduler, the monitor's checks, the HTTP endpoint
+//! and the token watcher that applies revocations.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::config::ServerConfig;
-use crate::limits::Limits;
-use crate::sessions::Sessions;
-use crate::store::rocks::RocksStore;
-use crate::store::{Store, StoreError};
-use crate::tls::{self, TlsError};
-use crate::tokens::Tokens;
-
-pub const DB_DIR: &str = "db";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("binding {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
-    #[error("{0} is not an initialised data directory; run `bkp-server init --data {0}`")]
-    NotInitialised(String),
-}
-
-pub struct ServerState {
-    pub store: Arc<dyn Store>,
-    pub sessions: Sessions,
-    pub running: crate::jobs::Running,
-    pub data_dir: PathBuf,
-    pub config: ServerConfig,
-    pub monitor: crate::monitor::Monitor,
-    /// Connection slots, frame budgets and the live-connection registry.
-    pub limits: Arc<Limits>,
-    /// The audit log's writer (see `crate::audit`).
-    pub audit: crate::audit::Audit,
-}
-
-impl ServerState {
-    pub fn open(data_dir: &Path, config: ServerConfig) -> Result<Arc<Self>, ServerError> {
-        if !data_dir.join(tls::CERT_FILE).exists() {
-            return Err(ServerError::NotInitialised(data_dir.display().to_string()));
-        }
-        let store = RocksStore::open(&data_dir.join(DB_DIR), config.cache_mb << 20)?;
-        let sessions = Sessions::new(Duration::from_secs(config.session_lease_secs))
-            .with_limits(config.limits.sessions, config.limits.sessions_per_host);
-        let limits = Limits::new(config.limits.clone(), config.max_connections);
-        let audit = crate::audit::Audit::start(data_dir, config.audit.clone());
-        Ok(Arc::new(Self {
-            limits,
-            audit,
-            store: Arc::new(store),
-            sessions,
-            running: Default::default(),
-            data_dir: data_dir.to_path_buf(),
-            config,
-            monitor: Default::default(),
-        }))
-    }
-
-    pub fn tokens(&self) -> Arc<Tokens> {
-        Arc::new(Tokens::new(&self.data_dir))
-    }
-}
+pub use crate::state::{ServerError, ServerState, DB_DIR};
+use crate::tls;
 
 /// Connection receive window until the hello is authenticated: room for
 /// a hello (at most 4 KiB) and the length prefix of an oversized one.
@@ -129,8 +74,8 @@ pub async fn serve(
     let control = crate::control::bind(&state.data_dir)?;
     let mut tasks = vec![
         tokio::spawn(crate::control::serve(control, state.clone())),
-        tokio::spawn(crate::jobs::scheduler(state.clone())),
-        tokio::spawn(crate::monitor::run(state.clone())),
+        tokio::spawn(crate::schedule::run(state.clone(), Arc::new(crate::schedule::SystemClock))),
+        tokio::spawn(monitor(state.clone())),
     ];
     if let Some(l) = http {
         let addr = l.local_addr()?;
@@ -161,7 +106,7 @@ pub async fn serve(
 pub async fn run(endpoint: quinn::Endpoint, state: Arc<ServerState>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     info!(addr = ?endpoint.local_addr().ok(), "serving");
-    let watcher = tokio::spawn(crate::limits::watch_tokens(state.clone()));
+    let watcher = tokio::spawn(watch_tokens(state.clone()));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -190,4 +135,78 @@ pub async fn run(endpoint: quinn::Endpoint, state: Arc<ServerState>, shutdown: i
     endpoint.close(0u32.into(), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     info!("stopped");
+}
+
+/// Runs the monitor's check every `check_interval`, or sooner when nudged
+/// (after a commit, a job, a reported push failure).
+async fn monitor(state: Arc<ServerState>) {
+    loop {
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || crate::monitor::check(&st.monitor_inputs())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("monitor check: {e}"),
+            Err(e) => error!("monitor check panicked: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(state.config.monitor.check_interval) => {}
+            _ = state.monitor.nudge.notified() => {}
+        }
+    }
+}
+
+/// How often the token file is checked for revocations.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// Watches the token file (shared with `bkp-server token revoke`, which
+/// may run in another process) and closes the connections of tokens that
+/// are no longer in it, ending their push sessions without a commit.
+pub async fn watch_tokens(state: Arc<ServerState>) {
+    let tokens = state.tokens();
+    let path = tokens.file();
+    let mut stamp = None;
+    let mut known: Option<HashMap<String, String>> = None;
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = file_stamp(&path);
+        if known.is_none() || now != stamp {
+            let t = tokens.clone();
+            match tokio::task::spawn_blocking(move || t.list()).await {
+                Ok(Ok(list)) => {
+                    let fresh: HashMap<String, String> = list.into_iter().map(|r| (r.id, r.host)).collect();
+                    // Tokens with open connections are reported when those
+                    // are closed, below.
+                    for (id, host) in known.iter().flatten().filter(|(id, _)| !fresh.contains_key(*id)) {
+                        if state.limits.connections_of(id) == 0 {
+                            info!(token = %id, %host, "token revoked");
+                        }
+                    }
+                    known = Some(fresh);
+                    stamp = now;
+                }
+                Ok(Err(e)) => {
+                    if now != stamp {
+                        warn!("reading tokens to apply revocations: {e}");
+                    }
+                    stamp = now;
+                }
+                Err(e) => warn!("token watcher: {e}"),
+            }
+        }
+        let Some(valid) = &known else { continue };
+        let valid: HashSet<String> = valid.keys().cloned().collect();
+        for (id, host, n) in state.limits.close_revoked(&valid) {
+            warn!(token = %id, %host, connections = n, "token revoked: closing its connections, ending its push sessions");
+            let st = state.clone();
+            let _ = tokio::task::spawn_blocking(move || st.sessions.end_token(&id)).await;
+        }
+    }
+}
+
+/// What changes when the token file is rewritten (it is replaced by a
+/// rename, so the inode changes even within one mtime tick).
+fn file_stamp(path: &std::path::Path) -> Option<(u64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
 }

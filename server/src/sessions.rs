@@ -55,6 +55,10 @@ pub enum SessionError {
     ServerBusy(usize),
     #[error("the token of this push was revoked; nothing was committed")]
     Revoked,
+    /// Another host's session: the client is told what `Unknown` says
+    /// (a guessed id learns nothing), the audit log gets the owner.
+    #[error("unknown push session; start the push again")]
+    OtherHost { owner: String },
 }
 
 /// A session silent this long may be dropped to make room for a new
@@ -212,7 +216,7 @@ impl Sessions {
         // from a host at its limit must not queue on it.
         let expired = inner.map.values().any(|s| s.last_seen.elapsed() > self.lease);
         let stalled = inner.map.values().any(|s| s.host == host && s.last_seen.elapsed() >= RECLAIM_AFTER);
-        if !expired && !(of_host >= self.max.1 && stalled) {
+        if !expired && (of_host < self.max.1 || !stalled) {
             return Err(if of_host >= self.max.1 {
                 SessionError::HostBusy(host.to_string(), of_host)
             } else {
@@ -285,7 +289,8 @@ impl Sessions {
         let mut inner = self.inner.lock().expect("sessions lock");
         let s = match inner.map.get_mut(&id) {
             Some(s) if s.host == host => s,
-            _ => return Err(SessionError::Unknown),
+            Some(s) => return Err(SessionError::OtherHost { owner: s.host.clone() }),
+            None => return Err(SessionError::Unknown),
         };
         if s.last_seen.elapsed() > self.lease {
             inner.map.remove(&id);
@@ -405,7 +410,9 @@ mod tests {
     fn lease_expiry_and_ownership() {
         let s = Sessions::new(Duration::from_millis(50));
         let id = s.start("h", "n", SnapshotKind::Tree);
-        assert_eq!(s.enter(id, "other").err(), Some(SessionError::Unknown));
+        let e = s.enter(id, "other").err().unwrap();
+        assert_eq!(e, SessionError::OtherHost { owner: "h".into() });
+        assert_eq!(e.to_string(), SessionError::Unknown.to_string(), "the client cannot tell the two apart");
         s.enter(id, "h").unwrap().touch([ChunkId::of(b"x")]);
         assert!(s.sweep(|p| p(&ChunkId::of(b"x"), Some("h")) && !p(&ChunkId::of(b"x"), Some("g"))));
         std::thread::sleep(Duration::from_millis(80));

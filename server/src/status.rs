@@ -7,8 +7,7 @@
 use bkp_common::snapshot::SnapshotSummary;
 use serde::{Deserialize, Serialize};
 
-use crate::monitor::{self, Status};
-use crate::server::ServerState;
+use crate::monitor::{self, Inputs, Status};
 use crate::store::StoreError;
 
 /// How far back the per-set history goes.
@@ -220,7 +219,7 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
             scrub_last_cycle_end_ns: st.scrub.last_cycle_end_ns,
             scrub_last_run_ns: st.scrub.last_run_ns,
             drill_last_ns: verify_job.map(|r| r.end_ns),
-            drill_snapshots: verify_job.and_then(|r| r.figures.get("snapshots_drilled")).and_then(|v| v.as_u64()),
+            drill_snapshots: verify_job.and_then(|r| r.verify_report()).map(|v| v.snapshots_drilled),
         },
         damaged,
         quarantined_chunks: st.quarantined,
@@ -241,12 +240,12 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
 }
 
 /// Reads the store (blocking: call off the async runtime).
-pub fn collect(state: &ServerState) -> Result<ServerStatus, StoreError> {
-    crate::jobs::flush_unwritten(state);
+pub fn collect(inp: &Inputs<'_>) -> Result<ServerStatus, StoreError> {
+    crate::jobs::flush_unwritten(inp.store, inp.running);
     let now = crate::jobs::now_ns();
-    let summaries = state.store.list_snapshots(None, None)?;
-    let st = monitor::status_of(state, &summaries, now)?;
-    Ok(build(&st, &summaries, state.config.alerts.disk_free_min_percent, now))
+    let summaries = inp.store.list_snapshots(None, None)?;
+    let st = monitor::status_of(inp, &summaries, now)?;
+    Ok(build(&st, &summaries, inp.alerts.disk_free_min_percent, now))
 }
 
 /// "3d 4h", "12m", "40s".

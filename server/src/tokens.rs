@@ -105,10 +105,8 @@ impl Tokens {
             .mode(0o600)
             .open(self.dir.join(LOCK))
             .map_err(|e| self.io(e))?;
-        // SAFETY: flock on a file descriptor we own; released when `lock` drops.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return Err(self.io(std::io::Error::last_os_error()));
-        }
+        // Released when `lock` drops.
+        lock.lock().map_err(|e| self.io(e))?;
         let mut tokens = self.list()?;
         let out = change(&mut tokens)?;
         let body = serde_json::to_vec_pretty(&TokenFile { format: FORMAT.into(), version: VERSION, tokens })

@@ -139,3 +139,100 @@ fn metrics_count_pushes_per_set_and_show_the_build() {
     assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"failed\"} 0"), "{text}");
     assert!(text.contains(&format!("bkp_build_info{{version=\"{}\"}} 1", bkp_common::VERSION)), "{text}");
 }
+
+fn metric(server: &TestServer, line_start: &str) -> u64 {
+    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let text = ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
+    let l = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("no {line_start}: {text}"));
+    l.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// Hellos refused before any token was accepted (too large, unknown
+/// token) and a push session used by another host's token: each one
+/// line, with the peer and why.
+#[test]
+fn refused_hellos_and_another_hosts_session_are_audited() {
+    let server = TestServer::start();
+    let huge = server.data().join("huge.token");
+    std::fs::write(&huge, "x".repeat(10_000)).unwrap();
+    assert!(!server.bkp(&huge).arg("snapshots").output().unwrap().status.success());
+    let (a, b) = (server.token("web01", Role::Push), server.token("web02", Role::Push));
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ca = server.client(&a).await;
+        let s = ca.start_push("db", bkp_common::snapshot::SnapshotKind::Stream).await.unwrap();
+        let cb = server.client(&b).await;
+        let e = cb.missing(s, vec![bkp_common::ChunkId::of(b"x")]).await.unwrap_err().to_string();
+        assert!(e.contains("unknown push session"), "the other host is told nothing more: {e}");
+        // The owner's session is untouched.
+        assert_eq!(ca.missing(s, vec![bkp_common::ChunkId::of(b"x")]).await.unwrap(), [0]);
+    });
+    let mut lines = Vec::new();
+    wait_for("the refusals in the audit log", 20, || {
+        lines = audit_lines(&server);
+        lines.iter().any(|l| l["event"] == "refused") && lines.iter().any(|l| l["event"] == "hello_refused")
+    });
+    let hello = find(&lines, "hello_refused", "refused").unwrap();
+    assert!(hello["detail"].as_str().unwrap().starts_with("hello of 10"), "{hello}");
+    assert!(hello["detail"].as_str().unwrap().contains("4096-byte limit"), "{hello}");
+    assert!(hello["peer"].as_str().unwrap().starts_with("127.0.0.1:") && hello["token"].is_null(), "{hello}");
+    let other = find(&lines, "refused", "refused").unwrap();
+    assert_eq!(other["host"], "web02", "{other}");
+    assert_eq!(other["detail"], "push session of host web01 used by this token", "{other}");
+    assert!(other["token"].as_str().is_some_and(|t| !t.is_empty()), "{other}");
+}
+
+/// A flood of bad-token hellos: at most `refusals_per_second` lines a
+/// second reach the log, the rest are counted in
+/// `bkp_audit_dropped_total{reason="rate_limit"}`, and the next line
+/// written says how many it follows; admin actions are never limited.
+#[test]
+fn a_flood_of_bad_hellos_is_rate_limited_and_counted() {
+    let server = TestServer::start_with(toml_config(
+        "cache_mb = 16\n[monitor]\nlisten = \"127.0.0.1:0\"\n[audit]\nrefusals_per_second = 1\n",
+    ));
+    let bad = server.data().join("bad.token");
+    std::fs::write(&bad, format!("bkp_{}", "0".repeat(64))).unwrap();
+    let mut cfg = server.client_config(&server.token("web01", Role::Push));
+    cfg.token = std::fs::read_to_string(&bad).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let flood = 30;
+    for _ in 0..flood {
+        assert!(rt.block_on(bkp_client::Client::connect(&cfg)).is_err());
+    }
+    let dropped = || metric(&server, "bkp_audit_dropped_total{reason=\"rate_limit\"}");
+    let hellos = |lines: &[serde_json::Value]| lines.iter().filter(|l| l["event"] == "hello_refused").count() as u64;
+    wait_for("every refusal written or counted", 20, || hellos(&audit_lines(&server)) + dropped() == flood);
+    let held = dropped();
+    assert!(held > 0, "30 refusals in a burst of 1/s must be limited");
+    assert_eq!(metric(&server, "bkp_audit_dropped_total{reason=\"queue_full\"}"), 0);
+
+    // Admin actions in the middle of the flood are all written.
+    let admin = server.token("ops", Role::Admin);
+    let id = server.push_stdin(&server.token("web01", Role::Push), "db", b"x")["snapshot"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..3 {
+        let _ = rt.block_on(bkp_client::Client::connect(&cfg));
+    }
+    ok(server.bkp(&admin).args(["protect", &id]));
+    ok(server.bkp(&admin).args(["protect", "--remove", &id]));
+    wait_for("the unprotect line", 20, || find(&audit_lines(&server), "unprotect", "ok").is_some());
+    assert!(find(&audit_lines(&server), "protect", "ok").is_some());
+    // A refusal is audited once the server is done with the connection,
+    // which may be after the client gave up: wait for all of them.
+    wait_for("the three refusals", 20, || hellos(&audit_lines(&server)) + dropped() == flood + 3);
+
+    // Once the bucket refills, a refusal is written again and carries the
+    // count of those held back before it: every refusal is accounted for.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(rt.block_on(bkp_client::Client::connect(&cfg)).is_err());
+    let mut lines = Vec::new();
+    wait_for("the refusal after the pause", 20, || {
+        lines = audit_lines(&server);
+        hellos(&lines) + dropped() == flood + 4
+    });
+    let suppressed: u64 = lines.iter().filter_map(|l| l["suppressed"].as_u64()).sum();
+    assert!(lines.last().map(|l| l["event"] == "hello_refused").unwrap_or(false), "{lines:?}");
+    assert_eq!(suppressed, dropped(), "the counts in the log add up to the metric: {lines:?}");
+}

@@ -2,6 +2,9 @@
 //! under its meta, GC over missing chunks, a full disk (for the server
 //! and for a restore), a damaged metadata file, a truncated WAL.
 
+// unsafe: statvfs; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -3,6 +3,9 @@
 //! as garbage; under systemd the journal stamps lines itself and reads
 //! the priority from a `<N>` prefix.
 
+// unsafe: kill(2) with SIGTERM; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -3,6 +3,7 @@
 
 mod audit;
 mod dos;
+mod email;
 mod faults;
 mod gc;
 mod hardening;
@@ -13,6 +14,7 @@ mod metadata;
 mod monitoring;
 mod postgres;
 mod resilience;
+mod s3;
 mod security;
 mod status;
 mod stream;

@@ -1,6 +1,9 @@
 //! A real PostgreSQL (Debian's package): dump with `bkp push -- pg_dump`,
 //! restore with `bkp restore --stdout | psql`, compare table by table.
 
+// unsafe: geteuid; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -134,7 +137,7 @@ fn pg_dump_round_trip_through_psql() {
         .arg("shop"));
 
     ok(pg.client("createdb").arg("restored"));
-    let restore = server
+    let mut restore = server
         .bkp(&token)
         .args(["restore", "latest", "--name", "pgdump", "--stdout"])
         .stdout(Stdio::piped())
@@ -143,11 +146,12 @@ fn pg_dump_round_trip_through_psql() {
     let psql = pg
         .client("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "restored"])
-        .stdin(restore.stdout.unwrap())
+        .stdin(restore.stdout.take().unwrap())
         .stdout(Stdio::null())
         .output()
         .unwrap();
     assert!(psql.status.success(), "psql: {}", String::from_utf8_lossy(&psql.stderr));
+    assert!(restore.wait().unwrap().success(), "bkp restore --stdout failed");
 
     let want = tables(&pg, "shop");
     assert_eq!(want, ["notes", "pgbench_accounts", "pgbench_branches", "pgbench_history", "pgbench_tellers"]);

@@ -1,3 +1,5 @@
+// unsafe: mkfifo; each block has a SAFETY note.
+#![allow(unsafe_code)]
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;

@@ -5,6 +5,9 @@
 //! `chattr` flags (immutable, append-only, nodump). Symlinks are never
 //! followed.
 
+// unsafe: statx, which std does not expose; the block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;

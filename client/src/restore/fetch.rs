@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 use crate::conn::Client;
 use crate::error::{ClientError, Result};
 
-/// Ids per `GetChunks`: the server's `MAX_FETCH`.
-pub const FETCH_IDS: usize = 64;
+/// Ids per `GetChunks`: the protocol's cap.
+pub const FETCH_IDS: usize = bkp_common::protocol::MAX_FETCH;
 /// Raw bytes per segment; a segment's data is held until all of it is in.
 const SEGMENT_BYTES: usize = 8 << 20;
 /// Items per segment, so runs of entries without data move on too.

@@ -8,6 +8,9 @@
 //! last of all, once no entry is still to be linked or written below an
 //! immutable one.
 
+// unsafe: geteuid, umask and mknod, which std does not wrap; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -64,7 +67,8 @@ enum Target {
         file: File,
         tmp: TempPath,
         dest: PathBuf,
-        meta: Meta,
+        /// Boxed: its extended attributes would make every `Target` large.
+        meta: Box<Meta>,
         written: u64,
         /// Where the last write ended: short of `written` when the file
         /// ends in a hole, which only `set_len` can extend over.
@@ -241,7 +245,7 @@ impl TreeWriter {
                     file,
                     tmp: TempPath(Some(tmp)),
                     dest,
-                    meta,
+                    meta: Box::new(meta),
                     written: 0,
                     data_end: 0,
                     hasher: Box::default(),

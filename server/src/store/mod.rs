@@ -1,5 +1,32 @@
-//! Storage. The server talks to a [`Store`]; [`rocks::RocksStore`] is the
-//! one implementation and the only module that imports `rocksdb`.
+//! Storage, as two interfaces: [`ChunkStore`] (chunk data: put, get,
+//! delete, presence, reclaim) and [`MetaStore`] (everything else:
+//! `chunk_meta`, possession, snapshots, jobs, meta, quarantine, damage).
+//! [`rocks::RocksStore`] is the metadata store over the local RocksDB;
+//! its chunk data backend is [`rocks::LocalChunks`] (the same database)
+//! or, later, an object store. `rocks` is the only module that imports
+//! `rocksdb`. [`Store`] is both at once, for callers not yet split.
+//!
+//! # One write per put
+//! `MetaStore::put_chunks` decides which chunks are new (and which lost
+//! their data), has the chunk data backend add their data to its batch
+//! ([`ChunkStore::stage_data`]), adds the `chunk_meta` and `host_chunks`
+//! rows, and writes the batch once (`rocks::Db::write_put`). So the local
+//! backend writes data and metadata as one RocksDB batch, unlogged from
+//! 256 KiB and flushed atomically at commit, exactly as before the split;
+//! an object store adds the rows of its own index (each chunk's pack and
+//! offset) to the same batch. Deletes and quarantine work the same way
+//! ([`ChunkStore::stage_delete`]). A commit calls [`ChunkStore::persist`]
+//! (an object store uploads its open packs) before its snapshot is written.
+//!
+//! What a crash may leave, per backend:
+//! * metadata without data: tolerated everywhere. `has_data` says no, so
+//!   `host_has` says "missing" and the next push uploads the chunk again
+//!   (what a lost blob file leaves today). A backend must never answer
+//!   `has_data` yes for data it cannot read back.
+//! * data without metadata (a backend that writes its data before the
+//!   batch, e.g. a pack PUT): an orphan, listed by
+//!   [`ChunkStore::orphan_candidates`] and deleted by GC when no
+//!   `chunk_meta` records it. The local backend cannot leave one.
 //!
 //! # Design
 //! * A chunk is stored once, whatever host sent it, as the blob the client
@@ -53,12 +80,15 @@
 //!   database from it; a lost WAL tail is logged at open
 //!   (`rocks::COMMIT_MARK_FILE`).
 
+pub mod object;
+pub mod pack;
 pub mod rocks;
+pub mod s3;
 pub mod salvage;
 pub mod schema;
 pub mod space;
 
-pub use schema::{ChunkMeta, HostNum, QuarantineRecord};
+pub use schema::{AlertState, ChunkMeta, Damage, HostNum, QuarantineRecord, ScrubCursor};
 
 use bkp_common::blob;
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
@@ -100,6 +130,16 @@ impl VerifiedChunk {
     pub fn id(&self) -> &ChunkId {
         &self.id
     }
+
+    /// The blob as uploaded (and checked).
+    pub fn blob(&self) -> &[u8] {
+        &self.blob
+    }
+
+    /// The length of the chunk's data, decompressed.
+    pub fn raw_len(&self) -> u32 {
+        self.raw_len
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +148,54 @@ pub struct PutStats {
     pub new_bytes: u64,
 }
 
-pub trait Store: Send + Sync + 'static {
+/// Chunk data: the bytes of verified chunks, by id. Knows nothing of
+/// hosts, possession or snapshots (that is [`MetaStore`]'s). The local
+/// backend is [`rocks::LocalChunks`]; an object store is the second.
+///
+/// A backend keeps whatever index it needs (an object store: each
+/// chunk's pack and offset) in the local database, in the rows it adds
+/// to the metadata's batches ([`ChunkStore::stage_data`],
+/// [`ChunkStore::stage_delete`]), so a put is one atomic write of data
+/// index and metadata together.
+pub trait ChunkStore: Send + Sync + 'static {
+    /// For each id: is its data stored and readable? `sorted`: the ids are
+    /// in key order and unique (lets the lookup share work between
+    /// neighbours). Must not read the data itself where that can be
+    /// avoided: a push asks this of every chunk it sends.
+    fn has_data(&self, ids: &[&ChunkId], sorted: bool) -> Result<Vec<bool>, StoreError>;
+    /// Adds the data of `chunks` (or what stands for it) to `batch`, the
+    /// metadata store's write that records them. See the module doc for
+    /// what a backend may and may not leave behind in a crash.
+    fn stage_data(&self, chunks: &[&VerifiedChunk], batch: &mut rocks::Batch<'_>) -> Result<(), StoreError>;
+    /// Adds the removal of these chunks' data to `batch` (ids with no data
+    /// are skipped).
+    fn stage_delete(&self, ids: &[ChunkId], batch: &mut rocks::Batch<'_>) -> Result<(), StoreError>;
+    /// The stored blob of a chunk, as uploaded (readers check its hash).
+    fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Makes the data of every chunk staged so far durable. A commit calls
+    /// it before its snapshot is written; acknowledged means stored.
+    fn persist(&self) -> Result<(), StoreError>;
+    /// Up to `limit` ids, in key order after `after`, whose data may be
+    /// stored without any metadata: what a crash between a backend's own
+    /// data write and the batch that records it leaves behind. GC deletes
+    /// those that have no `chunk_meta`. Must not list data of a put still
+    /// in flight. Empty for a backend whose data is in the batch itself.
+    fn orphan_candidates(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError>;
+    /// Makes deleted data really leave the disk (or bucket). Fails when
+    /// that failed, or had no room to run.
+    fn reclaim_space(&self) -> Result<(), StoreError>;
+    /// Bytes the store occupies on disk.
+    fn disk_bytes(&self) -> Result<u64, StoreError>;
+}
+
+/// Everything but chunk data: which chunks are recorded (`chunk_meta`)
+/// and who holds them, snapshots and their sets, jobs, store metadata,
+/// quarantine and damage records, the disk reserve. [`rocks::RocksStore`]
+/// implements it over the local RocksDB; methods that write chunks
+/// (`put_chunks`, `delete_chunks`, `quarantine_chunk`) or ask whether a
+/// chunk is stored (`host_has`, `stored_sorted`) go through its
+/// [`ChunkStore`] for the data part.
+pub trait MetaStore: Send + Sync + 'static {
     /// For each id: may `host` reuse this chunk without uploading it? True
     /// only when the host has proven it holds the chunk and the chunk is
     /// still stored.
@@ -121,15 +208,39 @@ pub trait Store: Send + Sync + 'static {
     /// the chunk stored, its data included? (Sorted keys let RocksDB look
     /// up neighbours in one pass over each block.)
     fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
-    /// As [`Store::stored_sorted`], from `chunk_meta` alone: the store's
-    /// own record of what it holds, without touching chunk data (what GC
-    /// checks its references against).
+    /// As [`MetaStore::stored_sorted`], from `chunk_meta` alone: the
+    /// store's own record of what it holds, without touching chunk data
+    /// (what GC checks its references against).
     fn recorded_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
-    /// Stores chunks and records that `host` holds them.
+    /// Stores chunks (data through the [`ChunkStore`], in the same write)
+    /// and records that `host` holds them.
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError>;
-    /// The stored blob of a chunk.
-    fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Writes a checked snapshot durably; returns its id and summary.
+    /// Deletes chunks, metadata and data in one write; returns the stored
+    /// bytes freed.
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError>;
+    /// Up to `limit` (host, chunk) possession records of `host_chunks`
+    /// after `after` (owners are in [`ChunkMeta`]).
+    fn host_chunks(
+        &self,
+        after: Option<&(String, ChunkId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, ChunkId)>, StoreError>;
+    /// Ends these hosts' possession of these chunks, wherever it is
+    /// recorded (a `host_chunks` key, or the owner of the chunk's meta).
+    fn forget_possession(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError>;
+    /// The host a [`ChunkMeta::owner`] names.
+    fn host_name(&self, n: HostNum) -> Option<String>;
+    /// Up to `limit` recorded chunks after `after`, in key order, with
+    /// their sizes.
+    fn chunk_metas(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<(ChunkId, ChunkMeta)>, StoreError>;
+    fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>, StoreError>;
+    /// Takes a chunk out of service in one synced write: its blob (if any)
+    /// goes to the quarantine with `reason`, and it is no longer stored.
+    fn quarantine_chunk(&self, id: &ChunkId, reason: &str, now_ns: u64) -> Result<(), StoreError>;
+    /// Quarantined chunks (blobs left out).
+    fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError>;
+    /// Writes a checked snapshot durably, after every chunk put before it
+    /// ([`ChunkStore::persist`]); returns its id and summary.
     fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError>;
     fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError>;
     /// Removes a snapshot (record and index) durably. Its chunks stay
@@ -139,47 +250,37 @@ pub trait Store: Send + Sync + 'static {
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError>;
     /// Marks a snapshot protected (prune never removes it) or not.
     fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError>;
-    /// Up to `limit` (host, chunk) possession records of `host_chunks`
-    /// after `after` (owners are in [`ChunkMeta`]).
-    fn host_chunks(
-        &self,
-        after: Option<&(String, ChunkId)>,
-        limit: usize,
-    ) -> Result<Vec<(String, ChunkId)>, StoreError>;
-    /// Deletes chunks; returns the stored bytes freed.
-    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError>;
-    /// Ends these hosts' possession of these chunks, wherever it is
-    /// recorded (a `host_chunks` key, or the owner of the chunk's meta).
-    fn forget_possession(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError>;
-    /// The host a [`ChunkMeta::owner`] names.
-    fn host_name(&self, n: HostNum) -> Option<String>;
-    /// Compacts so that deleted data really leaves the disk (blob files
-    /// included). Fails when a compaction failed, or had no room to run.
-    fn reclaim_space(&self) -> Result<(), StoreError>;
+    /// Summaries, oldest first, filtered by host and set name.
+    fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError>;
+    fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;
+    /// The newest `limit` job records, newest first.
+    fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// A `meta` value by key, for records whose codec is their module's
+    /// own (versioned JSON: `schedule`, `push_failures`).
+    fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// The store's schema version (`None` only before the first open
+    /// wrote it): reading it tells whether the database answers.
+    fn schema_version(&self) -> Result<Option<u32>, StoreError>;
+    /// Where the verify job's scrub stands (the start, when never run).
+    fn scrub_cursor(&self) -> Result<ScrubCursor, StoreError>;
+    fn set_scrub_cursor(&self, c: &ScrubCursor) -> Result<(), StoreError>;
+    /// Which alerts were last notified (none, when unreadable: the state
+    /// only suppresses repeats).
+    fn alert_state(&self) -> Result<AlertState, StoreError>;
+    fn set_alert_state(&self, s: &AlertState) -> Result<(), StoreError>;
+    /// Damage records of snapshots that failed verification.
+    fn damaged(&self) -> Result<Vec<(SnapshotId, Damage)>, StoreError>;
+    fn put_damaged(&self, id: &SnapshotId, d: &Damage) -> Result<(), StoreError>;
+    fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError>;
     /// Gives the disk space reserve back when free space is short, so
     /// that deletes and compactions (GC) have room; returns the bytes
     /// released. The store makes the reserve again once there is room.
     fn release_reserve_if_short(&self) -> u64;
-    /// Bytes the database occupies on disk.
-    fn disk_bytes(&self) -> Result<u64, StoreError>;
-    fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;
-    /// The newest `limit` job records, newest first.
-    fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
-    /// Up to `limit` stored chunks after `after`, in key order, with their
-    /// sizes.
-    fn chunk_metas(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<(ChunkId, ChunkMeta)>, StoreError>;
-    fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>, StoreError>;
-    /// Takes a chunk out of service in one synced write: its blob (if any)
-    /// goes to the quarantine with `reason`, and it is no longer stored.
-    fn quarantine_chunk(&self, id: &ChunkId, reason: &str, now_ns: u64) -> Result<(), StoreError>;
-    /// Quarantined chunks (blobs left out).
-    fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError>;
-    fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
-    /// Damage records of snapshots that failed verification.
-    fn damaged(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError>;
-    fn put_damaged(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError>;
-    fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError>;
-    /// Summaries, oldest first, filtered by host and set name.
-    fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError>;
 }
+
+/// Transitional: both halves in one object, for callers that hold one
+/// `Arc<dyn Store>` (it upcasts to `&dyn MetaStore` and `&dyn ChunkStore`).
+pub trait Store: MetaStore + ChunkStore {}
+
+impl<T: MetaStore + ChunkStore + ?Sized> Store for T {}

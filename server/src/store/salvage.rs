@@ -21,6 +21,9 @@
 //! `db.damaged-<unix seconds>` (kept for inspection; delete it when done)
 //! and `db.salvage` to `db`.
 
+// unsafe: fcntl(F_GETLK) probe of RocksDB's own LOCK file; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -31,7 +34,7 @@ use serde::Serialize;
 
 use super::rocks::RocksStore;
 use super::schema::{self, ChunkMeta, HostNum, QuarantineRecord};
-use super::{Store, StoreError};
+use super::{ChunkStore, StoreError};
 
 /// Bytes of records per write batch of the rebuild.
 const BATCH_BYTES: usize = 8 << 20;
@@ -108,15 +111,24 @@ fn read_only(db_dir: &Path) -> Result<DB, StoreError> {
         .map_err(|e| StoreError::Open(db_dir.display().to_string(), e.into_string()))
 }
 
+/// Whether a record (key, value) of a column family decodes.
+type Valid = dyn Fn(&[u8], &[u8]) -> bool;
+/// Keys of one column family that were read.
+type Seen = HashSet<Vec<u8>>;
+/// Gets each valid record of one column family.
+type CfSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'a;
+/// Gets each valid record with its column family's name.
+type RecordSink<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<(), StoreError> + 'a;
+
 /// Reads one column family as the module doc says, handing each valid
 /// record to `out` (which returns false to stop everything).
 fn read_cf(
     db: &DB,
     name: &str,
     extra_keys: &mut dyn Iterator<Item = Vec<u8>>,
-    valid: &dyn Fn(&[u8], &[u8]) -> bool,
-    out: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
-) -> Result<(CfReport, HashSet<Vec<u8>>), StoreError> {
+    valid: &Valid,
+    out: &mut CfSink<'_>,
+) -> Result<(CfReport, Seen), StoreError> {
     let mut rep = CfReport { name: name.to_string(), ..Default::default() };
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let Some(cf) = db.cf_handle(name) else {
@@ -170,7 +182,7 @@ fn read_cf(
     Ok((rep, seen))
 }
 
-fn valid_for(name: &str) -> Box<dyn Fn(&[u8], &[u8]) -> bool> {
+fn valid_for(name: &str) -> Box<Valid> {
     match name {
         schema::CF_CHUNKS => {
             Box::new(|k, v| ChunkId::from_slice(k).is_some_and(|id| blob::decode_verified(v, &id).is_ok()))
@@ -181,7 +193,7 @@ fn valid_for(name: &str) -> Box<dyn Fn(&[u8], &[u8]) -> bool> {
         schema::CF_SNAPSHOTS => Box::new(|k, v| {
             SnapshotId::from_slice(k).is_some_and(|id| SnapshotId::of(v) == id && Snapshot::decode(v).is_ok())
         }),
-        schema::CF_SETS => Box::new(|_, v| RocksStore::decode_summary(v).is_ok()),
+        schema::CF_SETS => Box::new(|_, v| schema::decode_summary(v).is_ok()),
         schema::CF_QUARANTINE => Box::new(|k, v| k.len() == 32 && QuarantineRecord::decode(v).is_some()),
         schema::CF_DAMAGED => Box::new(|k, _| k.len() == 32),
         _ => Box::new(|_, _| true),
@@ -191,10 +203,7 @@ fn valid_for(name: &str) -> Box<dyn Fn(&[u8], &[u8]) -> bool> {
 /// Reads every column family of the damaged database in an order that
 /// lets later ones use the keys earlier ones named; `out` gets each valid
 /// record with its column family.
-fn read_all(
-    db: &DB,
-    out: &mut dyn FnMut(&str, &[u8], &[u8]) -> Result<(), StoreError>,
-) -> Result<CheckReport, StoreError> {
+fn read_all(db: &DB, out: &mut RecordSink<'_>) -> Result<CheckReport, StoreError> {
     let mut report = CheckReport { db: db.path().display().to_string(), cfs: Vec::new() };
     let mut snapshot_ids: Vec<Vec<u8>> = Vec::new();
     let mut meta_keys: Vec<Vec<u8>> = Vec::new();
@@ -220,7 +229,7 @@ fn read_all(
         let mut sink = |k: &[u8], v: &[u8]| {
             match name {
                 schema::CF_SETS => {
-                    if let Ok(s) = RocksStore::decode_summary(v) {
+                    if let Ok(s) = schema::decode_summary(v) {
                         snapshot_ids.push(s.id.as_bytes().to_vec());
                     }
                 }
@@ -289,7 +298,7 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
                 snapshots.push((id, Snapshot::decode(v).expect("validated")));
             }
             schema::CF_SETS => {
-                let s = RocksStore::decode_summary(v).expect("validated");
+                let s = schema::decode_summary(v).expect("validated");
                 summaries.insert(s.id);
                 summary_keys.push((s.id, k.to_vec()));
             }
@@ -323,7 +332,7 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
     for (id, snap) in &snapshots {
         if !summaries.contains(id) {
             let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
-            fix.put_cf(store.cf(schema::CF_SETS), key, RocksStore::encode_summary(&snap.summary(*id)));
+            fix.put_cf(store.cf(schema::CF_SETS), key, schema::encode_summary(&snap.summary(*id)));
             report.summaries_rebuilt += 1;
         }
     }

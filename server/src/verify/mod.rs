@@ -23,7 +23,7 @@ use bkp_common::{ChunkId, SnapshotId};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::server::ServerState;
+use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 use damage::Damage;
 
@@ -64,20 +64,20 @@ pub enum Scope {
 #[error("verification could not run: {0}")]
 pub struct VerifyError(#[from] StoreError);
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BadChunk {
     pub id: ChunkId,
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Affected {
     pub id: SnapshotId,
     #[serde(flatten)]
     pub damage: Damage,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub scope: Option<Scope>,
     pub scrub: Option<scrub::ScrubReport>,
@@ -122,11 +122,16 @@ impl VerifyReport {
     }
 }
 
-/// Runs a verification now, on the calling (blocking) thread.
-pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyReport, VerifyError> {
+/// Runs a verification now, on the calling (blocking) thread. A bad
+/// chunk is quarantined under the write side of `sessions`' fence.
+pub fn run(
+    store: &dyn Store,
+    sessions: &Sessions,
+    cfg: &VerifyConfig,
+    scope: Scope,
+    now_ns: u64,
+) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let store = state.store.as_ref();
-    let cfg = &state.config.verify;
     let mut report = VerifyReport { scope: Some(scope), ..Default::default() };
     let mut bad: Vec<BadChunk> = Vec::new();
     let mut seen: HashSet<ChunkId> = HashSet::new();
@@ -137,7 +142,7 @@ pub fn run(state: &ServerState, scope: Scope, now_ns: u64) -> Result<VerifyRepor
         }
         warn!(chunk = %id.short(), %reason, "bad chunk quarantined");
         if store.chunk_meta(&id)?.is_some() || store.chunk_blob(&id)?.is_some() {
-            state.sessions.quarantine(&id, || store.quarantine_chunk(&id, &reason, now_ns))?;
+            sessions.quarantine(&id, || store.quarantine_chunk(&id, &reason, now_ns))?;
         }
         bad.push(BadChunk { id, reason });
         Ok(())
@@ -210,9 +215,7 @@ fn record_damage(store: &dyn Store, id: &SnapshotId, mut d: Damage) -> Result<()
         return Ok(());
     }
     if let Some((_, old)) = store.damaged()?.into_iter().find(|(k, _)| k == id) {
-        if let Ok(old) = Damage::decode(&old) {
-            d.found_ns = old.found_ns.min(d.found_ns);
-        }
+        d.found_ns = old.found_ns.min(d.found_ns);
     }
-    store.put_damaged(id, &d.encode())
+    store.put_damaged(id, &d)
 }

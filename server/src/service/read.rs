@@ -1,0 +1,80 @@
+//! Reading back: snapshot listings, one snapshot, chunk fetches. A
+//! non-admin caller sees only its own host: another host's snapshot is
+//! reported absent, and a chunk is read only when the caller's host has
+//! proven it holds it (uploaded it), so a hash alone never reads data.
+
+use bkp_common::protocol::{Role, MAX_FETCH};
+use bkp_common::snapshot::{Snapshot, SnapshotSummary};
+use bkp_common::{ChunkId, SnapshotId};
+
+use super::{Caller, ServiceError};
+use crate::store::{ChunkStore, MetaStore, StoreError};
+
+/// `ListSnapshots`: an admin lists any host (all without `host`), every
+/// other caller its own.
+pub fn list(
+    store: &dyn MetaStore,
+    caller: &Caller,
+    host: Option<String>,
+    name: Option<&str>,
+) -> Result<Vec<SnapshotSummary>, ServiceError> {
+    let filter = match (caller.role, host) {
+        (Role::Admin, w) => w,
+        (_, Some(w)) if w != caller.host => {
+            return Err(ServiceError::Forbidden {
+                message: "only an admin token lists other hosts".into(),
+                audit: format!("list_snapshots of host {w}: only an admin token lists other hosts"),
+            })
+        }
+        _ => Some(caller.host.clone()),
+    };
+    Ok(store.list_snapshots(filter.as_deref(), name)?)
+}
+
+/// `GetSnapshot`. Another host's snapshot is reported as absent, not
+/// forbidden, so ids cannot be probed.
+pub fn snapshot(store: &dyn MetaStore, caller: &Caller, id: &SnapshotId) -> Result<Snapshot, ServiceError> {
+    match store.snapshot(id)? {
+        Some(s) if caller.role == Role::Admin || s.host == caller.host => Ok(s),
+        _ => Err(ServiceError::NotFound(format!("no snapshot {}", id.short()))),
+    }
+}
+
+/// `GetChunks`, before any blob is read: at most [`MAX_FETCH`] ids, each
+/// one the caller's host has proven it holds (an admin reads any).
+/// Possession only: a chunk no longer stored is found missing by the
+/// read ([`read_blobs`]), one lookup per chunk fewer.
+pub fn authorize_fetch(store: &dyn MetaStore, caller: &Caller, ids: &[ChunkId]) -> Result<(), ServiceError> {
+    caller.require(&[Role::Push, Role::Restore, Role::Admin], "get_chunks")?;
+    if ids.len() > MAX_FETCH {
+        return Err(ServiceError::BadRequest(format!("more than {MAX_FETCH} chunks in one request")));
+    }
+    if caller.role != Role::Admin {
+        let held = store.host_holds(&caller.host, ids)?;
+        if let Some(i) = held.iter().position(|h| !h) {
+            return Err(ServiceError::NotFound(format!("no chunk {} for this host", ids[i].short())));
+        }
+    }
+    Ok(())
+}
+
+/// The stored blobs of the first of `ids`, in order, until `max_bytes`
+/// are read or a chunk is missing (`None`, the last item): the caller
+/// answers what it got, then [`ServiceError::missing_chunk`].
+pub fn read_blobs(
+    store: &dyn ChunkStore,
+    ids: &[ChunkId],
+    max_bytes: usize,
+) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    let (mut out, mut bytes) = (Vec::new(), 0);
+    for id in ids {
+        let blob = store.chunk_blob(id)?;
+        bytes += blob.as_ref().map_or(0, Vec::len);
+        let stop = blob.is_none() || bytes >= max_bytes;
+        out.push(blob);
+        if stop {
+            break;
+        }
+    }
+    Ok(out)
+}
