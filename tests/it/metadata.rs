@@ -5,7 +5,7 @@
 //! stat). As root, on a file system with xattrs and flags (a loop-mounted
 //! ext4 image when the temp directory's has none).
 
-// unsafe: geteuid; each block has a SAFETY note.
+// unsafe: geteuid; the block has a SAFETY note.
 #![allow(unsafe_code)]
 
 use std::fs;

@@ -5,7 +5,7 @@
 //! `chattr` flags (immutable, append-only, nodump). Symlinks are never
 //! followed.
 
-// unsafe: statx for the chattr flags, which std does not expose; each block has a SAFETY note.
+// unsafe: statx, which std does not expose; the block has a SAFETY note.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;

@@ -60,9 +60,6 @@ impl Drop for TempPath {
     }
 }
 
-// A file being written is the common case; boxing it would cost an
-// allocation per restored file.
-#[allow(clippy::large_enum_variant)]
 enum Target {
     None,
     Skip,
@@ -70,7 +67,8 @@ enum Target {
         file: File,
         tmp: TempPath,
         dest: PathBuf,
-        meta: Meta,
+        /// Boxed: its extended attributes would make every `Target` large.
+        meta: Box<Meta>,
         written: u64,
         /// Where the last write ended: short of `written` when the file
         /// ends in a hole, which only `set_len` can extend over.
@@ -247,7 +245,7 @@ impl TreeWriter {
                     file,
                     tmp: TempPath(Some(tmp)),
                     dest,
-                    meta,
+                    meta: Box::new(meta),
                     written: 0,
                     data_end: 0,
                     hasher: Box::default(),
