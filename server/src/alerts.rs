@@ -14,7 +14,6 @@
 
 pub mod email;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -91,16 +90,9 @@ pub struct Condition {
     pub fingerprint: String,
 }
 
-/// What was last notified for a key that is firing.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notified {
-    pub kind: String,
-    pub summary: String,
-    pub fingerprint: String,
-    pub since_ns: u64,
-}
-
-pub type State = BTreeMap<String, Notified>;
+/// What was last notified, by key: kept in the store (its codec is the
+/// schema's).
+pub use crate::store::schema::{AlertState as State, Notified};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

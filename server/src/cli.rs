@@ -13,7 +13,7 @@ use crate::alerts::rfc3339 as fmt_time;
 use crate::audit::{Event, Line};
 use crate::config::ServerConfig;
 use crate::control::{ControlRequest, ControlResponse};
-use crate::jobs::{JobKind, JobRecord};
+use crate::jobs::{JobKind, JobRecord, Report};
 use crate::server::bind;
 use crate::state::ServerState;
 use crate::tokens::Tokens;
@@ -568,73 +568,69 @@ fn parse_share(s: &str) -> Result<f64, String> {
 }
 
 fn summary(r: &JobRecord) -> String {
-    let f = &r.figures;
-    match r.kind {
-        JobKind::Prune => format!("{} kept, {} removed in {} sets", f["kept"], f["removed"], f["sets"]),
-        JobKind::Gc => format!(
+    match &r.figures {
+        None => "no report".to_string(),
+        Some(Report::Prune(f)) => format!("{} kept, {} removed in {} sets", f.kept, f.removed, f.sets),
+        Some(Report::Gc(f)) => format!(
             "{} chunks freed ({} bytes), disk {} -> {} bytes",
-            f["chunks_deleted"], f["bytes_freed"], f["disk_bytes_before"], f["disk_bytes_after"]
+            f.chunks_deleted, f.bytes_freed, f.disk_bytes_before, f.disk_bytes_after
         ),
-        JobKind::Verify => {
-            let scrub = match f.get("scrub").filter(|s| !s.is_null()) {
-                Some(s) => format!(
-                    "{} chunks scrubbed (cycle {:.0}% covered), ",
-                    s["chunks_checked"],
-                    s["coverage"].as_f64().unwrap_or(0.0) * 100.0
-                ),
+        Some(Report::Verify(f)) => {
+            let scrub = match &f.scrub {
+                Some(s) => {
+                    format!("{} chunks scrubbed (cycle {:.0}% covered), ", s.chunks_checked, s.coverage * 100.0)
+                }
                 None => String::new(),
             };
             format!(
                 "{scrub}{} snapshots drilled ({} files, {} bytes), {} bad chunks, {} snapshots damaged, {} healed",
-                f["snapshots_drilled"],
-                f["files_checked"],
-                f["bytes_restored"],
-                f["bad_chunks"].as_array().map_or(0, |a| a.len()),
-                f["damaged_total"],
-                f["healed"].as_array().map_or(0, |a| a.len())
+                f.snapshots_drilled,
+                f.files_checked,
+                f.bytes_restored,
+                f.bad_chunks.len(),
+                f.damaged_total,
+                f.healed.len()
             )
         }
+        // A report of another version: its JSON, escaped (names come from clients).
+        Some(Report::Other(v)) => escape(&v.to_string()),
     }
-}
-
-/// A string of a job's figures, escaped for the terminal: host, set and
-/// path names come from clients.
-fn text(v: &serde_json::Value) -> String {
-    escape(v.as_str().unwrap_or("?"))
 }
 
 fn print_job(r: &JobRecord) {
-    if r.kind == JobKind::Prune {
-        for set in r.figures["plan"].as_array().into_iter().flatten() {
-            println!("{}/{}:", text(&set["host"]), text(&set["name"]));
-            for v in set["verdicts"].as_array().into_iter().flatten() {
-                let reasons: Vec<&str> =
-                    v["keep"].as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect();
+    if let Some(Report::Prune(f)) = &r.figures {
+        for set in &f.plan {
+            println!("{}/{}:", escape(&set.host), escape(&set.name));
+            for v in &set.verdicts {
+                let reasons: Vec<String> = v
+                    .keep
+                    .iter()
+                    .map(|k| {
+                        serde_json::to_value(k).ok().and_then(|j| j.as_str().map(String::from)).unwrap_or_default()
+                    })
+                    .collect();
                 let verb = if reasons.is_empty() { "remove" } else { "keep  " };
-                let id = text(&v["id"]);
-                let t = fmt_time(v["time_ns"].as_u64().unwrap_or(0));
-                println!("  {verb} {} {t} {}", id.get(..8).unwrap_or(&id), reasons.join(","));
+                println!("  {verb} {} {} {}", v.id.short(), fmt_time(v.time_ns), reasons.join(","));
             }
         }
     }
-    if r.kind == JobKind::Verify {
-        for b in r.figures["bad_chunks"].as_array().into_iter().flatten() {
-            println!("bad chunk {} (quarantined): {}", text(&b["id"]), text(&b["reason"]));
+    if let Some(Report::Verify(f)) = &r.figures {
+        for b in &f.bad_chunks {
+            println!("bad chunk {} (quarantined): {}", b.id, escape(&b.reason));
         }
-        for a in r.figures["affected"].as_array().into_iter().flatten() {
-            let id = text(&a["id"]);
+        for a in &f.affected {
             println!(
                 "damaged snapshot {} {}/{} of {}:",
-                id.get(..8).unwrap_or(&id),
-                text(&a["host"]),
-                text(&a["name"]),
-                fmt_time(a["time_ns"].as_u64().unwrap_or(0))
+                a.id.short(),
+                escape(&a.damage.host),
+                escape(&a.damage.name),
+                fmt_time(a.damage.time_ns)
             );
-            for p in a["paths"].as_array().into_iter().flatten() {
-                println!("  {}", text(p));
+            for p in &a.damage.paths {
+                println!("  {}", escape(p));
             }
-            if a["more_paths"].as_u64().unwrap_or(0) > 0 {
-                println!("  ... and {} more paths", a["more_paths"]);
+            if a.damage.more_paths > 0 {
+                println!("  ... and {} more paths", a.damage.more_paths);
             }
         }
     }

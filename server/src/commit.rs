@@ -7,13 +7,13 @@
 //!   name another host's chunk ids in a crafted tree and then restore them;
 //! * the garbage collector's mark phase, which needs every reference.
 
-use bkp_common::blob;
 use bkp_common::names::check_path;
 use bkp_common::snapshot::{SnapshotKind, SnapshotStats};
-use bkp_common::tree::{Entry, TreeDecoder};
+use bkp_common::tree::Entry;
 use bkp_common::ChunkId;
 
 use crate::store::{Store, StoreError};
+use crate::tree_read::{TreeEntries, TreeReadError};
 
 /// Longest tree stream accepted: 1M chunks of about 1 MiB.
 pub const MAX_TREE_CHUNKS: usize = 1 << 20;
@@ -58,46 +58,41 @@ fn walk(
         return Err(CommitError::Rejected(format!("tree of {} chunks", tree.len())));
     }
     refs(tree)?;
-    let mut dec = TreeDecoder::new();
     let mut stats = SnapshotStats::default();
     let mut pending: Vec<ChunkId> = Vec::with_capacity(BATCH);
     let mut entries = 0u64;
-    for id in tree {
-        let b = store
-            .chunk_blob(id)?
-            .ok_or_else(|| CommitError::Rejected(format!("tree chunk {} is missing", id.short())))?;
-        let data = blob::decode_verified(&b, id)
-            .map_err(|e| StoreError::Corrupt(format!("tree chunk {}: {e}", id.short())))?;
-        dec.feed(&data);
-        while let Some(e) = dec.next_entry().map_err(|e| CommitError::Rejected(e.to_string()))? {
-            entries += 1;
-            if check_names {
-                check_entry_paths(&e)?;
+    for e in TreeEntries::new(store, tree) {
+        let e = e.map_err(|e| match e {
+            TreeReadError::Missing(_) | TreeReadError::Decode(_) => CommitError::Rejected(e.to_string()),
+            TreeReadError::Bad(..) => CommitError::Store(StoreError::Corrupt(e.to_string())),
+            TreeReadError::Store(s) => CommitError::Store(s),
+        })?;
+        entries += 1;
+        if check_names {
+            check_entry_paths(&e)?;
+        }
+        match e {
+            Entry::Dir { .. } => stats.dirs += 1,
+            Entry::File { size, .. } => {
+                stats.files += 1;
+                // A crafted tree may claim any size: overflow is a refusal, not a panic.
+                stats.bytes = stats
+                    .bytes
+                    .checked_add(size)
+                    .ok_or_else(|| CommitError::Rejected("the tree's file sizes add up past 2^64 bytes".into()))?;
             }
-            match e {
-                Entry::Dir { .. } => stats.dirs += 1,
-                Entry::File { size, .. } => {
-                    stats.files += 1;
-                    // A crafted tree may claim any size: overflow is a refusal, not a panic.
-                    stats.bytes = stats
-                        .bytes
-                        .checked_add(size)
-                        .ok_or_else(|| CommitError::Rejected("the tree's file sizes add up past 2^64 bytes".into()))?;
+            Entry::Chunks(list) => {
+                stats.data_chunks += list.len() as u64;
+                pending.extend(list.iter().map(|r| r.id));
+                if pending.len() >= BATCH {
+                    refs(&pending)?;
+                    pending.clear();
                 }
-                Entry::Chunks(list) => {
-                    stats.data_chunks += list.len() as u64;
-                    pending.extend(list.iter().map(|r| r.id));
-                    if pending.len() >= BATCH {
-                        refs(&pending)?;
-                        pending.clear();
-                    }
-                }
-                Entry::FileEnd { .. } => {}
-                Entry::Symlink { .. } | Entry::Hardlink { .. } | Entry::Special { .. } => stats.others += 1,
             }
+            Entry::FileEnd { .. } => {}
+            Entry::Symlink { .. } | Entry::Hardlink { .. } | Entry::Special { .. } => stats.others += 1,
         }
     }
-    dec.finish().map_err(|e| CommitError::Rejected(e.to_string()))?;
     refs(&pending)?;
     if entries == 0 {
         return Err(CommitError::Rejected("empty tree".into()));

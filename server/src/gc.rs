@@ -1,16 +1,9 @@
 //! Garbage collection: mark every chunk a snapshot references, then
 //! sweep the rest, while pushes go on.
 //!
-//! # Which operations may overlap
-//! | pair          | allowed | what protects it |
-//! |---------------|---------|------------------|
-//! | push / GC     | yes | every chunk a push was told is stored, uploaded or referenced is in its session's `touched` set; each sweep batch runs under the write side of the session fence and spares touched chunks (see `sessions`) |
-//! | commit / GC   | yes | a commit touches every chunk it checks, under the fence; a snapshot committed after the mark phase listed snapshots keeps its chunks in `gc_protect` until the GC ends |
-//! | frozen push / GC | yes | a session silent past its lease is dropped at the next sweep batch and its commit fails; `host_has` also requires the chunk itself, so a stale possession record never lets a push skip an upload |
-//! | prune or forget / GC | yes | deleting a snapshot only removes its record; a snapshot gone when mark reaches it is skipped; one deleted after it was marked keeps its chunks until the next GC |
-//! | restore / GC  | yes, for snapshots not being deleted | restores read committed snapshots; GC never frees a chunk a listed snapshot references |
-//! | GC / GC       | no  | one run of a kind at a time (`jobs`) |
-//! | verify / GC   | not built yet | |
+//! GC runs beside pushes, commits, prune, forget, restores and verify;
+//! the crate doc's table ("Which operations may overlap") says what makes
+//! each pair safe. A second GC is refused while one runs (`jobs`).
 //!
 //! Any error while marking cancels the run before anything is deleted, and
 //! so does a referenced chunk the store no longer records (quarantined by
@@ -24,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bkp_common::ChunkId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::commit::{walk_tree, CommitError};
@@ -56,7 +49,7 @@ pub enum GcError {
     Reclaim { chunks: u64, freed: u64, reason: String },
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct GcReport {
     pub snapshots: u64,
     pub referenced_chunks: u64,

@@ -54,7 +54,7 @@ async fn page(State(state): State<Arc<ServerState>>) -> Response {
 
 /// 200 when the store answers a read, else 503.
 async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
-    let ok = tokio::task::spawn_blocking(move || state.store.meta_get(b"schema_version").map(|v| v.is_some())).await;
+    let ok = tokio::task::spawn_blocking(move || state.store.schema_version().map(|v| v.is_some())).await;
     match ok {
         Ok(Ok(true)) => (StatusCode::OK, "ok\n").into_response(),
         Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "store has no schema record\n").into_response(),

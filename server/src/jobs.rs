@@ -16,11 +16,11 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use crate::audit::Audit;
-use crate::gc::{self, GcHooks};
-use crate::prune::{prune, prune_plan, RetentionConfig};
+use crate::gc::{self, GcHooks, GcReport};
+use crate::prune::{prune, prune_plan, PruneReport, RetentionConfig};
 use crate::sessions::Sessions;
-use crate::store::Store;
-use crate::verify::{self, Scope, VerifyConfig};
+use crate::store::{schema, MetaStore, Store};
+use crate::verify::{self, Scope, VerifyConfig, VerifyReport};
 
 /// Declared in the order the scheduler runs kinds due at the same time:
 /// prune first (its removals are what gc frees), verify last (it checks
@@ -43,7 +43,10 @@ impl JobKind {
     }
 }
 
+/// One run, as stored (framed by `store::schema::encode_job`) and as
+/// `bkp-server jobs --json` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(from = "StoredRecord")]
 pub struct JobRecord {
     pub kind: JobKind,
     pub start_ns: u64,
@@ -51,12 +54,77 @@ pub struct JobRecord {
     pub ok: bool,
     pub dry_run: bool,
     pub error: Option<String>,
-    /// The job's own report (what was kept, removed, freed...).
-    pub figures: serde_json::Value,
+    /// The job's own report (what was kept, removed, freed...); none when
+    /// it could not run.
+    pub figures: Option<Report>,
     /// Not run because a run of the same kind was in progress: not a
     /// failure (no alert), and not a run for the monitor's "latest run".
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refused: bool,
+}
+
+/// A job's report. Serialized as the report alone, so `figures` in the
+/// JSON is what it was before the reports were typed.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    Prune(PruneReport),
+    Gc(GcReport),
+    Verify(VerifyReport),
+    /// Figures this build cannot read as its kind's report (a report
+    /// shape of another version): kept, and shown, as they were.
+    Other(serde_json::Value),
+}
+
+impl Report {
+    /// Reads `figures` as `kind`'s report.
+    fn read(kind: JobKind, figures: serde_json::Value) -> Self {
+        let typed = match kind {
+            JobKind::Prune => serde_json::from_value(figures.clone()).map(Report::Prune),
+            JobKind::Gc => serde_json::from_value(figures.clone()).map(Report::Gc),
+            JobKind::Verify => serde_json::from_value(figures.clone()).map(Report::Verify),
+        };
+        typed.unwrap_or(Report::Other(figures))
+    }
+}
+
+impl JobRecord {
+    pub fn verify_report(&self) -> Option<&VerifyReport> {
+        match &self.figures {
+            Some(Report::Verify(v)) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// What a record's JSON holds, before its figures are typed by its kind.
+#[derive(Deserialize)]
+struct StoredRecord {
+    kind: JobKind,
+    start_ns: u64,
+    end_ns: u64,
+    ok: bool,
+    dry_run: bool,
+    error: Option<String>,
+    figures: serde_json::Value,
+    #[serde(default)]
+    refused: bool,
+}
+
+impl From<StoredRecord> for JobRecord {
+    fn from(r: StoredRecord) -> Self {
+        let figures = (!r.figures.is_null()).then(|| Report::read(r.kind, r.figures));
+        JobRecord {
+            kind: r.kind,
+            start_ns: r.start_ns,
+            end_ns: r.end_ns,
+            ok: r.ok,
+            dry_run: r.dry_run,
+            error: r.error,
+            figures,
+            refused: r.refused,
+        }
+    }
 }
 
 /// `[jobs]` in the server config: 5-field cron schedules, in UTC.
@@ -129,11 +197,11 @@ pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> Jo
     run_with(jobs, kind, dry_run, |start_ns| match kind {
         JobKind::Prune => prune_plan(jobs.store, jobs.retention, start_ns)
             .and_then(|plan| prune(jobs.store, plan, dry_run))
-            .map(|r| (serde_json::to_value(r).expect("report to json"), None))
+            .map(|r| (Report::Prune(r), None))
             .map_err(|e| e.to_string()),
-        JobKind::Gc => gc::run(jobs.store, jobs.sessions, hooks)
-            .map(|r| (serde_json::to_value(r).expect("report to json"), None))
-            .map_err(|e| e.to_string()),
+        JobKind::Gc => {
+            gc::run(jobs.store, jobs.sessions, hooks).map(|r| (Report::Gc(r), None)).map_err(|e| e.to_string())
+        }
         JobKind::Verify => unreachable!("handled above"),
     })
 }
@@ -144,14 +212,17 @@ pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> Jo
 pub fn run_verify(jobs: &Jobs<'_>, scope: Scope) -> JobRecord {
     run_with(jobs, JobKind::Verify, false, |start_ns| {
         verify::run(jobs.store, jobs.sessions, jobs.verify, scope, start_ns)
-            .map(|r| (serde_json::to_value(&r).expect("report to json"), r.problem()))
+            .map(|r| {
+                let problem = r.problem();
+                (Report::Verify(r), problem)
+            })
             .map_err(|e| e.to_string())
     })
 }
 
 /// What a job body returns: its figures and, when it ran but found a
 /// problem, that problem; or why it could not run.
-type Outcome = Result<(serde_json::Value, Option<String>), String>;
+type Outcome = Result<(Report, Option<String>), String>;
 
 fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64) -> Outcome) -> JobRecord {
     let lock = match kind {
@@ -168,7 +239,7 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
             ok: false,
             dry_run,
             error: Some(msg),
-            figures: serde_json::Value::Null,
+            figures: None,
             refused,
         };
         record(jobs.store, jobs.running, &rec);
@@ -191,8 +262,8 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
     };
     info!(job = kind.as_str(), dry_run, "job started");
     let (figures, error) = match body(start_ns) {
-        Ok((figures, problem)) => (figures, problem),
-        Err(e) => (serde_json::Value::Null, Some(e)),
+        Ok((figures, problem)) => (Some(figures), problem),
+        Err(e) => (None, Some(e)),
     };
     let rec =
         JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
@@ -230,7 +301,7 @@ fn audit(log: &Audit, by: &str, rec: &JobRecord) {
 }
 
 /// Stores a run's record; dry runs change nothing and are not kept.
-pub(crate) fn record(store: &dyn Store, running: &Running, rec: &JobRecord) {
+pub(crate) fn record(store: &dyn MetaStore, running: &Running, rec: &JobRecord) {
     if rec.dry_run {
         return;
     }
@@ -243,9 +314,8 @@ pub(crate) fn record(store: &dyn Store, running: &Running, rec: &JobRecord) {
     write_unwritten(&mut q, |r| put(store, r));
 }
 
-fn put(store: &dyn Store, rec: &JobRecord) -> Result<(), String> {
-    let body = serde_json::to_vec(rec).expect("record to json");
-    store.put_job(rec.start_ns, rec.kind.as_str(), &body).map_err(|e| e.to_string())
+fn put(store: &dyn MetaStore, rec: &JobRecord) -> Result<(), String> {
+    store.put_job(rec.start_ns, rec.kind.as_str(), &schema::encode_job(rec)).map_err(|e| e.to_string())
 }
 
 /// Writes queued records, oldest first, until one fails.
@@ -264,7 +334,7 @@ fn write_unwritten(q: &mut Vec<JobRecord>, mut put: impl FnMut(&JobRecord) -> Re
 }
 
 /// Retries the records the store refused (the monitor calls this).
-pub fn flush_unwritten(store: &dyn Store, running: &Running) {
+pub fn flush_unwritten(store: &dyn MetaStore, running: &Running) {
     let mut q = running.unwritten.lock().expect("unwritten lock");
     if !q.is_empty() {
         write_unwritten(&mut q, |r| put(store, r));
@@ -272,14 +342,12 @@ pub fn flush_unwritten(store: &dyn Store, running: &Running) {
 }
 
 /// The newest `limit` job records, those not yet written included.
-pub fn list(store: &dyn Store, running: &Running, limit: usize) -> Result<Vec<JobRecord>, String> {
+pub fn list(store: &dyn MetaStore, running: &Running, limit: usize) -> Result<Vec<JobRecord>, String> {
     // Held across the read, so a record being written is seen once.
     let unwritten = running.unwritten.lock().expect("unwritten lock");
     let raw = store.jobs(limit).map_err(|e| e.to_string())?;
-    let mut out: Vec<JobRecord> = raw
-        .iter()
-        .map(|b| serde_json::from_slice(b).map_err(|e| format!("job record: {e}")))
-        .collect::<Result<_, _>>()?;
+    let mut out: Vec<JobRecord> =
+        raw.iter().map(|b| schema::decode_job(b).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
     out.extend(unwritten.iter().cloned());
     drop(unwritten);
     out.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then(b.kind.cmp(&a.kind)));
@@ -312,7 +380,7 @@ mod tests {
             ok: true,
             dry_run: false,
             error: None,
-            figures: serde_json::Value::Null,
+            figures: None,
             refused: false,
         }
     }
@@ -350,5 +418,52 @@ mod tests {
         assert!(!serde_json::to_string(&r).unwrap().contains("refused"));
         let r = JobRecord { refused: true, ..r };
         assert!(serde_json::to_string(&r).unwrap().contains("\"refused\":true"));
+    }
+
+    #[test]
+    fn records_read_by_kind_and_keep_their_json() {
+        // A gc record as builds before the version byte stored it.
+        let v1 = br#"{"kind":"gc","start_ns":5,"end_ns":6,"ok":true,"dry_run":false,"error":null,"figures":{"snapshots":1,"referenced_chunks":2,"chunks_deleted":3,"possession_records_deleted":0,"bytes_freed":10,"chunk_bytes_deleted":9,"reserve_released":0,"disk_bytes_before":100,"disk_bytes_after":90,"seconds":0.5}}"#;
+        let r: JobRecord = schema::decode_job(v1).unwrap();
+        let Some(Report::Gc(g)) = &r.figures else { panic!("{r:?}") };
+        assert_eq!((g.chunks_deleted, g.disk_bytes_after), (3, 90));
+        // Stored again, it is framed, and its JSON is what it was.
+        let e = schema::encode_job(&r);
+        assert_eq!(e[0], 2);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&e[1..]).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(v1).unwrap()
+        );
+        // Figures of a shape this build does not know stay as they were.
+        let odd = br#"{"kind":"verify","start_ns":1,"end_ns":1,"ok":false,"dry_run":false,"error":"x","figures":{"novel":1},"refused":true}"#;
+        let r: JobRecord = schema::decode_job(odd).unwrap();
+        assert!(matches!(&r.figures, Some(Report::Other(_))) && r.refused);
+        assert_eq!(serde_json::to_value(&r).unwrap()["figures"], serde_json::json!({"novel": 1}));
+        // No figures: null, as before.
+        let none = rec(3);
+        assert!(serde_json::to_value(&none).unwrap()["figures"].is_null());
+        assert!(schema::decode_job::<JobRecord>(&schema::encode_job(&none)).unwrap().figures.is_none());
+    }
+
+    #[test]
+    fn a_prune_report_reads_back_typed() {
+        use crate::retention::{Policy, Reason, Verdict};
+        let plan = crate::prune::SetPlan {
+            host: "h".into(),
+            name: "n".into(),
+            policy: Policy::default(),
+            verdicts: vec![Verdict {
+                id: bkp_common::SnapshotId::from_bytes([1; 32]),
+                time_ns: 7,
+                keep: vec![Reason::MinAge],
+            }],
+        };
+        let mut r = rec(9);
+        r.kind = JobKind::Prune;
+        r.figures = Some(Report::Prune(PruneReport { sets: 1, kept: 1, removed: 0, plan: vec![plan] }));
+        let back: JobRecord = schema::decode_job(&schema::encode_job(&r)).unwrap();
+        let Some(Report::Prune(p)) = &back.figures else { panic!("{back:?}") };
+        assert_eq!(p.plan[0].verdicts[0].keep, [Reason::MinAge]);
+        assert_eq!(p.plan[0].policy, Policy::default());
     }
 }

@@ -167,10 +167,11 @@ pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64))
     r.gauge("bkp_verify_coverage_ratio", "share of chunks scrubbed in the current cycle", st.scrub.coverage());
     r.gauge("bkp_verify_last_cycle_timestamp_seconds", "end of the last full scrub", secs(st.scrub.last_cycle_end_ns));
     r.gauge("bkp_verify_last_run_timestamp_seconds", "last scrub run", secs(st.scrub.last_run_ns));
-    let last_verify = st.jobs.get("verify").and_then(|(_, ok)| ok.as_ref()).map(|j| &j.figures);
-    let fig = |k: &str| last_verify.and_then(|f| f.pointer(k)).and_then(|v| v.as_f64()).unwrap_or(0.0);
-    r.gauge("bkp_verify_chunks_checked", "chunks scrubbed by the last verify run", fig("/scrub/chunks_checked"));
-    r.gauge("bkp_verify_files_checked", "files rebuilt by the last restore drill", fig("/files_checked"));
+    let last_verify = st.jobs.get("verify").and_then(|(_, ok)| ok.as_ref()).and_then(|j| j.verify_report());
+    let scrubbed = last_verify.and_then(|v| v.scrub.as_ref()).map_or(0, |s| s.chunks_checked);
+    r.gauge("bkp_verify_chunks_checked", "chunks scrubbed by the last verify run", scrubbed as f64);
+    let files = last_verify.map_or(0, |v| v.files_checked);
+    r.gauge("bkp_verify_files_checked", "files rebuilt by the last restore drill", files as f64);
     r.gauge("bkp_quarantined_chunks", "chunks in quarantine, not healed", st.quarantined as f64);
     r.gauge("bkp_damaged_snapshots", "snapshots that failed verification", st.damaged.len() as f64);
 

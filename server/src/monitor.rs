@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 use bkp_common::snapshot::SnapshotSummary;
 use bkp_common::SnapshotId;
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::alerts::{self, AlertsConfig, Condition, State};
 use crate::freshness::{self, FreshnessConfig, SetStatus};
 use crate::jobs::{self, JobKind, JobRecord, JobsConfig, Running};
 use crate::push_failures::{self, Failure};
 use crate::sessions::Sessions;
-use crate::store::schema::META_ALERT_STATE;
 use crate::store::{Store, StoreError};
 use crate::verify::damage::Damage;
 use crate::verify::scrub;
@@ -220,12 +219,7 @@ pub fn status_of(inp: &Inputs<'_>, summaries: &[SnapshotSummary], now_ns: u64) -
         }
     }
     let mut damaged = Vec::new();
-    for (id, raw) in store.damaged()? {
-        match Damage::decode(&raw) {
-            Ok(d) => damaged.push((id, d)),
-            Err(e) => warn!(snapshot = %id.short(), "unreadable damage record: {e}"),
-        }
-    }
+    damaged.extend(store.damaged()?);
     let mut quarantined = 0;
     for (id, _) in store.quarantined()? {
         if store.chunk_meta(&id)?.is_none() {
@@ -240,7 +234,7 @@ pub fn status_of(inp: &Inputs<'_>, summaries: &[SnapshotSummary], now_ns: u64) -
         logical_bytes: summaries.iter().map(|s| s.stats.bytes).sum(),
         disk: disk(inp.data_dir),
         store_disk_bytes: store.disk_bytes()?,
-        scrub: scrub::Cursor::load(store)?,
+        scrub: store.scrub_cursor()?,
         sessions: inp.sessions.live() as u64,
         push_failures: push_failures::all(&inp.monitor.push_failures, store)
             .into_iter()
@@ -271,7 +265,7 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
     }
     for (kind, (last, _)) in &st.jobs {
         // A verify run that found damage is the "damaged" alert's business.
-        let found_damage = *kind == JobKind::Verify.as_str() && !last.figures.is_null();
+        let found_damage = *kind == JobKind::Verify.as_str() && last.figures.is_some();
         if !last.ok && !found_damage {
             let err = last.error.clone().unwrap_or_default();
             out.push(Condition {
@@ -340,11 +334,7 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
 }
 
 fn load_state(store: &dyn Store) -> Result<State, StoreError> {
-    Ok(match store.meta_get(META_ALERT_STATE)? {
-        None => State::new(),
-        // The state only suppresses repeats: if it cannot be read, notify afresh.
-        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
-    })
+    store.alert_state()
 }
 
 fn hostname() -> String {
@@ -381,7 +371,7 @@ pub fn check(inp: &Inputs<'_>) -> Result<(), StoreError> {
         }
     }
     if changed {
-        inp.store.meta_put(META_ALERT_STATE, &serde_json::to_vec(&notified).expect("state to json"))?;
+        inp.store.set_alert_state(&notified)?;
     }
     Ok(())
 }

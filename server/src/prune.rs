@@ -7,7 +7,7 @@ use bkp_common::snapshot::SnapshotSummary;
 use serde::{Deserialize, Serialize};
 
 use crate::retention::{plan, Candidate, Policy, Reason, Verdict};
-use crate::store::{Store, StoreError};
+use crate::store::{MetaStore, StoreError};
 
 /// `[retention]` in the server config: a default policy and overrides
 /// keyed by `"host/name"`.
@@ -24,7 +24,7 @@ impl RetentionConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SetPlan {
     pub host: String,
     pub name: String,
@@ -32,7 +32,7 @@ pub struct SetPlan {
     pub verdicts: Vec<Verdict>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PruneReport {
     pub sets: u64,
     pub kept: u64,
@@ -40,7 +40,7 @@ pub struct PruneReport {
     pub plan: Vec<SetPlan>,
 }
 
-pub fn prune_plan(store: &dyn Store, cfg: &RetentionConfig, now_ns: u64) -> Result<Vec<SetPlan>, StoreError> {
+pub fn prune_plan(store: &dyn MetaStore, cfg: &RetentionConfig, now_ns: u64) -> Result<Vec<SetPlan>, StoreError> {
     let mut sets: BTreeMap<(String, String), Vec<SnapshotSummary>> = BTreeMap::new();
     for s in store.list_snapshots(None, None)? {
         sets.entry((s.host.clone(), s.name.clone())).or_default().push(s);
@@ -58,7 +58,7 @@ pub fn prune_plan(store: &dyn Store, cfg: &RetentionConfig, now_ns: u64) -> Resu
 }
 
 /// Deletes what the plan removes. Chunks are freed by the next GC.
-pub fn prune(store: &dyn Store, mut plan: Vec<SetPlan>, dry_run: bool) -> Result<PruneReport, StoreError> {
+pub fn prune(store: &dyn MetaStore, mut plan: Vec<SetPlan>, dry_run: bool) -> Result<PruneReport, StoreError> {
     let mut r = PruneReport { sets: plan.len() as u64, ..Default::default() };
     for set in &mut plan {
         for v in &mut set.verdicts {

@@ -23,7 +23,7 @@ use bkp_common::snapshot::SnapshotKind;
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use crate::store::Store;
+use crate::store::MetaStore;
 
 pub const META_PUSH_FAILURES: &[u8] = b"push_failures";
 const VERSION: u32 = 1;
@@ -85,7 +85,7 @@ fn truncate(s: &str, max: usize) -> String {
 
 /// The stored table; one that cannot be read only costs old counts (the
 /// alerts come from what is reported from now on).
-fn load(store: &dyn Store) -> BTreeMap<(String, String), Failure> {
+fn load(store: &dyn MetaStore) -> BTreeMap<(String, String), Failure> {
     let stored = match store.meta_get(META_PUSH_FAILURES) {
         Ok(b) => b,
         Err(e) => {
@@ -105,7 +105,7 @@ fn load(store: &dyn Store) -> BTreeMap<(String, String), Failure> {
 
 fn with_sets<T>(
     pf: &PushFailures,
-    store: &dyn Store,
+    store: &dyn MetaStore,
     f: impl FnOnce(&mut BTreeMap<(String, String), Failure>) -> (T, bool),
 ) -> T {
     let mut guard = pf.sets.lock().expect("push failures lock");
@@ -129,7 +129,7 @@ fn with_sets<T>(
 /// monitor, so that the alert goes out at once.
 pub fn report(
     table: &PushFailures,
-    store: &dyn Store,
+    store: &dyn MetaStore,
     host: &str,
     name: &str,
     kind: Option<SnapshotKind>,
@@ -177,7 +177,7 @@ fn evict(sets: &mut BTreeMap<(String, String), Failure>, host: &str) {
 }
 
 /// Every set's failures, by host/name (writing the table if it is owed).
-pub fn all(table: &PushFailures, store: &dyn Store) -> Vec<Failure> {
+pub fn all(table: &PushFailures, store: &dyn MetaStore) -> Vec<Failure> {
     with_sets(table, store, |sets| (sets.values().cloned().collect(), false))
 }
 

@@ -168,7 +168,7 @@ pub fn missed_record(d: &Due, now_ns: u64) -> JobRecord {
              the run; it runs at its next scheduled time, or now with `bkp-server {kind}`",
             rfc3339(d.first)
         )),
-        figures: serde_json::Value::Null,
+        figures: None,
         refused: false,
     }
 }

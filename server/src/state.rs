@@ -13,7 +13,6 @@ use std::time::Duration;
 use crate::config::ServerConfig;
 use crate::limits::Limits;
 use crate::sessions::Sessions;
-use crate::store::rocks::RocksStore;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
 use crate::tokens::Tokens;
@@ -50,7 +49,8 @@ impl ServerState {
         if !data_dir.join(tls::CERT_FILE).exists() {
             return Err(ServerError::NotInitialised(data_dir.display().to_string()));
         }
-        let store = RocksStore::open(&data_dir.join(DB_DIR), config.cache_mb << 20)?;
+        let store =
+            crate::store::s3::open_store(&data_dir.join(DB_DIR), config.cache_mb << 20, &config.storage, data_dir)?;
         let sessions = Sessions::new(Duration::from_secs(config.session_lease_secs))
             .with_limits(config.limits.sessions, config.limits.sessions_per_host);
         let limits = Limits::new(config.limits.clone(), config.max_connections);

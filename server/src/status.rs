@@ -219,7 +219,7 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
             scrub_last_cycle_end_ns: st.scrub.last_cycle_end_ns,
             scrub_last_run_ns: st.scrub.last_run_ns,
             drill_last_ns: verify_job.map(|r| r.end_ns),
-            drill_snapshots: verify_job.and_then(|r| r.figures.get("snapshots_drilled")).and_then(|v| v.as_u64()),
+            drill_snapshots: verify_job.and_then(|r| r.verify_report()).map(|v| v.snapshots_drilled),
         },
         damaged,
         quarantined_chunks: st.quarantined,

@@ -10,6 +10,7 @@ mod hardening;
 mod incremental;
 mod jobs;
 mod logs;
+mod metadata;
 mod monitoring;
 mod postgres;
 mod resilience;

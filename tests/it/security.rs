@@ -120,7 +120,7 @@ fn crafted_snapshot_restores_nothing_outside_the_target() {
         c.put(session, vec![(ChunkId::of(&good), blob::encode(&good, 3)), (ChunkId::of(&bad), blob::encode(&bad, 3))])
             .await
             .unwrap();
-        let dir_meta = Meta { mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 };
+        let dir_meta = Meta { mode: 0o755, ..Meta::default() };
         let out_abs = outside.path().to_str().unwrap().as_bytes().to_vec();
         // Only names the server accepts (`server_refuses_unsafe_names`
         // has the others): the escape goes through a symlink in the tree.
@@ -157,7 +157,7 @@ fn server_refuses_unsafe_names() {
     let server = TestServer::start();
     let token = server.token("evil", Role::Push);
     let data = b"owned".to_vec();
-    let meta = Meta { mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 };
+    let meta = Meta { mode: 0o755, ..Meta::default() };
     let file = |p: &[u8]| file_entries(p, &data, &[&data]);
     let cases: Vec<(&str, Vec<Entry>)> = vec![
         ("parent", file(b"../escape")),

@@ -127,13 +127,14 @@ fn scrub_covers_the_store_in_the_configured_number_of_runs() {
     for run in 1..=4 {
         let rec = bkp_server::jobs::run_verify(&server.state().jobs(), bkp_server::verify::Scope::Scheduled);
         assert!(rec.ok, "{rec:?}");
-        checked += rec.figures["scrub"]["chunks_checked"].as_u64().unwrap();
-        if rec.figures["scrub"]["cycle_completed"] == true {
+        let scrub = rec.verify_report().and_then(|v| v.scrub.clone()).expect("a scrub report");
+        checked += scrub.chunks_checked;
+        if scrub.cycle_completed {
             completed_at = Some(run);
             break;
         }
         // A slice is about a quarter, never the whole store.
-        assert!(rec.figures["scrub"]["chunks_checked"].as_u64().unwrap() < total);
+        assert!(scrub.chunks_checked < total);
     }
     assert_eq!(completed_at, Some(4), "four slices make a cycle");
     assert_eq!(checked, total, "every chunk scrubbed exactly once per cycle");

@@ -12,6 +12,8 @@ use crate::error::{ClientError, Result};
 pub struct Excludes {
     names: GlobSet,
     paths: GlobSet,
+    /// `--skip-nodump`: leave out what carries the nodump flag (`chattr +d`).
+    pub skip_nodump: bool,
 }
 
 impl Excludes {
@@ -26,7 +28,7 @@ impl Excludes {
             };
         }
         let build = |b: GlobSetBuilder| b.build().map_err(|e| ClientError::Usage(e.to_string()));
-        Ok(Self { names: build(names)?, paths: build(paths)? })
+        Ok(Self { names: build(names)?, paths: build(paths)?, skip_nodump: false })
     }
 
     pub fn excluded(&self, abs: &Path) -> bool {

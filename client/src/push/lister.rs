@@ -10,6 +10,8 @@ use std::fs::{self, Metadata};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
+use bkp_common::tree::FLAG_NODUMP;
+
 use super::excludes::Excludes;
 
 /// Batches queued ahead, and entries per batch (one hand-off per entry
@@ -19,8 +21,9 @@ const BATCH: usize = 256;
 
 /// One step of the walk, in walk order.
 pub enum Listed {
-    /// An entry and its own metadata (a symlink is not followed).
-    Entry(PathBuf, Metadata),
+    /// An entry, its own metadata (a symlink is not followed) and its
+    /// `chattr` flags.
+    Entry(PathBuf, Metadata, u32),
     /// Something that could not be listed; the walk goes on without it.
     Warning(String),
 }
@@ -63,7 +66,12 @@ impl Out {
 
 fn list(path: &Path, meta: Metadata, excludes: &Excludes, out: &mut Out) -> bool {
     let is_dir = meta.file_type().is_dir();
-    if !out.push(Listed::Entry(path.to_path_buf(), meta)) {
+    let flags = super::file_meta::flags(path);
+    // `dump`'s rule: a nodump directory is skipped with all below it.
+    if flags & FLAG_NODUMP != 0 && excludes.skip_nodump {
+        return true;
+    }
+    if !out.push(Listed::Entry(path.to_path_buf(), meta, flags)) {
         return false;
     }
     if !is_dir {
@@ -112,7 +120,7 @@ mod tests {
             let (mut paths, mut warnings) = (Vec::new(), Vec::new());
             for l in rx.into_iter().flatten() {
                 match l {
-                    Listed::Entry(p, _) => paths.push(p.strip_prefix(root).unwrap().to_path_buf()),
+                    Listed::Entry(p, _, _) => paths.push(p.strip_prefix(root).unwrap().to_path_buf()),
                     Listed::Warning(w) => warnings.push(w),
                 }
             }

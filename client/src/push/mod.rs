@@ -28,6 +28,7 @@ use walk::{Produced, Producer};
 
 pub mod cache;
 pub mod excludes;
+pub mod file_meta;
 pub mod incremental;
 pub mod lister;
 pub mod pipeline;
@@ -37,6 +38,8 @@ pub enum Source {
     Paths {
         paths: Vec<PathBuf>,
         excludes: Vec<String>,
+        /// Leave out what carries the nodump flag (`chattr +d`).
+        skip_nodump: bool,
     },
     Stdin,
     /// Any reader, as one stream (benchmarks, embedding).
@@ -87,11 +90,13 @@ fn produce(
     progress: Arc<dyn Progress>,
     cache: Option<CacheArgs>,
 ) -> Result<Produced> {
-    let stream_meta = Meta { mode: 0o600, uid: 0, gid: 0, mtime_ns: now_ns() };
+    let stream_meta = Meta { mode: 0o600, mtime_ns: now_ns(), ..Meta::default() };
     match source {
-        Source::Paths { paths, excludes } => {
+        Source::Paths { paths, excludes, skip_nodump } => {
             let cache = cache.map(|a| Incremental::open(&a.spec, a.header, a.client, a.session, a.start_ns));
-            let mut p = Producer::new(sink, progress, Excludes::new(&excludes)?, cache);
+            let mut excludes = Excludes::new(&excludes)?;
+            excludes.skip_nodump = skip_nodump;
+            let mut p = Producer::new(sink, progress, excludes, cache);
             p.walk_roots(&paths)?;
             p.finish()
         }

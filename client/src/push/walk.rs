@@ -19,6 +19,7 @@ use bkp_common::{ChunkId, ContentHash};
 
 use super::cache::{CacheWriter, CachedFile};
 use super::excludes::Excludes;
+use super::file_meta;
 use super::incremental::{file_key, Incremental};
 use super::lister::Listed;
 use super::pipeline::ChunkSink;
@@ -111,13 +112,8 @@ impl<'a> Content<'a> {
     }
 }
 
-fn meta_of(m: &fs::Metadata) -> Meta {
-    Meta {
-        mode: m.mode() & 0o7777,
-        uid: m.uid(),
-        gid: m.gid(),
-        mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-    }
+fn ns(s: i64, ns: i64) -> i64 {
+    s.saturating_mul(1_000_000_000).saturating_add(ns)
 }
 
 /// A root as the snapshot names it: absolute, without `.`, `..` or a
@@ -157,6 +153,22 @@ impl Producer {
             files_read: 0,
             files_cached: 0,
             warnings: Vec::new(),
+        }
+    }
+
+    /// An entry's metadata: from `m`, plus the flags the lister read and
+    /// the extended attributes, read here (a warning when some cannot be).
+    fn meta_of(&mut self, path: &Path, m: &fs::Metadata, flags: u32) -> Meta {
+        let (xattrs, warning) = file_meta::xattrs(path);
+        self.warnings.extend(warning);
+        Meta {
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+            flags,
+            xattrs,
         }
     }
 
@@ -262,10 +274,11 @@ impl Producer {
 
     /// A regular file of a tree: from the metadata cache when its stat key
     /// is unchanged, else read.
-    fn regular_file(&mut self, abs: &Path, name: Vec<u8>, m: &fs::Metadata) -> Result<()> {
+    fn regular_file(&mut self, abs: &Path, name: Vec<u8>, m: &fs::Metadata, flags: u32) -> Result<()> {
         let key = file_key(m);
+        let meta = self.meta_of(abs, m, flags);
         if let Some(c) = self.cache.as_mut().and_then(|c| c.lookup(&name, &key)) {
-            self.emit_file(name, meta_of(m), key.size, &c.chunks, c.hash)?;
+            self.emit_file(name, meta, key.size, &c.chunks, c.hash)?;
             self.files_cached += 1;
             if let Some(cache) = self.cache.as_mut() {
                 cache.record(&c);
@@ -287,7 +300,7 @@ impl Producer {
                 cache.record(&read);
             }
         }
-        self.emit_file(read.path, meta_of(m), size, &read.chunks, hash)
+        self.emit_file(read.path, meta, size, &read.chunks, hash)
     }
 
     /// Walks the given roots.
@@ -312,7 +325,8 @@ impl Producer {
                     continue;
                 }
                 let m = fs::metadata(a).map_err(|e| ClientError::source(a.display().to_string(), e))?;
-                self.emit(Entry::Dir { path: snapshot_path(a), meta: meta_of(&m) })?;
+                let meta = self.meta_of(a, &m, file_meta::flags(a));
+                self.emit(Entry::Dir { path: snapshot_path(a), meta })?;
             }
             self.walk(&root)?;
             done.push(root);
@@ -339,7 +353,7 @@ impl Producer {
                 .map_err(|e| ClientError::Thread { what: "the directory lister", source: e })?;
             for l in rx.into_iter().flatten() {
                 match l {
-                    Listed::Entry(path, m) => self.entry(&path, &m)?,
+                    Listed::Entry(path, m, flags) => self.entry(&path, &m, flags)?,
                     Listed::Warning(w) => self.warnings.push(w),
                 }
             }
@@ -348,13 +362,14 @@ impl Producer {
     }
 
     /// One listed entry; a directory's children are listed after it.
-    fn entry(&mut self, path: &Path, m: &fs::Metadata) -> Result<()> {
+    fn entry(&mut self, path: &Path, m: &fs::Metadata, flags: u32) -> Result<()> {
         let name = snapshot_path(path);
         let ft = m.file_type();
         if name.is_empty() {
             // The root directory itself: only its children are entries.
         } else if ft.is_dir() {
-            self.emit(Entry::Dir { path: name, meta: meta_of(m) })?;
+            let meta = self.meta_of(path, m, flags);
+            self.emit(Entry::Dir { path: name, meta })?;
         } else if ft.is_file() {
             if m.nlink() > 1 {
                 if let Some(target) = self.links.get(&(m.dev(), m.ino())) {
@@ -363,14 +378,11 @@ impl Producer {
                 }
                 self.links.insert((m.dev(), m.ino()), name.clone());
             }
-            return self.regular_file(path, name, m);
+            return self.regular_file(path, name, m, flags);
         } else if ft.is_symlink() {
             let target = fs::read_link(path).map_err(|e| ClientError::source(path.display().to_string(), e))?;
-            return self.emit(Entry::Symlink {
-                path: name,
-                meta: meta_of(m),
-                target: target.as_os_str().as_bytes().to_vec(),
-            });
+            let meta = self.meta_of(path, m, flags);
+            return self.emit(Entry::Symlink { path: name, meta, target: target.as_os_str().as_bytes().to_vec() });
         } else {
             let kind = if ft.is_fifo() {
                 SpecialKind::Fifo
@@ -381,7 +393,8 @@ impl Producer {
             } else {
                 SpecialKind::BlockDevice
             };
-            return self.emit(Entry::Special { path: name, meta: meta_of(m), kind, rdev: m.rdev() });
+            let meta = self.meta_of(path, m, flags);
+            return self.emit(Entry::Special { path: name, meta, kind, rdev: m.rdev() });
         }
         Ok(())
     }

@@ -25,6 +25,7 @@ pub use fetch::TreeReader;
 pub use sink::{RestoreReport, Sink};
 
 pub mod fetch;
+pub mod file_meta;
 pub mod planner;
 pub mod safe_path;
 pub mod sink;

@@ -19,6 +19,9 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// One line per entry that was not restored (or failed verification).
     pub errors: Vec<String>,
+    /// One line per kind of metadata that could not be restored (extended
+    /// attributes, ACLs, file flags), with how many entries it hit.
+    pub warnings: Vec<String>,
 }
 
 /// Where the fetched data goes, on its own thread.

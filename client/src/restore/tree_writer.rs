@@ -1,14 +1,19 @@
 //! Restore's writing side for a directory target: each file goes to a
 //! temp file beside its destination and is renamed into place only after
 //! its whole-content hash checks out; nothing is written outside the
-//! target (`safe_path`).
+//! target (`safe_path`). Blocks of zeros stay holes, and extended
+//! attributes, ACLs and file flags are restored ([`file_meta`]). The
+//! order matters: content, owner (chown clears capabilities), extended
+//! attributes (an ACL rewrites the group bits), mode, times; file flags
+//! last of all, once no entry is still to be linked or written below an
+//! immutable one.
 
 // unsafe: geteuid, umask and mknod, which std does not wrap; each block has a SAFETY note.
 #![allow(unsafe_code)]
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +21,7 @@ use bkp_common::tree::{Entry, Meta, SpecialKind};
 use bkp_common::{ChunkId, ContentHash};
 
 use super::fetch::Out;
+use super::file_meta::{self, Losses};
 use super::safe_path;
 use super::sink::{RestoreReport, Sink};
 use crate::error::{ClientError, Corruption, Result};
@@ -84,6 +90,11 @@ pub struct TreeWriter {
     as_root: bool,
     /// The process umask, which `open` applied to each new file's mode.
     umask: u32,
+    /// Zero blocks of this size inside chunks are left as holes.
+    block: usize,
+    /// Entries with file flags, set at the end.
+    flagged: Vec<(PathBuf, u32)>,
+    losses: Losses,
     report: RestoreReport,
     progress: Arc<dyn Progress>,
 }
@@ -127,6 +138,9 @@ impl TreeWriter {
             old
         } as u32;
         Ok(Self {
+            block: file_meta::hole_block(&root),
+            flagged: Vec::new(),
+            losses: Losses::default(),
             dirs_checked: safe_path::Dirs::new(&root),
             root,
             dirs: Vec::new(),
@@ -146,25 +160,22 @@ impl TreeWriter {
         match &mut self.sink {
             Target::File { bad: Some(_), .. } | Target::Skip => Ok(()),
             Target::File { file, written, data_end, hasher, tmp, first, .. } => {
+                let block = self.block;
                 let at = *written;
                 let is_first = at == 0 && first.is_none();
                 if let Some((_, f)) = first.take() {
                     hasher.update(&f);
                 }
-                // All-zero chunks become holes: sparse files stay sparse.
-                let data = d.iter().any(|&b| b != 0);
-                let write = || match data {
-                    true => file.write_all_at(&d, at),
-                    false => Ok(()),
-                };
-                match is_first {
+                // Zero blocks become holes: sparse files stay sparse.
+                let write = || file_meta::write_sparse(file, &d, at, block);
+                let wrote_to = match is_first {
                     true => write(),
                     false => crate::parallel_hash::hash_while(&d, hasher, write),
                 }
                 .map_err(|e| io_err(tmp, e))?;
                 *written += d.len() as u64;
-                if data {
-                    *data_end = *written;
+                if let Some(end) = wrote_to {
+                    *data_end = end;
                 }
                 self.progress.restored(d.len() as u64);
                 if is_first {
@@ -213,6 +224,7 @@ impl TreeWriter {
                     }
                     Err(_) => fs::create_dir(&dest).map_err(|e| io_err(&dest, e))?,
                 }
+                self.flag_later(&dest, &meta);
                 self.dirs.push((dest, meta));
             }
             Entry::File { meta, .. } => {
@@ -224,7 +236,7 @@ impl TreeWriter {
                 let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .mode(meta.mode & 0o777)
+                    .mode(file_meta::safe_mode(&meta) & 0o777)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&tmp)
                     .map_err(|e| io_err(&tmp, e))?;
@@ -247,6 +259,7 @@ impl TreeWriter {
                 if self.as_root {
                     set_owner(&dest, &meta).map_err(|e| io_err(&dest, e))?;
                 }
+                file_meta::set_xattrs(&dest, &meta.xattrs, &mut self.losses);
                 filetime::set_symlink_file_times(&dest, mtime(&meta), mtime(&meta)).map_err(|e| io_err(&dest, e))?;
             }
             Entry::Hardlink { target, .. } => match safe_path::existing_file(&self.root, &target) {
@@ -267,8 +280,13 @@ impl TreeWriter {
                 clear(&dest)?;
                 let c = std::ffi::CString::new(dest.as_os_str().as_bytes()).expect("checked: no NUL");
                 // SAFETY: c is a valid NUL-terminated path.
-                if unsafe { libc::mknod(c.as_ptr(), fmt | (meta.mode & 0o7777) as libc::mode_t, rdev as libc::dev_t) }
-                    != 0
+                if unsafe {
+                    libc::mknod(
+                        c.as_ptr(),
+                        fmt | (file_meta::safe_mode(&meta) & 0o7777) as libc::mode_t,
+                        rdev as libc::dev_t,
+                    )
+                } != 0
                 {
                     return Err(io_err(&dest, std::io::Error::last_os_error()));
                 }
@@ -279,11 +297,29 @@ impl TreeWriter {
         Ok(())
     }
 
-    fn apply_meta(&self, p: &Path, m: &Meta) -> Result<()> {
+    /// Remembers an entry's file flags, to be set once the restore is done.
+    fn flag_later(&mut self, p: &Path, m: &Meta) {
+        if m.flags != 0 {
+            self.flagged.push((p.to_path_buf(), m.flags));
+        }
+    }
+
+    /// The mode to set after the extended attributes: narrowed when the
+    /// access ACL could not be set.
+    fn final_mode(m: &Meta, acl_lost: bool) -> u32 {
+        if acl_lost {
+            file_meta::safe_mode(m)
+        } else {
+            m.mode
+        }
+    }
+
+    fn apply_meta(&mut self, p: &Path, m: &Meta) -> Result<()> {
         if self.as_root {
             set_owner(p, m).map_err(|e| io_err(p, e))?;
         }
-        fs::set_permissions(p, fs::Permissions::from_mode(m.mode)).map_err(|e| io_err(p, e))?;
+        let acl_lost = file_meta::set_xattrs(p, &m.xattrs, &mut self.losses);
+        fs::set_permissions(p, fs::Permissions::from_mode(Self::final_mode(m, acl_lost))).map_err(|e| io_err(p, e))?;
         // utimensat on the path: opening a FIFO to set its time would block.
         filetime::set_symlink_file_times(p, mtime(m), mtime(m)).map_err(|e| io_err(p, e))
     }
@@ -314,8 +350,11 @@ impl TreeWriter {
         if self.as_root {
             std::os::unix::fs::fchown(&file, Some(meta.uid), Some(meta.gid)).map_err(|e| io_err(&tmp, e))?;
         }
-        if meta.mode & 0o7777 != (meta.mode & 0o777 & !self.umask) {
-            file.set_permissions(fs::Permissions::from_mode(meta.mode)).map_err(|e| io_err(&tmp, e))?;
+        let acl_lost = file_meta::set_xattrs(&tmp, &meta.xattrs, &mut self.losses);
+        let mode = Self::final_mode(&meta, acl_lost);
+        // An ACL that was set rewrote the group bits: set the mode again.
+        if !meta.xattrs.is_empty() || mode & 0o7777 != (mode & 0o777 & !self.umask) {
+            file.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| io_err(&tmp, e))?;
         }
         filetime::set_file_handle_times(&file, None, Some(mtime(&meta))).map_err(|e| io_err(&tmp, e))?;
         drop(file);
@@ -329,6 +368,7 @@ impl TreeWriter {
             });
         }
         tmp.kept();
+        self.flag_later(&dest, &meta);
         self.report.files += 1;
         self.report.bytes += written;
         Ok(())
@@ -347,6 +387,14 @@ impl TreeWriter {
                 self.apply_meta(&p, &m)?;
             }
         }
+        // Last: nothing can be linked to, written into or set on an
+        // immutable entry after this. Deepest first, like the directories.
+        let mut flagged = std::mem::take(&mut self.flagged);
+        flagged.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (p, flags) in flagged {
+            file_meta::set_flags(&p, flags, &mut self.losses);
+        }
+        self.report.warnings = self.losses.warnings();
         Ok(std::mem::take(&mut self.report))
     }
 }
@@ -413,6 +461,43 @@ mod tests {
         let holey = dir.path().join("holey");
         assert_eq!(std::fs::read(&holey).unwrap(), whole, "a trailing hole still counts for the length");
         assert_eq!(std::fs::metadata(&holey).unwrap().mode() & 0o7777, 0o644);
+    }
+
+    /// An access ACL the target refuses (here: a blob the kernel cannot
+    /// parse) must not leave the mask as group permissions: the group
+    /// gets its own ACL entry; and two such files make one warning.
+    #[test]
+    fn a_refused_acl_narrows_the_group_bits_and_warns_once() {
+        use std::os::unix::fs::MetadataExt;
+        let mut blob = 2u32.to_le_bytes().to_vec();
+        for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x10, 6), (0x20, 4)] {
+            blob.extend_from_slice(&tag.to_le_bytes());
+            blob.extend_from_slice(&perm.to_le_bytes());
+            blob.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        blob.extend_from_slice(b"bad"); // not a whole entry: EINVAL
+        let mut all = Vec::new();
+        for name in ["a", "b"] {
+            let mut f = file(name.as_bytes(), &[b"x"], blake3::hash(b"x").into());
+            if let Out::Entry(Entry::File { meta, .. }) = &mut f[0] {
+                meta.mode = 0o664;
+                meta.xattrs =
+                    vec![bkp_common::tree::Xattr { name: b"system.posix_acl_access".to_vec(), value: blob.clone() }];
+            }
+            all.extend(f);
+        }
+        let (dir, report) = restore(all);
+        assert_eq!(report.files, 2, "{:?}", report.errors);
+        for name in ["a", "b"] {
+            let m = std::fs::metadata(dir.path().join(name)).unwrap();
+            assert_eq!(m.mode() & 0o7777, 0o644, "{name}: group bits were the mask (rw); the group had r");
+        }
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        assert!(
+            report.warnings[0].contains("POSIX ACLs") && report.warnings[0].contains("on 2 entries"),
+            "{:?}",
+            report.warnings
+        );
     }
 
     #[test]

@@ -7,17 +7,17 @@ use bkp_common::SnapshotId;
 
 use super::{Caller, ServiceError};
 use crate::push_failures::{self, PushFailures};
-use crate::store::Store;
+use crate::store::MetaStore;
 
 /// `Forget`: deletes one snapshot; its chunks go at the next GC.
-pub fn forget(store: &dyn Store, caller: &Caller, id: &SnapshotId) -> Result<(), ServiceError> {
+pub fn forget(store: &dyn MetaStore, caller: &Caller, id: &SnapshotId) -> Result<(), ServiceError> {
     caller.require(&[Role::Admin], "forget")?;
     found(store.delete_snapshot(id)?, id)
 }
 
 /// `Protect`: prune never removes a protected snapshot; `protected:
 /// false` lifts it.
-pub fn protect(store: &dyn Store, caller: &Caller, id: &SnapshotId, protected: bool) -> Result<(), ServiceError> {
+pub fn protect(store: &dyn MetaStore, caller: &Caller, id: &SnapshotId, protected: bool) -> Result<(), ServiceError> {
     caller.require(&[Role::Admin], "protect")?;
     found(store.set_protected(id, protected)?, id)
 }
@@ -35,7 +35,7 @@ fn found(existed: bool, id: &SnapshotId) -> Result<(), ServiceError> {
 /// is not the client's problem: the table keeps it in memory.
 pub fn push_failed(
     failures: &PushFailures,
-    store: &dyn Store,
+    store: &dyn MetaStore,
     caller: &Caller,
     name: &str,
     kind: Option<SnapshotKind>,

@@ -14,7 +14,7 @@ use super::{Caller, ServiceError};
 use crate::commit::{check_tree, parent_refs, push_budget};
 use crate::jobs::now_ns;
 use crate::sessions::{PushGuard, Sessions};
-use crate::store::{PutStats, Store, VerifiedChunk};
+use crate::store::{MetaStore, PutStats, Store, VerifiedChunk};
 
 const PUSHERS: &[Role] = &[Role::Push, Role::Admin];
 
@@ -81,7 +81,7 @@ pub fn open_upload(sessions: &Sessions, caller: &Caller, session: u64) -> Result
 /// and touched. The store's figures stay on the server: telling the
 /// uploader what was new would reveal what other hosts hold.
 pub fn put_batch(
-    store: &dyn Store,
+    store: &dyn MetaStore,
     sessions: &Sessions,
     caller: &Caller,
     session: u64,

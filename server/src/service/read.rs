@@ -8,12 +8,12 @@ use bkp_common::snapshot::{Snapshot, SnapshotSummary};
 use bkp_common::{ChunkId, SnapshotId};
 
 use super::{Caller, ServiceError};
-use crate::store::{Store, StoreError};
+use crate::store::{ChunkStore, MetaStore, StoreError};
 
 /// `ListSnapshots`: an admin lists any host (all without `host`), every
 /// other caller its own.
 pub fn list(
-    store: &dyn Store,
+    store: &dyn MetaStore,
     caller: &Caller,
     host: Option<String>,
     name: Option<&str>,
@@ -33,7 +33,7 @@ pub fn list(
 
 /// `GetSnapshot`. Another host's snapshot is reported as absent, not
 /// forbidden, so ids cannot be probed.
-pub fn snapshot(store: &dyn Store, caller: &Caller, id: &SnapshotId) -> Result<Snapshot, ServiceError> {
+pub fn snapshot(store: &dyn MetaStore, caller: &Caller, id: &SnapshotId) -> Result<Snapshot, ServiceError> {
     match store.snapshot(id)? {
         Some(s) if caller.role == Role::Admin || s.host == caller.host => Ok(s),
         _ => Err(ServiceError::NotFound(format!("no snapshot {}", id.short()))),
@@ -44,7 +44,7 @@ pub fn snapshot(store: &dyn Store, caller: &Caller, id: &SnapshotId) -> Result<S
 /// one the caller's host has proven it holds (an admin reads any).
 /// Possession only: a chunk no longer stored is found missing by the
 /// read ([`read_blobs`]), one lookup per chunk fewer.
-pub fn authorize_fetch(store: &dyn Store, caller: &Caller, ids: &[ChunkId]) -> Result<(), ServiceError> {
+pub fn authorize_fetch(store: &dyn MetaStore, caller: &Caller, ids: &[ChunkId]) -> Result<(), ServiceError> {
     caller.require(&[Role::Push, Role::Restore, Role::Admin], "get_chunks")?;
     if ids.len() > MAX_FETCH {
         return Err(ServiceError::BadRequest(format!("more than {MAX_FETCH} chunks in one request")));
@@ -61,7 +61,11 @@ pub fn authorize_fetch(store: &dyn Store, caller: &Caller, ids: &[ChunkId]) -> R
 /// The stored blobs of the first of `ids`, in order, until `max_bytes`
 /// are read or a chunk is missing (`None`, the last item): the caller
 /// answers what it got, then [`ServiceError::missing_chunk`].
-pub fn read_blobs(store: &dyn Store, ids: &[ChunkId], max_bytes: usize) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+pub fn read_blobs(
+    store: &dyn ChunkStore,
+    ids: &[ChunkId],
+    max_bytes: usize,
+) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
     let (mut out, mut bytes) = (Vec::new(), 0);
     for id in ids {
         let blob = store.chunk_blob(id)?;

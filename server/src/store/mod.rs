@@ -51,14 +51,10 @@
 //!   crash loses unflushed chunks, which no snapshot references yet.
 //!
 //! # Which operations may overlap
-//! | pair            | allowed | what protects it                                   |
-//! |-----------------|---------|----------------------------------------------------|
-//! | push / push     | yes     | chunk puts are idempotent; commits are single batches |
-//! | push / restore  | yes     | readers see only committed snapshots               |
-//! | restore/restore | yes     | read-only                                          |
-//! | verify / push   | yes     | a quarantined chunk is gone from `chunks`, so `host_has` says "missing" and the next push uploads it again; a commit that raced the quarantine fails and asks for a new push |
-//! | verify / GC     | yes     | a chunk GC deleted under the scrub is recognised (its meta is gone too) and not reported; a snapshot forgotten under the drill is skipped |
-//! | verify / verify | no      | one run of a kind at a time (`jobs`) |
+//! See the table in the server crate's doc (`crate`, "Which operations may
+//! overlap"): what the store guarantees there is that chunk puts are
+//! idempotent, a commit and a snapshot delete are each one write, and a
+//! quarantine is one synced write.
 //!
 //! # Verification and quarantine
 //! The verify job (`crate::verify`) re-reads chunks and rebuilds sampled
@@ -83,11 +79,12 @@
 pub mod object;
 pub mod pack;
 pub mod rocks;
+pub mod s3;
 pub mod salvage;
 pub mod schema;
 pub mod space;
 
-pub use schema::{ChunkMeta, HostNum, QuarantineRecord};
+pub use schema::{AlertState, ChunkMeta, Damage, HostNum, QuarantineRecord, ScrubCursor};
 
 use bkp_common::blob;
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
@@ -254,11 +251,23 @@ pub trait MetaStore: Send + Sync + 'static {
     fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;
     /// The newest `limit` job records, newest first.
     fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// A `meta` value by key, for records whose codec is their module's
+    /// own (versioned JSON: `schedule`, `push_failures`).
     fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// The store's schema version (`None` only before the first open
+    /// wrote it): reading it tells whether the database answers.
+    fn schema_version(&self) -> Result<Option<u32>, StoreError>;
+    /// Where the verify job's scrub stands (the start, when never run).
+    fn scrub_cursor(&self) -> Result<ScrubCursor, StoreError>;
+    fn set_scrub_cursor(&self, c: &ScrubCursor) -> Result<(), StoreError>;
+    /// Which alerts were last notified (none, when unreadable: the state
+    /// only suppresses repeats).
+    fn alert_state(&self) -> Result<AlertState, StoreError>;
+    fn set_alert_state(&self, s: &AlertState) -> Result<(), StoreError>;
     /// Damage records of snapshots that failed verification.
-    fn damaged(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError>;
-    fn put_damaged(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError>;
+    fn damaged(&self) -> Result<Vec<(SnapshotId, Damage)>, StoreError>;
+    fn put_damaged(&self, id: &SnapshotId, d: &Damage) -> Result<(), StoreError>;
     fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError>;
     /// Gives the disk space reserve back when free space is short, so
     /// that deletes and compactions (GC) have room; returns the bytes

@@ -193,7 +193,7 @@ fn valid_for(name: &str) -> Box<Valid> {
         schema::CF_SNAPSHOTS => Box::new(|k, v| {
             SnapshotId::from_slice(k).is_some_and(|id| SnapshotId::of(v) == id && Snapshot::decode(v).is_ok())
         }),
-        schema::CF_SETS => Box::new(|_, v| RocksStore::decode_summary(v).is_ok()),
+        schema::CF_SETS => Box::new(|_, v| schema::decode_summary(v).is_ok()),
         schema::CF_QUARANTINE => Box::new(|k, v| k.len() == 32 && QuarantineRecord::decode(v).is_some()),
         schema::CF_DAMAGED => Box::new(|k, _| k.len() == 32),
         _ => Box::new(|_, _| true),
@@ -229,7 +229,7 @@ fn read_all(db: &DB, out: &mut RecordSink<'_>) -> Result<CheckReport, StoreError
         let mut sink = |k: &[u8], v: &[u8]| {
             match name {
                 schema::CF_SETS => {
-                    if let Ok(s) = RocksStore::decode_summary(v) {
+                    if let Ok(s) = schema::decode_summary(v) {
                         snapshot_ids.push(s.id.as_bytes().to_vec());
                     }
                 }
@@ -298,7 +298,7 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
                 snapshots.push((id, Snapshot::decode(v).expect("validated")));
             }
             schema::CF_SETS => {
-                let s = RocksStore::decode_summary(v).expect("validated");
+                let s = schema::decode_summary(v).expect("validated");
                 summaries.insert(s.id);
                 summary_keys.push((s.id, k.to_vec()));
             }
@@ -332,7 +332,7 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
     for (id, snap) in &snapshots {
         if !summaries.contains(id) {
             let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
-            fix.put_cf(store.cf(schema::CF_SETS), key, RocksStore::encode_summary(&snap.summary(*id)));
+            fix.put_cf(store.cf(schema::CF_SETS), key, schema::encode_summary(&snap.summary(*id)));
             report.summaries_rebuilt += 1;
         }
     }

@@ -7,15 +7,17 @@
 use std::collections::{HashMap, HashSet};
 
 use bkp_common::snapshot::SnapshotSummary;
-use bkp_common::tree::{Entry, TreeDecoder};
+use bkp_common::tree::{Entry, TreeError};
 use bkp_common::{blob, ChunkId, ContentHash, SnapshotId};
 use rand::Rng;
 
 use super::damage::Damage;
 use crate::store::{Store, StoreError};
+use crate::tree_read::{TreeEntries, TreeReadError};
 
 /// The path reported when the snapshot's own tree cannot be read.
 pub const TREE_PATH: &str = "(snapshot tree)";
+const MISSING: &str = "chunk is missing (quarantined or lost)";
 
 #[derive(Debug, Default)]
 pub struct DrillOutcome {
@@ -40,7 +42,7 @@ fn path_str(p: &[u8]) -> String {
 /// Reads a chunk as restore does; `Err(reason)` when it cannot be used.
 fn read_chunk(store: &dyn Store, id: &ChunkId) -> Result<Result<Vec<u8>, String>, StoreError> {
     Ok(match store.chunk_blob(id)? {
-        None => Err("chunk is missing (quarantined or lost)".to_string()),
+        None => Err(MISSING.to_string()),
         Some(b) => blob::decode_verified(&b, id).map_err(|e| e.to_string()),
     })
 }
@@ -58,27 +60,22 @@ struct OpenFile {
 pub fn drill(store: &dyn Store, id: &SnapshotId) -> Result<Option<DrillOutcome>, StoreError> {
     let Some(snap) = store.snapshot(id)? else { return Ok(None) };
     let mut out = DrillOutcome::default();
-    let mut dec = TreeDecoder::new();
     let mut open: Option<OpenFile> = None;
-    for tid in &snap.tree {
-        let data = match read_chunk(store, tid)? {
-            Ok(d) => d,
-            Err(why) => {
-                out.bad_chunks.push((*tid, why));
-                out.bad_paths.push(TREE_PATH.into());
+    for e in TreeEntries::new(store, &snap.tree) {
+        let e = match e {
+            Ok(e) => e,
+            Err(TreeReadError::Store(s)) => return Err(s),
+            Err(e) => {
+                if let Some((id, why)) = unreadable(&e) {
+                    out.bad_chunks.push((id, why));
+                    out.bad_paths.push(TREE_PATH.into());
+                } else {
+                    out.bad_paths.push(format!("{TREE_PATH}: {e}"));
+                }
                 return Ok(Some(out));
             }
         };
-        dec.feed(&data);
-        loop {
-            let e = match dec.next_entry() {
-                Ok(Some(e)) => e,
-                Ok(None) => break,
-                Err(e) => {
-                    out.bad_paths.push(format!("{TREE_PATH}: {e}"));
-                    return Ok(Some(out));
-                }
-            };
+        {
             match e {
                 Entry::File { path, size, .. } => {
                     open = Some(OpenFile {
@@ -122,10 +119,18 @@ pub fn drill(store: &dyn Store, id: &SnapshotId) -> Result<Option<DrillOutcome>,
             }
         }
     }
-    if let Err(e) = dec.finish() {
-        out.bad_paths.push(format!("{TREE_PATH}: {e}"));
-    }
     Ok(Some(out))
+}
+
+/// The tree chunk a read error is about, with the reason `read_chunk`
+/// gives for a data chunk; `None` when the chunks read but the stream
+/// does not decode.
+fn unreadable(e: &TreeReadError) -> Option<(ChunkId, String)> {
+    match e {
+        TreeReadError::Missing(id) => Some((*id, MISSING.to_string())),
+        TreeReadError::Bad(id, why) => Some((*id, why.to_string())),
+        TreeReadError::Decode(_) | TreeReadError::Store(_) => None,
+    }
 }
 
 /// Which snapshots to drill: the newest of each set always, every
@@ -168,33 +173,26 @@ pub fn find_affected(
     for s in store.list_snapshots(None, None)? {
         let Some(snap) = store.snapshot(&s.id)? else { continue };
         let mut d = Damage::of(&s, now_ns);
-        let mut dec = TreeDecoder::new();
         let mut path = String::new();
-        'tree: for tid in &snap.tree {
-            let data = match read_chunk(store, tid)? {
-                Ok(data) => data,
-                Err(_) => {
-                    d.add_chunk(*tid);
-                    d.add_path(TREE_PATH.into());
-                    break;
+        for e in TreeEntries::new(store, &snap.tree) {
+            match e {
+                Ok(Entry::File { path: p, .. }) => path = path_str(&p),
+                Ok(Entry::Chunks(refs)) => {
+                    for r in refs.iter().filter(|r| bad.contains(&r.id)) {
+                        d.add_chunk(r.id);
+                        d.add_path(path.clone());
+                    }
                 }
-            };
-            dec.feed(&data);
-            loop {
-                match dec.next_entry() {
-                    Ok(Some(Entry::File { path: p, .. })) => path = path_str(&p),
-                    Ok(Some(Entry::Chunks(refs))) => {
-                        for r in refs.iter().filter(|r| bad.contains(&r.id)) {
-                            d.add_chunk(r.id);
-                            d.add_path(path.clone());
-                        }
+                Ok(_) => {}
+                Err(TreeReadError::Store(s)) => return Err(s),
+                // Only the end of the stream is short: every reference
+                // was seen (the drill reports the tree itself).
+                Err(TreeReadError::Decode(TreeError::Truncated)) => {}
+                Err(e) => {
+                    if let Some((id, _)) = unreadable(&e) {
+                        d.add_chunk(id);
                     }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(_) => {
-                        d.add_path(TREE_PATH.into());
-                        break 'tree;
-                    }
+                    d.add_path(TREE_PATH.into());
                 }
             }
         }

@@ -64,20 +64,20 @@ pub enum Scope {
 #[error("verification could not run: {0}")]
 pub struct VerifyError(#[from] StoreError);
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BadChunk {
     pub id: ChunkId,
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Affected {
     pub id: SnapshotId,
     #[serde(flatten)]
     pub damage: Damage,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub scope: Option<Scope>,
     pub scrub: Option<scrub::ScrubReport>,
@@ -215,9 +215,7 @@ fn record_damage(store: &dyn Store, id: &SnapshotId, mut d: Damage) -> Result<()
         return Ok(());
     }
     if let Some((_, old)) = store.damaged()?.into_iter().find(|(k, _)| k == id) {
-        if let Ok(old) = Damage::decode(&old) {
-            d.found_ns = old.found_ns.min(d.found_ns);
-        }
+        d.found_ns = old.found_ns.min(d.found_ns);
     }
-    store.put_damaged(id, &d.encode())
+    store.put_damaged(id, &d)
 }

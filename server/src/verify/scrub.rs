@@ -14,45 +14,11 @@ use std::time::Instant;
 use bkp_common::{blob, ChunkId};
 use serde::{Deserialize, Serialize};
 
-use crate::store::schema::META_SCRUB_CURSOR;
+/// Where the scrub stands, kept in `meta` (its codec is the schema's).
+pub use crate::store::schema::ScrubCursor as Cursor;
 use crate::store::{Store, StoreError};
 
 const BATCH: usize = 256;
-const VERSION: u8 = 1;
-
-/// Where the scrub stands, kept in the `meta` column family.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cursor {
-    /// The last chunk checked in the current cycle; `None` at its start.
-    pub after: Option<ChunkId>,
-    pub cycle_start_ns: u64,
-    /// When the last full pass over the store ended (0: never).
-    pub last_cycle_end_ns: u64,
-    pub last_run_ns: u64,
-}
-
-impl Cursor {
-    pub fn load(store: &dyn Store) -> Result<Self, StoreError> {
-        match store.meta_get(META_SCRUB_CURSOR)? {
-            None => Ok(Self::default()),
-            Some(b) => match b.split_first() {
-                Some((&VERSION, rest)) => {
-                    postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("scrub cursor: {e}")))
-                }
-                _ => Err(StoreError::Corrupt("scrub cursor version".into())),
-            },
-        }
-    }
-
-    fn save(&self, store: &dyn Store) -> Result<(), StoreError> {
-        store.meta_put(META_SCRUB_CURSOR, &postcard::to_extend(self, vec![VERSION]).expect("postcard to Vec"))
-    }
-
-    /// Share of the key space (so, of the chunks) checked this cycle.
-    pub fn coverage(&self) -> f64 {
-        self.after.map_or(0.0, |id| position(&id) as f64 / u64::MAX as f64)
-    }
-}
 
 /// A chunk's place in the key space: its first 8 bytes.
 fn position(id: &ChunkId) -> u64 {
@@ -68,7 +34,7 @@ fn slice_end(pos: u64, slices: u32) -> Option<u64> {
     (end < space).then_some(end as u64)
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct ScrubReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
@@ -106,7 +72,7 @@ pub fn run(
     now_ns: u64,
     bad: &mut dyn FnMut(ChunkId, String) -> Result<(), StoreError>,
 ) -> Result<ScrubReport, StoreError> {
-    let mut cur = Cursor::load(store)?;
+    let mut cur = store.scrub_cursor()?;
     let mut report = ScrubReport::default();
     let mut after = if full { None } else { cur.after };
     if after.is_none() {
@@ -147,7 +113,7 @@ pub fn run(
         cur.after = after;
         report.coverage = cur.coverage();
     }
-    cur.save(store)?;
+    store.set_scrub_cursor(&cur)?;
     Ok(report)
 }
 
@@ -181,7 +147,7 @@ mod tests {
             last_cycle_end_ns: 0,
             last_run_ns: 2,
         };
-        let b = postcard::to_extend(&c, vec![VERSION]).unwrap();
+        let b = c.encode();
         assert_eq!(&b[..2], [1, 1]);
         assert_eq!(&b[34..], [1, 0, 2]);
         assert!(c.coverage() > 0.999);

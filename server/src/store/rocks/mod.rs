@@ -34,7 +34,7 @@ pub use chunks::LocalChunks;
 pub use db::Db;
 pub use durability::{Batch, COMMIT_MARK_FILE};
 
-use super::schema::{ChunkMeta, HostNum, QuarantineRecord};
+use super::schema::{AlertState, ChunkMeta, Damage, HostNum, QuarantineRecord, ScrubCursor};
 use super::{ChunkStore, MetaStore, PutStats, StoreError, VerifiedChunk};
 
 pub struct RocksStore {
@@ -198,11 +198,26 @@ impl MetaStore for RocksStore {
     fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         RocksStore::meta_put(self, key, value)
     }
-    fn damaged(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError> {
+    fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        RocksStore::schema_version(self)
+    }
+    fn scrub_cursor(&self) -> Result<ScrubCursor, StoreError> {
+        RocksStore::scrub_cursor(self)
+    }
+    fn set_scrub_cursor(&self, c: &ScrubCursor) -> Result<(), StoreError> {
+        RocksStore::set_scrub_cursor(self, c)
+    }
+    fn alert_state(&self) -> Result<AlertState, StoreError> {
+        RocksStore::alert_state(self)
+    }
+    fn set_alert_state(&self, s: &AlertState) -> Result<(), StoreError> {
+        RocksStore::set_alert_state(self, s)
+    }
+    fn damaged(&self) -> Result<Vec<(SnapshotId, Damage)>, StoreError> {
         RocksStore::damaged(self)
     }
-    fn put_damaged(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError> {
-        RocksStore::put_damaged(self, id, record)
+    fn put_damaged(&self, id: &SnapshotId, d: &Damage) -> Result<(), StoreError> {
+        RocksStore::put_damaged(self, id, d)
     }
     fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError> {
         RocksStore::delete_damaged(self, id)

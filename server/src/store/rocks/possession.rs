@@ -83,15 +83,15 @@ impl RocksStore {
         self.db.raw().multi_get_cf(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(db_err)).collect()
     }
 
-    pub(crate) fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+    pub fn host_has(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         Ok(self.possession(host, ids, true)?.into_iter().map(|(held, stored)| held && stored).collect())
     }
 
-    pub(crate) fn host_holds(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+    pub fn host_holds(&self, host: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         Ok(self.possession(host, ids, false)?.into_iter().map(|(held, _)| held).collect())
     }
 
-    pub(crate) fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+    pub fn stored_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         let mut out = self.recorded_sorted(ids)?;
         let with_meta: Vec<usize> = (0..ids.len()).filter(|&i| out[i]).collect();
         let present = self.data_present(&with_meta.iter().map(|&i| &ids[i]).collect::<Vec<_>>(), true)?;
@@ -101,7 +101,7 @@ impl RocksStore {
         Ok(out)
     }
 
-    pub(crate) fn recorded_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+    pub fn recorded_sorted(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         debug_assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must be sorted and unique");
         // One forward pass of an iterator: a few `next` steps reach a
         // nearby id far cheaper than a point lookup (measured on 78,000
@@ -136,7 +136,7 @@ impl RocksStore {
     /// One write: the data of every chunk not stored yet (staged by the
     /// chunk data backend), the meta of every new chunk (owned by
     /// `host`), and a `host_chunks` key for each chunk another host owns.
-    pub(crate) fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
+    pub fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
         self.db.ensure_room(chunks.iter().map(|c| c.blob.len() as u64).sum())?;
         let me = self.host_num_or_assign(host)?;
         let _l = self.chunk_lock.lock().expect("chunk lock");
@@ -171,7 +171,7 @@ impl RocksStore {
         Ok(stats)
     }
 
-    pub(crate) fn host_chunks(
+    pub fn host_chunks(
         &self,
         after: Option<&(String, ChunkId)>,
         limit: usize,
@@ -192,7 +192,7 @@ impl RocksStore {
         Ok(out)
     }
 
-    pub(crate) fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError> {
+    pub fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError> {
         let meta_cf = self.cf(schema::CF_CHUNK_META);
         let _l = self.chunk_lock.lock().expect("chunk lock");
         let metas = self.db.raw().multi_get_cf(ids.iter().map(|id| (meta_cf, id.as_bytes().to_vec())));
@@ -210,7 +210,7 @@ impl RocksStore {
         Ok(freed)
     }
 
-    pub(crate) fn forget_possession(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError> {
+    pub fn forget_possession(&self, keys: &[(String, ChunkId)]) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -227,11 +227,7 @@ impl RocksStore {
         self.db.write_synced(batch)
     }
 
-    pub(crate) fn chunk_metas(
-        &self,
-        after: Option<&ChunkId>,
-        limit: usize,
-    ) -> Result<Vec<(ChunkId, ChunkMeta)>, StoreError> {
+    pub fn chunk_metas(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<(ChunkId, ChunkMeta)>, StoreError> {
         let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
         let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
         let mut out = Vec::with_capacity(limit.min(1 << 16));
@@ -249,11 +245,11 @@ impl RocksStore {
         Ok(out)
     }
 
-    pub(crate) fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>, StoreError> {
+    pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>, StoreError> {
         Ok(self.metas(std::iter::once(*id))?.pop().flatten())
     }
 
-    pub(crate) fn quarantine_chunk(&self, id: &ChunkId, reason: &str, now_ns: u64) -> Result<(), StoreError> {
+    pub fn quarantine_chunk(&self, id: &ChunkId, reason: &str, now_ns: u64) -> Result<(), StoreError> {
         let _l = self.chunk_lock.lock().expect("chunk lock");
         let blob = self.data.chunk_blob(id)?.unwrap_or_default();
         let rec = QuarantineRecord { found_ns: now_ns, reason: reason.to_string(), blob };

@@ -5,7 +5,7 @@ use bkp_common::{ChunkId, SnapshotId};
 
 use super::db::{db_err, Db};
 use super::RocksStore;
-use crate::store::schema::{self, QuarantineRecord};
+use crate::store::schema::{self, AlertState, Damage, QuarantineRecord, ScrubCursor};
 use crate::store::StoreError;
 
 impl RocksStore {
@@ -13,11 +13,11 @@ impl RocksStore {
         self.db.raw().put_cf_opt(self.cf(cf), key, value, &Db::synced()).map_err(|e| self.db.write_err(e))
     }
 
-    pub(crate) fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError> {
+    pub fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError> {
         self.put_synced(schema::CF_JOBS, &schema::job_key(start_ns, kind), record)
     }
 
-    pub(crate) fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    pub fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
         self.db
             .raw()
             .iterator_cf(self.cf(schema::CF_JOBS), rocksdb::IteratorMode::End)
@@ -26,7 +26,7 @@ impl RocksStore {
             .collect()
     }
 
-    pub(crate) fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError> {
+    pub fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.raw().iterator_cf(self.cf(schema::CF_QUARANTINE), rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(db_err)?;
@@ -39,29 +39,64 @@ impl RocksStore {
         Ok(out)
     }
 
-    pub(crate) fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        Ok(self
+            .meta_get(schema::META_SCHEMA_VERSION)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+            .map(u32::from_le_bytes))
+    }
+
+    pub fn scrub_cursor(&self) -> Result<ScrubCursor, StoreError> {
+        self.meta_get(schema::META_SCRUB_CURSOR)?.map_or(Ok(ScrubCursor::default()), |b| ScrubCursor::decode(&b))
+    }
+
+    pub fn set_scrub_cursor(&self, c: &ScrubCursor) -> Result<(), StoreError> {
+        self.meta_put(schema::META_SCRUB_CURSOR, &c.encode())
+    }
+
+    pub fn alert_state(&self) -> Result<AlertState, StoreError> {
+        Ok(match self.meta_get(schema::META_ALERT_STATE)? {
+            None => AlertState::new(),
+            // The state only suppresses repeats: if it cannot be read, notify afresh.
+            Some(b) => schema::decode_alert_state(&b).unwrap_or_else(|e| {
+                tracing::warn!("{e}; alerts that are firing are notified again");
+                AlertState::new()
+            }),
+        })
+    }
+
+    pub fn set_alert_state(&self, s: &AlertState) -> Result<(), StoreError> {
+        self.meta_put(schema::META_ALERT_STATE, &schema::encode_alert_state(s))
+    }
+
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.db.raw().get_cf(self.cf(schema::CF_META), key).map_err(db_err)
     }
 
-    pub(crate) fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.put_synced(schema::CF_META, key, value)
     }
 
-    pub(crate) fn damaged(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError> {
+    /// A record that does not decode is logged and left out (the next
+    /// drill of its snapshot writes it again, or heals it).
+    pub fn damaged(&self) -> Result<Vec<(SnapshotId, Damage)>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.raw().iterator_cf(self.cf(schema::CF_DAMAGED), rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(db_err)?;
             let id = SnapshotId::from_slice(&k).ok_or_else(|| StoreError::Corrupt("damaged key length".into()))?;
-            out.push((id, v.to_vec()));
+            match Damage::decode(&v) {
+                Ok(d) => out.push((id, d)),
+                Err(e) => tracing::warn!(snapshot = %id.short(), "unreadable damage record: {e}"),
+            }
         }
         Ok(out)
     }
 
-    pub(crate) fn put_damaged(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError> {
-        self.put_synced(schema::CF_DAMAGED, id.as_bytes(), record)
+    pub fn put_damaged(&self, id: &SnapshotId, d: &Damage) -> Result<(), StoreError> {
+        self.put_synced(schema::CF_DAMAGED, id.as_bytes(), &d.encode())
     }
 
-    pub(crate) fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError> {
+    pub fn delete_damaged(&self, id: &SnapshotId) -> Result<(), StoreError> {
         self.db
             .raw()
             .delete_cf_opt(self.cf(schema::CF_DAMAGED), id.as_bytes(), &Db::synced())

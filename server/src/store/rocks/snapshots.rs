@@ -9,23 +9,7 @@ use super::durability::Batch;
 use super::RocksStore;
 use crate::store::{schema, StoreError};
 
-/// Summaries in the set index carry their own version byte.
-const SUMMARY_VERSION: u8 = 1;
-
 impl RocksStore {
-    pub(crate) fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
-        postcard::to_extend(s, vec![SUMMARY_VERSION]).expect("postcard to Vec")
-    }
-
-    pub(crate) fn decode_summary(b: &[u8]) -> Result<SnapshotSummary, StoreError> {
-        match b.split_first() {
-            Some((&SUMMARY_VERSION, rest)) => {
-                postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("snapshot summary: {e}")))
-            }
-            _ => Err(StoreError::Corrupt("snapshot summary version".into())),
-        }
-    }
-
     /// The commit count `meta` holds, checked against the commit mark.
     pub(super) fn check_commits(&self) -> Result<(), StoreError> {
         let stored = self
@@ -40,7 +24,7 @@ impl RocksStore {
         Ok(())
     }
 
-    pub(crate) fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
+    pub fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
         let record = snapshot.encode();
         let id = SnapshotId::of(&record);
         let summary = snapshot.summary(id);
@@ -56,7 +40,7 @@ impl RocksStore {
         batch.put(
             schema::CF_SETS,
             schema::set_key(&snapshot.host, &snapshot.name, snapshot.time_ns, &id),
-            Self::encode_summary(&summary),
+            schema::encode_summary(&summary),
         );
         // Acknowledged means on disk, and with it every chunk written before.
         self.db.write_synced(batch)?;
@@ -65,7 +49,7 @@ impl RocksStore {
         Ok(summary)
     }
 
-    pub(crate) fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
         match self.db.raw().get_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes()).map_err(db_err)? {
             None => Ok(None),
             Some(b) => {
@@ -74,12 +58,12 @@ impl RocksStore {
         }
     }
 
-    pub(crate) fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError> {
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<bool, StoreError> {
         let _l = self.snapshot_lock.lock().expect("snapshot lock");
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
         let set_key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
         if let Some(v) = self.db.raw().get_cf(self.cf(schema::CF_SETS), &set_key).map_err(db_err)? {
-            if Self::decode_summary(&v)?.protected {
+            if schema::decode_summary(&v)?.protected {
                 return Err(StoreError::Protected(*id));
             }
         }
@@ -92,25 +76,21 @@ impl RocksStore {
         Ok(true)
     }
 
-    pub(crate) fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError> {
+    pub fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError> {
         let _l = self.snapshot_lock.lock().expect("snapshot lock");
         let Some(snap) = self.snapshot(id)? else { return Ok(false) };
         let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
         let cf = self.cf(schema::CF_SETS);
         let Some(v) = self.db.raw().get_cf(cf, &key).map_err(db_err)? else { return Ok(false) };
-        let mut summary = Self::decode_summary(&v)?;
+        let mut summary = schema::decode_summary(&v)?;
         summary.protected = protected;
         let mut batch = Batch::new(&self.db);
-        batch.put(schema::CF_SETS, key, Self::encode_summary(&summary));
+        batch.put(schema::CF_SETS, key, schema::encode_summary(&summary));
         self.db.write_synced(batch)?;
         Ok(true)
     }
 
-    pub(crate) fn list_snapshots(
-        &self,
-        host: Option<&str>,
-        name: Option<&str>,
-    ) -> Result<Vec<SnapshotSummary>, StoreError> {
+    pub fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError> {
         let prefix = match (host, name) {
             (Some(h), Some(n)) => schema::set_prefix(h, n),
             (Some(h), None) => schema::host_prefix(h),
@@ -122,7 +102,7 @@ impl RocksStore {
             if !k.starts_with(&prefix) {
                 break;
             }
-            let s = Self::decode_summary(&v)?;
+            let s = schema::decode_summary(&v)?;
             if host.is_none() && name.is_some_and(|n| n != s.name) {
                 continue;
             }

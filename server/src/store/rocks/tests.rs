@@ -4,6 +4,7 @@ use super::*;
 use crate::store::schema;
 use bkp_common::blob;
 use bkp_common::snapshot::{SnapshotKind, SnapshotStats};
+use bkp_common::SnapshotId;
 
 fn chunk(data: &[u8]) -> VerifiedChunk {
     VerifiedChunk::verify(ChunkId::of(data), blob::encode(data, 3)).unwrap()
@@ -225,4 +226,49 @@ fn snapshots_survive_reopen_and_list_by_set() {
     assert_eq!(s.list_snapshots(None, Some("db")).unwrap().len(), 2);
     assert_eq!(s.list_snapshots(None, None).unwrap().iter().map(|x| x.time_ns).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(s.snapshot(&id).unwrap().unwrap().name, "files");
+}
+
+#[test]
+fn records_from_before_version_bytes_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    // What a build before the version bytes left in `meta` and `jobs`.
+    let alert_v1 = br#"{"disk":{"kind":"disk","summary":"low","fingerprint":"f","since_ns":5}}"#;
+    s.meta_put(schema::META_ALERT_STATE, alert_v1).unwrap();
+    let job_v1 = br#"{"kind":"gc","start_ns":5,"end_ns":6,"ok":false,"dry_run":false,"error":"e","figures":null}"#;
+    s.put_job(5, "gc", job_v1).unwrap();
+    drop(s);
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    assert_eq!(s.alert_state().unwrap()["disk"].since_ns, 5);
+    let jobs = s.jobs(10).unwrap();
+    let rec: serde_json::Value = schema::decode_job(&jobs[0]).unwrap();
+    assert_eq!(rec["error"], "e");
+    // Written again, each has its version byte.
+    let st = s.alert_state().unwrap();
+    s.set_alert_state(&st).unwrap();
+    assert_eq!(s.meta_get(schema::META_ALERT_STATE).unwrap().unwrap()[0], 2);
+    assert_eq!(s.alert_state().unwrap(), st);
+    // An unreadable state notifies afresh instead of failing the monitor.
+    s.meta_put(schema::META_ALERT_STATE, &[9, 9]).unwrap();
+    assert!(s.alert_state().unwrap().is_empty());
+}
+
+#[test]
+fn typed_records_round_trip_through_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    assert_eq!(s.scrub_cursor().unwrap(), schema::ScrubCursor::default());
+    let c =
+        schema::ScrubCursor { after: Some(ChunkId::of(b"x")), cycle_start_ns: 1, last_cycle_end_ns: 2, last_run_ns: 3 };
+    s.set_scrub_cursor(&c).unwrap();
+    let id = SnapshotId::from_bytes([3; 32]);
+    let d = schema::Damage { host: "h".into(), name: "n".into(), found_ns: 4, ..Default::default() };
+    s.put_damaged(&id, &d).unwrap();
+    // A damage record that does not decode is left out, not an error.
+    s.raw_db().put_cf(s.cf(schema::CF_DAMAGED), [4; 32], [7]).unwrap();
+    drop(s);
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    assert_eq!(s.scrub_cursor().unwrap(), c);
+    assert_eq!(s.damaged().unwrap(), [(id, d)]);
+    assert_eq!(s.schema_version().unwrap(), Some(schema::SCHEMA_VERSION));
 }

@@ -1,6 +1,8 @@
-//! The RocksDB key schema: column family names and key encodings. Only
-//! this module knows how keys are laid out; tests check that encoded keys
-//! sort like the values they encode.
+//! The RocksDB schema: column family names, key encodings and every
+//! persisted value's codec (the small ones here, the rest in `values`).
+//! Only this module knows how keys and values are laid out; tests check
+//! that encoded keys sort like the values they encode, and pin each
+//! value's bytes.
 //!
 //! | column family | key                                   | value                  |
 //! |---------------|---------------------------------------|------------------------|
@@ -9,11 +11,13 @@
 //! | `host_chunks` | host NUL chunk id                     | empty                  |
 //! | `hosts`       | host name                             | [`HostNum`] u32 LE     |
 //! | `snapshots`   | snapshot id (32)                      | snapshot record        |
-//! | `sets`        | host NUL name NUL time_ns:u64 BE id   | snapshot summary       |
-//! | `meta`        | ASCII key                             | store metadata         |
-//! | `jobs`        | start_ns:u64 BE, kind                 | job run record (JSON)  |
+//! | `sets`        | host NUL name NUL time_ns:u64 BE id   | snapshot summary (`values`) |
+//! | `meta`        | ASCII key                             | store metadata (`META_*`) |
+//! | `jobs`        | start_ns:u64 BE, kind                 | job record (`values`)  |
 //! | `quarantine`  | chunk id (32)                         | [`QuarantineRecord`]   |
-//! | `damaged`     | snapshot id (32)                      | damage record (verify) |
+//! | `damaged`     | snapshot id (32)                      | [`Damage`]             |
+//! | `chunk_loc`   | chunk id (32)                         | s3: pack number, offset, length (`s3::Location`) |
+//! | `packs`       | pack number:u64 BE                    | s3: uploaded pack's name, kind, size (`s3::PackRecord`) |
 //!
 //! Which host holds a chunk (has proven it knows the bytes, by uploading
 //! them) is recorded once per (host, chunk): for the host that uploaded it
@@ -23,6 +27,13 @@
 //!
 //! Host and set names never contain NUL (see `bkp_common::names`), so the
 //! NUL terminator makes tuple order and byte order agree.
+
+mod values;
+
+pub use values::{
+    decode_alert_state, decode_job, decode_summary, encode_alert_state, encode_job, encode_summary, AlertState, Damage,
+    Notified, ScrubCursor, MAX_LISTED,
+};
 
 use bkp_common::{ChunkId, SnapshotId};
 
@@ -36,7 +47,10 @@ pub const CF_META: &str = "meta";
 pub const CF_JOBS: &str = "jobs";
 pub const CF_QUARANTINE: &str = "quarantine";
 pub const CF_DAMAGED: &str = "damaged";
-pub const ALL_CFS: [&str; 10] = [
+/// Chunk data on S3 (`store::s3`): where each chunk is, which packs are stored.
+pub const CF_CHUNK_LOC: &str = "chunk_loc";
+pub const CF_PACKS: &str = "packs";
+pub const ALL_CFS: [&str; 12] = [
     CF_CHUNKS,
     CF_CHUNK_META,
     CF_HOST_CHUNKS,
@@ -47,6 +61,8 @@ pub const ALL_CFS: [&str; 10] = [
     CF_JOBS,
     CF_QUARANTINE,
     CF_DAMAGED,
+    CF_CHUNK_LOC,
+    CF_PACKS,
 ];
 
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -63,6 +79,10 @@ pub const META_ALERT_STATE: &[u8] = b"alert_state";
 /// Acknowledged snapshot commits, u64 LE, written in each commit's batch
 /// (see `rocks::COMMIT_MARK_FILE`).
 pub const META_COMMIT_COUNT: &[u8] = b"commit_count";
+/// The next pack number (`store::s3`), u64 LE, synced before it is used.
+pub const META_PACKS_NEXT: &[u8] = b"packs_next";
+/// Which backend holds this store's chunk data: `local` or `s3`.
+pub const META_STORAGE_BACKEND: &[u8] = b"storage_backend";
 
 pub fn host_chunk_key(host: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(host.len() + 33);
@@ -225,6 +245,15 @@ impl QuarantineRecord {
     }
 }
 
+/// A `packs` key: the pack number, big-endian so that keys sort by number.
+pub fn pack_key(num: u64) -> [u8; 8] {
+    num.to_be_bytes()
+}
+
+pub fn pack_num(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.try_into().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +337,17 @@ mod tests {
         assert_eq!(HostNum::decode(&[0, 0, 0, 0]), None);
         assert_eq!(HostNum::decode(&[1, 0, 0]), None);
         assert_eq!(HostNum::new(u32::MAX).unwrap().next(), None);
+    }
+
+    #[test]
+    fn pack_keys_sort_by_number() {
+        let nums = [0u64, 1, 255, 256, 65_535, 1 << 32, u64::MAX - 1, u64::MAX];
+        for w in nums.windows(2) {
+            assert!(pack_key(w[0]) < pack_key(w[1]), "{} vs {}", w[0], w[1]);
+        }
+        for n in nums {
+            assert_eq!(pack_num(&pack_key(n)), Some(n));
+        }
+        assert_eq!(pack_num(b"short"), None);
     }
 }

@@ -1,0 +1,802 @@
+//! [`S3Chunks`]: chunk data in pack objects in an S3-compatible bucket
+//! (`[storage] backend = "s3"`); every other record stays in the local
+//! RocksDB, and so do the chunk locations.
+//!
+//! # Layout and order of writes
+//! * Chunks (already re-hashed by the server, see `VerifiedChunk`) are
+//!   appended to one open pack in memory ([`super::pack`]); the pack gets
+//!   a number when opened (`packs_next` in `meta`, synced before use, so a
+//!   number is never given twice, even after a crash).
+//! * A chunk's location, `chunk_loc`: (pack number, offset, length), is a
+//!   row of the put's own metadata batch (`stage_data`).
+//! * A pack is sealed and PUT (create-only, name `packs/<blake3>`) when it
+//!   reaches `pack_size` and at every commit (`persist`); only after the
+//!   PUT succeeded is its row in `packs` (number -> name) written, synced.
+//!   So a chunk counts as stored (`has_data`) only when its pack is in the
+//!   bucket, or still open in this process. A crash loses the open pack:
+//!   its chunks' locations name a number with no `packs` row, `has_data`
+//!   says "missing" and the next push uploads them again. A crash between
+//!   a PUT and its `packs` row leaves an orphan pack in the bucket.
+//! * A commit is acknowledged after `persist` (every pack PUT) and the
+//!   metadata's synced batch: acknowledged means in the bucket.
+//! * One server per bucket prefix: the `lease` object (see
+//!   `object::lease`), renewed in the background; a lost lease stops writes.
+//!
+//! # Not built yet (issue 18)
+//! Separate tree packs and a local copy of every tree chunk (the
+//! `ChunkStore` interface does not say which chunks are tree chunks);
+//! GC of dead packs (deleted chunks only lose their location rows: their
+//! bytes stay in the bucket); `rebuild` from the bucket; scrub by whole
+//! packs; snapshot record objects; metrics.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bkp_common::ChunkId;
+use bytes::Bytes;
+
+use super::object::config::StorageConfig;
+use super::object::lease::{Lease, DEFAULT_TTL};
+use super::object::{ObjectError, Objects, RetryPolicy};
+use super::pack::{Kind, PackId, PackWriter, SealedPack};
+use super::rocks::{Batch, Db};
+use super::{schema, space, ChunkStore, StoreError, VerifiedChunk};
+
+/// Where a holder id is kept (beside `db/`): the same data directory takes
+/// its own lease back at once after a crash.
+pub const HOLDER_FILE: &str = "s3-holder";
+
+fn obj_err(e: ObjectError) -> StoreError {
+    StoreError::Db(format!("object store: {e}"))
+}
+
+/// A chunk's place: pack number, offset of its blob, its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub pack: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+const LOC_VERSION: u8 = 1;
+const PACK_VERSION: u8 = 1;
+
+impl Location {
+    pub fn encode(&self) -> [u8; 21] {
+        let mut b = [0u8; 21];
+        b[0] = LOC_VERSION;
+        b[1..9].copy_from_slice(&self.pack.to_le_bytes());
+        b[9..17].copy_from_slice(&self.offset.to_le_bytes());
+        b[17..21].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != 21 || b[0] != LOC_VERSION {
+            return None;
+        }
+        Some(Self {
+            pack: u64::from_le_bytes(b[1..9].try_into().ok()?),
+            offset: u64::from_le_bytes(b[9..17].try_into().ok()?),
+            len: u32::from_le_bytes(b[17..21].try_into().ok()?),
+        })
+    }
+}
+
+/// A `packs` row: the uploaded pack a number stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackRecord {
+    pub id: PackId,
+    pub kind: Kind,
+    pub len: u64,
+}
+
+impl PackRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(42);
+        b.push(PACK_VERSION);
+        b.push(self.kind as u8);
+        b.extend_from_slice(&self.id.0);
+        b.extend_from_slice(&self.len.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != 42 || b[0] != PACK_VERSION {
+            return None;
+        }
+        let kind = match b[1] {
+            1 => Kind::Data,
+            2 => Kind::Tree,
+            _ => return None,
+        };
+        Some(Self { id: PackId(b[2..34].try_into().ok()?), kind, len: u64::from_le_bytes(b[34..42].try_into().ok()?) })
+    }
+}
+
+pub fn pack_object(id: &PackId) -> String {
+    format!("packs/{}", id.to_hex())
+}
+
+/// A sealed pack waiting for (or in) its PUT. `Bytes`: the PUT and the
+/// readers share the buffer.
+struct Sealed {
+    id: PackId,
+    kind: Kind,
+    bytes: Bytes,
+}
+
+struct OpenPack {
+    num: u64,
+    w: PackWriter,
+}
+
+/// Packs in memory: the one being filled, and sealed ones whose PUT has
+/// not succeeded yet (retried at the next put or commit).
+#[derive(Default)]
+struct Staging {
+    open: Option<OpenPack>,
+    sealed: Vec<(u64, Sealed)>,
+}
+
+pub struct S3Chunks {
+    db: Arc<Db>,
+    objects: Objects,
+    /// Object I/O runs here, whatever thread calls (the store's callers
+    /// are blocking threads, and some run inside another runtime).
+    rt: Option<tokio::runtime::Runtime>,
+    pack_size: u64,
+    staging: Mutex<Staging>,
+    /// Uploaded packs, number -> record (the `packs` column family, in
+    /// memory: 32 per GiB of chunk data).
+    packs: RwLock<HashMap<u64, PackRecord>>,
+    cache: RangeCache,
+    lease: Arc<Mutex<Option<Lease>>>,
+    lease_lost: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Runs a future on `rt` and waits for it from any thread (a runtime's
+/// `block_on` refuses to run inside another runtime).
+fn run_on<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv().expect("object store task ended without an answer")
+}
+
+impl S3Chunks {
+    /// Opens the bucket side: takes the lease (refusing when another server
+    /// holds it) and loads the pack table.
+    pub fn open(db: Arc<Db>, cfg: &StorageConfig, data_dir: &Path) -> Result<Self, StoreError> {
+        let objects = Objects::s3(cfg, RetryPolicy::default()).map_err(obj_err)?;
+        Self::open_on(db, objects, cfg, data_dir)
+    }
+
+    /// As [`Self::open`], over any object store (tests).
+    pub fn open_on(db: Arc<Db>, objects: Objects, cfg: &StorageConfig, data_dir: &Path) -> Result<Self, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bkp-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Open(data_dir.display().to_string(), format!("object store runtime: {e}")))?;
+        let holder = holder_id(data_dir)?;
+        let o = objects.clone();
+        let lease = run_on(&rt, async move { Lease::acquire(&o, &holder, DEFAULT_TTL, SystemTime::now()).await })
+            .map_err(|e| StoreError::Open(data_dir.display().to_string(), e.to_string()))?;
+        let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| data_dir.join("cache"));
+        let mut me = Self {
+            db,
+            objects,
+            rt: Some(rt),
+            pack_size: cfg.pack_size,
+            staging: Default::default(),
+            packs: Default::default(),
+            cache: RangeCache::open(cache_dir, cfg.cache_size)?,
+            lease: Arc::new(Mutex::new(Some(lease))),
+            lease_lost: Default::default(),
+            stop: Default::default(),
+            renewer: None,
+        };
+        me.load_packs()?;
+        me.start_renewer();
+        Ok(me)
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime until drop")
+    }
+
+    fn load_packs(&self) -> Result<(), StoreError> {
+        let db = self.db.raw();
+        let mut packs = self.packs.write().expect("packs lock");
+        for item in db.iterator_cf(self.db.cf(schema::CF_PACKS), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| StoreError::Db(e.into_string()))?;
+            let num = schema::pack_num(&k).ok_or_else(|| StoreError::Corrupt("packs key".into()))?;
+            let rec = PackRecord::decode(&v).ok_or_else(|| StoreError::Corrupt(format!("packs row {num}")))?;
+            packs.insert(num, rec);
+        }
+        Ok(())
+    }
+
+    /// Renews the lease a third of its time to live apart; a renewal that
+    /// finds another holder stops this server's writes.
+    fn start_renewer(&mut self) {
+        let (lease, lost, stop) = (self.lease.clone(), self.lease_lost.clone(), self.stop.clone());
+        let handle = self.rt().handle().clone();
+        let every = self.lease.lock().expect("lease lock").as_ref().map_or(DEFAULT_TTL / 3, |l| l.renew_every());
+        self.renewer = Some(std::thread::spawn(move || {
+            let mut last = std::time::Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                if last.elapsed() < every {
+                    continue;
+                }
+                last = std::time::Instant::now();
+                let Some(mut l) = lease.lock().expect("lease lock").take() else { return };
+                let (tx, rx) = std::sync::mpsc::channel();
+                handle.spawn(async move {
+                    let r = l.renew(SystemTime::now()).await;
+                    let _ = tx.send((l, r));
+                });
+                let Ok((l, r)) = rx.recv() else { return };
+                match r {
+                    Ok(()) => *lease.lock().expect("lease lock") = Some(l),
+                    Err(e @ super::object::lease::LeaseError::Lost { .. }) => {
+                        tracing::error!("{e}");
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!("lease renewal failed (tried again shortly): {e}");
+                        *lease.lock().expect("lease lock") = Some(l);
+                        last = std::time::Instant::now() - every + Duration::from_secs(5);
+                    }
+                }
+            }
+        }));
+    }
+
+    fn check_lease(&self) -> Result<(), StoreError> {
+        if self.lease_lost.load(Ordering::SeqCst) {
+            return Err(StoreError::Db(
+                "this server lost its lease on the bucket prefix to another server and no longer writes there; \
+                 see the log, and restart it only if it should own the prefix"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A fresh pack number, synced before any row names it.
+    fn next_pack_num(&self) -> Result<u64, StoreError> {
+        let db = self.db.raw();
+        let meta = self.db.cf(schema::CF_META);
+        let cur = db
+            .get_cf(meta, schema::META_PACKS_NEXT)
+            .map_err(|e| StoreError::Db(e.into_string()))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(1, u64::from_le_bytes);
+        let mut b = Batch::new(&self.db);
+        b.put(schema::CF_META, schema::META_PACKS_NEXT, (cur + 1).to_le_bytes());
+        self.db.write_synced(b)?;
+        Ok(cur)
+    }
+
+    /// Seals the open pack (if it has anything) into the upload queue.
+    fn seal(st: &mut Staging) {
+        if let Some(op) = st.open.take() {
+            if !op.w.is_empty() {
+                let SealedPack { id, kind, bytes, .. } = op.w.finish();
+                st.sealed.push((op.num, Sealed { id, kind, bytes: Bytes::from(bytes) }));
+            }
+        }
+    }
+
+    /// PUTs every pack that was sealed when it was called, recording each
+    /// one that is stored; on return (Ok) all of them are in the bucket.
+    /// The staging lock is not held during a PUT, so other pushes go on
+    /// filling the next pack meanwhile. Two callers may PUT the same pack
+    /// at once: create-only and content-named, the second finds it there.
+    fn upload_sealed(&self) -> Result<(), StoreError> {
+        let todo: Vec<(u64, PackId, Kind, Bytes)> = {
+            let st = self.staging.lock().expect("staging lock");
+            st.sealed.iter().map(|(n, p)| (*n, p.id, p.kind, p.bytes.clone())).collect()
+        };
+        for (num, id, kind, bytes) in todo {
+            if self.packs.read().expect("packs lock").contains_key(&num) {
+                continue;
+            }
+            let len = bytes.len() as u64;
+            let o = self.objects.clone();
+            let name = pack_object(&id);
+            run_on(self.rt(), async move { o.put_new(&name, bytes).await }).map_err(obj_err)?;
+            let rec = PackRecord { id, kind, len };
+            let mut b = Batch::new(&self.db);
+            b.put(schema::CF_PACKS, schema::pack_key(num), rec.encode());
+            self.db.write_synced(b)?;
+            self.packs.write().expect("packs lock").insert(num, rec);
+            self.staging.lock().expect("staging lock").sealed.retain(|(n, _)| *n != num);
+        }
+        Ok(())
+    }
+
+    fn location(&self, id: &ChunkId) -> Result<Option<Location>, StoreError> {
+        let v = self
+            .db
+            .raw()
+            .get_cf(self.db.cf(schema::CF_CHUNK_LOC), id.as_bytes())
+            .map_err(|e| StoreError::Db(e.into_string()))?;
+        v.map(|v| Location::decode(&v).ok_or_else(|| StoreError::Corrupt(format!("chunk_loc of {}", id.short()))))
+            .transpose()
+    }
+
+    /// The blob from a pack still in memory, if it is there.
+    fn staged_blob(&self, loc: &Location) -> Option<Vec<u8>> {
+        let st = self.staging.lock().expect("staging lock");
+        let range = loc.offset as usize..loc.offset as usize + loc.len as usize;
+        if let Some(op) = st.open.as_ref().filter(|op| op.num == loc.pack) {
+            return Some(
+                op.w.blob(&super::pack::Entry { id: ChunkId::from_bytes([0; 32]), offset: loc.offset, len: loc.len })
+                    .to_vec(),
+            );
+        }
+        st.sealed.iter().find(|(n, _)| *n == loc.pack).and_then(|(_, p)| p.bytes.get(range).map(<[u8]>::to_vec))
+    }
+
+    /// Packs in this process's memory: their chunks read from there.
+    fn staged_nums(&self) -> Vec<u64> {
+        let st = self.staging.lock().expect("staging lock");
+        st.open.iter().map(|o| o.num).chain(st.sealed.iter().map(|(n, _)| *n)).collect()
+    }
+
+    /// Packs in the bucket (for tests and reports).
+    pub fn pack_count(&self) -> usize {
+        self.packs.read().expect("packs lock").len()
+    }
+
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+}
+
+fn holder_id(data_dir: &Path) -> Result<String, StoreError> {
+    let p = data_dir.join(HOLDER_FILE);
+    if let Ok(s) = std::fs::read_to_string(&p) {
+        let s = s.trim();
+        if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(s.to_string());
+        }
+    }
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&p)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()
+    };
+    write().map_err(|e| StoreError::Open(p.display().to_string(), e.to_string()))?;
+    Ok(id)
+}
+
+impl ChunkStore for S3Chunks {
+    fn has_data(&self, ids: &[&ChunkId], _sorted: bool) -> Result<Vec<bool>, StoreError> {
+        let cf = self.db.cf(schema::CF_CHUNK_LOC);
+        let found = self.db.raw().multi_get_cf(ids.iter().map(|id| (cf, id.as_bytes().to_vec())));
+        let staged = self.staged_nums();
+        let packs = self.packs.read().expect("packs lock");
+        ids.iter()
+            .zip(found)
+            .map(|(id, v)| {
+                let Some(v) = v.map_err(|e| StoreError::Db(e.into_string()))? else { return Ok(false) };
+                let loc =
+                    Location::decode(&v).ok_or_else(|| StoreError::Corrupt(format!("chunk_loc of {}", id.short())))?;
+                Ok(packs.contains_key(&loc.pack) || staged.contains(&loc.pack))
+            })
+            .collect()
+    }
+
+    fn stage_data(&self, chunks: &[&VerifiedChunk], batch: &mut Batch<'_>) -> Result<(), StoreError> {
+        self.check_lease()?;
+        // A pack that failed to upload is tried again first; while the
+        // bucket refuses, no more data piles up in memory.
+        if !self.staging.lock().expect("staging lock").sealed.is_empty() {
+            self.upload_sealed()?;
+        }
+        let mut sealed_any = false;
+        {
+            let mut st = self.staging.lock().expect("staging lock");
+            for c in chunks {
+                if st.open.is_none() {
+                    st.open = Some(OpenPack { num: self.next_pack_num()?, w: PackWriter::new(Kind::Data) });
+                }
+                let op = st.open.as_mut().expect("opened above");
+                let e = op.w.add(&c.id, &c.blob);
+                let loc = Location { pack: op.num, offset: e.offset, len: e.len };
+                batch.put(schema::CF_CHUNK_LOC, c.id.as_bytes(), loc.encode());
+                if op.w.len() >= self.pack_size {
+                    Self::seal(&mut st);
+                    sealed_any = true;
+                }
+            }
+        }
+        if sealed_any {
+            self.upload_sealed()?;
+        }
+        Ok(())
+    }
+
+    fn stage_delete(&self, ids: &[ChunkId], batch: &mut Batch<'_>) -> Result<(), StoreError> {
+        for id in ids {
+            batch.delete(schema::CF_CHUNK_LOC, id.as_bytes());
+        }
+        Ok(())
+    }
+
+    fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(loc) = self.location(id)? else { return Ok(None) };
+        if let Some(b) = self.staged_blob(&loc) {
+            return Ok(Some(b));
+        }
+        if let Some(b) = self.cache.get(id) {
+            return Ok(Some(b));
+        }
+        let Some(rec) = self.packs.read().expect("packs lock").get(&loc.pack).copied() else {
+            // A pack lost in a crash before its upload: the chunk is missing.
+            return Ok(None);
+        };
+        let o = self.objects.clone();
+        let name = pack_object(&rec.id);
+        let range = loc.offset..loc.offset + loc.len as u64;
+        match run_on(self.rt(), async move { o.get_range(&name, range).await }) {
+            Ok(b) => {
+                self.cache.put(id, &b);
+                Ok(Some(b.to_vec()))
+            }
+            Err(ObjectError::NotFound(name)) => {
+                tracing::error!(chunk = %id.short(), pack = %name, "pack missing from the bucket: chunk treated as missing");
+                Ok(None)
+            }
+            Err(e) => Err(obj_err(e)),
+        }
+    }
+
+    fn persist(&self) -> Result<(), StoreError> {
+        self.check_lease()?;
+        Self::seal(&mut self.staging.lock().expect("staging lock"));
+        self.upload_sealed()
+    }
+
+    /// None at chunk level: what a crash leaves in the bucket is whole
+    /// packs no `packs` row names, which the (not yet built) pack GC lists.
+    fn orphan_candidates(&self, _after: Option<&ChunkId>, _limit: usize) -> Result<Vec<ChunkId>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Dead packs are not deleted yet (see the module doc).
+    fn reclaim_space(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The local database directory (metadata and locations), reserve left out.
+    fn disk_bytes(&self) -> Result<u64, StoreError> {
+        let rd = std::fs::read_dir(self.db.dir()).map_err(|e| StoreError::Db(e.to_string()))?;
+        Ok(rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != space::RESERVE_FILE)
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum())
+    }
+}
+
+impl Drop for S3Chunks {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+        // Packs still in memory hold no acknowledged snapshot's data (a
+        // commit uploads them first); they are dropped.
+        if let Some(l) = self.lease.lock().expect("lease lock").take() {
+            if let Err(e) = run_on(self.rt(), async move { l.release().await }) {
+                tracing::warn!("lease not released ({e}): another server may start after it expires");
+            }
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A bounded local cache of chunk blobs read from the bucket: one file per
+/// chunk, the oldest evicted past `cap` bytes. A lost or damaged file is
+/// only a miss (every reader checks a blob against its id).
+struct RangeCache {
+    dir: PathBuf,
+    cap: u64,
+    state: Mutex<(u64, std::collections::VecDeque<(ChunkId, u64)>)>,
+}
+
+impl RangeCache {
+    fn open(dir: PathBuf, cap: u64) -> Result<Self, StoreError> {
+        // Starts empty: what an earlier run cached is not counted, so drop it.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Open(dir.display().to_string(), e.to_string()))?;
+        Ok(Self { dir, cap, state: Default::default() })
+    }
+
+    fn path(&self, id: &ChunkId) -> PathBuf {
+        self.dir.join(id.to_hex())
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        std::fs::read(self.path(id)).ok()
+    }
+
+    fn put(&self, id: &ChunkId, blob: &[u8]) {
+        if blob.len() as u64 > self.cap / 4 {
+            return;
+        }
+        if std::fs::write(self.path(id), blob).is_err() {
+            return;
+        }
+        let mut st = self.state.lock().expect("cache lock");
+        st.0 += blob.len() as u64;
+        st.1.push_back((*id, blob.len() as u64));
+        while st.0 > self.cap {
+            let Some((old, len)) = st.1.pop_front() else { break };
+            let _ = std::fs::remove_file(self.path(&old));
+            st.0 -= len;
+        }
+    }
+}
+
+/// The store `[storage]` asks for: chunk data local (the default) or in
+/// the bucket, metadata in the RocksDB under `db_dir` either way. A data
+/// directory remembers its backend (`meta` `storage_backend`) and refuses
+/// the other one: a command run without the config that names the bucket
+/// would otherwise find every chunk missing (and a verify would report
+/// every snapshot damaged).
+pub fn open_store(
+    db_dir: &Path,
+    cache_bytes: usize,
+    storage: &StorageConfig,
+    data_dir: &Path,
+) -> Result<super::rocks::RocksStore, StoreError> {
+    use super::object::config::Backend;
+    // Only s3 is marked: `bkp-server init` opens every new directory with
+    // the defaults (local), which must not claim it.
+    let want: &[u8] = if storage.backend == Backend::S3 { b"s3" } else { b"local" };
+    // Looked at before the bucket is reached (and its lease taken).
+    let (had, has_chunks) = {
+        let s = super::rocks::RocksStore::open(db_dir, cache_bytes)?;
+        (s.meta_get(schema::META_STORAGE_BACKEND)?, !s.chunk_metas(None, 1)?.is_empty())
+    };
+    match &had {
+        Some(had) if had != want && had.as_slice() != b"local" => {
+            return Err(StoreError::Open(
+                data_dir.display().to_string(),
+                format!(
+                    "this data directory keeps its chunk data in backend {:?}, but [storage] says {:?}: give the \
+                     command the server's config (`--config FILE`, or DATA/server.toml) with its [storage] section",
+                    String::from_utf8_lossy(had),
+                    String::from_utf8_lossy(want)
+                ),
+            ))
+        }
+        None if storage.backend == Backend::S3 && has_chunks => {
+            return Err(StoreError::Open(
+                data_dir.display().to_string(),
+                "this data directory holds chunk data on local disk (backend \"local\"); an s3 backend starts \
+                 with a new data directory (moving a store to a bucket is not built yet)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    let store = match storage.backend {
+        Backend::Local => super::rocks::RocksStore::open(db_dir, cache_bytes)?,
+        Backend::S3 => super::rocks::RocksStore::open_with(db_dir, cache_bytes, |db| {
+            Ok(Arc::new(S3Chunks::open(db, storage, data_dir)?) as Arc<dyn ChunkStore>)
+        })?,
+    };
+    if had.is_none() && storage.backend == Backend::S3 {
+        store.meta_put(schema::META_STORAGE_BACKEND, want)?;
+    }
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::object::faulty::Faulty;
+    use crate::store::rocks::RocksStore;
+    use bkp_common::blob;
+
+    fn chunk(seed: u64, len: usize) -> VerifiedChunk {
+        use rand::{RngCore, SeedableRng};
+        let mut data = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        VerifiedChunk::verify(ChunkId::of(&data), blob::encode(&data, 3)).unwrap()
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy {
+            first: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+            total: Duration::from_millis(200),
+            attempt_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn cfg() -> StorageConfig {
+        StorageConfig { pack_size: 1 << 20, cache_size: 64 << 20, ..Default::default() }
+    }
+
+    fn open(data: &Path, store: &Arc<Faulty>) -> Result<RocksStore, StoreError> {
+        let objects = Objects::new(store.clone(), "srv", quick());
+        RocksStore::open_with(&data.join("db"), 8 << 20, |db| {
+            Ok(Arc::new(S3Chunks::open_on(db, objects, &cfg(), data)?) as Arc<dyn ChunkStore>)
+        })
+    }
+
+    fn packs_in_bucket(f: &Arc<Faulty>) -> usize {
+        let o = Objects::new(f.clone(), "srv", quick());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(o.list("packs")).unwrap().len()
+    }
+
+    /// Chunks go into one pack, which is PUT when full (not per chunk) and
+    /// at persist; reads come back byte for byte from memory before the
+    /// upload and from the bucket (ranged GETs) after a restart.
+    #[test]
+    fn packs_fill_upload_and_read_back_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Faulty::new();
+        let chunks: Vec<VerifiedChunk> = (0..5).map(|i| chunk(i, 300 << 10)).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| *c.id()).collect();
+        {
+            let s = open(dir.path(), &f).unwrap();
+            let lease_puts = f.puts();
+            s.put_chunks("h", &chunks[..2]).unwrap();
+            assert_eq!(f.puts(), lease_puts, "600 KiB: still in the open pack");
+            assert_eq!(s.host_has("h", &ids[..2]).unwrap(), [true, true], "readable from memory");
+            assert_eq!(s.chunk_blob(&ids[0]).unwrap().as_deref(), Some(&chunks[0].blob[..]));
+            s.put_chunks("h", &chunks[2..]).unwrap();
+            assert_eq!(f.puts(), lease_puts + 1, "one PUT when the pack passed 1 MiB");
+            ChunkStore::persist(&s).unwrap();
+            assert_eq!(f.puts(), lease_puts + 2, "the rest at persist");
+            ChunkStore::persist(&s).unwrap();
+            assert_eq!(f.puts(), lease_puts + 2, "nothing open, nothing put");
+        }
+        assert_eq!(packs_in_bucket(&f), 2);
+        let s = open(dir.path(), &f).unwrap();
+        assert_eq!(s.host_has("h", &ids).unwrap(), [true; 5]);
+        let gets = f.gets();
+        for c in &chunks {
+            assert_eq!(s.chunk_blob(c.id()).unwrap().as_deref(), Some(&c.blob[..]));
+        }
+        assert_eq!(f.gets() - gets, 5, "one ranged GET per chunk");
+        s.chunk_blob(&ids[0]).unwrap();
+        assert_eq!(f.gets() - gets, 5, "the second read is served by the local cache");
+    }
+
+    /// A server that stops (or dies) before a commit persisted its open
+    /// pack: those chunks are missing afterwards, never "stored", and the
+    /// next push stores them again.
+    #[test]
+    fn chunks_of_a_pack_never_uploaded_are_missing_and_uploaded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Faulty::new();
+        let c = chunk(7, 1000);
+        {
+            let s = open(dir.path(), &f).unwrap();
+            s.put_chunks("h", std::slice::from_ref(&c)).unwrap();
+            assert_eq!(s.host_has("h", &[*c.id()]).unwrap(), [true]);
+        }
+        assert_eq!(packs_in_bucket(&f), 0);
+        let s = open(dir.path(), &f).unwrap();
+        assert_eq!(s.host_has("h", &[*c.id()]).unwrap(), [false], "its pack never reached the bucket");
+        assert_eq!(s.chunk_blob(c.id()).unwrap(), None);
+        s.put_chunks("h", std::slice::from_ref(&c)).unwrap();
+        ChunkStore::persist(&s).unwrap();
+        assert_eq!(s.host_has("h", &[*c.id()]).unwrap(), [true]);
+        assert_eq!(s.chunk_blob(c.id()).unwrap().as_deref(), Some(&c.blob[..]));
+    }
+
+    /// The bucket down at commit: persist fails with a clear error and
+    /// keeps the pack; once the bucket is back, the next persist uploads it.
+    /// A PUT whose answer was lost counts as stored on the retry.
+    #[test]
+    fn a_failed_upload_is_kept_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Faulty::new();
+        let s = open(dir.path(), &f).unwrap();
+        let c = chunk(9, 5000);
+        s.put_chunks("h", std::slice::from_ref(&c)).unwrap();
+        f.set_down(true);
+        let e = ChunkStore::persist(&s).unwrap_err();
+        assert!(e.to_string().contains("did not answer") && e.to_string().contains("repeat"), "{e}");
+        f.set_down(false);
+        f.lose_answer_of_put(f.puts() + 1);
+        ChunkStore::persist(&s).unwrap();
+        assert_eq!(packs_in_bucket(&f), 1);
+        drop(s);
+        let s = open(dir.path(), &f).unwrap();
+        assert_eq!(s.chunk_blob(c.id()).unwrap().as_deref(), Some(&c.blob[..]));
+    }
+
+    /// A second server (another data directory) on the same bucket prefix
+    /// refuses to open while the first holds the lease; after the first
+    /// stops, it opens.
+    #[test]
+    fn a_second_server_on_one_prefix_refuses() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let f = Faulty::new();
+        let first = open(a.path(), &f).unwrap();
+        let Err(e) = open(b.path(), &f) else { panic!("second server opened") };
+        assert!(e.to_string().contains("in use by another bkp-server"), "{e}");
+        drop(first);
+        open(b.path(), &f).unwrap();
+    }
+
+    #[test]
+    fn location_and_pack_rows_golden() {
+        let l = Location { pack: 2, offset: 48, len: 3 };
+        let mut want = vec![1];
+        want.extend_from_slice(&2u64.to_le_bytes());
+        want.extend_from_slice(&48u64.to_le_bytes());
+        want.extend_from_slice(&3u32.to_le_bytes());
+        assert_eq!(l.encode().to_vec(), want);
+        assert_eq!(Location::decode(&want), Some(l));
+        assert_eq!(Location::decode(&want[..20]), None);
+        let r = PackRecord { id: PackId([7; 32]), kind: Kind::Data, len: 1 << 20 };
+        let enc = r.encode();
+        assert_eq!(&enc[..2], &[1, 1]);
+        assert_eq!(PackRecord::decode(&enc), Some(r));
+        let mut bad = enc.clone();
+        bad[1] = 9;
+        assert_eq!(PackRecord::decode(&bad), None);
+    }
+
+    /// A data directory opened with the other backend refuses, saying
+    /// which config it needs (a verify without the bucket's config would
+    /// find every chunk missing).
+    #[test]
+    fn a_data_directory_keeps_its_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let s3 = StorageConfig {
+            backend: crate::store::object::config::Backend::S3,
+            bucket: Some("b".into()),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        {
+            let s = open_store(&db, 8 << 20, &StorageConfig::default(), dir.path()).unwrap();
+            let data = b"local chunk";
+            let c = VerifiedChunk::verify(ChunkId::of(data), blob::encode(data, 3)).unwrap();
+            crate::store::MetaStore::put_chunks(&s, "h", &[c]).unwrap();
+        }
+        let Err(e) = open_store(&db, 8 << 20, &s3, dir.path()) else { panic!("opened") };
+        assert!(e.to_string().contains("backend \"local\""), "{e}");
+        // Marked s3 (as an s3 open does): a local open refuses.
+        {
+            let s = crate::store::rocks::RocksStore::open(&db, 8 << 20).unwrap();
+            crate::store::MetaStore::meta_put(&s, schema::META_STORAGE_BACKEND, b"s3").unwrap();
+        }
+        let Err(e) = open_store(&db, 8 << 20, &StorageConfig::default(), dir.path()) else { panic!("opened") };
+        assert!(e.to_string().contains("--config"), "{e}");
+    }
+}
