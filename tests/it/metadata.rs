@@ -5,6 +5,9 @@
 //! stat). As root, on a file system with xattrs and flags (a loop-mounted
 //! ext4 image when the temp directory's has none).
 
+// unsafe: geteuid; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

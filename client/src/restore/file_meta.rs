@@ -8,6 +8,9 @@
 //! the mode are the ACL's mask, so a file whose ACL cannot be set gets
 //! the owning group's own ACL entry (within the mask) as its group bits.
 
+// unsafe: the FS_IOC_GETFLAGS / SETFLAGS ioctls, which std does not wrap; each block has a SAFETY note.
+#![allow(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;

@@ -60,6 +60,9 @@ impl Drop for TempPath {
     }
 }
 
+// A file being written is the common case; boxing it would cost an
+// allocation per restored file.
+#[allow(clippy::large_enum_variant)]
 enum Target {
     None,
     Skip,
