@@ -87,6 +87,10 @@ enum Cmd {
         /// [default: $XDG_CACHE_HOME/bkp/client or ~/.cache/bkp/client].
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Upload at most RATE bytes per second (10M, 2MiB, 500k) [env:
+        /// BKP_LIMIT_UPLOAD] [default: limit_upload in client.toml, else none].
+        #[arg(long, value_name = "RATE")]
+        limit_upload: Option<String>,
         /// Files and directories to back up.
         paths: Vec<PathBuf>,
         /// Command whose standard output is the backup (after `--`).
@@ -221,6 +225,7 @@ async fn connect(c: &ConnArgs, cache_dir: Option<PathBuf>) -> Result<(Arc<Client
         token_file: c.token_file.clone(),
         ca_file: c.ca_file.clone(),
         cache_dir,
+        limit_upload: None,
     };
     let (cfg, cache_dir) = ClientConfig::resolve_with_cache(flags, c.config.as_deref())?;
     Ok((Arc::new(Client::connect(&cfg).await?), cache_dir))
@@ -263,7 +268,17 @@ async fn execute(cli: Cli) -> Result<()> {
         Cmd::Push { cache_dir, .. } => cache_dir.clone(),
         _ => None,
     };
-    let (client, cache_dir) = connect(&cli.conn, cache_flag).await?;
+    // Checked before connecting: a bad rate fails at once.
+    let limit = match &cli.cmd {
+        Cmd::Push { limit_upload, .. } => {
+            crate::config::upload_limit(limit_upload.as_deref(), cli.conn.config.as_deref())?
+        }
+        _ => 0,
+    };
+    let (mut client, cache_dir) = connect(&cli.conn, cache_flag).await?;
+    if let Some(c) = Arc::get_mut(&mut client) {
+        c.limit_upload(limit);
+    }
     let result = run(&cli, client.clone(), cache_dir).await;
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;

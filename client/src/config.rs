@@ -16,6 +16,8 @@ pub struct FileConfig {
     pub ca_file: Option<PathBuf>,
     /// Directory of the per-set metadata caches.
     pub cache_dir: Option<PathBuf>,
+    /// Upload rate limit of `bkp push` (`10M`, `2MiB`; bytes per second).
+    pub limit_upload: Option<String>,
 }
 
 /// How the client checks the server's certificate.
@@ -44,6 +46,8 @@ pub enum ConfigError {
     TokenFile(String, std::io::Error),
     #[error("fingerprint {0:?} is not 64 hex digits (the SHA-256 that `bkp-server init` printed)")]
     Fingerprint(String),
+    #[error("{0}: {1}")]
+    Rate(&'static str, String),
 }
 
 fn load_file(path: &Path) -> Result<Option<FileConfig>, ConfigError> {
@@ -77,20 +81,7 @@ impl ClientConfig {
         config_file: Option<&Path>,
     ) -> Result<(Self, Option<PathBuf>), ConfigError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let file = match config_file {
-            Some(p) => load_file(p)?.ok_or_else(|| ConfigError::File(p.display().to_string(), "not found".into()))?,
-            None => {
-                let home = env("HOME").map(|h| PathBuf::from(h).join(".config/bkp/client.toml"));
-                let mut found = None;
-                for p in home.into_iter().chain([PathBuf::from("/etc/bkp/client.toml")]) {
-                    if let Some(c) = load_file(&p)? {
-                        found = Some(c);
-                        break;
-                    }
-                }
-                found.unwrap_or_default()
-            }
-        };
+        let file = find_file(config_file)?;
         let cache_dir = flags
             .cache_dir
             .clone()
@@ -136,6 +127,37 @@ impl ClientConfig {
     }
 }
 
+/// `config_file`, else the first of ~/.config/bkp/client.toml and
+/// /etc/bkp/client.toml that exists, else an empty config.
+fn find_file(config_file: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    if let Some(p) = config_file {
+        return load_file(p)?.ok_or_else(|| ConfigError::File(p.display().to_string(), "not found".into()));
+    }
+    let home = std::env::var("HOME").ok().filter(|v| !v.is_empty());
+    let home = home.map(|h| PathBuf::from(h).join(".config/bkp/client.toml"));
+    for p in home.into_iter().chain([PathBuf::from("/etc/bkp/client.toml")]) {
+        if let Some(c) = load_file(&p)? {
+            return Ok(c);
+        }
+    }
+    Ok(FileConfig::default())
+}
+
+/// `bkp push`'s upload limit in bytes per second (0: none): the flag,
+/// else `BKP_LIMIT_UPLOAD`, else `limit_upload` in the config file.
+pub fn upload_limit(flag: Option<&str>, config_file: Option<&Path>) -> Result<u64, ConfigError> {
+    let env = std::env::var("BKP_LIMIT_UPLOAD").ok().filter(|v| !v.is_empty());
+    let (value, from) = match (flag, env) {
+        (Some(f), _) => (Some(f.to_string()), "--limit-upload"),
+        (None, Some(e)) => (Some(e), "BKP_LIMIT_UPLOAD"),
+        (None, None) => (find_file(config_file)?.limit_upload, "limit_upload in the config file"),
+    };
+    match value {
+        None => Ok(0),
+        Some(v) => bkp_common::rate::parse_rate(&v).map_err(|e| ConfigError::Rate(from, e)),
+    }
+}
+
 fn read_token(p: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(p)
         .map(|t| t.trim().to_string())
@@ -153,6 +175,19 @@ mod tests {
         let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
         assert_eq!(normalize_fingerprint(&colons.join(":")).unwrap(), h);
         assert!(normalize_fingerprint("abc").is_err());
+    }
+
+    #[test]
+    fn upload_limit_from_flag_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("client.toml");
+        std::fs::write(&f, "limit_upload = \"2MiB\"\n").unwrap();
+        assert_eq!(upload_limit(Some("500k"), Some(&f)).unwrap(), 500_000);
+        if std::env::var_os("BKP_LIMIT_UPLOAD").is_none() {
+            assert_eq!(upload_limit(None, Some(&f)).unwrap(), 2 << 20);
+        }
+        let e = upload_limit(Some("fast"), Some(&f)).unwrap_err().to_string();
+        assert!(e.starts_with("--limit-upload: \"fast\" is not a rate"), "{e}");
     }
 
     /// The annotated example in /usr/share/doc/bkp/examples/: the keys
@@ -174,5 +209,6 @@ mod tests {
             .join("\n");
         let all: FileConfig = toml::from_str(&all).unwrap();
         assert!(all.ca_file.is_some() && all.cache_dir.is_some());
+        bkp_common::rate::parse_rate(all.limit_upload.as_deref().unwrap()).unwrap();
     }
 }

@@ -134,6 +134,8 @@ pub struct Client {
     pub role: Role,
     /// Kept to connect again (to report a push the connection lost).
     cfg: ClientConfig,
+    /// `--limit-upload`: chunk uploads wait for it (kept on reconnect).
+    upload_limit: Option<Arc<bkp_common::rate::RateLimit>>,
 }
 
 /// Why one connection attempt failed, and whether another may succeed.
@@ -187,12 +189,25 @@ impl Client {
 
     /// Connects, retrying a server that does not answer for up to `budget`.
     pub async fn connect_within(cfg: &ClientConfig, budget: Duration) -> Result<Self> {
+        Self::connect_opts(cfg, budget, None).await
+    }
+
+    /// Connects with a receive window of `window` bytes (connection and
+    /// stream) instead of the shared 64 MiB: a reader that paces itself
+    /// (a rate-limited sync) then holds the link to its pace from the
+    /// first byte. (QUIC credit once granted cannot be taken back, so it
+    /// must be small from the handshake on.)
+    pub async fn connect_paced(cfg: &ClientConfig, window: u32) -> Result<Self> {
+        Self::connect_opts(cfg, CONNECT_BUDGET, Some(window)).await
+    }
+
+    async fn connect_opts(cfg: &ClientConfig, budget: Duration, window: Option<u32>) -> Result<Self> {
         let start = std::time::Instant::now();
         let mut backoff = Duration::from_millis(500);
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, Self::attempt(cfg)).await {
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, Self::attempt(cfg, window)).await {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(Attempt::Refused(e))) => return Err(e),
                 Ok(Err(Attempt::NoAnswer(why))) if start.elapsed() + backoff >= budget => {
@@ -218,7 +233,7 @@ impl Client {
         )
     }
 
-    async fn attempt(cfg: &ClientConfig) -> std::result::Result<Self, Attempt> {
+    async fn attempt(cfg: &ClientConfig, window: Option<u32>) -> std::result::Result<Self, Attempt> {
         let err = |m: String| Attempt::Refused(ClientError::Connect(cfg.server.clone(), m));
         let addr: SocketAddr = tokio::net::lookup_host(&cfg.server)
             .await
@@ -226,7 +241,13 @@ impl Client {
             .next()
             .ok_or_else(|| err("no address".into()))?;
         let name = cfg.server.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("bkp-server");
-        let qcfg = quic_config(&cfg.trust).map_err(Attempt::Refused)?;
+        let mut qcfg = quic_config(&cfg.trust).map_err(Attempt::Refused)?;
+        if let Some(w) = window {
+            let mut t = bkp_common::quic::transport();
+            t.receive_window(w.into());
+            t.stream_receive_window(w.into());
+            qcfg.transport_config(Arc::new(t));
+        }
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("bind address");
         let socket = std::net::UdpSocket::bind(bind).map_err(|e| err(e.to_string()))?;
         // The granted buffer size is not reported: a cron job should not
@@ -250,9 +271,15 @@ impl Client {
         let _ = write_frame(&mut send, &hello).await;
         let _ = send.finish();
         match read_frame::<Response, _>(&mut recv).await {
-            Ok(Some(Response::Welcome { host, role, .. })) => {
-                Ok(Self { endpoint, conn, server: cfg.server.clone(), host, role, cfg: cfg.clone() })
-            }
+            Ok(Some(Response::Welcome { host, role, .. })) => Ok(Self {
+                endpoint,
+                conn,
+                server: cfg.server.clone(),
+                host,
+                role,
+                cfg: cfg.clone(),
+                upload_limit: None,
+            }),
             Ok(Some(r)) => Err(Attempt::Refused(unexpected(r))),
             Ok(None) => Err(Attempt::Refused(closed_or(
                 &conn,
@@ -272,7 +299,15 @@ impl Client {
 
     /// A new connection with the same settings, trying for up to `budget`.
     pub async fn reconnect(&self, budget: Duration) -> Result<Self> {
-        Self::connect_within(&self.cfg, budget).await
+        let mut c = Self::connect_within(&self.cfg, budget).await?;
+        c.upload_limit = self.upload_limit.clone();
+        Ok(c)
+    }
+
+    /// Limits chunk uploads to `bytes_per_sec` (0: no limit), for a WAN
+    /// link the backup must not fill.
+    pub fn limit_upload(&mut self, bytes_per_sec: u64) {
+        self.upload_limit = bkp_common::rate::RateLimit::new(bytes_per_sec).map(Arc::new);
     }
 
     /// Tells the server a push of set `name` failed, so it alerts now.
@@ -338,6 +373,9 @@ impl Client {
         let (mut send, mut recv) = self.open().await?;
         let mut write_err = None;
         for (id, blob) in chunks {
+            if let Some(limit) = &self.upload_limit {
+                limit.take(blob.len()).await;
+            }
             if let Err(e) = write_frame(&mut send, &Request::PutChunk { session, id, blob }).await {
                 // The server stops reading after a refused chunk; its
                 // answer says why, so read it before reporting the write.

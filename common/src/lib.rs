@@ -11,6 +11,8 @@ pub mod names;
 pub mod protocol;
 #[cfg(feature = "io")]
 pub mod quic;
+#[cfg(feature = "io")]
+pub mod rate;
 pub mod snapshot;
 pub mod tree;
 pub mod zstd_ctx;

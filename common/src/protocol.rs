@@ -34,6 +34,10 @@ pub enum Role {
     Push,
     Restore,
     Admin,
+    /// A second site's pull: lists and reads every host's snapshots and
+    /// chunks, and nothing else (no push, forget or protect). Appended
+    /// last, so the older roles keep their bytes.
+    Sync,
 }
 
 impl Role {
@@ -42,6 +46,7 @@ impl Role {
             Role::Push => "push",
             Role::Restore => "restore",
             Role::Admin => "admin",
+            Role::Sync => "sync",
         }
     }
 }
@@ -53,7 +58,8 @@ impl std::str::FromStr for Role {
             "push" => Ok(Role::Push),
             "restore" => Ok(Role::Restore),
             "admin" => Ok(Role::Admin),
-            _ => Err(format!("unknown role {s:?}: use push, restore or admin")),
+            "sync" => Ok(Role::Sync),
+            _ => Err(format!("unknown role {s:?}: use push, restore, admin or sync")),
         }
     }
 }
@@ -250,6 +256,19 @@ mod tests {
         assert_eq!(f, [0, 0, 0, 8, 10, 2, b'd', b'b', 1, 1, 1, b'x']);
         let f = encode(&Request::Protect { id: SnapshotId::from_bytes([0; 32]), protected: true });
         assert_eq!(f[4], 9);
+        // Roles by index: sync was appended, the others keep theirs.
+        let welcome = |role| encode(&Response::Welcome { host: "h".into(), role, server: "v".into() });
+        assert_eq!(welcome(Role::Push), [0, 0, 0, 6, 0, 1, b'h', 0, 1, b'v']);
+        assert_eq!(welcome(Role::Admin)[7], 2);
+        assert_eq!(welcome(Role::Sync), [0, 0, 0, 6, 0, 1, b'h', 3, 1, b'v']);
+    }
+
+    #[test]
+    fn roles_parse_and_print() {
+        for r in [Role::Push, Role::Restore, Role::Admin, Role::Sync] {
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+        }
+        assert!("root".parse::<Role>().unwrap_err().contains("sync"));
     }
 
     #[test]

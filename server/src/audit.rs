@@ -80,6 +80,8 @@ pub enum Event {
     Refused,
     /// A hello with a bad, unknown or revoked token.
     HelloRefused,
+    /// A `[[sync]]` job's run.
+    Sync,
 }
 
 impl Event {
@@ -96,6 +98,7 @@ impl Event {
             Event::Verify => "verify",
             Event::Refused => "refused",
             Event::HelloRefused => "hello_refused",
+            Event::Sync => "sync",
         }
     }
 }

@@ -82,6 +82,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy another server's snapshots now: runs the `[[sync]]` job
+    /// NAME of the server config (through the running server if there is
+    /// one). Exits non-zero when a snapshot could not be copied.
+    Sync {
+        #[arg(long)]
+        data: PathBuf,
+        /// The job's `name` in `[[sync]]`.
+        #[arg(long, value_name = "NAME")]
+        remote: String,
+        #[arg(long)]
+        json: bool,
+        /// Config with the [[sync]] jobs, when no server is running
+        /// (default: DATA/server.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// List recent job runs.
     Jobs {
         #[arg(long)]
@@ -249,6 +265,10 @@ fn execute(cli: Cli) -> Result<()> {
                 (false, None) => Scope::Scheduled,
             };
             job(&data, ControlRequest::Verify { scope, user: cli_user() }, load_config(&data, None)?, json)
+        }
+        Cmd::Sync { data, remote, json, config } => {
+            let cfg = load_config(&data, config.as_deref())?;
+            job(&data, ControlRequest::Sync { remote, user: cli_user() }, cfg, json)
         }
         Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
         Cmd::Status { data, json, config } => status(&data, load_config(&data, config.as_deref())?, json),
@@ -592,6 +612,19 @@ fn summary(r: &JobRecord) -> String {
                 f.healed.len()
             )
         }
+        Some(Report::Sync(f)) => format!(
+            "{}: {} snapshots copied, {} skipped, {} older refused, {} failed, {} removed; {} chunks ({} bytes) \
+             transferred, {} held here for another host",
+            f.remote,
+            f.snapshots_copied,
+            f.snapshots_skipped,
+            f.snapshots_older,
+            f.snapshots_failed,
+            f.snapshots_removed,
+            f.chunks_transferred,
+            f.bytes_transferred,
+            f.chunks_adopted
+        ),
         // A report of another version: its JSON, escaped (names come from clients).
         Some(Report::Other(v)) => escape(&v.to_string()),
     }
@@ -632,6 +665,17 @@ fn print_job(r: &JobRecord) {
             if a.damage.more_paths > 0 {
                 println!("  ... and {} more paths", a.damage.more_paths);
             }
+        }
+    }
+    if let Some(Report::Sync(f)) = &r.figures {
+        for x in &f.failures {
+            println!(
+                "not copied: {} {}/{}: {}",
+                x.id.get(..8).unwrap_or(""),
+                escape(&x.host),
+                escape(&x.name),
+                escape(&x.error)
+            );
         }
     }
     let dry = if r.dry_run { " (dry run: nothing changed)" } else { "" };

@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub audit: crate::audit::AuditConfig,
     /// Where chunk data lives: local RocksDB, or packs in an S3 bucket.
     pub storage: crate::store::object::config::StorageConfig,
+    /// `[[sync]]`: other servers whose snapshots this one copies.
+    pub sync: Vec<crate::sync::SyncJob>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +53,7 @@ impl Default for ServerConfig {
             limits: Default::default(),
             audit: Default::default(),
             storage: Default::default(),
+            sync: Vec::new(),
         }
     }
 }
@@ -74,6 +77,12 @@ impl ServerConfig {
         }
         cfg.alerts.check().map_err(err)?;
         cfg.storage.check().map_err(err)?;
+        crate::sync::config::check_all(&cfg.sync).map_err(err)?;
+        for j in &cfg.sync {
+            if let Some(expr) = &j.schedule {
+                crate::jobs::parse_schedule(expr).map_err(|e| err(format!("[[sync]] {}: {e}", j.name)))?;
+            }
+        }
         Ok(cfg)
     }
 }
@@ -98,6 +107,23 @@ mod tests {
         let c: ServerConfig = toml::from_str("[limits]\nconnections_per_token = 2").unwrap();
         assert_eq!((c.limits.connections_per_token, c.limits.sessions_per_host), (2, 16));
         assert!(toml::from_str::<ServerConfig>("[limits]\nconections = 2").is_err());
+    }
+
+    #[test]
+    fn sync_jobs_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("server.toml");
+        let job = format!(
+            "[[sync]]\nname = \"primary\"\nserver = \"b1:7443\"\nfingerprint = \"{}\"\ntoken_file = \"/t\"\n",
+            "ab".repeat(32)
+        );
+        std::fs::write(&p, format!("{job}schedule = \"15 * * * *\"\n")).unwrap();
+        assert_eq!(ServerConfig::load(&p).unwrap().sync[0].name, "primary");
+        std::fs::write(&p, format!("{job}schedule = \"15 * *\"\n")).unwrap();
+        let e = ServerConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("[[sync]] primary") && e.contains("5 fields"), "{e}");
+        std::fs::write(&p, format!("{job}{job}")).unwrap();
+        assert!(ServerConfig::load(&p).unwrap_err().to_string().contains("used twice"));
     }
 
     #[test]
@@ -140,6 +166,9 @@ mod tests {
         assert_eq!(s.backend, crate::store::object::config::Backend::S3);
         assert!(s.endpoint.is_some() && s.bucket.is_some() && s.credentials_file.is_some() && s.ca_file.is_some());
         assert_eq!((s.pack_size, s.cache_size), (32 << 20, 8 << 30));
+        let j = &c.sync[0];
+        assert_eq!((c.sync.len(), j.rate_limit, j.hosts.len()), (1, 20_000_000, 2));
+        assert!(j.schedule.is_some() && !j.remove_vanished);
     }
 
     /// `#key = value` and `#[table]` lines without the `#`; prose

@@ -212,9 +212,9 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
         Err(msg) => return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::Busy, msg).await),
     };
     // Authenticated: the shared transport's streams and window. A restore
-    // token only sends requests, so it keeps a small window.
+    // or sync token only sends requests, so it keeps a small window.
     let window = match rec.role {
-        Role::Restore => SMALL_WINDOW,
+        Role::Restore | Role::Sync => SMALL_WINDOW,
         _ => auth.take_window(bkp_common::quic::RECEIVE_WINDOW),
     };
     conn.set_receive_window(window.into());

@@ -47,6 +47,12 @@ pub enum ControlRequest {
         limit: usize,
     },
     Status,
+    /// Runs the `[[sync]]` job named `remote`.
+    Sync {
+        remote: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,6 +134,21 @@ pub fn answer(state: &ServerState, req: ControlRequest, by: &str) -> ControlResp
             Ok(l) => ControlResponse::Jobs(l),
             Err(e) => ControlResponse::Error(e.to_string()),
         },
+        ControlRequest::Sync { remote, user } => {
+            let by = who(user);
+            let jobs = Jobs { by: &by, ..state.jobs() };
+            // The server's runtime when there is one (this runs on its
+            // blocking pool); the CLI without a server makes its own.
+            let record = match tokio::runtime::Handle::try_current() {
+                Ok(h) => jobs::run_sync(&jobs, &remote, h),
+                Err(_) => match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                    Ok(rt) => jobs::run_sync(&jobs, &remote, rt.handle().clone()),
+                    Err(e) => return ControlResponse::Error(format!("starting a runtime for the sync: {e}")),
+                },
+            };
+            state.monitor.nudge.notify_one();
+            ControlResponse::Job(record)
+        }
         ControlRequest::Status => match crate::status::collect(&state.monitor_inputs()) {
             Ok(s) => ControlResponse::Status(Box::new(s)),
             Err(e) => ControlResponse::Error(format!("reading the store for the status: {e}")),

@@ -1,4 +1,5 @@
-//! Server jobs (prune, gc, verify): one run of a kind at a time, each run's
+//! Server jobs (prune, gc, verify, sync): one run of a kind at a time
+//! (of a sync job: per remote), each run's
 //! start, end, result and figures stored and listed by `bkp-server jobs`.
 //! The cron schedules are run by `crate::schedule`.
 //!
@@ -20,6 +21,7 @@ use crate::gc::{self, GcHooks, GcReport};
 use crate::prune::{prune, prune_plan, PruneReport, RetentionConfig};
 use crate::sessions::Sessions;
 use crate::store::{schema, MetaStore, Store, StoreError};
+use crate::sync::{SyncJob, SyncReport};
 use crate::verify::{self, Scope, VerifyConfig, VerifyReport};
 
 /// Declared in the order the scheduler runs kinds due at the same time:
@@ -31,6 +33,8 @@ pub enum JobKind {
     Prune,
     Gc,
     Verify,
+    /// A `[[sync]]` job's pull; its report names the remote.
+    Sync,
 }
 
 impl JobKind {
@@ -39,6 +43,7 @@ impl JobKind {
             JobKind::Prune => "prune",
             JobKind::Gc => "gc",
             JobKind::Verify => "verify",
+            JobKind::Sync => "sync",
         }
     }
 }
@@ -71,6 +76,7 @@ pub enum Report {
     Prune(PruneReport),
     Gc(GcReport),
     Verify(VerifyReport),
+    Sync(SyncReport),
     /// Figures this build cannot read as its kind's report (a report
     /// shape of another version): kept, and shown, as they were.
     Other(serde_json::Value),
@@ -83,6 +89,7 @@ impl Report {
             JobKind::Prune => serde_json::from_value(figures.clone()).map(Report::Prune),
             JobKind::Gc => serde_json::from_value(figures.clone()).map(Report::Gc),
             JobKind::Verify => serde_json::from_value(figures.clone()).map(Report::Verify),
+            JobKind::Sync => serde_json::from_value(figures.clone()).map(Report::Sync),
         };
         typed.unwrap_or(Report::Other(figures))
     }
@@ -92,6 +99,13 @@ impl JobRecord {
     pub fn verify_report(&self) -> Option<&VerifyReport> {
         match &self.figures {
             Some(Report::Verify(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn sync_report(&self) -> Option<&SyncReport> {
+        match &self.figures {
+            Some(Report::Sync(v)) => Some(v),
             _ => None,
         }
     }
@@ -198,6 +212,8 @@ pub struct Running {
     prune: Mutex<()>,
     gc: Mutex<()>,
     verify: Mutex<()>,
+    /// Names of the sync jobs running now.
+    sync: Mutex<std::collections::HashSet<String>>,
     unwritten: Mutex<Vec<JobRecord>>,
 }
 
@@ -215,6 +231,9 @@ pub struct Jobs<'a> {
     pub audit: &'a Audit,
     pub retention: &'a RetentionConfig,
     pub verify: &'a VerifyConfig,
+    /// `[[sync]]` jobs, and the push budget their copies obey.
+    pub sync: &'a [SyncJob],
+    pub max_pushes_per_day: u32,
     /// Who started the run, for its audit line (`crate::audit::Line::by`).
     pub by: &'a str,
 }
@@ -225,6 +244,15 @@ pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> Jo
     if kind == JobKind::Verify {
         return run_verify(jobs, Scope::Scheduled);
     }
+    if kind == JobKind::Sync {
+        return refuse(
+            jobs,
+            kind,
+            dry_run,
+            "a sync job runs by its name: `bkp-server sync --remote NAME`".into(),
+            false,
+        );
+    }
     run_with(jobs, kind, dry_run, |start_ns| match kind {
         JobKind::Prune => prune_plan(jobs.store, jobs.retention, start_ns)
             .and_then(|plan| prune(jobs.store, plan, dry_run))
@@ -233,8 +261,66 @@ pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> Jo
         JobKind::Gc => {
             gc::run(jobs.store, jobs.sessions, hooks).map(|r| (Report::Gc(r), None)).map_err(|e| e.to_string())
         }
-        JobKind::Verify => unreachable!("handled above"),
+        JobKind::Verify | JobKind::Sync => unreachable!("handled above"),
     })
+}
+
+/// Runs the `[[sync]]` job `remote` once and records it; network I/O on
+/// `rt`. One run per remote at a time; a second is refused like a
+/// second GC.
+pub fn run_sync(jobs: &Jobs<'_>, remote: &str, rt: tokio::runtime::Handle) -> JobRecord {
+    let start_ns = now_ns();
+    if !jobs.running.sync.lock().expect("sync lock").insert(remote.to_string()) {
+        info!(job = "sync", remote, "not started: a run of this job is in progress");
+        let msg = format!("a sync run of {remote} is already in progress; try again when it ends");
+        return refuse(jobs, JobKind::Sync, false, msg, true);
+    }
+    info!(job = "sync", remote, "job started");
+    let ctx = crate::sync::Ctx {
+        store: jobs.store,
+        sessions: jobs.sessions,
+        max_pushes_per_day: jobs.max_pushes_per_day,
+        now_ns: start_ns,
+    };
+    let (report, outcome) = crate::sync::run_named(&ctx, jobs.sync, remote, rt);
+    jobs.running.sync.lock().expect("sync lock").remove(remote);
+    let error = match (&outcome, &report) {
+        (Err(e), _) => Some(e.to_string()),
+        (Ok(()), Some(r)) => r.problem(),
+        (Ok(()), None) => None,
+    };
+    let figures = report.map(Report::Sync);
+    finish(jobs, JobKind::Sync, start_ns, false, figures, error)
+}
+
+/// Records a run that did not start (`refused`: one of its kind is in
+/// progress, which is no failure).
+fn refuse(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, msg: String, refused: bool) -> JobRecord {
+    let start_ns = now_ns();
+    let rec =
+        JobRecord { kind, start_ns, end_ns: start_ns, ok: false, dry_run, error: Some(msg), figures: None, refused };
+    record(jobs.store, jobs.running, &rec);
+    audit(jobs.audit, jobs.by, &rec);
+    rec
+}
+
+fn finish(
+    jobs: &Jobs<'_>,
+    kind: JobKind,
+    start_ns: u64,
+    dry_run: bool,
+    figures: Option<Report>,
+    error: Option<String>,
+) -> JobRecord {
+    let rec =
+        JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
+    record(jobs.store, jobs.running, &rec);
+    audit(jobs.audit, jobs.by, &rec);
+    match &rec.error {
+        None => info!(job = kind.as_str(), "job finished"),
+        Some(e) => error!(job = kind.as_str(), "job failed: {e}"),
+    }
+    rec
 }
 
 /// Runs a verification. Damage found makes the record failed, with the
@@ -260,6 +346,7 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
         JobKind::Prune => &jobs.running.prune,
         JobKind::Gc => &jobs.running.gc,
         JobKind::Verify => &jobs.running.verify,
+        JobKind::Sync => unreachable!("sync runs through run_sync"),
     };
     let start_ns = now_ns();
     let refuse = |msg: String, refused: bool| {
@@ -314,6 +401,7 @@ fn audit(log: &Audit, by: &str, rec: &JobRecord) {
         JobKind::Prune => Event::Prune,
         JobKind::Gc => Event::Gc,
         JobKind::Verify => Event::Verify,
+        JobKind::Sync => Event::Sync,
     };
     let result = match (rec.ok, rec.refused) {
         (_, true) => "refused",

@@ -11,7 +11,7 @@
 //! |-------|---------|-------|
 //! | outer: transports and tasks | `cli`, [`server`] (endpoint, monitor loop, token watcher), `connection` (hello, frame budgets, upload batching, pacing), [`control`] (control socket), `http`, [`schedule`], [`state`] | [`ServerState`], the only place it is used |
 //! | requests | [`service`]: `push`, `read`, `admin`, one function per request | the store, `&Sessions`, a [`service::Caller`] |
-//! | jobs and monitoring | [`jobs`], [`gc`], [`prune`] + [`retention`], [`verify`], [`monitor`], [`status`], [`metrics`], [`alerts`], [`freshness`], [`push_failures`], [`audit`] | narrow views: [`jobs::Jobs`], [`monitor::Inputs`] |
+//! | jobs and monitoring | [`jobs`], [`gc`], [`prune`] + [`retention`], [`verify`], [`sync`] (pull from another server), [`monitor`], [`status`], [`metrics`], [`alerts`], [`freshness`], [`push_failures`], [`audit`] | narrow views: [`jobs::Jobs`], [`sync::Ctx`], [`monitor::Inputs`] |
 //! | rules | [`sessions`] (leases, the GC fence), [`commit`] (tree checks), [`tree_read`] (the one tree reader), [`limits`], [`tokens`], [`tls`], [`config`] | |
 //! | storage | [`store`]: [`store::MetaStore`] + [`store::ChunkStore`], `rocks`, `object`, `schema` | RocksDB (and an object store) |
 //!
@@ -60,6 +60,10 @@
 //! | prune or forget / GC | yes | deleting a snapshot only removes its record; a snapshot gone when mark reaches it is skipped; one deleted after it was marked keeps its chunks until the next GC |
 //! | restore / GC | yes, for snapshots not being deleted | restores read committed snapshots; GC never frees a chunk a listed snapshot references. A restore of a snapshot forgotten or pruned meanwhile fails (`NotFound`) once a GC frees its chunks |
 //! | prune / GC | yes | separate locks; prune only deletes snapshot records |
+//! | sync / GC (on the secondary) | yes | each snapshot's copy is a push session of its host: every chunk it is told is held, adopts or stores is touched under the fence, and its commit is a push's commit |
+//! | sync / push, sync / restore | yes | as push / push and push / restore |
+//! | sync / sync of one `[[sync]]` job | no | one run per job at a time ([`jobs::run_sync`]); the second is refused, "already in progress", no failure. Two jobs (two remotes) may run at once |
+//! | sync / prune (on the secondary) | yes | separate locks; a copy pruned after it was made is remembered as copied and not fetched again |
 //! | verify / push | yes | a quarantined chunk is gone from `chunks`/`chunk_meta`, so `host_has` answers "missing" and the next push uploads it again; the quarantine runs under the write fence and removes the id from every session, so a commit that raced it fails ("never uploaded… push again") |
 //! | verify / GC | yes | a chunk GC deleted under the scrub is recognised (its `chunk_meta` is gone too) and not reported; a snapshot forgotten under the drill is skipped and its damage record goes with it |
 //! | verify / prune | yes | separate locks; a snapshot pruned under the drill is skipped |
@@ -98,6 +102,7 @@ pub mod state;
 pub mod status;
 mod status_html;
 pub mod store;
+pub mod sync;
 pub mod tls;
 pub mod tokens;
 pub mod tree_read;

@@ -202,6 +202,42 @@ pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64))
         "1 for each job kind with a schedule in [jobs]",
         st.scheduled.iter().map(|k| (kind(k), 1.0)),
     );
+    let remote = |j: &crate::monitor::SyncStatus| l(&[("remote", &j.name)]);
+    r.family(
+        "bkp_sync_last_run_timestamp_seconds",
+        "start of the sync job's latest run",
+        st.sync.iter().filter(|j| j.state.last_run_ns > 0).map(|j| (remote(j), secs(j.state.last_run_ns))),
+    );
+    r.family(
+        "bkp_sync_last_success_timestamp_seconds",
+        "start of the sync job's latest run that copied everything",
+        st.sync.iter().filter(|j| j.state.last_ok_ns > 0).map(|j| (remote(j), secs(j.state.last_ok_ns))),
+    );
+    r.family(
+        "bkp_sync_lag_seconds",
+        "how far the set's newest copy here is behind the primary's newest, at the last sync",
+        st.sync.iter().flat_map(|j| {
+            j.state.sets.iter().map(move |(set, lag)| {
+                let (host, name) = set.split_once('/').unwrap_or((set, ""));
+                (l(&[("remote", &j.name), ("host", host), ("name", name)]), secs(lag.lag_ns()))
+            })
+        }),
+    );
+    r.counter(
+        "bkp_sync_transferred_bytes",
+        "chunk bytes the sync job fetched from its remote",
+        st.sync.iter().map(|j| (remote(j), j.state.bytes_total)),
+    );
+    r.counter(
+        "bkp_sync_transferred_chunks",
+        "chunks the sync job fetched from its remote",
+        st.sync.iter().map(|j| (remote(j), j.state.chunks_total)),
+    );
+    r.counter(
+        "bkp_sync_snapshots_copied",
+        "snapshots the sync job copied",
+        st.sync.iter().map(|j| (remote(j), j.state.snapshots_total)),
+    );
     r.gauge("bkp_sessions_live", "push sessions in progress", st.sessions as f64);
     r.gauge("bkp_alerts_firing", "alert conditions firing", firing as f64);
 
@@ -235,6 +271,7 @@ mod tests {
             sessions: 0,
             push_failures: vec![],
             scheduled: vec![],
+            sync: vec![],
         };
         let text = render(&st, &c, 0, (3, 4));
         assert!(text.contains("bkp_audit_dropped_total{reason=\"queue_full\"} 3"), "{text}");

@@ -137,6 +137,27 @@ pub struct Status {
     pub push_failures: Vec<PushFailing>,
     /// Job kinds with a schedule (a kind scheduled but never run shows).
     pub scheduled: Vec<&'static str>,
+    /// Each `[[sync]]` job's record of where its sets stand.
+    pub sync: Vec<SyncStatus>,
+}
+
+/// A sync job's state as the monitor reads it.
+#[derive(Clone, Debug)]
+pub struct SyncStatus {
+    pub name: String,
+    pub max_lag: Duration,
+    pub state: crate::sync::state::SyncState,
+}
+
+/// Every configured sync job's stored state (a fresh one when never run
+/// or unreadable).
+pub fn sync_status(store: &dyn Store, jobs: &[crate::sync::SyncJob]) -> Result<Vec<SyncStatus>, StoreError> {
+    jobs.iter()
+        .map(|j| {
+            let state = crate::sync::state::SyncState::load(store, &j.name)?.unwrap_or_else(|(fresh, _)| fresh);
+            Ok(SyncStatus { name: j.name.clone(), max_lag: j.max_lag, state })
+        })
+        .collect()
 }
 
 /// A set's reported push failures, and whether they are still news.
@@ -169,6 +190,8 @@ pub struct Inputs<'a> {
     pub jobs: &'a JobsConfig,
     /// How often the chunk totals are recomputed (`[monitor]`).
     pub stats_interval: Duration,
+    /// `[[sync]]` jobs: their lag alerts and metrics.
+    pub sync: &'a [crate::sync::SyncJob],
 }
 
 /// Chunk totals, recomputed at most every `stats_interval`.
@@ -250,6 +273,7 @@ pub fn status_of(inp: &Inputs<'_>, summaries: &[SnapshotSummary], now_ns: u64) -
             .collect(),
         sets,
         scheduled: inp.jobs.schedules().iter().filter(|(_, e)| e.is_some()).map(|(k, _)| k.as_str()).collect(),
+        sync: sync_status(store, inp.sync)?,
     })
 }
 
@@ -278,6 +302,30 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
                 kind: "job",
                 summary: format!("{kind} job failed at {}: {err}", time(last.start_ns)),
                 fingerprint: err,
+            });
+        }
+    }
+    for j in &st.sync {
+        for (set, lag) in &j.state.sets {
+            let behind = Duration::from_nanos(lag.lag_ns());
+            if behind <= j.max_lag {
+                continue;
+            }
+            let newest = match lag.local_newest_ns {
+                0 => "there is no copy of it here yet".to_string(),
+                ns => format!("the newest copy here is of {}", time(ns)),
+            };
+            out.push(Condition {
+                key: format!("sync_lag:{}:{set}", j.name),
+                kind: "stale",
+                summary: format!(
+                    "{set}: the copy from {} is {} behind the primary (its newest is of {}; {newest}), over max_lag {}",
+                    j.name,
+                    humantime::format_duration(Duration::from_secs(behind.as_secs())),
+                    time(lag.remote_newest_ns),
+                    humantime::format_duration(j.max_lag)
+                ),
+                fingerprint: "lag".into(),
             });
         }
     }

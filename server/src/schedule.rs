@@ -273,9 +273,70 @@ pub async fn run(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
     }
 }
 
+/// The `[[sync]]` jobs with a schedule, by name.
+pub fn sync_plans(jobs: &[crate::sync::SyncJob]) -> Vec<(String, cron::Schedule)> {
+    jobs.iter()
+        .filter_map(|j| match jobs::parse_schedule(j.schedule.as_ref()?) {
+            Ok(s) => Some((j.name.clone(), s)),
+            Err(e) => {
+                error!("[[sync]] {}: {e}", j.name);
+                None
+            }
+        })
+        .collect()
+}
+
+/// The sync jobs with an occurrence in `(after, upto]`.
+pub fn sync_due(plans: &[(String, cron::Schedule)], after: DateTime<Utc>, upto: DateTime<Utc>) -> Vec<String> {
+    plans.iter().filter(|(_, s)| s.after(&after).next().is_some_and(|t| t <= upto)).map(|(n, _)| n.clone()).collect()
+}
+
+/// Runs the `[[sync]]` schedules until the task is dropped. Each due job
+/// runs on its own blocking task, so a long pull from one remote does
+/// not hold back another; one still running when it comes due again is
+/// refused (recorded, no failure). Runs missed while the server was down
+/// are not recorded: the next run copies what they would have.
+pub async fn run_sync(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
+    let plans = sync_plans(&state.config.sync);
+    if plans.is_empty() {
+        return;
+    }
+    let mut last = clock.now();
+    loop {
+        let Some(next) = plans.iter().filter_map(|(_, s)| s.after(&last).next()).min() else { return };
+        clock.sleep_until(next).await;
+        let now = clock.now();
+        if now < next {
+            continue;
+        }
+        let due = sync_due(&plans, last, now);
+        last = now;
+        for name in due {
+            let st = state.clone();
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                jobs::run_sync(&st.jobs(), &name, rt);
+                st.monitor.nudge.notify_one();
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sync_jobs_come_due_by_their_own_schedules() {
+        let p = vec![
+            ("a".to_string(), jobs::parse_schedule("0 * * * *").unwrap()),
+            ("b".to_string(), jobs::parse_schedule("30 2 * * *").unwrap()),
+        ];
+        assert_eq!(sync_due(&p, t("2026-12-01T01:59:00Z"), t("2026-12-01T02:00:00Z")), ["a"]);
+        assert_eq!(sync_due(&p, t("2026-12-01T02:00:00Z"), t("2026-12-01T02:30:00Z")), ["b"]);
+        assert_eq!(sync_due(&p, t("2026-12-01T01:00:00Z"), t("2026-12-01T03:00:00Z")), ["a", "b"]);
+        assert!(sync_due(&p, t("2026-12-01T02:31:00Z"), t("2026-12-01T02:59:59Z")).is_empty());
+    }
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

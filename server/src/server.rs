@@ -75,6 +75,7 @@ pub async fn serve(
     let mut tasks = vec![
         tokio::spawn(crate::control::serve(control, state.clone())),
         tokio::spawn(crate::schedule::run(state.clone(), Arc::new(crate::schedule::SystemClock))),
+        tokio::spawn(crate::schedule::run_sync(state.clone(), Arc::new(crate::schedule::SystemClock))),
         tokio::spawn(monitor(state.clone())),
     ];
     if let Some(l) = http {

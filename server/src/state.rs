@@ -80,6 +80,8 @@ impl ServerState {
             audit: &self.audit,
             retention: &self.config.retention,
             verify: &self.config.verify,
+            sync: &self.config.sync,
+            max_pushes_per_day: self.config.max_pushes_per_day,
             by: "schedule",
         }
     }
@@ -96,6 +98,7 @@ impl ServerState {
             alerts: &self.config.alerts,
             jobs: &self.config.jobs,
             stats_interval: self.config.monitor.stats_interval,
+            sync: &self.config.sync,
         }
     }
 }

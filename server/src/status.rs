@@ -321,6 +321,7 @@ mod tests {
             sessions: 0,
             push_failures: Vec::new(),
             scheduled: vec!["verify"],
+            sync: Vec::new(),
         }
     }
 

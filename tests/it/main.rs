@@ -18,5 +18,6 @@ mod s3;
 mod security;
 mod status;
 mod stream;
+mod sync;
 mod tree;
 mod verify;

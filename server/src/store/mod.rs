@@ -239,6 +239,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Writes a checked snapshot durably, after every chunk put before it
     /// ([`ChunkStore::persist`]); returns its id and summary.
     fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError>;
+    /// Makes every chunk put so far durable without a commit (what a
+    /// commit does first): a long sync calls it every few dozen MiB so a
+    /// crash does not make it fetch those chunks again.
+    fn persist_chunks(&self) -> Result<(), StoreError>;
     fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError>;
     /// Removes a snapshot (record and index) durably. Its chunks stay
     /// until garbage collection. Returns false if it did not exist, and

@@ -174,6 +174,10 @@ impl MetaStore for RocksStore {
     fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
         RocksStore::commit_snapshot(self, snapshot)
     }
+    fn persist_chunks(&self) -> Result<(), StoreError> {
+        self.data.persist()?;
+        self.db.persist_unlogged()
+    }
     fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
         RocksStore::snapshot(self, id)
     }
