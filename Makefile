@@ -15,7 +15,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/bkp/target
 CARGO ?= cargo
 
-.PHONY: build demo test lint deb bench bench-scaling bench-micro fuzz fmt clean-cache
+.PHONY: build demo test lint deb bench bench-scaling bench-micro bench-sync fuzz fmt clean-cache
 
 build:
 	scripts/install-deps.sh build
@@ -54,6 +54,14 @@ bench-scaling: build
 	scripts/install-deps.sh bench
 	scripts/bench/prepare.py --scaling
 	BENCH_RUNS=$(BENCH_RUNS) scripts/bench/scaling.py
+
+# A second site: bkp push to one server, then bkp-server sync to another,
+# against restic backup + restic copy, on dump1 and on tree1.
+bench-sync: build
+	scripts/install-deps.sh bench
+	scripts/bench/prepare.py
+	scripts/bench/sync.py --data $(HOME)/.cache/bkp/bench-data/dump1.sql
+	scripts/bench/sync.py --data $(HOME)/.cache/bkp/bench-data/tree1
 
 # Criterion microbenchmarks: pipeline stages, the chunk store with
 # millions of chunks, loopback end to end.
