@@ -119,6 +119,7 @@ impl TestServer {
             server: self.addr.to_string(),
             trust: bkp_client::config::Trust::Fingerprint(self.fingerprint.clone()),
             token: std::fs::read_to_string(token_file).unwrap(),
+            timeout: bkp_client::conn::DEFAULT_TIMEOUT,
         }
     }
 

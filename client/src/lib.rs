@@ -9,6 +9,7 @@ pub mod parallel_hash;
 pub mod progress;
 pub mod push;
 pub mod restore;
+pub mod run;
 
 pub use conn::Client;
 pub use error::ClientError;

@@ -499,6 +499,9 @@ fn print_status(s: &crate::status::ServerStatus) {
         if set.damaged > 0 {
             state = format!("{state}, {} damaged", set.damaged);
         }
+        if set.skipped > 0 {
+            state = format!("{state}, incomplete ({} skipped)", set.skipped);
+        }
         println!(
             "{:<32} {:<9} {:>9} {:<8} {:>11} {:>6}  {}",
             escape(&format!("{}/{}", set.host, set.name)),

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use bkp_common::blob;
 use bkp_common::io::{read_body, read_len, write_frame, Admitted, Budget, IoError};
+use bkp_common::names::escape;
 use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, MAX_FRAME, VERSION};
+use bkp_common::snapshot::Incomplete;
 use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
@@ -319,32 +321,18 @@ impl Conn {
             Request::PutChunk { session, id, blob } => {
                 return self.upload(session, (id, blob, admitted), send, recv).await;
             }
-            Request::Commit { session, tree } => {
-                let max = self.state.config.max_pushes_per_day;
-                let outcome =
-                    self.call(move |st, c| push::commit(st.store.as_ref(), &st.sessions, c, session, tree, max)).await;
-                // A task that failed is a failed commit of an unknown set.
-                let (set, result) = match outcome {
-                    Ok(o) => (o.set, o.result.map_err(|e| self.fail(e))),
-                    Err(f @ Fail(ErrorCode::Forbidden, _)) => return Err(f),
-                    Err(f) => (String::new(), Err(f)),
-                };
-                let c = &self.state.monitor.counters;
-                c.push_done(&self.caller.host, &set, result.is_ok());
-                match &result {
-                    Ok(s) => {
-                        Counters::add(&c.pushes_ok, 1);
-                        Counters::add(&c.read_bytes, s.stats.bytes);
-                        // Freshness alerts clear as soon as the backup lands.
-                        self.state.monitor.committed();
-                    }
-                    Err(_) => Counters::add(&c.pushes_failed, 1),
-                }
-                let summary = result?;
-                info!(host = %self.caller.host, name = %summary.name, id = %summary.id.short(), "snapshot committed");
-                Response::Committed(summary)
+            Request::Commit { session, tree } => self.commit(session, tree, None).await?,
+            Request::CommitIncomplete { session, tree, incomplete } => {
+                self.commit(session, tree, Some(incomplete)).await?
             }
             Request::ListSnapshots { host, name } => Response::Snapshots(
+                self.call(move |st, c| read::list(st.store.as_ref(), c, host, name.as_deref()))
+                    .await?
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+            ),
+            Request::ListSnapshotsFull { host, name } => Response::SnapshotsFull(
                 self.call(move |st, c| read::list(st.store.as_ref(), c, host, name.as_deref())).await?,
             ),
             Request::GetSnapshot { id } => {
@@ -377,6 +365,42 @@ impl Conn {
         };
         write_frame(send, &resp).await?;
         Ok(())
+    }
+
+    /// `Commit` and `CommitIncomplete`: counted per set, logged, and the
+    /// monitor told.
+    async fn commit(&self, session: u64, tree: Vec<ChunkId>, incomplete: Option<Incomplete>) -> Result<Response, Fail> {
+        let max = self.state.config.max_pushes_per_day;
+        let outcome = self
+            .call(move |st, c| push::commit(st.store.as_ref(), &st.sessions, c, session, tree, incomplete, max))
+            .await;
+        // A task that failed is a failed commit of an unknown set.
+        let (set, result) = match outcome {
+            Ok(o) => (o.set, o.result.map_err(|e| self.fail(e))),
+            Err(f @ Fail(ErrorCode::Forbidden, _)) => return Err(f),
+            Err(f) => (String::new(), Err(f)),
+        };
+        let c = &self.state.monitor.counters;
+        c.push_done(&self.caller.host, &set, result.is_ok());
+        match &result {
+            Ok(s) => {
+                Counters::add(&c.pushes_ok, 1);
+                Counters::add(&c.read_bytes, s.stats.bytes);
+                // Freshness alerts clear as soon as the backup lands.
+                self.state.monitor.committed();
+            }
+            Err(_) => Counters::add(&c.pushes_failed, 1),
+        }
+        let summary = result?;
+        let (host, id) = (&self.caller.host, summary.id.short());
+        match &summary.incomplete {
+            None => info!(%host, name = %summary.name, %id, "snapshot committed"),
+            // The paths come from the client: escaped.
+            Some(i) => warn!(%host, name = %summary.name, %id, skipped = i.skipped,
+                             first = %escape(i.paths.first().map_or("", String::as_str)),
+                             "snapshot committed incomplete: files the client could not read are not in it"),
+        }
+        Ok(Response::Committed(summary.into()))
     }
 
     /// An upload stream: PutChunk frames until the client finishes it.

@@ -137,6 +137,16 @@ pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64))
         st.sets.iter().map(|x| (set(x), x.last_bytes as f64)),
     );
     r.family(
+        "bkp_snapshot_incomplete",
+        "1 when the newest snapshot of the set left out files its push could not read",
+        st.sets.iter().map(|x| (set(x), if x.last_skipped > 0 { 1.0 } else { 0.0 })),
+    );
+    r.family(
+        "bkp_snapshot_skipped_files",
+        "files the push of the newest snapshot could not read",
+        st.sets.iter().map(|x| (set(x), x.last_skipped as f64)),
+    );
+    r.family(
         "bkp_backup_expected_interval_seconds",
         "configured or learned backup interval",
         st.sets.iter().filter_map(|x| Some((set(x), x.expected?.as_secs_f64()))),

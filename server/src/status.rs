@@ -60,6 +60,12 @@ pub struct SetView {
     pub size_bytes: u64,
     /// Snapshots of this set that failed verification.
     pub damaged: u64,
+    /// Files the newest snapshot's push could not read (0: complete), and
+    /// the first of them.
+    #[serde(default)]
+    pub skipped: u64,
+    #[serde(default)]
+    pub skipped_paths: Vec<String>,
     /// Snapshots of the last [`HISTORY_DAYS`] days, oldest first.
     pub history: Vec<Point>,
 }
@@ -169,6 +175,11 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
                     (false, None) => Freshness::Unknown,
                 },
                 size_bytes: s.last_bytes,
+                skipped: newest.and_then(|x| x.incomplete.as_ref()).map_or(0, |i| i.skipped),
+                skipped_paths: newest
+                    .and_then(|x| x.incomplete.as_ref())
+                    .map(|i| i.paths.iter().take(PATHS_SHOWN).cloned().collect())
+                    .unwrap_or_default(),
                 damaged: st.damaged.iter().filter(|(_, d)| d.host == s.host && d.name == s.name).count() as u64,
                 history,
             }
@@ -299,6 +310,7 @@ mod tests {
             kind: SnapshotKind::Stream,
             stats: SnapshotStats { files: 1, dirs: 0, others: 0, bytes, data_chunks: 1 },
             protected: false,
+            incomplete: None,
         }
     }
 

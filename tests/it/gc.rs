@@ -128,7 +128,7 @@ fn chunk_reported_stored_survives_prune_and_gc_before_commit() {
         let tree = stream_tree(&data, &chunks);
         let tid = ChunkId::of(&tree);
         c.put(session, vec![(tid, blob::encode(&tree, 3))]).await.unwrap();
-        c.commit(session, vec![tid]).await.unwrap();
+        c.commit(session, vec![tid], None).await.unwrap();
     });
     assert!(restore_stdout(&server, &push, "latest") == data);
     // Once committed, a later GC still keeps them (the snapshot now marks them).
@@ -183,7 +183,7 @@ fn frozen_client_past_its_lease_cannot_commit_holes() {
             Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("push session"), "{m}"),
             other => panic!("expired session accepted an upload: {other:?}"),
         }
-        match c.commit(session, vec![tid]).await {
+        match c.commit(session, vec![tid], None).await {
             Err(ClientError::Server(_, ErrorCode::Rejected)) => {}
             other => panic!("expired session committed: {other:?}"),
         }

@@ -165,6 +165,7 @@ fn connect_retries_a_silent_server_for_its_budget_and_not_a_refusal() {
         server: format!("127.0.0.1:{}", silent.port),
         trust: bkp_client::config::Trust::Fingerprint(silent.fingerprint.clone()),
         token: "no-such-token".into(),
+        timeout: Duration::from_secs(6),
     };
     let start = std::time::Instant::now();
     let e = rt.block_on(bkp_client::Client::connect_within(&cfg, Duration::from_secs(6))).err().unwrap().to_string();

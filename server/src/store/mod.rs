@@ -238,7 +238,16 @@ pub trait MetaStore: Send + Sync + 'static {
     fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError>;
     /// Writes a checked snapshot durably, after every chunk put before it
     /// ([`ChunkStore::persist`]); returns its id and summary.
-    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError>;
+    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
+        self.commit_snapshot_with(snapshot, None)
+    }
+    /// [`MetaStore::commit_snapshot`], its summary marked with what the
+    /// push could not read.
+    fn commit_snapshot_with(
+        &self,
+        snapshot: &Snapshot,
+        incomplete: Option<bkp_common::snapshot::Incomplete>,
+    ) -> Result<SnapshotSummary, StoreError>;
     fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError>;
     /// Removes a snapshot (record and index) durably. Its chunks stay
     /// until garbage collection. Returns false if it did not exist, and

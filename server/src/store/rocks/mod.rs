@@ -171,8 +171,12 @@ impl MetaStore for RocksStore {
     fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError> {
         RocksStore::quarantined(self)
     }
-    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
-        RocksStore::commit_snapshot(self, snapshot)
+    fn commit_snapshot_with(
+        &self,
+        snapshot: &Snapshot,
+        incomplete: Option<bkp_common::snapshot::Incomplete>,
+    ) -> Result<SnapshotSummary, StoreError> {
+        RocksStore::commit_snapshot(self, snapshot, incomplete)
     }
     fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
         RocksStore::snapshot(self, id)

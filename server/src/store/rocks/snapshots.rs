@@ -1,7 +1,7 @@
 //! Snapshot records (`snapshots`) and the set index (`sets`, each entry a
 //! snapshot summary), and the commit that writes both.
 
-use bkp_common::snapshot::{Snapshot, SnapshotSummary};
+use bkp_common::snapshot::{Incomplete, Snapshot, SnapshotSummary};
 use bkp_common::SnapshotId;
 
 use super::db::db_err;
@@ -24,10 +24,14 @@ impl RocksStore {
         Ok(())
     }
 
-    pub fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
+    pub fn commit_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        incomplete: Option<Incomplete>,
+    ) -> Result<SnapshotSummary, StoreError> {
         let record = snapshot.encode();
         let id = SnapshotId::of(&record);
-        let summary = snapshot.summary(id);
+        let summary = SnapshotSummary { incomplete, ..snapshot.summary(id) };
         self.db.ensure_room(record.len() as u64)?;
         // Every chunk put before, data and metadata, is durable first.
         self.data.persist()?;

@@ -216,9 +216,9 @@ fn snapshots_survive_reopen_and_list_by_set() {
     };
     let id = {
         let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
-        s.commit_snapshot(&mk("ab", "db", 2)).unwrap();
-        s.commit_snapshot(&mk("a", "db", 1)).unwrap();
-        s.commit_snapshot(&mk("a", "files", 3)).unwrap().id
+        s.commit_snapshot(&mk("ab", "db", 2), None).unwrap();
+        s.commit_snapshot(&mk("a", "db", 1), None).unwrap();
+        s.commit_snapshot(&mk("a", "files", 3), None).unwrap().id
     };
     let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
     assert_eq!(s.list_snapshots(Some("a"), None).unwrap().len(), 2);
