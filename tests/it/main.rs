@@ -13,6 +13,7 @@ mod logs;
 mod metadata;
 mod monitoring;
 mod postgres;
+mod reload;
 mod resilience;
 mod s3;
 mod security;
