@@ -270,17 +270,29 @@ pub struct ServerProcess {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub fingerprint: String,
+    /// The port, held (bound, never read: silent) from `init` until the
+    /// first `serve`, so no other test's server takes it meanwhile.
+    reserved: std::sync::Mutex<Option<std::net::UdpSocket>>,
     child: Option<std::process::Child>,
 }
 
 impl ServerProcess {
-    /// Initialises a data directory; `serve` starts the process.
+    /// Initialises a data directory; `serve` starts the process. Until
+    /// then the port is bound here and nothing answers on it.
     pub fn init() -> Self {
         let dir = tempfile::tempdir().unwrap();
         ok(Command::new(bin("bkp-server")).args(["init", "--data"]).arg(dir.path()));
         let fingerprint = bkp_server::tls::fingerprint(&bkp_server::tls::load_cert(dir.path()).unwrap());
-        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self { dir, port, fingerprint, child: None }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        Self { dir, port, fingerprint, reserved: std::sync::Mutex::new(Some(socket)), child: None }
+    }
+
+    /// The `--listen` value for a `serve` about to start: gives the held
+    /// port up for it to bind.
+    pub fn listen_arg(&self) -> String {
+        self.reserved.lock().unwrap().take();
+        format!("127.0.0.1:{}", self.port)
     }
 
     pub fn token(&self, host: &str, role: &str) -> PathBuf {
@@ -295,7 +307,7 @@ impl ServerProcess {
     /// Starts `serve` with extra environment and waits for its control socket.
     pub fn serve(&mut self, env: &[(&str, &str)]) {
         let mut c = Command::new(bin("bkp-server"));
-        c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--data"])
+        c.args(["serve", "--listen", &self.listen_arg(), "--data"])
             .arg(self.dir.path())
             // 0600 like everything the server writes there: the
             // hardening test finds any file others could read.
@@ -317,6 +329,16 @@ impl ServerProcess {
     /// What `serve` logged so far (its stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// The running `serve`'s process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `bkp-server ARGS --data DIR`, not checked.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin("bkp-server")).args(args).arg("--data").arg(self.dir.path()).output().unwrap()
     }
 
     /// SIGKILL, then wait for the process to be gone.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 const LEARN_GAPS: usize = 10;
 const MIN_LEARNED: Duration = Duration::from_secs(3600);
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FreshnessConfig {
     /// Interval for every set without its own; unset: learn it.
@@ -39,7 +39,7 @@ impl Default for FreshnessConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SetFreshness {
     #[serde(with = "humantime_serde")]

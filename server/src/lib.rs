@@ -11,8 +11,9 @@
 //! |-------|---------|-------|
 //! | outer: transports and tasks | `cli`, [`server`] (endpoint, monitor loop, token watcher), `connection` (hello, frame budgets, upload batching, pacing), [`control`] (control socket), `http`, [`schedule`], [`state`] | [`ServerState`], the only place it is used |
 //! | requests | [`service`]: `push`, `read`, `admin`, one function per request | the store, `&Sessions`, a [`service::Caller`] |
-//! | jobs and monitoring | [`jobs`], [`gc`], [`prune`] + [`retention`], [`verify`], [`monitor`], [`status`], [`metrics`], [`alerts`], [`freshness`], [`push_failures`], [`audit`] | narrow views: [`jobs::Jobs`], [`monitor::Inputs`] |
-//! | rules | [`sessions`] (leases, the GC fence), [`commit`] (tree checks), [`tree_read`] (the one tree reader), [`limits`], [`tokens`], [`tls`], [`config`] | |
+//! | jobs and monitoring | [`jobs`], [`gc`], [`prune`], [`verify`], [`monitor`], [`status`], [`metrics`], [`alerts`], [`freshness`], [`push_failures`], [`audit`] | narrow views: [`jobs::Jobs`], [`monitor::Inputs`] |
+//! | rules | [`sessions`] (leases, the GC fence), [`commit`] (tree checks), [`tree_read`] (the one tree reader), [`limits`], [`tokens`], [`tls`], [`config`] (and what a reload may change) | |
+//! | records | [`report`] (job records and each kind's report, typed: the store persists them), [`retention`] (the pure planner their prune report holds), [`clock`] | |
 //! | storage | [`store`]: [`store::MetaStore`] + [`store::ChunkStore`], `rocks`, `object`, `schema` | RocksDB (and an object store) |
 //!
 //! # A chunk's path
@@ -72,6 +73,7 @@
 pub mod alerts;
 pub mod audit;
 pub mod cli;
+pub mod clock;
 pub mod commit;
 pub mod config;
 mod connection;
@@ -89,6 +91,7 @@ pub mod monitor;
 pub mod perms;
 pub mod prune;
 pub mod push_failures;
+pub mod report;
 pub mod retention;
 pub mod schedule;
 pub mod server;

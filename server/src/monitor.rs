@@ -29,7 +29,7 @@ use crate::verify::scrub;
 const JOB_HISTORY: usize = 500;
 const STATS_BATCH: usize = 1 << 16;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitorConfig {
     /// HTTP address of `/metrics` and `/healthz`; unset: none.
@@ -349,7 +349,7 @@ fn hostname() -> String {
 /// One check: evaluate, notify changes, remember what was notified.
 pub fn check(inp: &Inputs<'_>) -> Result<(), StoreError> {
     jobs::flush_unwritten(inp.store, inp.running);
-    let now_ns = jobs::now_ns();
+    let now_ns = crate::clock::now_ns();
     let st = status(inp, now_ns)?;
     let conds = conditions(&st, inp.alerts.disk_free_min_percent);
     inp.monitor.firing.store(conds.len() as u64, Ordering::Relaxed);

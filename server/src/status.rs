@@ -253,7 +253,7 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
 /// Reads the store (blocking: call off the async runtime).
 pub fn collect(inp: &Inputs<'_>) -> Result<ServerStatus, StoreError> {
     crate::jobs::flush_unwritten(inp.store, inp.running);
-    let now = crate::jobs::now_ns();
+    let now = crate::clock::now_ns();
     let summaries = inp.store.list_snapshots(None, None)?;
     let st = monitor::status_of(inp, &summaries, now)?;
     Ok(build(&st, &summaries, inp.alerts.disk_free_min_percent, now))

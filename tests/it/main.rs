@@ -15,6 +15,7 @@ mod logs;
 mod metadata;
 mod monitoring;
 mod postgres;
+mod reload;
 mod resilience;
 mod run;
 mod s3;

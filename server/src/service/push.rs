@@ -11,8 +11,8 @@ use bkp_common::ChunkId;
 use tracing::{debug, warn};
 
 use super::{Caller, ServiceError};
+use crate::clock::now_ns;
 use crate::commit::{check_tree, parent_refs, push_budget};
-use crate::jobs::now_ns;
 use crate::sessions::{PushGuard, Sessions};
 use crate::store::{MetaStore, PutStats, Store, VerifiedChunk};
 

@@ -144,6 +144,33 @@ fn a_commit_referencing_a_chunk_the_host_never_proved_is_refused() {
 }
 
 #[test]
+fn a_commit_listing_a_tree_chunk_too_often_is_refused_before_any_is_read() {
+    let w = world();
+    let a = caller("a", Role::Push);
+    let (file, tree) = (chunk(b"data"), tree_of("f", b"data"));
+    let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
+    push::put_batch(&w.store, &w.sessions, &a, s, vec![file, tree.clone()]).unwrap();
+    // Each repeat would be read, decompressed and walked again, for free.
+    let many = vec![tree.0; crate::commit::MAX_TREE_REPEATS + 2];
+    let e = push::commit(&w.store, &w.sessions, &a, s, many, 0).unwrap().result.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Rejected);
+    assert!(
+        e.to_string().contains(&format!("repeats its chunks {} times", crate::commit::MAX_TREE_REPEATS + 1)),
+        "{e}"
+    );
+    // A chunk the store never had, repeated past the cap: the refusal is
+    // the count, so nothing was looked up.
+    let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
+    let gone = ChunkId::of(b"never uploaded");
+    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 5000], 0).unwrap().result.unwrap_err();
+    assert!(e.to_string().contains("repeats its chunks 4999 times"), "{e}");
+    // Within the cap the tree is read as usual (and here found missing).
+    let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
+    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 3], 0).unwrap().result.unwrap_err();
+    assert!(e.to_string().contains("is referenced but is not stored"), "{e}");
+}
+
+#[test]
 fn a_fetch_of_another_hosts_chunk_is_refused() {
     let w = world();
     let (a, b) = (caller("a", Role::Restore), caller("b", Role::Push));

@@ -77,6 +77,7 @@
 //!   database from it; a lost WAL tail is logged at open
 //!   (`rocks::COMMIT_MARK_FILE`).
 
+mod error;
 pub mod object;
 pub mod pack;
 pub mod rocks;
@@ -85,28 +86,14 @@ pub mod salvage;
 pub mod schema;
 pub mod space;
 
-pub use schema::{AlertState, ChunkMeta, Damage, HostNum, QuarantineRecord, ScrubCursor};
+pub use error::StoreError;
+pub use schema::{AlertState, ChunkMeta, Damage, HostNum, PushFailure, QuarantineRecord, ScheduledSince, ScrubCursor};
 
 use bkp_common::blob;
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
 use bkp_common::{ChunkId, SnapshotId};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Db(String),
-    #[error("stored data is corrupt: {0}; run a verify job and restore from another copy")]
-    Corrupt(String),
-    #[error("data directory {0}: {1}")]
-    Open(String, String),
-    /// A protected snapshot is never deleted, by forget or by prune.
-    #[error("snapshot {} is protected; lift the protection first with `bkp protect {} --remove`", .0.short(), .0.short())]
-    Protected(SnapshotId),
-    /// A write refused (or failed) for want of disk space. Reads go on;
-    /// writes resume by themselves once space is freed.
-    #[error("server storage is full ({0} MiB free); free space on the server (`bkp-server gc`) and push again")]
-    Full(u64),
-}
+use crate::report::JobRecord;
 
 /// A chunk whose blob was decoded and re-hashed by the server. The only
 /// way to build one is [`VerifiedChunk::verify`], so nothing unchecked
@@ -163,10 +150,11 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Adds the data of `chunks` (or what stands for it) to `batch`, the
     /// metadata store's write that records them. See the module doc for
     /// what a backend may and may not leave behind in a crash.
-    fn stage_data(&self, chunks: &[&VerifiedChunk], batch: &mut rocks::Batch<'_>) -> Result<(), StoreError>;
+    fn stage_data(&self, chunks: &[&VerifiedChunk], batch: &mut rocks::durability::Batch<'_>)
+        -> Result<(), StoreError>;
     /// Adds the removal of these chunks' data to `batch` (ids with no data
     /// are skipped).
-    fn stage_delete(&self, ids: &[ChunkId], batch: &mut rocks::Batch<'_>) -> Result<(), StoreError>;
+    fn stage_delete(&self, ids: &[ChunkId], batch: &mut rocks::durability::Batch<'_>) -> Result<(), StoreError>;
     /// The stored blob of a chunk, as uploaded (readers check its hash).
     fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError>;
     /// Makes the data of every chunk staged so far durable. A commit calls
@@ -258,13 +246,20 @@ pub trait MetaStore: Send + Sync + 'static {
     fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError>;
     /// Summaries, oldest first, filtered by host and set name.
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError>;
-    fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;
-    /// The newest `limit` job records, newest first.
-    fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
-    /// A `meta` value by key, for records whose codec is their module's
-    /// own (versioned JSON: `schedule`, `push_failures`).
-    fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Stores a job run's record (versioned JSON, `schema::encode_job`).
+    fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError>;
+    /// The newest `limit` job records, newest first; one that does not
+    /// decode fails the listing with `Corrupt`.
+    fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
+    /// When the scheduler first found each job kind scheduled (`None`:
+    /// never noted; `Corrupt`: unreadable).
+    fn scheduled_since(&self) -> Result<Option<ScheduledSince>, StoreError>;
+    fn set_scheduled_since(&self, s: &ScheduledSince) -> Result<(), StoreError>;
+    /// Every set's reported push failures (see `crate::push_failures`).
+    fn push_failures(&self) -> Result<Vec<PushFailure>, StoreError>;
+    /// Writes these sets' failure records and deletes those of `delete`
+    /// (host, name), in one synced write: a report writes its own set's.
+    fn put_push_failures(&self, put: &[PushFailure], delete: &[(String, String)]) -> Result<(), StoreError>;
     /// The store's schema version (`None` only before the first open
     /// wrote it): reading it tells whether the database answers.
     fn schema_version(&self) -> Result<Option<u32>, StoreError>;

@@ -576,45 +576,46 @@ pub fn open_store(
 ) -> Result<super::rocks::RocksStore, StoreError> {
     use super::object::config::Backend;
     // Only s3 is marked: `bkp-server init` opens every new directory with
-    // the defaults (local), which must not claim it.
+    // the defaults (local), which must not claim it. The database opens
+    // once; the marker is read from it before the bucket is reached (and
+    // its lease taken).
     let want: &[u8] = if storage.backend == Backend::S3 { b"s3" } else { b"local" };
-    // Looked at before the bucket is reached (and its lease taken).
-    let (had, has_chunks) = {
-        let s = super::rocks::RocksStore::open(db_dir, cache_bytes)?;
-        (s.meta_get(schema::META_STORAGE_BACKEND)?, !s.chunk_metas(None, 1)?.is_empty())
-    };
-    match &had {
-        Some(had) if had != want && had.as_slice() != b"local" => {
-            return Err(StoreError::Open(
-                data_dir.display().to_string(),
-                format!(
-                    "this data directory keeps its chunk data in backend {:?}, but [storage] says {:?}: give the \
-                     command the server's config (`--config FILE`, or DATA/server.toml) with its [storage] section",
-                    String::from_utf8_lossy(had),
-                    String::from_utf8_lossy(want)
-                ),
-            ))
+    super::rocks::RocksStore::open_with(db_dir, cache_bytes, |db| {
+        let had = db.storage_backend()?;
+        match &had {
+            Some(had) if had != want && had.as_slice() != b"local" => {
+                return Err(StoreError::Open(
+                    data_dir.display().to_string(),
+                    format!(
+                        "this data directory keeps its chunk data in backend {:?}, but [storage] says {:?}: give \
+                         the command the server's config (`--config FILE`, or DATA/server.toml) with its [storage] \
+                         section",
+                        String::from_utf8_lossy(had),
+                        String::from_utf8_lossy(want)
+                    ),
+                ))
+            }
+            None if storage.backend == Backend::S3 && db.has_chunk_meta()? => {
+                return Err(StoreError::Open(
+                    data_dir.display().to_string(),
+                    "this data directory holds chunk data on local disk (backend \"local\"); an s3 backend starts \
+                     with a new data directory (moving a store to a bucket is not built yet)"
+                        .into(),
+                ))
+            }
+            _ => {}
         }
-        None if storage.backend == Backend::S3 && has_chunks => {
-            return Err(StoreError::Open(
-                data_dir.display().to_string(),
-                "this data directory holds chunk data on local disk (backend \"local\"); an s3 backend starts \
-                 with a new data directory (moving a store to a bucket is not built yet)"
-                    .into(),
-            ))
-        }
-        _ => {}
-    }
-    let store = match storage.backend {
-        Backend::Local => super::rocks::RocksStore::open(db_dir, cache_bytes)?,
-        Backend::S3 => super::rocks::RocksStore::open_with(db_dir, cache_bytes, |db| {
-            Ok(Arc::new(S3Chunks::open(db, storage, data_dir)?) as Arc<dyn ChunkStore>)
-        })?,
-    };
-    if had.is_none() && storage.backend == Backend::S3 {
-        store.meta_put(schema::META_STORAGE_BACKEND, want)?;
-    }
-    Ok(store)
+        Ok(match storage.backend {
+            Backend::Local => Arc::new(super::rocks::LocalChunks::new(db)) as Arc<dyn ChunkStore>,
+            Backend::S3 => {
+                let data = S3Chunks::open(db.clone(), storage, data_dir)?;
+                if had.is_none() {
+                    db.mark_storage_backend(want)?;
+                }
+                Arc::new(data)
+            }
+        })
+    })
 }
 
 #[cfg(test)]
@@ -793,8 +794,11 @@ mod tests {
         assert!(e.to_string().contains("backend \"local\""), "{e}");
         // Marked s3 (as an s3 open does): a local open refuses.
         {
-            let s = crate::store::rocks::RocksStore::open(&db, 8 << 20).unwrap();
-            crate::store::MetaStore::meta_put(&s, schema::META_STORAGE_BACKEND, b"s3").unwrap();
+            let s = crate::store::rocks::RocksStore::open_with(&db, 8 << 20, |db| {
+                db.mark_storage_backend(b"s3")?;
+                Ok(Arc::new(crate::store::rocks::LocalChunks::new(db)) as Arc<dyn ChunkStore>)
+            });
+            s.unwrap();
         }
         let Err(e) = open_store(&db, 8 << 20, &StorageConfig::default(), dir.path()) else { panic!("opened") };
         assert!(e.to_string().contains("--config"), "{e}");

@@ -53,6 +53,21 @@ impl RocksStore {
         Ok(summary)
     }
 
+    /// At open, once: a `protected/` key for every summary protected
+    /// before those keys existed.
+    pub(super) fn index_protected(&self) -> Result<(), StoreError> {
+        let meta = self.cf(schema::CF_META);
+        if self.db.raw().get_cf(meta, schema::META_PROTECTED_INDEX).map_err(db_err)?.is_some() {
+            return Ok(());
+        }
+        let mut batch = Batch::new(&self.db);
+        for s in self.list_snapshots(None, None)?.iter().filter(|s| s.protected) {
+            batch.put(schema::CF_META, schema::protected_key(&s.id), b"");
+        }
+        batch.put(schema::CF_META, schema::META_PROTECTED_INDEX, [1]);
+        self.db.write_synced(batch)
+    }
+
     pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
         match self.db.raw().get_cf(self.cf(schema::CF_SNAPSHOTS), id.as_bytes()).map_err(db_err)? {
             None => Ok(None),
@@ -74,6 +89,7 @@ impl RocksStore {
         let mut batch = Batch::new(&self.db);
         batch.delete(schema::CF_SNAPSHOTS, id.as_bytes());
         batch.delete(schema::CF_SETS, set_key);
+        batch.delete(schema::CF_META, schema::protected_key(id));
         // A forgotten snapshot no longer needs healing, nor alerting on.
         batch.delete(schema::CF_DAMAGED, id.as_bytes());
         self.db.write_synced(batch)?;
@@ -90,6 +106,10 @@ impl RocksStore {
         summary.protected = protected;
         let mut batch = Batch::new(&self.db);
         batch.put(schema::CF_SETS, key, schema::encode_summary(&summary));
+        match protected {
+            true => batch.put(schema::CF_META, schema::protected_key(id), b""),
+            false => batch.delete(schema::CF_META, schema::protected_key(id)),
+        }
         self.db.write_synced(batch)?;
         Ok(true)
     }

@@ -23,7 +23,7 @@ use bkp_common::ChunkId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 
 /// Version byte of a value, and whether `b` is a value an older build
 /// wrote as bare JSON (an object: `{`).
