@@ -10,6 +10,8 @@ pub trait Progress: Send + Sync {
     fn uploaded(&self, _bytes: u64) {}
     /// Bytes written by a restore.
     fn restored(&self, _bytes: u64) {}
+    /// The bytes a restore is going to write, known before it starts.
+    fn restore_total(&self, _bytes: u64) {}
 }
 
 /// Reports nothing.

@@ -2,6 +2,7 @@
 //! on 127.0.0.1 with a real RocksDB and drives the real `bkp` binary.
 
 mod audit;
+mod browse;
 mod dos;
 mod email;
 mod faults;
@@ -12,6 +13,7 @@ mod jobs;
 mod logs;
 mod metadata;
 mod monitoring;
+mod mount;
 mod postgres;
 mod resilience;
 mod s3;
