@@ -57,8 +57,11 @@ pub async fn diff(client: Arc<Client>, a: SnapshotId, b: SnapshotId) -> Result<D
     let ops = align(&sa.tree, &sb.tree);
     let plan = Plan::new(&ops, sa.tree.len(), sb.tree.len());
     let wanted: HashSet<ChunkId> = plan.ids(&sa.tree, &sb.tree);
+    tracing::debug!("diff: {} of {total} tree chunks differ or frame a difference: {ops:?}", wanted.len());
+    let mut fetched = 0;
     if wanted.len() <= SPARSE_MAX_CHUNKS && wanted.len() as u64 * 2 <= total {
         let n = wanted.len() as u64;
+        fetched = n;
         let chunks: HashMap<ChunkId, Arc<Vec<u8>>> =
             fetch_all(&client, wanted.into_iter().collect()).await?.into_iter().collect();
         let (ta, tb) = (sa.tree.clone(), sb.tree.clone());
@@ -69,14 +72,13 @@ pub async fn diff(client: Arc<Client>, a: SnapshotId, b: SnapshotId) -> Result<D
             r.tree_chunks = TreeReads { total, fetched: n };
             return Ok(r);
         }
-        tracing::debug!("diff: the skipped stretches did not line up; reading both trees whole");
+        tracing::debug!("diff: reading both trees whole");
     }
     let handle = Handle::current();
     let mut r = tokio::task::spawn_blocking(move || full(client, handle, &sa, &sb))
         .await
         .map_err(|e| ClientError::Task { what: "diff thread", source: e })??;
-    r.tree_chunks.fetched += total;
-    r.tree_chunks.total = total;
+    r.tree_chunks = TreeReads { total, fetched: fetched + total };
     Ok(r)
 }
 
@@ -188,7 +190,10 @@ fn side(ids: &[ChunkId], need: &[bool], chunks: &HashMap<ChunkId, Arc<Vec<u8>>>)
             (Records::new(), 0)
         } else {
             let v = version?;
-            let o = resync(&chunks[&ids[start]], v)?;
+            let Some(o) = resync(&chunks[&ids[start]], v) else {
+                tracing::debug!("diff: no record boundary found in tree chunk {start}");
+                return None;
+            };
             (Records::resumed(v), o)
         };
         // Where each chunk of the run begins in the run's bytes.
@@ -204,7 +209,10 @@ fn side(ids: &[ChunkId], need: &[bool], chunks: &HashMap<ChunkId, Arc<Vec<u8>>>)
                 let (pos, e) = match rec.next_record() {
                     Ok(Some(x)) => x,
                     Ok(None) => break,
-                    Err(_) => return None,
+                    Err(e) => {
+                        tracing::debug!("diff: tree chunks from {start} do not parse: {e}");
+                        return None;
+                    }
                 };
                 let &(ci, cstart, cskip) = starts.iter().rev().find(|(_, s, _)| *s <= pos).expect("a chunk");
                 first.entry(ci).or_insert((pos - cstart) as usize + cskip);
@@ -226,12 +234,18 @@ fn sparse(a: &[ChunkId], b: &[ChunkId], plan: &Plan, chunks: &HashMap<ChunkId, A
     for (i, j) in &plan.after {
         match (fa.get(i), fb.get(j)) {
             (Some(x), Some(y)) if x == y => {}
-            _ => return None,
+            (x, y) => {
+                tracing::debug!("diff: first record boundaries in shared chunk {i}/{j} differ: {x:?}, {y:?}");
+                return None;
+            }
         }
     }
     let mut r = DiffReport::default();
     let (mut ia, mut ib) = (na.into_iter(), nb.into_iter());
-    merge(|| Ok(ia.next()), || Ok(ib.next()), &mut r).ok()?;
+    if let Err(e) = merge(|| Ok(ia.next()), || Ok(ib.next()), &mut r) {
+        tracing::debug!("diff: {e}");
+        return None;
+    }
     Some(r)
 }
 

@@ -72,7 +72,8 @@ impl SnapFs {
             return Ok(()); // read meanwhile
         }
         let entries = self.read_tree(id).map_err(|e| {
-            tracing::error!("reading the tree of snapshot {}: {e}", id.short());
+            // The kernel only passes on EIO: say why where the user sees it.
+            eprintln!("bkp: reading the tree of snapshot {}: {e}", id.short());
             Errno::EIO
         })?;
         self.table.write().expect("table lock").fill(ino, entries);
@@ -220,7 +221,7 @@ impl Filesystem for SnapFs {
             let data = match self.chunk(r.id, r.len) {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::error!("reading chunk {}: {e}", r.id.short());
+                    eprintln!("bkp: reading chunk {}: {e}", r.id.short());
                     return reply.error(Errno::EIO);
                 }
             };
