@@ -15,11 +15,13 @@ use bkp_common::tree::Entry;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::browse;
 use crate::config::{ClientConfig, FileConfig};
 use crate::conn::Client;
 use crate::progress::{Progress, Silent};
 use crate::push::incremental::CacheSpec;
 use crate::push::{push_with, ExcludeSpec, PushOptions, Source};
+use crate::restore::progress_bar::restore_progress;
 use crate::restore::snapshot_spec::resolve;
 use crate::restore::{restore, verify, RestoreOptions, TreeReader};
 
@@ -164,9 +166,51 @@ enum Cmd {
         /// writing nothing: a restore drill. Fails listing what does not check out.
         #[arg(long, conflicts_with_all = ["target", "stdout"])]
         verify_only: bool,
-        /// Restore only these paths (and what is below them).
+        /// Restore only paths matching this glob, and what is below them
+        /// (relative to the snapshot root as `bkp ls` prints them; without `/`:
+        /// a name at any depth). A pattern that matches nothing is an error.
         #[arg(long)]
         include: Vec<String>,
+        /// Leave out paths matching this glob, and what is below them.
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
+    /// What changed between two snapshots: + added, - removed, M content,
+    /// U metadata only, T type.
+    Diff {
+        from: String,
+        to: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Which snapshots hold paths matching a glob (as restore --include takes).
+    Find {
+        glob: String,
+        /// Another host's snapshots (admin tokens).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Only snapshots newer than this: an age (`7d`, `36h`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Write one file of a snapshot to stdout.
+    Cat {
+        snapshot: String,
+        path: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Mount the host's snapshots read-only (FUSE) at DIR, until Ctrl-C,
+    /// SIGTERM or `fusermount3 -u DIR`.
+    Mount {
+        dir: PathBuf,
+        /// Another host's snapshots (admin tokens).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -474,14 +518,15 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
             client.protect(id, !remove).await?;
             Ok(())
         }
-        Cmd::Restore { snapshot, name, target, stdout, include, verify_only } => {
+        Cmd::Restore { snapshot, name, target, stdout, include, exclude, verify_only } => {
             let id = pick(&client, snapshot, name.as_deref()).await?;
-            let prog: Arc<dyn Progress> = if *stdout { Arc::new(Silent) } else { progress() };
+            let prog: Arc<dyn Progress> = if *stdout { Arc::new(Silent) } else { restore_progress() };
             let r = if *verify_only {
-                verify(client, id, include.clone(), prog).await?
+                verify(client, id, include.clone(), exclude.clone(), prog).await?
             } else {
                 let target = if *stdout { None } else { target.clone() };
-                restore(client, id, RestoreOptions { target, include: include.clone() }, prog).await?
+                let opts = RestoreOptions { target, include: include.clone(), exclude: exclude.clone() };
+                restore(client, id, opts, prog).await?
             };
             for e in &r.errors {
                 // They name paths from the snapshot.
@@ -504,6 +549,25 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
                 anyhow::bail!("{} entries {what} (see above)", r.errors.len());
             }
             Ok(())
+        }
+        Cmd::Diff { from, to, name } => {
+            let (a, b) = (pick(&client, from, name.as_deref()).await?, pick(&client, to, name.as_deref()).await?);
+            browse::diff::print(&browse::diff::diff(client, a, b).await?, cli.json, cli.verbose)?;
+            Ok(())
+        }
+        Cmd::Find { glob, host, name, since } => {
+            let list = browse::find::since(client.snapshots(host.clone(), name.clone()).await?, since.as_deref())?;
+            browse::find::print(&browse::find::find(client, glob, list).await?, cli.json, cli.verbose)?;
+            Ok(())
+        }
+        Cmd::Cat { snapshot, path, name } => {
+            let id = pick(&client, snapshot, name.as_deref()).await?;
+            browse::cat::cat(client, id, path).await?;
+            Ok(())
+        }
+        Cmd::Mount { dir, host, name } => {
+            let list = client.snapshots(host.clone(), name.clone()).await?;
+            Ok(crate::mount::mount(client, dir.clone(), list).await?)
         }
     }
 }

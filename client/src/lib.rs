@@ -1,10 +1,12 @@
 //! bkp client library: configuration, connection, push pipeline,
 //! restore. The `bkp` binary only parses arguments and calls [`cli`].
 
+pub mod browse;
 pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod mount;
 pub mod parallel_hash;
 pub mod progress;
 pub mod push;

@@ -20,6 +20,8 @@ pub trait Progress: Send + Sync {
     /// The pre-scan's count so far: regular files and their bytes; `done`
     /// once it has seen everything (the totals are final).
     fn totals(&self, _files: u64, _bytes: u64, _done: bool) {}
+    /// The bytes a restore is going to write, known before it starts.
+    fn restore_total(&self, _bytes: u64) {}
 }
 
 /// Reports nothing.

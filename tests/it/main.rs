@@ -2,6 +2,7 @@
 //! on 127.0.0.1 with a real RocksDB and drives the real `bkp` binary.
 
 mod audit;
+mod browse;
 mod dos;
 mod email;
 mod excludes;
@@ -14,6 +15,7 @@ mod jobs;
 mod logs;
 mod metadata;
 mod monitoring;
+mod mount;
 mod postgres;
 mod reload;
 mod resilience;
