@@ -39,7 +39,9 @@ const BATCH_IDLE: Duration = Duration::from_secs(1);
 /// thread hand-offs cost more than the writes.
 const PUT_BATCH: usize = 64;
 const PUT_BATCH_BYTES: usize = 1 << 20;
-/// Blob bytes read per blocking task while answering GetChunks.
+/// Blob bytes read per blocking task while answering GetChunks, at least
+/// (the backend may ask for more: an object store reads a batch with many
+/// GETs in flight).
 const FETCH_READ_BYTES: usize = 1 << 20;
 
 struct Conn {
@@ -473,8 +475,12 @@ impl Conn {
             // Blobs are read about 1 MiB at a time per blocking task: a
             // task per small chunk cost more than reading it.
             let q = ids.clone();
-            let blobs =
-                self.call(move |st, _| Ok(read::read_blobs(st.store.as_ref(), &q[next..], FETCH_READ_BYTES)?)).await?;
+            let blobs = self
+                .call(move |st, _| {
+                    let max = st.store.read_batch_bytes().max(FETCH_READ_BYTES);
+                    Ok(read::read_blobs(st.store.as_ref(), &q[next..], max)?)
+                })
+                .await?;
             for blob in blobs {
                 let id = ids[next];
                 let blob = blob.ok_or_else(|| self.fail(ServiceError::missing_chunk(&id)))?;

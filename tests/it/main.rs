@@ -15,6 +15,7 @@ mod monitoring;
 mod postgres;
 mod resilience;
 mod s3;
+mod s3_faults;
 mod security;
 mod status;
 mod stream;
