@@ -53,6 +53,23 @@ impl TestServer {
         s
     }
 
+    /// A server on a data directory made elsewhere (`bkp-server rebuild`).
+    pub fn start_on(dir: tempfile::TempDir, config: ServerConfig) -> Self {
+        let cert = bkp_server::tls::load_cert(dir.path()).expect("the directory has a certificate");
+        let fingerprint = bkp_server::tls::fingerprint(&cert);
+        let mut s = Self {
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            fingerprint,
+            config,
+            state: None,
+            stop: None,
+            thread: None,
+        };
+        s.boot(None);
+        s
+    }
+
     /// The running server's state, for jobs and hooks in process.
     pub fn state(&self) -> Arc<bkp_server::ServerState> {
         self.state.clone().expect("server running")

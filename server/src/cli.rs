@@ -142,6 +142,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A new data directory from the bucket alone ([storage] backend s3):
+    /// every committed snapshot back, from the pack indexes and snapshot
+    /// records. Tokens and the TLS key are new (clients need both again).
+    Rebuild {
+        /// A new (or empty) data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The server config whose [storage] names the bucket.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild the database from what is intact; the damaged one is kept
     /// aside as db.damaged-<time>. Stop the server first.
     Salvage {
@@ -272,6 +285,7 @@ fn execute(cli: Cli) -> Result<()> {
         Cmd::Reload { data, json } => reload(&data, json),
         Cmd::Check { data, json } => check_store(&data, json),
         Cmd::Salvage { data, json } => salvage_store(&data, json),
+        Cmd::Rebuild { data, config, json } => rebuild_store(&data, &config, json),
         Cmd::Audit { data, since, json } => print_audit(&data, since, json),
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
@@ -632,10 +646,20 @@ fn summary(r: &JobRecord) -> String {
     match &r.figures {
         None => "no report".to_string(),
         Some(Report::Prune(f)) => format!("{} kept, {} removed in {} sets", f.kept, f.removed, f.sets),
-        Some(Report::Gc(f)) => format!(
-            "{} chunks freed ({} bytes), disk {} -> {} bytes",
-            f.chunks_deleted, f.bytes_freed, f.disk_bytes_before, f.disk_bytes_after
-        ),
+        Some(Report::Gc(f)) => {
+            let packs = if f.pack_objects_deleted + f.packs_repacked > 0 {
+                format!(
+                    "; bucket: {} pack objects deleted, {} packs repacked ({} bytes rewritten)",
+                    f.pack_objects_deleted, f.packs_repacked, f.pack_bytes_rewritten
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "{} chunks freed ({} bytes), disk {} -> {} bytes{packs}",
+                f.chunks_deleted, f.bytes_freed, f.disk_bytes_before, f.disk_bytes_after
+            )
+        }
         Some(Report::Verify(f)) => {
             let scrub = match &f.scrub {
                 Some(s) => {
@@ -734,6 +758,47 @@ fn check_store(data: &Path, json: bool) -> Result<()> {
 }
 
 /// `bkp-server salvage`.
+fn rebuild_store(data: &Path, config: &Path, json: bool) -> Result<()> {
+    let cfg = ServerConfig::load(config)?;
+    if cfg.storage.backend != crate::store::object::config::Backend::S3 {
+        anyhow::bail!("{}: [storage] backend is not \"s3\"; rebuild reads a bucket", config.display());
+    }
+    crate::perms::private_dir(data)
+        .with_context(|| format!("creating {} with mode 0700 (it must belong to this user)", data.display()))?;
+    let _serve = crate::control::lock_serve(data).map_err(|e| anyhow::anyhow!("rebuild not started: {e}"))?;
+    crate::logging::init();
+    let fp = match crate::tls::load_cert(data) {
+        Ok(c) => crate::tls::fingerprint(&c),
+        Err(_) => crate::tls::init(data)?,
+    };
+    let db = data.join(crate::state::DB_DIR);
+    let r = crate::store::s3::rebuild::rebuild(&db, cfg.cache_mb << 20, &cfg.storage, data)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "rebuilt {}: {} snapshots of {} hosts, {} chunks in {} packs ({} unreferenced chunks left to gc)",
+        data.display(),
+        r.snapshots,
+        r.hosts,
+        r.chunks_located,
+        r.packs,
+        r.chunks_unreferenced
+    );
+    if r.packs_unreadable + r.records_bad + r.snapshots_incomplete > 0 {
+        println!(
+            "{} pack(s) unreadable, {} snapshot record(s) bad, {} snapshot(s) incomplete (see the log); run \
+             `bkp-server verify --full` once the server runs",
+            r.packs_unreadable, r.records_bad, r.snapshots_incomplete
+        );
+    }
+    println!("next: create tokens again (`bkp-server token create`), give clients the new fingerprint:");
+    println!("{fp}");
+    println!("and start the server with `--config {}`", config.display());
+    Ok(())
+}
+
 fn salvage_store(data: &Path, json: bool) -> Result<()> {
     let db = data.join(crate::state::DB_DIR);
     // Held for the whole rebuild: a `serve` started meanwhile would write

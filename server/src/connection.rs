@@ -41,7 +41,9 @@ const BATCH_IDLE: Duration = Duration::from_secs(1);
 /// thread hand-offs cost more than the writes.
 const PUT_BATCH: usize = 64;
 const PUT_BATCH_BYTES: usize = 1 << 20;
-/// Blob bytes read per blocking task while answering GetChunks.
+/// Blob bytes read per blocking task while answering GetChunks, at least
+/// (the backend may ask for more: an object store reads a batch with many
+/// GETs in flight).
 const FETCH_READ_BYTES: usize = 1 << 20;
 
 struct Conn {
@@ -523,7 +525,10 @@ impl Conn {
             // task per small chunk cost more than reading it.
             let q = ids.clone();
             let blobs = self
-                .call(move |st, _| Ok(read::read_blobs(st.store().as_ref(), &q[next..], FETCH_READ_BYTES)?))
+                .call(move |st, _| {
+                    let max = st.store().read_batch_bytes().max(FETCH_READ_BYTES);
+                    Ok(read::read_blobs(st.store().as_ref(), &q[next..], max)?)
+                })
                 .await?;
             for blob in blobs {
                 let id = ids[next];

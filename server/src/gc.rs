@@ -202,6 +202,13 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
         report.chunks_deleted += n as u64;
         after = Some(last);
     }
+    // Packs (an object store): dead ones deleted, sparse ones rewritten;
+    // their location switches run under the fence.
+    let fence = |f: &mut dyn FnMut() -> Result<(), StoreError>| sessions.sweep(|_| f());
+    let packs = store.gc_packs(&fence)?;
+    report.pack_objects_deleted = packs.objects_deleted;
+    report.packs_repacked = packs.packs_repacked;
+    report.pack_bytes_rewritten = packs.bytes_rewritten;
     drop(epoch);
     let reclaimed = store.reclaim_space();
     report.disk_bytes_after = store.disk_bytes()?;

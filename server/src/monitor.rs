@@ -137,6 +137,8 @@ pub struct Status {
     pub push_failures: Vec<PushFailing>,
     /// Job kinds with a schedule (a kind scheduled but never run shows).
     pub scheduled: Vec<&'static str>,
+    /// The object store's figures (backend s3).
+    pub backend: Option<crate::store::BackendStats>,
 }
 
 /// A set's reported push failures, and whether they are still news.
@@ -250,6 +252,7 @@ pub fn status_of(inp: &Inputs<'_>, summaries: &[SnapshotSummary], now_ns: u64) -
             .collect(),
         sets,
         scheduled: inp.jobs.schedules().iter().filter(|(_, e)| e.is_some()).map(|(k, _)| k.as_str()).collect(),
+        backend: store.backend_stats(),
     })
 }
 
@@ -319,6 +322,19 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
             ),
             fingerprint: ids.join(","),
         });
+    }
+    if let Some(b) = st.backend {
+        if let Some(secs) = b.unreachable_secs.filter(|s| *s >= b.unreachable_alert_secs) {
+            out.push(Condition {
+                key: "bucket".into(),
+                kind: "bucket",
+                summary: format!(
+                    "the object store has not answered for {secs} s: pushes fail, restores of uncached data fail; \
+                     check the bucket's endpoint and network ([storage] in server.toml)"
+                ),
+                fingerprint: "unreachable".into(),
+            });
+        }
     }
     if let Some(d) = st.disk.filter(|d| d.total > 0) {
         let pct = d.free as f64 * 100.0 / d.total as f64;

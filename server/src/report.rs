@@ -151,6 +151,16 @@ pub struct GcReport {
     pub disk_bytes_before: u64,
     pub disk_bytes_after: u64,
     pub seconds: f64,
+    /// Object store: pack objects deleted (dead, retired by the previous
+    /// run, orphans of a crash).
+    #[serde(default)]
+    pub pack_objects_deleted: u64,
+    /// Object store: packs whose live chunks were copied into new ones.
+    #[serde(default)]
+    pub packs_repacked: u64,
+    /// Object store: blob bytes those copies rewrote.
+    #[serde(default)]
+    pub pack_bytes_rewritten: u64,
 }
 
 // ---- verify ----

@@ -333,6 +333,7 @@ mod tests {
             sessions: 0,
             push_failures: Vec::new(),
             scheduled: vec!["verify"],
+            backend: None,
         }
     }
 
@@ -399,6 +400,27 @@ mod tests {
         // The JSON is what `status --json` and the control socket carry.
         let back: ServerStatus = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// The bucket alert fires once the object store has not answered for
+    /// `unreachable_alert_secs`, not before, and not while it answers.
+    #[test]
+    fn an_unreachable_bucket_alerts_after_its_threshold() {
+        let now = 10 * 86_400 * S;
+        let with = |secs: Option<u64>| {
+            let mut st = status(&[], &FreshnessConfig::default(), Vec::new(), now);
+            st.backend = Some(crate::store::BackendStats {
+                unreachable_secs: secs,
+                unreachable_alert_secs: 300,
+                ..Default::default()
+            });
+            build(&st, &[], 10.0, now).alerts
+        };
+        assert!(with(None).iter().all(|a| a.key != "bucket"));
+        assert!(with(Some(299)).iter().all(|a| a.key != "bucket"));
+        let fired = with(Some(300));
+        let a = fired.iter().find(|a| a.key == "bucket").expect("bucket alert");
+        assert!(a.summary.contains("300 s") && a.summary.contains("[storage]"), "{}", a.summary);
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod reload;
 mod resilience;
 mod run;
 mod s3;
+mod s3_faults;
 mod security;
 mod status;
 mod stream;

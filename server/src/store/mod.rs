@@ -126,6 +126,44 @@ impl VerifiedChunk {
     }
 }
 
+/// Runs a step under the GC fence (the write side of the sessions' fence:
+/// no put batch, commit or quarantine runs meanwhile).
+pub type Fence<'a> = dyn Fn(&mut dyn FnMut() -> Result<(), StoreError>) -> Result<(), StoreError> + 'a;
+
+/// An object store backend's figures (metrics, and the bucket alert).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BackendStats {
+    pub puts: u64,
+    pub gets: u64,
+    /// Failed attempts (retried or not).
+    pub errors: u64,
+    pub retries: u64,
+    pub bytes_put: u64,
+    pub bytes_got: u64,
+    /// Bytes of sealed packs waiting for (or in) their upload.
+    pub upload_queue_bytes: u64,
+    /// Packs recorded as stored, and their bytes.
+    pub packs: u64,
+    pub pack_bytes: u64,
+    /// Seconds the bucket has not answered, if it does not.
+    pub unreachable_secs: Option<u64>,
+    /// `[storage] unreachable_alert_secs`.
+    pub unreachable_alert_secs: u64,
+}
+
+/// What [`ChunkStore::gc_packs`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PackGcStats {
+    /// Objects deleted from the bucket (dead, retired and orphan packs).
+    pub objects_deleted: u64,
+    /// Bytes of the dead and retired packs deleted.
+    pub bytes_deleted: u64,
+    /// Packs whose live chunks were copied into new packs.
+    pub packs_repacked: u64,
+    /// Blob bytes copied by those repacks.
+    pub bytes_rewritten: u64,
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PutStats {
     pub new_chunks: u32,
@@ -157,6 +195,46 @@ pub trait ChunkStore: Send + Sync + 'static {
     fn stage_delete(&self, ids: &[ChunkId], batch: &mut rocks::durability::Batch<'_>) -> Result<(), StoreError>;
     /// The stored blob of a chunk, as uploaded (readers check its hash).
     fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The blobs of the first of `ids`, in order, until `max_bytes` are
+    /// read or a chunk is missing (`None`, then the last item). A backend
+    /// with slow reads fetches them together (an object store: neighbours
+    /// merged into one ranged GET, many GETs in flight); the default reads
+    /// one after the other.
+    fn chunk_blobs(&self, ids: &[ChunkId], max_bytes: usize) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        for id in ids {
+            let blob = self.chunk_blob(id)?;
+            bytes += blob.as_ref().map_or(0, Vec::len);
+            let stop = blob.is_none() || bytes >= max_bytes;
+            out.push(blob);
+            if stop {
+                break;
+            }
+        }
+        Ok(out)
+    }
+    /// How many blob bytes a fetch should ask [`ChunkStore::chunk_blobs`]
+    /// for at once: enough to keep the backend busy, little enough to hold.
+    fn read_batch_bytes(&self) -> usize {
+        1 << 20
+    }
+    /// Told by a commit, after its tree was checked and before
+    /// [`ChunkStore::persist`]: these are the snapshot's tree chunks. An
+    /// object store keeps them apart (tree packs, and a local copy, so
+    /// reading a tree never needs the bucket); the local backend has
+    /// nothing to do.
+    fn keep_trees(&self, _trees: &[ChunkId]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Told by a commit after [`ChunkStore::persist`], before its local
+    /// batch: the snapshot record to keep beside the data (an object
+    /// store writes it to the bucket, from which `rebuild` reads it).
+    fn record_snapshot(&self, _id: &SnapshotId, _record: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Told after a snapshot was deleted (best effort: GC removes what is
+    /// left).
+    fn forget_snapshot(&self, _id: &SnapshotId) {}
     /// Makes the data of every chunk staged so far durable. A commit calls
     /// it before its snapshot is written; acknowledged means stored.
     fn persist(&self) -> Result<(), StoreError>;
@@ -166,11 +244,22 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// those that have no `chunk_meta`. Must not list data of a put still
     /// in flight. Empty for a backend whose data is in the batch itself.
     fn orphan_candidates(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError>;
+    /// After GC's chunk sweep: a backend that keeps chunks in containers
+    /// (an object store's packs) deletes the dead ones and rewrites the
+    /// sparse ones, running its location switches under `fence`. The
+    /// local backend has none.
+    fn gc_packs(&self, _fence: &Fence<'_>) -> Result<PackGcStats, StoreError> {
+        Ok(PackGcStats::default())
+    }
     /// Makes deleted data really leave the disk (or bucket). Fails when
     /// that failed, or had no room to run.
     fn reclaim_space(&self) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn disk_bytes(&self) -> Result<u64, StoreError>;
+    /// An object store's request figures; `None` for the local backend.
+    fn backend_stats(&self) -> Option<BackendStats> {
+        None
+    }
 }
 
 /// Everything but chunk data: which chunks are recorded (`chunk_meta`)

@@ -129,17 +129,38 @@ impl ChunkStore for RocksStore {
     fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
         self.data.chunk_blob(id)
     }
+    fn chunk_blobs(&self, ids: &[ChunkId], max_bytes: usize) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.data.chunk_blobs(ids, max_bytes)
+    }
+    fn read_batch_bytes(&self) -> usize {
+        self.data.read_batch_bytes()
+    }
+    fn keep_trees(&self, trees: &[ChunkId]) -> Result<(), StoreError> {
+        self.data.keep_trees(trees)
+    }
     fn persist(&self) -> Result<(), StoreError> {
         self.data.persist()
     }
+    fn record_snapshot(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError> {
+        self.data.record_snapshot(id, record)
+    }
+    fn forget_snapshot(&self, id: &SnapshotId) {
+        self.data.forget_snapshot(id)
+    }
     fn orphan_candidates(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError> {
         self.data.orphan_candidates(after, limit)
+    }
+    fn gc_packs(&self, fence: &crate::store::Fence<'_>) -> Result<crate::store::PackGcStats, StoreError> {
+        self.data.gc_packs(fence)
     }
     fn reclaim_space(&self) -> Result<(), StoreError> {
         self.data.reclaim_space()
     }
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.data.disk_bytes()
+    }
+    fn backend_stats(&self) -> Option<crate::store::BackendStats> {
+        self.data.backend_stats()
     }
 }
 

@@ -34,8 +34,10 @@ impl RocksStore {
         let summary = SnapshotSummary { incomplete, ..snapshot.summary(id) };
         self.db.ensure_room(record.len() as u64)?;
         // Every chunk put before, data and metadata, is durable first.
+        self.data.keep_trees(&snapshot.tree)?;
         self.data.persist()?;
         self.db.persist_unlogged()?;
+        self.data.record_snapshot(&id, &record)?;
         let mut commits = self.commits.lock().expect("commits lock");
         let count = *commits + 1;
         let mut batch = Batch::new(&self.db);
@@ -93,6 +95,7 @@ impl RocksStore {
         // A forgotten snapshot no longer needs healing, nor alerting on.
         batch.delete(schema::CF_DAMAGED, id.as_bytes());
         self.db.write_synced(batch)?;
+        self.data.forget_snapshot(id);
         Ok(true)
     }
 

@@ -57,7 +57,12 @@ pub const CF_DAMAGED: &str = "damaged";
 /// Chunk data on S3 (`store::s3`): where each chunk is, which packs are stored.
 pub const CF_CHUNK_LOC: &str = "chunk_loc";
 pub const CF_PACKS: &str = "packs";
-pub const ALL_CFS: [&str; 12] = [
+/// On S3, the local copy of every committed tree chunk (chunk id -> blob).
+pub const CF_TREE_CHUNKS: &str = "tree_chunks";
+/// On S3, packs whose chunks a GC moved elsewhere (pack number -> empty):
+/// deleted by the next GC.
+pub const CF_PACKS_RETIRED: &str = "packs_retired";
+pub const ALL_CFS: [&str; 14] = [
     CF_CHUNKS,
     CF_CHUNK_META,
     CF_HOST_CHUNKS,
@@ -70,6 +75,8 @@ pub const ALL_CFS: [&str; 12] = [
     CF_DAMAGED,
     CF_CHUNK_LOC,
     CF_PACKS,
+    CF_TREE_CHUNKS,
+    CF_PACKS_RETIRED,
 ];
 
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
