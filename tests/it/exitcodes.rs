@@ -129,7 +129,7 @@ fn unreadable_files_are_left_out_named_and_the_snapshot_marked_incomplete() {
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     let set = st["sets"].as_array().unwrap().iter().find(|s| s["name"] == "files").unwrap().clone();
     assert_eq!(set["skipped"], want_skipped.len() as u64, "{st}");
-    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let http = server.state().monitor().http_addr.lock().unwrap().expect("metrics endpoint bound");
     let metrics = || ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
     let gauge = |v: usize| format!("bkp_snapshot_skipped_files{{host=\"web01\",name=\"files\"}} {v}");
     wait_for("the incomplete gauge", 20, || {

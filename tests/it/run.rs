@@ -96,7 +96,7 @@ after = "{after_broken}"
     let list = json(&ok(server.bkp(&token).args(["snapshots", "--json", "--name", "broken"])));
     assert!(list.as_array().unwrap().is_empty(), "a failed before hook committed: {list}");
     // The server was told, as of a failed dump: it alerts now.
-    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let http = server.state().monitor().http_addr.lock().unwrap().expect("metrics endpoint bound");
     let metrics = || ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
     wait_for("the failure report", 20, || {
         metrics().contains("bkp_push_failures_total{host=\"web01\",name=\"broken\"} 1")

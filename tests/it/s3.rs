@@ -354,7 +354,7 @@ fn gc_after_forgetting_one_of_ten_rewrites_little() {
     let (packs_before, bytes_before) = bucket_bytes();
     ok(server.bkp(&admin).args(["forget", &ids[4]]));
     let state = server.state();
-    let r = gc::run(&*state.store, &state.sessions, &GcHooks::default()).unwrap();
+    let r = gc::run(state.store().as_ref(), state.sessions(), &GcHooks::default()).unwrap();
     assert!(r.pack_objects_deleted >= 1, "{r:?}");
     assert!(
         r.pack_bytes_rewritten * 20 < bytes_before,
@@ -376,6 +376,6 @@ fn gc_after_forgetting_one_of_ten_rewrites_little() {
         let out = ok(server.bkp(&push).args(["restore", &ids[i], "--stdout"]));
         assert!(out.stdout == *d, "snapshot {i} differs after gc");
     }
-    let again = gc::run(&*state.store, &state.sessions, &GcHooks::default()).unwrap();
+    let again = gc::run(state.store().as_ref(), state.sessions(), &GcHooks::default()).unwrap();
     assert_eq!((again.pack_objects_deleted, again.pack_bytes_rewritten), (0, 0), "{again:?}");
 }

@@ -172,7 +172,7 @@ fn a_deleted_pack_is_found_by_verify_and_healed_by_the_next_push() {
     // Nothing cached from before the deletion.
     server.restart();
     let state = server.state();
-    let r = verify::run(&*state.store, &state.sessions, &VerifyConfig::default(), Scope::Full, 1).unwrap();
+    let r = verify::run(state.store().as_ref(), state.sessions(), &VerifyConfig::default(), Scope::Full, 1).unwrap();
     let affected: Vec<String> = r.affected.iter().map(|a| a.id.to_hex()).collect();
     assert_eq!(affected, std::slice::from_ref(&ida), "{r:?}");
     assert!(!r.bad_chunks.is_empty());
@@ -181,7 +181,7 @@ fn a_deleted_pack_is_found_by_verify_and_healed_by_the_next_push() {
     assert!(!out.status.success(), "a damaged snapshot does not restore");
     // The next push of the same data uploads the lost chunks again.
     server.push_stdin(&a, "dump", &da);
-    let r = verify::run(&*state.store, &state.sessions, &VerifyConfig::default(), Scope::Full, 2).unwrap();
+    let r = verify::run(state.store().as_ref(), state.sessions(), &VerifyConfig::default(), Scope::Full, 2).unwrap();
     assert!(r.healed.iter().any(|h| h.to_hex() == ida), "{r:?}");
     assert!(ok(server.bkp(&a).args(["restore", &ida, "--stdout"])).stdout == da);
     assert!(ok(server.bkp(&b).args(["restore", &idb, "--stdout"])).stdout == db);

@@ -152,7 +152,7 @@ fn a_commit_listing_a_tree_chunk_too_often_is_refused_before_any_is_read() {
     push::put_batch(&w.store, &w.sessions, &a, s, vec![file, tree.clone()]).unwrap();
     // Each repeat would be read, decompressed and walked again, for free.
     let many = vec![tree.0; crate::commit::MAX_TREE_REPEATS + 2];
-    let e = push::commit(&w.store, &w.sessions, &a, s, many, 0).unwrap().result.unwrap_err();
+    let e = push::commit(&w.store, &w.sessions, &a, s, many, None, 0).unwrap().result.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Rejected);
     assert!(
         e.to_string().contains(&format!("repeats its chunks {} times", crate::commit::MAX_TREE_REPEATS + 1)),
@@ -162,11 +162,11 @@ fn a_commit_listing_a_tree_chunk_too_often_is_refused_before_any_is_read() {
     // the count, so nothing was looked up.
     let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
     let gone = ChunkId::of(b"never uploaded");
-    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 5000], 0).unwrap().result.unwrap_err();
+    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 5000], None, 0).unwrap().result.unwrap_err();
     assert!(e.to_string().contains("repeats its chunks 4999 times"), "{e}");
     // Within the cap the tree is read as usual (and here found missing).
     let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
-    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 3], 0).unwrap().result.unwrap_err();
+    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 3], None, 0).unwrap().result.unwrap_err();
     assert!(e.to_string().contains("is referenced but is not stored"), "{e}");
 }
 

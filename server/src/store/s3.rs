@@ -837,11 +837,11 @@ mod tests {
             let s = open(dir.path(), &f).unwrap();
             s.put_chunks("h", &data).unwrap();
             s.put_chunks("h", &trees).unwrap();
-            s.commit_snapshot(&snapshot_of(&tree_ids)).unwrap();
+            s.commit_snapshot(&snapshot_of(&tree_ids), None).unwrap();
             assert_eq!(packs_in_bucket(&f), 2, "one data pack, one tree pack");
             let mut t = snapshot_of(&tree_ids);
             t.time_ns = 2;
-            s.commit_snapshot(&t).unwrap();
+            s.commit_snapshot(&t, None).unwrap();
             assert_eq!(packs_in_bucket(&f), 2, "the trees have their copy: no second tree pack");
         }
         let o = Objects::new(f.clone(), "srv", quick());

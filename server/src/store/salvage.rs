@@ -431,8 +431,8 @@ mod tests {
         let db_dir = dir.path().join("db");
         {
             let store = RocksStore::open(&db_dir, 8 << 20).unwrap();
-            let kept = store.commit_snapshot(&snapshot("kept")).unwrap();
-            let loose = store.commit_snapshot(&snapshot("loose")).unwrap();
+            let kept = store.commit_snapshot(&snapshot("kept"), None).unwrap();
+            let loose = store.commit_snapshot(&snapshot("loose"), None).unwrap();
             assert!(store.set_protected(&kept.id, true).unwrap());
             // Both summaries lost (as with a damaged `sets` file): only the
             // snapshot records and the `protected/` record remain.
@@ -462,7 +462,7 @@ mod tests {
         let db_dir = dir.path().join("db");
         let id = {
             let store = RocksStore::open(&db_dir, 8 << 20).unwrap();
-            let s = store.commit_snapshot(&snapshot("old")).unwrap();
+            let s = store.commit_snapshot(&snapshot("old"), None).unwrap();
             store.set_protected(&s.id, true).unwrap();
             // As an older build left it: the flag only in the summary.
             let meta = store.cf(schema::CF_META);

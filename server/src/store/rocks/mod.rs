@@ -59,6 +59,13 @@ pub struct RocksStore {
 }
 
 impl RocksStore {
+    /// Marks the directory with its chunk data backend (synced), as
+    /// `open_store` does; `rebuild` marks a new directory once it has
+    /// checked that it is empty.
+    pub fn mark_storage_backend(&self, name: &[u8]) -> Result<(), StoreError> {
+        self.db.mark_storage_backend(name)
+    }
+
     /// Opens (creating if needed) the database under `dir`, chunk data
     /// included ([`LocalChunks`]).
     pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {

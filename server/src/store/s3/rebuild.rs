@@ -71,7 +71,7 @@ pub fn rebuild(
             "rebuild needs a new data directory: this one already holds chunks or snapshots".into(),
         ));
     }
-    store.meta_put(schema::META_STORAGE_BACKEND, b"s3")?;
+    store.mark_storage_backend(b"s3")?;
     let mut report = RebuildReport::default();
     let located = s3.rebuild_locations(&mut report)?;
 
@@ -142,7 +142,7 @@ pub fn rebuild(
         for part in held.chunks(4096) {
             store.record_held(&snap.host, part)?;
         }
-        let summary = store.commit_snapshot(snap)?;
+        let summary = store.commit_snapshot(snap, None)?;
         if summary.id != *id {
             tracing::warn!(snapshot = %id.short(), now = %summary.id.short(), "snapshot record re-encoded under a new id");
         }
