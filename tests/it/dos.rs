@@ -335,7 +335,10 @@ fn session_floods_are_refused_with_a_clear_error() {
     let b = server.token("web01", Role::Push);
     let rt = rt();
     rt.block_on(async {
-        let c = server.client(&a).await;
+        // Busy is worth retrying, so a client with the default budget waits
+        // for a session to end; with one second the refusal itself shows.
+        let cfg = bkp_client::config::ClientConfig { timeout: Duration::from_secs(1), ..server.client_config(&a) };
+        let c = bkp_client::Client::connect(&cfg).await.expect("connect");
         for _ in 0..4 {
             c.start_push("x", SnapshotKind::Stream).await.unwrap();
         }
