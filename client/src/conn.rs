@@ -209,10 +209,10 @@ fn reconnectable(req: &Request) -> bool {
 
 /// Requests of a push that can be sent again on the same connection when
 /// the server refused them for now (busy, a storage hiccup): it did not
-/// act on them. Not `StartPush`: a host over its session limit is told so
-/// at once rather than queued.
+/// act on them (a host over its session limit waits for a session to end
+/// or be given up, within the timeout).
 fn repeatable(req: &Request) -> bool {
-    reconnectable(req) || matches!(req, Request::HasChunks { .. })
+    reconnectable(req) || matches!(req, Request::HasChunks { .. } | Request::StartPush { .. })
 }
 
 /// Why one connection attempt failed, and whether another may succeed.
