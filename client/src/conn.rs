@@ -209,7 +209,8 @@ fn reconnectable(req: &Request) -> bool {
 
 /// Requests of a push that can be sent again on the same connection when
 /// the server refused them for now (busy, a storage hiccup): it did not
-/// act on them.
+/// act on them (a host over its session limit waits for a session to end
+/// or be given up, within the timeout).
 fn repeatable(req: &Request) -> bool {
     reconnectable(req) || matches!(req, Request::HasChunks { .. } | Request::StartPush { .. })
 }
