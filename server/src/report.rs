@@ -153,14 +153,19 @@ pub struct GcReport {
     pub seconds: f64,
     /// Object store: pack objects deleted (dead, retired by the previous
     /// run, orphans of a crash).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub pack_objects_deleted: u64,
     /// Object store: packs whose live chunks were copied into new ones.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub packs_repacked: u64,
     /// Object store: blob bytes those copies rewrote.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub pack_bytes_rewritten: u64,
+}
+
+/// The bucket figures stay out of a local store's records (as before them).
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 // ---- verify ----

@@ -332,7 +332,7 @@ fn gc_after_forgetting_one_of_ten_rewrites_little() {
     use bkp_server::gc::{self, GcHooks};
     use bkp_tests::{ok, random_bytes, TestServer};
 
-    let weed = Seaweed::start("gc");
+    let weed = Seaweed::start("gcpacks");
     let cfgdir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(s3_config(&weed, cfgdir.path(), "site1"));
     let push = server.token("db01", Role::Push);

@@ -19,4 +19,8 @@ pub enum StoreError {
     /// writes resume by themselves once space is freed.
     #[error("server storage is full ({0} MiB free); free space on the server (`bkp-server gc`) and push again")]
     Full(u64),
+    /// The object store (backend s3) failed or did not answer, after its
+    /// retries.
+    #[error("object store: {0}")]
+    Bucket(String),
 }

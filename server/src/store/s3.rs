@@ -65,7 +65,7 @@ use upload::{OpenPack, Shared};
 pub const HOLDER_FILE: &str = "s3-holder";
 
 fn obj_err(e: ObjectError) -> StoreError {
-    StoreError::Db(format!("object store: {e}"))
+    StoreError::Bucket(e.to_string())
 }
 
 /// A chunk's place: pack number, offset of its blob, its length.

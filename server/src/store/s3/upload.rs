@@ -168,7 +168,7 @@ impl Shared {
                 pending = true;
                 if let Up::Failed(e) = &s.up {
                     if retried.contains(n) {
-                        return Err(StoreError::Db(e.strip_prefix("database: ").unwrap_or(e).to_string()));
+                        return Err(StoreError::Bucket(e.strip_prefix("object store: ").unwrap_or(e).to_string()));
                     }
                     retried.push(*n);
                     s.up = Up::Queued;
