@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Lists, for each module of a crate (give its src/ directory), the crate's
-modules it imports (use crate::/super::, inline crate:: paths, a mod.rs's
-child:: paths; test modules left out), and prints any import circle."""
+modules it imports (use crate::/super::, inline crate:: paths, to modules
+or to their types; in a module with children, its child:: paths; test
+modules left out), and prints any import circle. `layering.rs` in the
+server crate applies the same rules in a test."""
 import os, re, sys
 root = sys.argv[1]
 mods = {}
@@ -23,22 +25,27 @@ def resolve(path):
 edges = {m: set() for m in mods}
 for m, p in mods.items():
     src = open(p).read()
-    src = src.split('#[cfg(test)]')[0]  # tests may use anything of their own module
+    src = re.split(r'#\[cfg\(test\)\]\s*mod tests \{', src)[0]  # tests may use anything of their own module
     src = re.sub(r'//.*', '', src)
     me = m.split('::')
-    is_dir = p.endswith('mod.rs')
-    parent = me[:-1] if not is_dir else me[:-1]
-    for mo in re.finditer(r'\b(crate|super)((?:::[a-z_][a-z0-9_]*)+)', src):
-        kind, rest = mo.group(1), mo.group(2)[2:]
-        if kind == 'crate': full = rest
+    # A module with children: a mod.rs, or foo.rs beside a foo/ folder.
+    is_dir = p.endswith('mod.rs') or os.path.isdir(p[:-3])
+    # Paths to types count too (`super::RocksStore` is the parent module),
+    # and `super::{A, B}` is the parent.
+    for mo in re.finditer(r'\b(crate|super)::([A-Za-z_]\w*(?:::[A-Za-z_]\w*)*|\{)', src):
+        kind, rest = mo.group(1), mo.group(2)
+        rest = '' if rest == '{' else rest
+        if kind == 'crate':
+            if not rest: continue
+            full = rest
         else:
-            base = me[:-1]  # super of a file module foo/bar.rs is foo
-            full = '::'.join(base + rest.split('::')) if base else rest
+            base = me[:-1]  # super of foo/bar.rs (or foo/bar/mod.rs) is foo
+            full = '::'.join(base + (rest.split('::') if rest else []))
         t = resolve(full)
         if t and t != m: edges[m].add(t)
-    if is_dir:  # `use child::...` in a mod.rs
-        for mo in re.finditer(r'(?<![:\w])([a-z_]+)::', src):
-            t = resolve('::'.join(me + [mo.group(1)]))
+    if is_dir:  # `use child::...` in a module with children
+        for mo in re.finditer(r'(?<![:\w])([a-z_][a-z0-9_]*(?:::[a-z_][a-z0-9_]*)*)::', src):
+            t = resolve('::'.join(me + mo.group(1).split('::')))
             if t and t != m: edges[m].add(t)
 for m in sorted(edges):
     print(f"{m:28} -> {', '.join(sorted(edges[m])) or '-'}")

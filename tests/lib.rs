@@ -53,6 +53,23 @@ impl TestServer {
         s
     }
 
+    /// A server on a data directory made elsewhere (`bkp-server rebuild`).
+    pub fn start_on(dir: tempfile::TempDir, config: ServerConfig) -> Self {
+        let cert = bkp_server::tls::load_cert(dir.path()).expect("the directory has a certificate");
+        let fingerprint = bkp_server::tls::fingerprint(&cert);
+        let mut s = Self {
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            fingerprint,
+            config,
+            state: None,
+            stop: None,
+            thread: None,
+        };
+        s.boot(None);
+        s
+    }
+
     /// The running server's state, for jobs and hooks in process.
     pub fn state(&self) -> Arc<bkp_server::ServerState> {
         self.state.clone().expect("server running")
@@ -119,6 +136,7 @@ impl TestServer {
             server: self.addr.to_string(),
             trust: bkp_client::config::Trust::Fingerprint(self.fingerprint.clone()),
             token: std::fs::read_to_string(token_file).unwrap(),
+            timeout: bkp_client::conn::DEFAULT_TIMEOUT,
         }
     }
 
@@ -269,17 +287,29 @@ pub struct ServerProcess {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub fingerprint: String,
+    /// The port, held (bound, never read: silent) from `init` until the
+    /// first `serve`, so no other test's server takes it meanwhile.
+    reserved: std::sync::Mutex<Option<std::net::UdpSocket>>,
     child: Option<std::process::Child>,
 }
 
 impl ServerProcess {
-    /// Initialises a data directory; `serve` starts the process.
+    /// Initialises a data directory; `serve` starts the process. Until
+    /// then the port is bound here and nothing answers on it.
     pub fn init() -> Self {
         let dir = tempfile::tempdir().unwrap();
         ok(Command::new(bin("bkp-server")).args(["init", "--data"]).arg(dir.path()));
         let fingerprint = bkp_server::tls::fingerprint(&bkp_server::tls::load_cert(dir.path()).unwrap());
-        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self { dir, port, fingerprint, child: None }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        Self { dir, port, fingerprint, reserved: std::sync::Mutex::new(Some(socket)), child: None }
+    }
+
+    /// The `--listen` value for a `serve` about to start: gives the held
+    /// port up for it to bind.
+    pub fn listen_arg(&self) -> String {
+        self.reserved.lock().unwrap().take();
+        format!("127.0.0.1:{}", self.port)
     }
 
     pub fn token(&self, host: &str, role: &str) -> PathBuf {
@@ -294,7 +324,7 @@ impl ServerProcess {
     /// Starts `serve` with extra environment and waits for its control socket.
     pub fn serve(&mut self, env: &[(&str, &str)]) {
         let mut c = Command::new(bin("bkp-server"));
-        c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--data"])
+        c.args(["serve", "--listen", &self.listen_arg(), "--data"])
             .arg(self.dir.path())
             // 0600 like everything the server writes there: the
             // hardening test finds any file others could read.
@@ -316,6 +346,16 @@ impl ServerProcess {
     /// What `serve` logged so far (its stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// The running `serve`'s process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `bkp-server ARGS --data DIR`, not checked.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin("bkp-server")).args(args).arg("--data").arg(self.dir.path()).output().unwrap()
     }
 
     /// SIGKILL, then wait for the process to be gone.

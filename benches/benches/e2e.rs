@@ -41,7 +41,7 @@ fn main() {
         let restore_s = rt.block_on(async {
             let c = server.client(&token).await;
             let t = Instant::now();
-            let opts = RestoreOptions { target: Some(target.path().to_path_buf()), include: vec![] };
+            let opts = RestoreOptions { target: Some(target.path().to_path_buf()), include: vec![], exclude: vec![] };
             restore(c, id, opts, Arc::new(Silent)).await.unwrap();
             t.elapsed().as_secs_f64()
         });

@@ -87,7 +87,7 @@ fn fixture() -> Fixture {
         tree: vec![],
         client: "bench".into(),
     };
-    store.commit_snapshot(&flush).expect("commit");
+    store.commit_snapshot(&flush, None).expect("commit");
     eprintln!(
         "store fixture: {n} chunks + 64 x 1 MiB in {:.1} s, {} MB on disk",
         t.elapsed().as_secs_f64(),

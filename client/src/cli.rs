@@ -15,11 +15,13 @@ use bkp_common::tree::Entry;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::browse;
 use crate::config::{ClientConfig, FileConfig};
 use crate::conn::Client;
 use crate::progress::{Progress, Silent};
 use crate::push::incremental::CacheSpec;
-use crate::push::{push_with, PushOptions, Source};
+use crate::push::{push_with, ExcludeSpec, PushOptions, Source};
+use crate::restore::progress_bar::restore_progress;
 use crate::restore::snapshot_spec::resolve;
 use crate::restore::{restore, verify, RestoreOptions, TreeReader};
 
@@ -58,6 +60,10 @@ struct ConnArgs {
     /// Client config file (default ~/.config/bkp/client.toml, /etc/bkp/client.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// How long to keep trying a server that does not answer, e.g. 90s,
+    /// 10m [default: 5m, or `timeout` in client.toml].
+    #[arg(long, global = true)]
+    timeout: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -76,6 +82,19 @@ enum Cmd {
         /// Skip files and directories with the nodump flag (`chattr +d`), as dump(8) does.
         #[arg(long)]
         skip_nodump: bool,
+        /// Read more --exclude patterns from FILE, one a line (`#`: a comment).
+        #[arg(long, value_name = "FILE")]
+        exclude_file: Vec<PathBuf>,
+        /// Skip every directory that holds an entry called NAME (e.g. .nobackup).
+        #[arg(long, value_name = "NAME")]
+        exclude_if_present: Vec<String>,
+        /// Skip every directory holding a CACHEDIR.TAG with the standard signature.
+        #[arg(long)]
+        exclude_caches: bool,
+        /// Stay on the file system of each PATH: mount points below it are
+        /// kept as empty directories.
+        #[arg(long, short = 'x')]
+        one_file_system: bool,
         /// zstd level for new chunks.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(-7..=19))]
         level: i32,
@@ -96,6 +115,17 @@ enum Cmd {
         /// Command whose standard output is the backup (after `--`).
         #[arg(last = true)]
         command: Vec<OsString>,
+    },
+    /// Run backup definitions ([[backup]] in client.toml): one, or all.
+    Run {
+        /// The definition's name.
+        name: Option<String>,
+        /// Every definition, one after the other; goes on after a failure.
+        #[arg(long)]
+        all: bool,
+        /// Read every file, even those the metadata cache says are unchanged.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// List snapshots.
     Snapshots {
@@ -140,9 +170,51 @@ enum Cmd {
         /// writing nothing: a restore drill. Fails listing what does not check out.
         #[arg(long, conflicts_with_all = ["target", "stdout"])]
         verify_only: bool,
-        /// Restore only these paths (and what is below them).
+        /// Restore only paths matching this glob, and what is below them
+        /// (relative to the snapshot root as `bkp ls` prints them; without `/`:
+        /// a name at any depth). A pattern that matches nothing is an error.
         #[arg(long)]
         include: Vec<String>,
+        /// Leave out paths matching this glob, and what is below them.
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
+    /// What changed between two snapshots: + added, - removed, M content,
+    /// U metadata only, T type.
+    Diff {
+        from: String,
+        to: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Which snapshots hold paths matching a glob (as restore --include takes).
+    Find {
+        glob: String,
+        /// Another host's snapshots (admin tokens).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Only snapshots newer than this: an age (`7d`, `36h`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Write one file of a snapshot to stdout.
+    Cat {
+        snapshot: String,
+        path: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Mount the host's snapshots read-only (FUSE) at DIR, until Ctrl-C,
+    /// SIGTERM or `fusermount3 -u DIR`.
+    Mount {
+        dir: PathBuf,
+        /// Another host's snapshots (admin tokens).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -160,7 +232,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // The reason may quote a name from a snapshot or the server.
             eprintln!("bkp: {}", escape(&format!("{e:#}")));
-            ExitCode::FAILURE
+            ExitCode::from(e.downcast_ref::<crate::run::Exit>().map_or(1, crate::run::Exit::code))
         }
     }
 }
@@ -168,16 +240,27 @@ pub fn main() -> ExitCode {
 struct Bars {
     bar: ProgressBar,
     read: AtomicU64,
+    /// Bytes of files taken unchanged from the cache: done, but not read.
+    cached: AtomicU64,
     sent: AtomicU64,
     files: AtomicU64,
+    /// The pre-scan's files and bytes so far, and whether it is done.
+    total_files: AtomicU64,
+    total_done: std::sync::atomic::AtomicBool,
 }
 
 impl Bars {
     fn refresh(&self) {
         let (r, s, f) = (self.read.load(Relaxed), self.sent.load(Relaxed), self.files.load(Relaxed));
-        self.bar.set_position(r);
+        let done = r + self.cached.load(Relaxed);
+        self.bar.set_position(done);
         let ratio = if s > 0 { r as f64 / s as f64 } else { 0.0 };
-        self.bar.set_message(format!("{f} files, {} new, ratio {ratio:.1}x", indicatif::HumanBytes(s)));
+        let files = match (self.total_files.load(Relaxed), self.total_done.load(Relaxed)) {
+            (0, false) => format!("{f} files"),
+            (t, true) => format!("{f}/{t} files"),
+            (t, false) => format!("{f}/{t}+ files"),
+        };
+        self.bar.set_message(format!("{files}, {} new, ratio {ratio:.1}x", indicatif::HumanBytes(s)));
     }
 }
 
@@ -186,8 +269,30 @@ impl Progress for Bars {
         self.read.fetch_add(b, Relaxed);
         self.refresh();
     }
+    fn cached(&self, b: u64) {
+        self.cached.fetch_add(b, Relaxed);
+    }
     fn file_done(&self) {
         self.files.fetch_add(1, Relaxed);
+    }
+    fn wants_totals(&self) -> bool {
+        true
+    }
+    fn totals(&self, files: u64, bytes: u64, done: bool) {
+        self.total_files.store(files, Relaxed);
+        self.total_done.store(done, Relaxed);
+        // With a length the bar shows how far and an ETA; while the scan
+        // runs the length only grows, so the ETA is a lower bound.
+        if self.bar.length().is_none() {
+            self.bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {bytes}/{total_bytes} {msg}, {bytes_per_sec}, {elapsed} (ETA {eta})",
+                )
+                .expect("valid template"),
+            );
+        }
+        self.bar.set_length(bytes.max(1));
+        self.refresh();
     }
     fn uploaded(&self, b: u64) {
         self.sent.fetch_add(b, Relaxed);
@@ -208,7 +313,15 @@ fn progress() -> Arc<dyn Progress> {
             .expect("valid template"),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    Arc::new(Bars { bar, read: 0.into(), sent: 0.into(), files: 0.into() })
+    Arc::new(Bars {
+        bar,
+        read: 0.into(),
+        cached: 0.into(),
+        sent: 0.into(),
+        files: 0.into(),
+        total_files: 0.into(),
+        total_done: false.into(),
+    })
 }
 
 fn fmt_time(ns: u64) -> String {
@@ -216,9 +329,8 @@ fn fmt_time(ns: u64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Connects; also returns the metadata cache directory.
-async fn connect(c: &ConnArgs, cache_dir: Option<PathBuf>) -> Result<(Arc<Client>, Option<PathBuf>)> {
-    let flags = FileConfig {
+fn flags(c: &ConnArgs, cache_dir: Option<PathBuf>) -> FileConfig {
+    FileConfig {
         server: c.server.clone(),
         fingerprint: c.fingerprint.clone(),
         token: c.token.clone(),
@@ -226,8 +338,14 @@ async fn connect(c: &ConnArgs, cache_dir: Option<PathBuf>) -> Result<(Arc<Client
         ca_file: c.ca_file.clone(),
         cache_dir,
         limit_upload: None,
-    };
-    let (cfg, cache_dir) = ClientConfig::resolve_with_cache(flags, c.config.as_deref())?;
+        timeout: c.timeout.clone(),
+        backup: Vec::new(),
+    }
+}
+
+/// Connects; also returns the metadata cache directory.
+async fn connect(c: &ConnArgs, cache_dir: Option<PathBuf>) -> Result<(Arc<Client>, Option<PathBuf>)> {
+    let (cfg, cache_dir) = ClientConfig::resolve_with_cache(flags(c, cache_dir), c.config.as_deref())?;
     Ok((Arc::new(Client::connect(&cfg).await?), cache_dir))
 }
 
@@ -252,9 +370,21 @@ fn print_snapshots(list: &[SnapshotSummary]) {
             kind,
             s.stats.files,
             indicatif::HumanBytes(s.stats.bytes).to_string(),
-            if s.protected { "protected" } else { "" }
+            flags_of(s)
         );
     }
+}
+
+/// The FLAGS column: "protected", "incomplete (N skipped)".
+fn flags_of(s: &SnapshotSummary) -> String {
+    let mut f: Vec<String> = Vec::new();
+    if s.protected {
+        f.push("protected".into());
+    }
+    if let Some(i) = &s.incomplete {
+        f.push(format!("incomplete ({} skipped)", i.skipped));
+    }
+    f.join(",")
 }
 
 /// Is `path` the stored path `prefix` or below it? (An empty prefix, from
@@ -266,6 +396,14 @@ fn within(path: &[u8], prefix: &[u8]) -> bool {
 async fn execute(cli: Cli) -> Result<()> {
     let cache_flag = match &cli.cmd {
         Cmd::Push { cache_dir, .. } => cache_dir.clone(),
+        Cmd::Run { name, all, no_cache } => {
+            let (json, verbose) = (cli.json, cli.verbose);
+            let flags = flags(&cli.conn, None);
+            let (name, config) = (name.clone(), cli.conn.config.clone());
+            let args =
+                crate::run::report::RunArgs { name, all: *all, no_cache: *no_cache, flags, config, json, verbose };
+            return crate::run::report::run(args, progress).await;
+        }
         _ => None,
     };
     // Checked before connecting: a bad rate fails at once.
@@ -288,13 +426,35 @@ async fn execute(cli: Cli) -> Result<()> {
 
 async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Result<()> {
     match &cli.cmd {
-        Cmd::Push { name, stdin, exclude, skip_nodump, level, paths, command, no_cache, .. } => {
+        Cmd::Push {
+            name,
+            stdin,
+            exclude,
+            skip_nodump,
+            exclude_file,
+            exclude_if_present,
+            exclude_caches,
+            one_file_system,
+            level,
+            paths,
+            command,
+            no_cache,
+            ..
+        } => {
             let source = match (*stdin, paths.is_empty(), command.is_empty()) {
                 (true, true, true) => Source::Stdin,
                 (false, true, false) => Source::Command(command.clone()),
-                (false, false, true) => {
-                    Source::Paths { paths: paths.clone(), excludes: exclude.clone(), skip_nodump: *skip_nodump }
-                }
+                (false, false, true) => Source::Paths {
+                    paths: paths.clone(),
+                    excludes: ExcludeSpec {
+                        patterns: exclude.clone(),
+                        files: exclude_file.clone(),
+                        if_present: exclude_if_present.clone(),
+                        caches: *exclude_caches,
+                        one_file_system: *one_file_system,
+                        skip_nodump: *skip_nodump,
+                    },
+                },
                 _ => anyhow::bail!("give PATHs, --stdin, or -- CMD (exactly one)"),
             };
             let name = match (name, &source) {
@@ -305,30 +465,11 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
             let opts = PushOptions { name, source, zstd_level: *level };
             let cache = cache_dir.map(|dir| CacheSpec { dir, read: !no_cache });
             let r = push_with(client, opts, cache, progress()).await?;
-            for w in &r.warnings {
-                eprintln!("bkp: warning: {}", escape(w));
-            }
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else if cli.verbose {
-                let mbps = r.bytes_read as f64 / 1e6 / r.seconds.max(1e-9);
-                eprintln!(
-                    "snapshot {} {}/{}: {} files ({} read, {} unchanged from cache), {}, {} sent ({} chunks of {}), \
-                     {:.1} MB/s",
-                    r.snapshot.id.short(),
-                    r.snapshot.host,
-                    r.snapshot.name,
-                    r.snapshot.stats.files,
-                    r.files_read,
-                    r.files_cached,
-                    indicatif::HumanBytes(r.bytes_read),
-                    indicatif::HumanBytes(r.bytes_sent),
-                    r.chunks_sent,
-                    r.chunks,
-                    mbps
-                );
-            }
-            Ok(())
+            crate::run::report::finish_push(&r, cli.json, cli.verbose)
+        }
+        // `execute` runs it: it connects once per definition.
+        Cmd::Run { .. } => {
+            anyhow::bail!("bkp run reached the one-connection commands; this is a bug in bkp, please report it")
         }
         Cmd::Snapshots { name, host } => {
             let list = client.snapshots(host.clone(), name.clone()).await?;
@@ -392,14 +533,15 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
             client.protect(id, !remove).await?;
             Ok(())
         }
-        Cmd::Restore { snapshot, name, target, stdout, include, verify_only } => {
+        Cmd::Restore { snapshot, name, target, stdout, include, exclude, verify_only } => {
             let id = pick(&client, snapshot, name.as_deref()).await?;
-            let prog: Arc<dyn Progress> = if *stdout { Arc::new(Silent) } else { progress() };
+            let prog: Arc<dyn Progress> = if *stdout { Arc::new(Silent) } else { restore_progress() };
             let r = if *verify_only {
-                verify(client, id, include.clone(), prog).await?
+                verify(client, id, include.clone(), exclude.clone(), prog).await?
             } else {
                 let target = if *stdout { None } else { target.clone() };
-                restore(client, id, RestoreOptions { target, include: include.clone() }, prog).await?
+                let opts = RestoreOptions { target, include: include.clone(), exclude: exclude.clone() };
+                restore(client, id, opts, prog).await?
             };
             for e in &r.errors {
                 // They name paths from the snapshot.
@@ -422,6 +564,25 @@ async fn run(cli: &Cli, client: Arc<Client>, cache_dir: Option<PathBuf>) -> Resu
                 anyhow::bail!("{} entries {what} (see above)", r.errors.len());
             }
             Ok(())
+        }
+        Cmd::Diff { from, to, name } => {
+            let (a, b) = (pick(&client, from, name.as_deref()).await?, pick(&client, to, name.as_deref()).await?);
+            browse::diff::print(&browse::diff::diff(client, a, b).await?, cli.json, cli.verbose)?;
+            Ok(())
+        }
+        Cmd::Find { glob, host, name, since } => {
+            let list = browse::find::since(client.snapshots(host.clone(), name.clone()).await?, since.as_deref())?;
+            browse::find::print(&browse::find::find(client, glob, list).await?, cli.json, cli.verbose)?;
+            Ok(())
+        }
+        Cmd::Cat { snapshot, path, name } => {
+            let id = pick(&client, snapshot, name.as_deref()).await?;
+            browse::cat::cat(client, id, path).await?;
+            Ok(())
+        }
+        Cmd::Mount { dir, host, name } => {
+            let list = client.snapshots(host.clone(), name.clone()).await?;
+            Ok(crate::mount::mount(client, dir.clone(), list).await?)
         }
     }
 }

@@ -3,6 +3,7 @@
 //! `~/.config/bkp/client.toml`, else `/etc/bkp/client.toml`.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -18,6 +19,11 @@ pub struct FileConfig {
     pub cache_dir: Option<PathBuf>,
     /// Upload rate limit of `bkp push` (`10M`, `2MiB`; bytes per second).
     pub limit_upload: Option<String>,
+    /// How long to keep trying a server that does not answer ("5m", "90s").
+    pub timeout: Option<String>,
+    /// Named backups, run by `bkp run NAME` / `bkp run --all`.
+    #[serde(default)]
+    pub backup: Vec<crate::run::BackupDef>,
 }
 
 /// How the client checks the server's certificate.
@@ -34,6 +40,8 @@ pub struct ClientConfig {
     pub server: String,
     pub trust: Trust,
     pub token: String,
+    /// Connecting, and each request safe to repeat, is retried this long.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +56,36 @@ pub enum ConfigError {
     Fingerprint(String),
     #[error("{0}: {1}")]
     Rate(&'static str, String),
+    #[error("timeout {0:?}: {1} (give a duration such as \"5m\" or \"90s\")")]
+    Timeout(String, String),
+}
+
+/// A duration as the config and `--timeout` give it; at least a second.
+pub fn parse_timeout(s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Timeout(s.into(), e.to_string()))?;
+    if d < Duration::from_secs(1) {
+        return Err(ConfigError::Timeout(s.into(), "under a second".into()));
+    }
+    Ok(d)
+}
+
+/// The config file: `config_file`, else the first of
+/// `~/.config/bkp/client.toml` and `/etc/bkp/client.toml` that exists,
+/// else empty.
+pub fn load(config_file: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match config_file {
+        Some(p) => load_file(p)?.ok_or_else(|| ConfigError::File(p.display().to_string(), "not found".into())),
+        None => {
+            let home = env("HOME").map(|h| PathBuf::from(h).join(".config/bkp/client.toml"));
+            for p in home.into_iter().chain([PathBuf::from("/etc/bkp/client.toml")]) {
+                if let Some(c) = load_file(&p)? {
+                    return Ok(c);
+                }
+            }
+            Ok(FileConfig::default())
+        }
+    }
 }
 
 fn load_file(path: &Path) -> Result<Option<FileConfig>, ConfigError> {
@@ -81,7 +119,11 @@ impl ClientConfig {
         config_file: Option<&Path>,
     ) -> Result<(Self, Option<PathBuf>), ConfigError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let file = find_file(config_file)?;
+        let file = load(config_file)?;
+        let timeout = match flags.timeout.as_deref().or(file.timeout.as_deref()) {
+            Some(t) => parse_timeout(t)?,
+            None => crate::conn::DEFAULT_TIMEOUT,
+        };
         let cache_dir = flags
             .cache_dir
             .clone()
@@ -123,24 +165,8 @@ impl ClientConfig {
                 }
             },
         };
-        Ok((Self { server, trust, token }, cache_dir))
+        Ok((Self { server, trust, token, timeout }, cache_dir))
     }
-}
-
-/// `config_file`, else the first of ~/.config/bkp/client.toml and
-/// /etc/bkp/client.toml that exists, else an empty config.
-fn find_file(config_file: Option<&Path>) -> Result<FileConfig, ConfigError> {
-    if let Some(p) = config_file {
-        return load_file(p)?.ok_or_else(|| ConfigError::File(p.display().to_string(), "not found".into()));
-    }
-    let home = std::env::var("HOME").ok().filter(|v| !v.is_empty());
-    let home = home.map(|h| PathBuf::from(h).join(".config/bkp/client.toml"));
-    for p in home.into_iter().chain([PathBuf::from("/etc/bkp/client.toml")]) {
-        if let Some(c) = load_file(&p)? {
-            return Ok(c);
-        }
-    }
-    Ok(FileConfig::default())
 }
 
 /// `bkp push`'s upload limit in bytes per second (0: none): the flag,
@@ -150,7 +176,7 @@ pub fn upload_limit(flag: Option<&str>, config_file: Option<&Path>) -> Result<u6
     let (value, from) = match (flag, env) {
         (Some(f), _) => (Some(f.to_string()), "--limit-upload"),
         (None, Some(e)) => (Some(e), "BKP_LIMIT_UPLOAD"),
-        (None, None) => (find_file(config_file)?.limit_upload, "limit_upload in the config file"),
+        (None, None) => (load(config_file)?.limit_upload, "limit_upload in the config file"),
     };
     match value {
         None => Ok(0),
@@ -210,5 +236,22 @@ mod tests {
         let all: FileConfig = toml::from_str(&all).unwrap();
         assert!(all.ca_file.is_some() && all.cache_dir.is_some());
         bkp_common::rate::parse_rate(all.limit_upload.as_deref().unwrap()).unwrap();
+        parse_timeout(all.timeout.as_deref().unwrap()).unwrap();
+        // The annotated backup definitions: a tree and a dump, both valid.
+        assert!(shipped.backup.len() >= 2, "{:?}", shipped.backup);
+        for b in &shipped.backup {
+            b.check().unwrap();
+        }
+        let tree = shipped.backup.iter().find(|b| !b.paths.is_empty()).unwrap();
+        assert!(tree.one_file_system && tree.exclude_caches && !tree.exclude_if_present.is_empty());
+        assert!(shipped.backup.iter().any(|b| !b.command.is_empty() && b.before.is_some()));
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_timeout("90s").unwrap(), Duration::from_secs(90));
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("soon").unwrap_err().to_string().contains("5m"));
     }
 }

@@ -2,9 +2,19 @@
 //! the hello handshake, and one method per request.
 //!
 //! Connecting retries a server that does not answer (down, restarting,
-//! packets lost) with backoff for [`CONNECT_BUDGET`], each attempt bounded
-//! by [`ATTEMPT_TIMEOUT`]; a server that answers and refuses (certificate,
-//! token, version) is not retried.
+//! packets lost) with jittered backoff for the configured timeout
+//! ([`DEFAULT_TIMEOUT`] unless `--timeout` or `timeout` in client.toml say
+//! otherwise), each attempt bounded by [`ATTEMPT_TIMEOUT`]; a server that
+//! answers and refuses (certificate, token, version) is not retried.
+//!
+//! A request that is safe to repeat is retried the same way when it fails
+//! with an error that another try may cure ([`ClientError::retryable`]):
+//! one that needs no push session (listing, reading a snapshot,
+//! protecting) on a new connection if the old one was lost; a push's
+//! queries and uploads on their own connection only while it is up (the
+//! server is busy or had a storage hiccup), since a push session does not
+//! outlive the server process that started it, and a push whose
+//! connection was lost fails at once saying nothing was committed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +22,8 @@ use std::time::Duration;
 
 use bkp_common::blob;
 use bkp_common::io::{read_frame, write_frame};
-use bkp_common::protocol::{Request, Response, Role, ALPN, MAGIC, VERSION};
-use bkp_common::snapshot::{Snapshot, SnapshotKind, SnapshotSummary};
+use bkp_common::protocol::{ErrorCode, Request, Response, Role, ALPN, MAGIC, VERSION};
+use bkp_common::snapshot::{Incomplete, Snapshot, SnapshotKind, SnapshotSummary};
 use bkp_common::{ChunkId, SnapshotId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -79,9 +89,13 @@ impl ServerCertVerifier for PinnedCert {
 
 /// How long `close` lets the endpoint flush the close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(10);
-/// How long a connect keeps trying a server that does not answer: long
-/// enough to ride out a server restart.
-pub const CONNECT_BUDGET: Duration = Duration::from_secs(30);
+/// How long a connect, or a request safe to repeat, keeps trying: long
+/// enough to ride out a server restart or a reboot.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// [`Client::connect_within`]'s backoff: doubled from the first to the
+/// cap, each wait drawn between half and all of it.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(8);
 /// One handshake: on loopback or a LAN it takes milliseconds.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(4);
 
@@ -124,10 +138,13 @@ pub fn quic_config(trust: &Trust) -> Result<quinn::ClientConfig> {
     Ok(qcfg)
 }
 
-/// An authenticated connection.
+/// An authenticated connection (replaced by a new one when it is lost
+/// under a request that may be repeated).
 pub struct Client {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    link: std::sync::Mutex<Link>,
+    /// Held while a lost link is replaced, so concurrent requests make one
+    /// new connection between them.
+    relink: tokio::sync::Mutex<()>,
     /// The address as configured (names the metadata cache).
     pub server: String,
     pub host: String,
@@ -136,6 +153,70 @@ pub struct Client {
     cfg: ClientConfig,
     /// `--limit-upload`: chunk uploads wait for it (kept on reconnect).
     upload_limit: Option<Arc<bkp_common::rate::RateLimit>>,
+    /// `connect_paced`'s receive window, for every link of this client.
+    window: Option<u32>,
+}
+
+struct Link {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+/// Waits between tries: exponential with jitter (so hosts that lost the
+/// server at once do not come back in step), within a deadline.
+pub struct Backoff {
+    start: std::time::Instant,
+    budget: Duration,
+    next: Duration,
+    pub attempts: u32,
+}
+
+impl Backoff {
+    pub fn new(budget: Duration) -> Self {
+        Self { start: std::time::Instant::now(), budget, next: BACKOFF_FIRST, attempts: 0 }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// What is left of the budget.
+    pub fn remaining(&self) -> Duration {
+        self.budget.saturating_sub(self.start.elapsed())
+    }
+
+    /// Sleeps before the next try; false (without sleeping) when the wait
+    /// would end past the budget.
+    pub async fn wait(&mut self) -> bool {
+        let jitter = rand::random::<f64>() * 0.5 + 0.5;
+        let d = self.next.mul_f64(jitter);
+        if self.start.elapsed() + d >= self.budget {
+            return false;
+        }
+        tokio::time::sleep(d).await;
+        self.next = (self.next * 2).min(BACKOFF_CAP);
+        true
+    }
+}
+
+/// Requests that can be sent again after a lost connection without a
+/// push session: doing them twice is doing them once.
+fn reconnectable(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::ListSnapshots { .. }
+            | Request::ListSnapshotsFull { .. }
+            | Request::GetSnapshot { .. }
+            | Request::Protect { .. }
+    )
+}
+
+/// Requests of a push that can be sent again on the same connection when
+/// the server refused them for now (busy, a storage hiccup): it did not
+/// act on them (a host over its session limit waits for a session to end
+/// or be given up, within the timeout).
+fn repeatable(req: &Request) -> bool {
+    reconnectable(req) || matches!(req, Request::HasChunks { .. } | Request::StartPush { .. })
 }
 
 /// Why one connection attempt failed, and whether another may succeed.
@@ -166,6 +247,23 @@ fn unexpected(r: Response) -> ClientError {
     }
 }
 
+/// A server that does not know a request added after protocol version 1
+/// says it "does not decode": tell the user what to do.
+fn older_server(e: ClientError, req: &Request) -> ClientError {
+    match (&e, req) {
+        (ClientError::Server(m, ErrorCode::BadRequest), Request::CommitIncomplete { .. })
+            if m.contains("does not decode") =>
+        {
+            ClientError::Usage(
+                "the server is older than this client and cannot record an incomplete snapshot; upgrade bkp-server, \
+                 or exclude the unreadable files"
+                    .into(),
+            )
+        }
+        _ => e,
+    }
+}
+
 /// A response's variant, for messages (its fields may be megabytes).
 fn response_name(r: &Response) -> &'static str {
     match r {
@@ -175,6 +273,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::PutOk { .. } => "PutOk",
         Response::Committed(_) => "Committed",
         Response::Snapshots(_) => "Snapshots",
+        Response::SnapshotsFull(_) => "SnapshotsFull",
         Response::Snapshot { .. } => "Snapshot",
         Response::Chunk { .. } => "Chunk",
         Response::Error { .. } => "Error",
@@ -183,8 +282,9 @@ fn response_name(r: &Response) -> &'static str {
 }
 
 impl Client {
+    /// Connects, retrying a server that does not answer for `cfg.timeout`.
     pub async fn connect(cfg: &ClientConfig) -> Result<Self> {
-        Self::connect_within(cfg, CONNECT_BUDGET).await
+        Self::connect_within(cfg, cfg.timeout).await
     }
 
     /// Connects, retrying a server that does not answer for up to `budget`.
@@ -196,44 +296,77 @@ impl Client {
     /// stream) instead of the shared 64 MiB: a reader that paces itself
     /// (a rate-limited sync) then holds the link to its pace from the
     /// first byte. (QUIC credit once granted cannot be taken back, so it
-    /// must be small from the handshake on.)
+    /// must be small from the handshake on; a relink keeps it.)
     pub async fn connect_paced(cfg: &ClientConfig, window: u32) -> Result<Self> {
-        Self::connect_opts(cfg, CONNECT_BUDGET, Some(window)).await
+        Self::connect_opts(cfg, cfg.timeout, Some(window)).await
     }
 
     async fn connect_opts(cfg: &ClientConfig, budget: Duration, window: Option<u32>) -> Result<Self> {
-        let start = std::time::Instant::now();
-        let mut backoff = Duration::from_millis(500);
-        let mut attempts = 0;
+        let (link, host, role) = Self::link_within(cfg, budget, window).await?;
+        Ok(Self {
+            link: std::sync::Mutex::new(link),
+            relink: tokio::sync::Mutex::new(()),
+            server: cfg.server.clone(),
+            host,
+            role,
+            cfg: cfg.clone(),
+            upload_limit: None,
+            window,
+        })
+    }
+
+    async fn link_within(cfg: &ClientConfig, budget: Duration, window: Option<u32>) -> Result<(Link, String, Role)> {
+        let mut backoff = Backoff::new(budget);
         loop {
-            attempts += 1;
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, Self::attempt(cfg, window)).await {
+            backoff.attempts += 1;
+            // The last attempt ends with the budget, not after it.
+            let bound = ATTEMPT_TIMEOUT.min(backoff.remaining()).max(Duration::from_millis(100));
+            let why = match tokio::time::timeout(bound, Self::attempt(cfg, window)).await {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(Attempt::Refused(e))) => return Err(e),
-                Ok(Err(Attempt::NoAnswer(why))) if start.elapsed() + backoff >= budget => {
-                    return Err(Self::gave_up(cfg, attempts, start, &why))
-                }
-                Err(_) if start.elapsed() + backoff >= budget => {
-                    return Err(Self::gave_up(cfg, attempts, start, "no answer"))
-                }
-                _ => {}
+                Ok(Err(Attempt::NoAnswer(why))) => why,
+                Err(_) => "no answer".to_string(),
+            };
+            if !backoff.wait().await {
+                return Err(Self::gave_up(cfg, &backoff, &why));
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(4));
         }
     }
 
-    fn gave_up(cfg: &ClientConfig, attempts: u32, start: std::time::Instant, why: &str) -> ClientError {
+    fn gave_up(cfg: &ClientConfig, b: &Backoff, why: &str) -> ClientError {
         ClientError::NoAnswer(
             cfg.server.clone(),
             format!(
-                "{why} after {attempts} attempts in {} s; is bkp-server running there, with its UDP port reachable?",
-                start.elapsed().as_secs()
+                "{why} after {} attempts in {} s (--timeout {} s); is bkp-server running there, with its UDP port \
+                 reachable?",
+                b.attempts,
+                b.elapsed().as_secs(),
+                cfg.timeout.as_secs()
             ),
         )
     }
 
-    async fn attempt(cfg: &ClientConfig, window: Option<u32>) -> std::result::Result<Self, Attempt> {
+    fn conn(&self) -> quinn::Connection {
+        self.link.lock().expect("link lock").conn.clone()
+    }
+
+    /// Replaces the link if it is still `dead` (another request may have
+    /// done it already), trying for `budget`.
+    async fn relink(&self, dead: &quinn::Connection, budget: Duration) -> Result<()> {
+        let _one = self.relink.lock().await;
+        if self.conn().stable_id() != dead.stable_id() {
+            return Ok(());
+        }
+        let (link, host, _) = Self::link_within(&self.cfg, budget, self.window).await?;
+        if host != self.host {
+            return Err(ClientError::Connect(self.server.clone(), format!("the token now belongs to host {host}")));
+        }
+        let old = std::mem::replace(&mut *self.link.lock().expect("link lock"), link);
+        old.conn.close(0u32.into(), b"replaced");
+        Ok(())
+    }
+
+    async fn attempt(cfg: &ClientConfig, window: Option<u32>) -> std::result::Result<(Link, String, Role), Attempt> {
         let err = |m: String| Attempt::Refused(ClientError::Connect(cfg.server.clone(), m));
         let addr: SocketAddr = tokio::net::lookup_host(&cfg.server)
             .await
@@ -271,15 +404,7 @@ impl Client {
         let _ = write_frame(&mut send, &hello).await;
         let _ = send.finish();
         match read_frame::<Response, _>(&mut recv).await {
-            Ok(Some(Response::Welcome { host, role, .. })) => Ok(Self {
-                endpoint,
-                conn,
-                server: cfg.server.clone(),
-                host,
-                role,
-                cfg: cfg.clone(),
-                upload_limit: None,
-            }),
+            Ok(Some(Response::Welcome { host, role, .. })) => Ok((Link { endpoint, conn }, host, role)),
             Ok(Some(r)) => Err(Attempt::Refused(unexpected(r))),
             Ok(None) => Err(Attempt::Refused(closed_or(
                 &conn,
@@ -294,12 +419,12 @@ impl Client {
 
     /// Has the connection ended (lost, timed out, closed by either end)?
     pub fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
+        self.conn().close_reason().is_some()
     }
 
     /// A new connection with the same settings, trying for up to `budget`.
     pub async fn reconnect(&self, budget: Duration) -> Result<Self> {
-        let mut c = Self::connect_within(&self.cfg, budget).await?;
+        let mut c = Self::connect_opts(&self.cfg, budget, self.window).await?;
         c.upload_limit = self.upload_limit.clone();
         Ok(c)
     }
@@ -318,26 +443,44 @@ impl Client {
     }
 
     pub async fn close(self) {
-        self.conn.close(0u32.into(), b"bye");
+        let link = self.link.into_inner().expect("link lock");
+        link.conn.close(0u32.into(), b"bye");
         // Every answer has arrived by now; the wait only lets the endpoint
         // send the close frame. Waiting for the whole draining period
         // (three probe timeouts) cost ~80 ms per command on loopback; a
         // close that is lost costs the server one idle connection until
         // its idle timeout.
-        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, link.endpoint.wait_idle()).await;
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-        self.conn.open_bi().await.map_err(|e| closed_or(&self.conn, ClientError::Link(e.into())))
+        let conn = self.conn();
+        conn.open_bi().await.map_err(|e| closed_or(&conn, ClientError::Link(e.into())))
     }
 
-    /// One request, one response.
+    /// One request, one response; a request safe to repeat is retried
+    /// within the timeout (see the module comment).
     async fn call(&self, req: &Request) -> Result<Response> {
-        self.call_once(req).await.map_err(|e| closed_or(&self.conn, e))
+        let mut backoff = Backoff::new(self.cfg.timeout);
+        loop {
+            let conn = self.conn();
+            let e = match self.call_once(&conn, req).await {
+                Ok(r) => return Ok(r),
+                Err(e) => closed_or(&conn, e),
+            };
+            let lost = conn.close_reason().is_some();
+            let again = e.retryable() && if lost { reconnectable(req) } else { repeatable(req) };
+            if !again || !backoff.wait().await {
+                return Err(e);
+            }
+            if lost {
+                self.relink(&conn, backoff.remaining()).await?;
+            }
+        }
     }
 
-    async fn call_once(&self, req: &Request) -> Result<Response> {
-        let (mut send, mut recv) = self.open().await?;
+    async fn call_once(&self, conn: &quinn::Connection, req: &Request) -> Result<Response> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed_or(conn, ClientError::Link(e.into())))?;
         write_frame(&mut send, req).await?;
         let _ = send.finish();
         match read_frame::<Response, _>(&mut recv).await? {
@@ -366,7 +509,8 @@ impl Client {
     /// Uploads encoded chunk blobs on one stream; returns bytes the server
     /// newly stored.
     pub async fn put(&self, session: u64, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<u64> {
-        self.put_once(session, chunks).await.map_err(|e| closed_or(&self.conn, e))
+        let conn = self.conn();
+        self.put_once(session, chunks).await.map_err(|e| closed_or(&conn, e))
     }
 
     async fn put_once(&self, session: u64, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<u64> {
@@ -397,24 +541,43 @@ impl Client {
         }
     }
 
-    /// Commits the push. A connection lost before the request was sent is
+    /// Commits the push; `incomplete` names what could not be read. A
+    /// connection lost before the request was sent is
     /// [`ClientError::Link`] (nothing committed); lost after, it is
     /// [`ClientError::CommitUnknown`].
-    pub async fn commit(&self, session: u64, tree: Vec<ChunkId>) -> Result<SnapshotSummary> {
+    pub async fn commit(
+        &self,
+        session: u64,
+        tree: Vec<ChunkId>,
+        incomplete: Option<Incomplete>,
+    ) -> Result<SnapshotSummary> {
+        let req = match incomplete.clone() {
+            None => Request::Commit { session, tree },
+            Some(incomplete) => Request::CommitIncomplete { session, tree, incomplete },
+        };
         let (mut send, mut recv) = self.open().await?;
-        write_frame(&mut send, &Request::Commit { session, tree }).await?;
+        write_frame(&mut send, &req).await?;
         let _ = send.finish();
         let unknown = |e: LinkError| ClientError::CommitUnknown(e);
         match read_frame::<Response, _>(&mut recv).await.map_err(|e| unknown(e.into()))? {
-            Some(Response::Committed(s)) => Ok(s),
-            Some(r) => Err(unexpected(r)),
+            Some(Response::Committed(s)) => Ok(SnapshotSummary { incomplete, ..SnapshotSummary::from(s) }),
+            Some(r) => Err(older_server(unexpected(r), &req)),
             None => Err(unknown(LinkError::Ended("stream closed before the answer"))),
         }
     }
 
+    /// The snapshots, with whether each is complete; from a server older
+    /// than `ListSnapshotsFull`, without.
     pub async fn snapshots(&self, host: Option<String>, name: Option<String>) -> Result<Vec<SnapshotSummary>> {
+        let full = Request::ListSnapshotsFull { host: host.clone(), name: name.clone() };
+        match self.call(&full).await {
+            Ok(Response::SnapshotsFull(s)) => return Ok(s),
+            Ok(r) => return Err(unexpected(r)),
+            Err(ClientError::Server(m, ErrorCode::BadRequest)) if m.contains("does not decode") => {}
+            Err(e) => return Err(e),
+        }
         match self.call(&Request::ListSnapshots { host, name }).await? {
-            Response::Snapshots(s) => Ok(s),
+            Response::Snapshots(s) => Ok(s.into_iter().map(Into::into).collect()),
             r => Err(unexpected(r)),
         }
     }
@@ -463,7 +626,7 @@ impl Client {
         let (mut send, recv) = self.open().await?;
         write_frame(&mut send, &Request::GetChunks { ids: ids.clone() }).await?;
         let _ = send.finish();
-        Ok(Fetch { recv, ids, next: 0, conn: self.conn.clone() })
+        Ok(Fetch { recv, ids, next: 0, conn: self.conn() })
     }
 }
 

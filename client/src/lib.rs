@@ -1,14 +1,17 @@
 //! bkp client library: configuration, connection, push pipeline,
 //! restore. The `bkp` binary only parses arguments and calls [`cli`].
 
+pub mod browse;
 pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod mount;
 pub mod parallel_hash;
 pub mod progress;
 pub mod push;
 pub mod restore;
+pub mod run;
 
 pub use conn::Client;
 pub use error::ClientError;

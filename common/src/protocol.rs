@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blob::MAX_BLOB;
 use crate::ids::{ChunkId, SnapshotId};
-use crate::snapshot::{Snapshot, SnapshotKind, SnapshotSummary};
+use crate::snapshot::{Incomplete, Snapshot, SnapshotKind, SnapshotSummary, SummaryV1};
 
 pub const ALPN: &[u8] = b"bkp/1";
 pub const MAGIC: [u8; 4] = *b"BKP\0";
@@ -123,6 +123,19 @@ pub enum Request {
         /// What the client reported, at most [`MAX_REASON`] bytes.
         reason: String,
     },
+    /// `Commit` of a tree some files of which could not be read: the
+    /// snapshot is stored marked incomplete. Answered like `Commit`.
+    CommitIncomplete {
+        session: u64,
+        tree: Vec<ChunkId>,
+        incomplete: Incomplete,
+    },
+    /// `ListSnapshots`, answered with [`Response::SnapshotsFull`]: the
+    /// summaries with the fields added after version 1.
+    ListSnapshotsFull {
+        host: Option<String>,
+        name: Option<String>,
+    },
 }
 
 /// Longest failure reason a client sends in [`Request::PushFailed`].
@@ -157,8 +170,8 @@ pub enum Response {
         chunks: u32,
         bytes: u64,
     },
-    Committed(SnapshotSummary),
-    Snapshots(Vec<SnapshotSummary>),
+    Committed(SummaryV1),
+    Snapshots(Vec<SummaryV1>),
     Snapshot {
         id: SnapshotId,
         snapshot: Snapshot,
@@ -173,6 +186,8 @@ pub enum Response {
         message: String,
     },
     Done,
+    /// The answer to [`Request::ListSnapshotsFull`].
+    SnapshotsFull(Vec<SnapshotSummary>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -256,6 +271,28 @@ mod tests {
         assert_eq!(f, [0, 0, 0, 8, 10, 2, b'd', b'b', 1, 1, 1, b'x']);
         let f = encode(&Request::Protect { id: SnapshotId::from_bytes([0; 32]), protected: true });
         assert_eq!(f[4], 9);
+        // Appended after PushFailed: 11 and 12.
+        let inc = Incomplete { skipped: 3, paths: vec!["/a".into()] };
+        let f = encode(&Request::CommitIncomplete { session: 2, tree: vec![], incomplete: inc.clone() });
+        assert_eq!(f, [0, 0, 0, 8, 11, 2, 0, 3, 1, 2, b'/', b'a']);
+        let f = encode(&Request::ListSnapshotsFull { host: None, name: Some("d".into()) });
+        assert_eq!(f, [0, 0, 0, 5, 12, 0, 1, 1, b'd']);
+        // A full summary is the version 1 summary and the incomplete record after it.
+        let v1 = SummaryV1 {
+            id: SnapshotId::from_bytes([0; 32]),
+            host: "h".into(),
+            name: "n".into(),
+            time_ns: 1,
+            kind: SnapshotKind::Tree,
+            stats: Default::default(),
+            protected: false,
+        };
+        let full = SnapshotSummary { incomplete: Some(inc), ..SnapshotSummary::from(v1.clone()) };
+        let old = encode(&Response::Snapshots(vec![v1]));
+        let new = encode(&Response::SnapshotsFull(vec![full]));
+        assert_eq!(old[4], 5);
+        assert_eq!(new[4], 10, "appended after Done");
+        assert_eq!(&new[5..], [&old[5..], &[1, 3, 1, 2, b'/', b'a'][..]].concat());
         // Roles by index: sync was appended, the others keep theirs.
         let welcome = |role| encode(&Response::Welcome { host: "h".into(), role, server: "v".into() });
         assert_eq!(welcome(Role::Push), [0, 0, 0, 6, 0, 1, b'h', 0, 1, b'v']);

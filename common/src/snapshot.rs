@@ -46,6 +46,83 @@ pub struct SnapshotSummary {
     pub stats: SnapshotStats,
     /// Protected snapshots are never removed by prune.
     pub protected: bool,
+    /// Files the client could not read, left out of the snapshot; `None`:
+    /// complete. Not sent in the answers of protocol version 1 (those
+    /// carry [`SummaryV1`]); see [`Request::ListSnapshotsFull`].
+    ///
+    /// [`Request::ListSnapshotsFull`]: crate::protocol::Request::ListSnapshotsFull
+    pub incomplete: Option<Incomplete>,
+}
+
+/// Paths listed on an incomplete snapshot; the count of the rest is kept.
+pub const MAX_INCOMPLETE_PATHS: usize = 100;
+/// Bytes of one listed path (longer ones are cut at a character boundary).
+pub const MAX_INCOMPLETE_PATH: usize = 1024;
+
+/// What a push left out because it could not be read (`bkp push` exits 3).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incomplete {
+    /// Paths skipped, at least `paths.len()`.
+    pub skipped: u64,
+    /// The first [`MAX_INCOMPLETE_PATHS`] of them, as the client named them.
+    pub paths: Vec<String>,
+}
+
+impl Incomplete {
+    /// From every skipped path: counted, and the first ones kept, capped.
+    pub fn of<'a>(paths: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        let mut out = Incomplete::default();
+        for p in paths {
+            out.skipped += 1;
+            if out.paths.len() < MAX_INCOMPLETE_PATHS {
+                out.paths.push(crate::names::prefix_within(p, MAX_INCOMPLETE_PATH).to_string());
+            }
+        }
+        (out.skipped > 0).then_some(out)
+    }
+
+    /// Whether a peer's record keeps the caps (the server checks this
+    /// before storing it).
+    pub fn check(&self) -> Result<(), String> {
+        if self.skipped == 0 || self.paths.len() as u64 > self.skipped {
+            return Err(format!("{} paths listed of {} skipped", self.paths.len(), self.skipped));
+        }
+        if self.paths.len() > MAX_INCOMPLETE_PATHS {
+            return Err(format!("more than {MAX_INCOMPLETE_PATHS} skipped paths listed"));
+        }
+        if self.paths.iter().any(|p| p.len() > MAX_INCOMPLETE_PATH) {
+            return Err(format!("a skipped path over {MAX_INCOMPLETE_PATH} bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// [`SnapshotSummary`] as protocol version 1 answers carry it
+/// (`Committed`, `Snapshots`) and as summary values of version 1 were
+/// stored: without `incomplete`, so older clients keep decoding them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SummaryV1 {
+    pub id: SnapshotId,
+    pub host: String,
+    pub name: String,
+    pub time_ns: u64,
+    pub kind: SnapshotKind,
+    pub stats: SnapshotStats,
+    pub protected: bool,
+}
+
+impl From<SnapshotSummary> for SummaryV1 {
+    fn from(s: SnapshotSummary) -> Self {
+        let SnapshotSummary { id, host, name, time_ns, kind, stats, protected, incomplete: _ } = s;
+        SummaryV1 { id, host, name, time_ns, kind, stats, protected }
+    }
+}
+
+impl From<SummaryV1> for SnapshotSummary {
+    fn from(s: SummaryV1) -> Self {
+        let SummaryV1 { id, host, name, time_ns, kind, stats, protected } = s;
+        SnapshotSummary { id, host, name, time_ns, kind, stats, protected, incomplete: None }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +179,7 @@ impl Snapshot {
             kind: self.kind,
             stats: self.stats.clone(),
             protected: false,
+            incomplete: None,
         }
     }
 }
@@ -135,6 +213,20 @@ mod tests {
         want.extend_from_slice(&[7; 32]);
         want.extend_from_slice(b"\x01t");
         assert_eq!(b, want);
+    }
+
+    #[test]
+    fn incomplete_is_capped_and_checked() {
+        let long = "é".repeat(MAX_INCOMPLETE_PATH);
+        let paths: Vec<String> = (0..150).map(|i| if i == 0 { long.clone() } else { format!("/p{i}") }).collect();
+        let inc = Incomplete::of(paths.iter().map(String::as_str)).unwrap();
+        assert_eq!((inc.skipped, inc.paths.len()), (150, MAX_INCOMPLETE_PATHS));
+        assert!(inc.paths[0].len() <= MAX_INCOMPLETE_PATH && inc.paths[1] == "/p1");
+        inc.check().unwrap();
+        assert!(Incomplete::of([]).is_none());
+        assert!(Incomplete { skipped: 1, paths: vec!["a".into(), "b".into()] }.check().is_err());
+        assert!(Incomplete { skipped: 0, paths: vec![] }.check().is_err());
+        assert!(Incomplete { skipped: 1, paths: vec![long] }.check().is_err());
     }
 
     #[test]

@@ -13,14 +13,17 @@
 //! ([`email`]). Each program gets `timeout` to finish and is killed after.
 
 pub mod email;
+mod event;
+
+pub use event::{Event, Status};
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
     /// `[[alerts.webhooks]]`: an HTTP POST of a JSON body per alert.
@@ -49,21 +52,33 @@ impl Default for AlertsConfig {
     }
 }
 
+/// An `[alerts]` setting the server refuses. Fix it in server.toml: a
+/// retry cannot help.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AlertsConfigError {
+    #[error("alerts webhook url {0:?} must start with http:// or https://")]
+    WebhookUrl(String),
+    #[error("alerts command is empty; give the program and its arguments as a list")]
+    EmptyCommand,
+    #[error(transparent)]
+    Email(#[from] email::EmailConfigError),
+}
+
 impl AlertsConfig {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), AlertsConfigError> {
         for w in &self.webhooks {
             if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                return Err(format!("alerts webhook url {:?} must start with http:// or https://", w.url));
+                return Err(AlertsConfigError::WebhookUrl(w.url.clone()));
             }
         }
         if self.command.as_ref().is_some_and(|c| c.is_empty()) {
-            return Err("alerts command is empty; give the program and its arguments as a list".into());
+            return Err(AlertsConfigError::EmptyCommand);
         }
-        self.email.iter().try_for_each(email::Email::check)
+        Ok(self.email.iter().try_for_each(email::Email::check)?)
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhook {
     pub url: String,
@@ -93,25 +108,6 @@ pub struct Condition {
 /// What was last notified, by key: kept in the store (its codec is the
 /// schema's).
 pub use crate::store::schema::{AlertState as State, Notified};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Firing,
-    Resolved,
-}
-
-/// One notification: the JSON body webhooks receive.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Event {
-    pub status: Status,
-    pub key: String,
-    pub kind: String,
-    pub summary: String,
-    /// When the condition started (RFC 3339).
-    pub since: String,
-    pub server: String,
-}
 
 /// A time in ns since the epoch as RFC 3339 UTC, to the second: how the
 /// server prints times everywhere (alerts, the CLI, the status page).
@@ -157,8 +153,38 @@ pub fn diff(prev: &State, now: &[Condition], now_ns: u64, server: &str) -> Vec<(
     out
 }
 
+/// One target that did not take an alert.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("webhook {url}: {error}")]
+    Webhook { url: String, error: String },
+    #[error("command {program}: {error}")]
+    Command { program: String, error: ProgramError },
+    #[error("email to {to} via {program}: {error}")]
+    Email { to: String, program: String, error: ProgramError },
+}
+
+/// An alert some targets did not take (the others did). The monitor
+/// tries it again at its next check, so a target that was down gets it
+/// late rather than never: retrying helps unless the target is
+/// misconfigured, which the message shows.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct DeliveryError(pub Vec<TargetError>);
+
+/// Why a command or sendmail target failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error("{0}")]
+    Start(std::io::Error),
+    #[error("exited with {status}{}", if .said.is_empty() { String::new() } else { format!(": {}", .said) })]
+    Exited { status: std::process::ExitStatus, said: String },
+    #[error("still running after {0:?}; killed")]
+    Timeout(Duration),
+}
+
 /// Sends one event to every target; the error names the ones that failed.
-pub fn deliver(cfg: &AlertsConfig, ev: &Event) -> Result<(), String> {
+pub fn deliver(cfg: &AlertsConfig, ev: &Event) -> Result<(), DeliveryError> {
     let mut errors = Vec::new();
     for w in &cfg.webhooks {
         let body = match w.format {
@@ -170,7 +196,7 @@ pub fn deliver(cfg: &AlertsConfig, ev: &Event) -> Result<(), String> {
         };
         let agent = ureq::AgentBuilder::new().timeout(cfg.timeout).build();
         if let Err(e) = agent.post(&w.url).send_json(body) {
-            errors.push(format!("webhook {}: {e}", w.url));
+            errors.push(TargetError::Webhook { url: w.url.clone(), error: e.to_string() });
         }
     }
     if let Some(cmd) = &cfg.command {
@@ -182,22 +208,22 @@ pub fn deliver(cfg: &AlertsConfig, ev: &Event) -> Result<(), String> {
             ("BKP_ALERT_SUMMARY", &ev.summary),
         ];
         let body = serde_json::to_vec(ev).expect("event to json");
-        if let Err(e) = run_program(&cmd[0], &cmd[1..], &env, &body, cfg.timeout) {
-            errors.push(format!("command {}: {e}", cmd[0]));
+        if let Err(error) = run_program(&cmd[0], &cmd[1..], &env, &body, cfg.timeout) {
+            errors.push(TargetError::Command { program: cmd[0].clone(), error });
         }
     }
     let date = chrono::Utc::now().to_rfc2822();
     for m in &cfg.email {
         let msg = m.message(ev, &date);
         let program = m.sendmail_path.to_string_lossy();
-        if let Err(e) = run_program(&program, &["-t".into(), "-oi".into()], &[], msg.as_bytes(), cfg.timeout) {
-            errors.push(format!("email to {} via {program}: {e}", m.to.join(", ")));
+        if let Err(error) = run_program(&program, &["-t".into(), "-oi".into()], &[], msg.as_bytes(), cfg.timeout) {
+            errors.push(TargetError::Email { to: m.to.join(", "), program: program.into_owned(), error });
         }
     }
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(errors.join("; "))
+        Err(DeliveryError(errors))
     }
 }
 
@@ -209,7 +235,7 @@ fn run_program(
     env: &[(&str, &str)],
     stdin: &[u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProgramError> {
     let mut child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
@@ -217,25 +243,21 @@ fn run_program(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| e.to_string())?;
+        .map_err(ProgramError::Start)?;
     // A program that ignores its stdin is fine; its exit status decides.
     let _ = child.stdin.take().expect("piped stdin").write_all(stdin);
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        match child.try_wait().map_err(|e| e.to_string())? {
+        match child.try_wait().map_err(ProgramError::Start)? {
             Some(s) if s.success() => return Ok(()),
-            Some(s) => {
+            Some(status) => {
                 let said = child.stderr.take().map(stderr_start).unwrap_or_default();
-                return Err(if said.is_empty() {
-                    format!("exited with {s}")
-                } else {
-                    format!("exited with {s}: {said}")
-                });
+                return Err(ProgramError::Exited { status, said });
             }
             None if std::time::Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("still running after {timeout:?}; killed"));
+                return Err(ProgramError::Timeout(timeout));
             }
             None => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -306,7 +328,7 @@ mod tests {
     #[test]
     fn config_checks_targets() {
         let c: AlertsConfig = toml::from_str("[[webhooks]]\nurl = \"ftp://x\"").unwrap();
-        assert!(c.check().is_err());
+        assert_eq!(c.check(), Err(AlertsConfigError::WebhookUrl("ftp://x".into())));
         let c: AlertsConfig =
             toml::from_str("command = [\"/bin/true\"]\n[[webhooks]]\nurl = \"https://h/x\"\nformat = \"slack\"")
                 .unwrap();
@@ -361,15 +383,15 @@ mod tests {
         // A refusal names the target and says what sendmail said.
         let bad = fake_sendmail(dir.path(), "echo 'sendmail: fatal: no such user' >&2; exit 75");
         let cfg = AlertsConfig { email: vec![target(bad)], ..Default::default() };
-        let e = deliver(&cfg, &ev).unwrap_err();
+        let e = deliver(&cfg, &ev).unwrap_err().to_string();
         assert!(e.starts_with("email to ops@example.com via ") && e.ends_with("sendmail: fatal: no such user"), "{e}");
         // One that hangs is killed at the timeout.
         let hang = fake_sendmail(dir.path(), "exec sleep 30");
         let cfg = AlertsConfig { email: vec![target(hang)], timeout: Duration::from_millis(300), ..Default::default() };
         let t = std::time::Instant::now();
-        let e = deliver(&cfg, &ev).unwrap_err();
+        let e = deliver(&cfg, &ev).unwrap_err().to_string();
         assert!(e.contains("still running after 300ms; killed") && t.elapsed() < Duration::from_secs(10), "{e}");
         let missing = AlertsConfig { email: vec![target("/nonexistent/sendmail".into())], ..Default::default() };
-        assert!(deliver(&missing, &ev).unwrap_err().contains("/nonexistent/sendmail"));
+        assert!(deliver(&missing, &ev).unwrap_err().to_string().contains("/nonexistent/sendmail"));
     }
 }

@@ -46,7 +46,7 @@ const MAX_LINE: usize = 16 << 10;
 const QUEUE: usize = 4096;
 
 /// `[audit]` in server.toml.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// audit.log is rotated once it reaches this size.
@@ -82,6 +82,8 @@ pub enum Event {
     HelloRefused,
     /// A `[[sync]]` job's run.
     Sync,
+    /// The config file read again (SIGHUP, `bkp-server reload`).
+    Reload,
 }
 
 impl Event {
@@ -99,6 +101,7 @@ impl Event {
             Event::Refused => "refused",
             Event::HelloRefused => "hello_refused",
             Event::Sync => "sync",
+            Event::Reload => "reload",
         }
     }
 }
@@ -245,9 +248,21 @@ fn rotate(dir: &Path, cfg: &AuditConfig) -> std::io::Result<()> {
     fs::rename(&path, rotated(dir, 1))
 }
 
+/// An audit line that does not read: reported, and the others are shown.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("{at}: {len} bytes is too long for an audit line")]
+    TooLong { at: String, len: usize },
+    /// Written by a newer bkp-server: upgrade this one to read it.
+    #[error("{at}: audit line version {v} (this server reads {VERSION})")]
+    Version { at: String, v: u32 },
+    #[error("{at}: {error}")]
+    Json { at: String, error: serde_json::Error },
+}
+
 /// Every line of the log and its rotated files, oldest first. Lines that
 /// do not parse are returned as errors, in place.
-pub fn read(dir: &Path) -> std::io::Result<Vec<Result<Line, String>>> {
+pub fn read(dir: &Path) -> std::io::Result<Vec<Result<Line, LineError>>> {
     let mut files: Vec<PathBuf> = Vec::new();
     let mut n = 1;
     while rotated(dir, n).exists() {
@@ -267,13 +282,13 @@ pub fn read(dir: &Path) -> std::io::Result<Vec<Result<Line, String>>> {
             let l = l?;
             let at = || format!("{} line {}", f.display(), i + 1);
             if l.len() > MAX_LINE {
-                out.push(Err(format!("{}: {} bytes is too long for an audit line", at(), l.len())));
+                out.push(Err(LineError::TooLong { at: at(), len: l.len() }));
                 continue;
             }
             out.push(match serde_json::from_slice::<Line>(&l) {
                 Ok(line) if line.v == VERSION => Ok(line),
-                Ok(line) => Err(format!("{}: audit line version {} (this server reads {VERSION})", at(), line.v)),
-                Err(e) => Err(format!("{}: {e}", at())),
+                Ok(line) => Err(LineError::Version { at: at(), v: line.v }),
+                Err(error) => Err(LineError::Json { at: at(), error }),
             });
         }
     }
@@ -404,13 +419,17 @@ impl Drop for Audit {
     }
 }
 
+/// A `--since` that is neither a time nor a duration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("--since {0:?}: give an RFC 3339 time (2026-12-01T00:00:00Z) or a duration (24h)")]
+pub struct SinceError(pub String);
+
 /// `--since`: an RFC 3339 time or a duration back from now ("24h").
-pub fn parse_since(s: &str) -> Result<u64, String> {
+pub fn parse_since(s: &str) -> Result<u64, SinceError> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
     }
-    let d: Duration = humantime::parse_duration(s)
-        .map_err(|_| format!("--since {s:?}: give an RFC 3339 time (2026-12-01T00:00:00Z) or a duration (24h)"))?;
+    let d: Duration = humantime::parse_duration(s).map_err(|_| SinceError(s.to_string()))?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     Ok(now.saturating_sub(d.as_secs()))
 }
@@ -441,7 +460,7 @@ mod tests {
         assert_eq!(String::from_utf8(l.encode()).unwrap(), format!("{golden}\n"));
         assert_eq!(serde_json::from_str::<Line>(golden).unwrap(), l);
         assert_eq!(l.unix_secs(), Some(1_796_351_400));
-        for e in [Event::TokenCreate, Event::HelloRefused, Event::Refused, Event::Verify] {
+        for e in [Event::TokenCreate, Event::HelloRefused, Event::Refused, Event::Verify, Event::Reload] {
             let j = serde_json::to_string(&e).unwrap();
             assert_eq!(j, format!("\"{}\"", e.as_str()));
         }

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::alerts::rfc3339 as fmt_time;
 use crate::audit::{Event, Line};
-use crate::config::ServerConfig;
+use crate::config::{ConfigSource, ServerConfig};
 use crate::control::{ControlRequest, ControlResponse};
 use crate::jobs::{JobKind, JobRecord, Report};
 use crate::server::bind;
@@ -120,6 +120,18 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Make the running server read its config file again (as SIGHUP and
+    /// `systemctl reload` do) and print what changed: retention, jobs,
+    /// verify, freshness, alerts and the monitor's intervals take effect
+    /// at once; listeners, storage, cache, limits and audit settings need a
+    /// restart. A file that does not load is refused and the running
+    /// config stays (exit status 1).
+    Reload {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage host tokens (works whether or not `serve` is running).
     Token {
         #[command(subcommand)]
@@ -143,6 +155,19 @@ enum Cmd {
         #[arg(long, value_parser = crate::audit::parse_since)]
         since: Option<u64>,
         /// One JSON object a line, as stored.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new data directory from the bucket alone ([storage] backend s3):
+    /// every committed snapshot back, from the pack indexes and snapshot
+    /// records. Tokens and the TLS key are new (clients need both again).
+    Rebuild {
+        /// A new (or empty) data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The server config whose [storage] names the bucket.
+        #[arg(long)]
+        config: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -229,33 +254,36 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init { data } => init(&data),
         Cmd::Serve { data, listen, config } => {
-            let _serve_lock = crate::control::lock_serve(&data).map_err(anyhow::Error::msg)?;
+            let _serve_lock = crate::control::lock_serve(&data)?;
             crate::logging::init();
             if let Some(w) = crate::perms::warning(&data) {
                 tracing::warn!("{w}");
             }
-            let mut cfg = load_config(&data, config.as_deref())?;
+            let source = ConfigSource { explicit: config, listen_fixed: listen.is_some() };
+            let mut cfg = source.load(&data)?;
             if let Some(l) = listen {
                 cfg.listen = l;
             }
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async move {
-                let state = ServerState::open(&data, cfg.clone())?;
+                let state = ServerState::open_from(&data, cfg.clone(), source)?;
                 crate::control::start_delay_for_tests();
                 let endpoint = bind(&data, cfg.listen)?;
                 eprintln!("bkp-server listening on {}", endpoint.local_addr()?);
+                let hangup = tokio::spawn(reload_on_hangup(state.clone()));
                 crate::server::serve(endpoint, state, shutdown_signal()).await.context("serving")?;
+                hangup.abort();
                 Ok(())
             })
         }
         Cmd::Prune { data, dry_run, json, config } => {
-            let cfg = load_config(&data, config.as_deref())?;
+            let cfg = || load_config(&data, config.as_deref());
             job(&data, ControlRequest::Run { kind: JobKind::Prune, dry_run, user: cli_user() }, cfg, json)
         }
         Cmd::Gc { data, json } => job(
             &data,
             ControlRequest::Run { kind: JobKind::Gc, dry_run: false, user: cli_user() },
-            load_config(&data, None)?,
+            || load_config(&data, None),
             json,
         ),
         Cmd::Verify { data, full, sample, json } => {
@@ -264,16 +292,22 @@ fn execute(cli: Cli) -> Result<()> {
                 (false, Some(share)) => Scope::Sample { share },
                 (false, None) => Scope::Scheduled,
             };
-            job(&data, ControlRequest::Verify { scope, user: cli_user() }, load_config(&data, None)?, json)
+            job(&data, ControlRequest::Verify { scope, user: cli_user() }, || load_config(&data, None), json)
         }
-        Cmd::Sync { data, remote, json, config } => {
-            let cfg = load_config(&data, config.as_deref())?;
-            job(&data, ControlRequest::Sync { remote, user: cli_user() }, cfg, json)
+        Cmd::Sync { data, remote, json, config } => job(
+            &data,
+            ControlRequest::Sync { remote, user: cli_user() },
+            || load_config(&data, config.as_deref()),
+            json,
+        ),
+        Cmd::Jobs { data, limit, json } => {
+            job(&data, ControlRequest::Jobs { limit }, || load_config(&data, None), json)
         }
-        Cmd::Jobs { data, limit, json } => job(&data, ControlRequest::Jobs { limit }, load_config(&data, None)?, json),
-        Cmd::Status { data, json, config } => status(&data, load_config(&data, config.as_deref())?, json),
+        Cmd::Status { data, json, config } => status(&data, || load_config(&data, config.as_deref()), json),
+        Cmd::Reload { data, json } => reload(&data, json),
         Cmd::Check { data, json } => check_store(&data, json),
         Cmd::Salvage { data, json } => salvage_store(&data, json),
+        Cmd::Rebuild { data, config, json } => rebuild_store(&data, &config, json),
         Cmd::Audit { data, since, json } => print_audit(&data, since, json),
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
@@ -355,7 +389,7 @@ fn print_audit(data: &Path, since: Option<u64>, json: bool) -> Result<()> {
         let l = match l {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("bkp-server: {}", escape(&e));
+                eprintln!("bkp-server: {}", escape(&e.to_string()));
                 bad += 1;
                 continue;
             }
@@ -387,12 +421,48 @@ fn print_audit(data: &Path, since: Option<u64>, json: bool) -> Result<()> {
 
 /// `--config FILE`, else `DATA/server.toml` when present, else defaults.
 fn load_config(data: &Path, explicit: Option<&Path>) -> Result<ServerConfig> {
-    let default = data.join("server.toml");
-    Ok(match explicit {
-        Some(p) => ServerConfig::load(p)?,
-        None if default.exists() => ServerConfig::load(&default)?,
-        None => ServerConfig::default(),
-    })
+    Ok(ConfigSource { explicit: explicit.map(Path::to_path_buf), listen_fixed: false }.load(data)?)
+}
+
+/// `bkp-server reload`: through the control socket only (there is
+/// nothing to reload without a running server).
+fn reload(data: &Path, json: bool) -> Result<()> {
+    let req = ControlRequest::Reload { user: cli_user() };
+    let Some(answer) = crate::control::call(data, &req) else {
+        anyhow::bail!(
+            "no bkp-server is serving {} (its control socket does not answer); a server reads its config when it \
+             starts",
+            data.display()
+        );
+    };
+    match answer? {
+        ControlResponse::Reloaded(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let file = r.file.as_deref().unwrap_or("the defaults (no config file)");
+                println!("reloaded {}: {}", escape(file), r.summary());
+            }
+            Ok(())
+        }
+        ControlResponse::Error(e) => anyhow::bail!("{e}"),
+        _ => anyhow::bail!("the server answered a reload with something else; is it the same version?"),
+    }
+}
+
+/// SIGHUP (`systemctl reload`): reads the config again; the outcome is
+/// in the log and the audit log.
+async fn reload_on_hangup(state: std::sync::Arc<ServerState>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => return tracing::error!("no config reload on SIGHUP: installing its handler: {e}"),
+    };
+    while hup.recv().await.is_some() {
+        let st = state.clone();
+        // The outcome is logged by `reload` itself.
+        let _ = tokio::task::spawn_blocking(move || st.reload("signal SIGHUP")).await;
+    }
 }
 
 /// Who runs this command, as the audit log names it: the user behind sudo
@@ -405,9 +475,11 @@ fn cli_user() -> Option<String> {
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Runs a control request through the running server, or locally when
-/// none is running. A server that is starting (it holds `serve.lock` or
-/// the database, but its socket is not up yet) is waited for.
-fn reach(data: &Path, req: ControlRequest, cfg: ServerConfig) -> Result<ControlResponse> {
+/// none is running (with the config `cfg` loads: only then, so a running
+/// server answers even while the file on disk does not load). A server
+/// that is starting (it holds `serve.lock` or the database, but its
+/// socket is not up yet) is waited for.
+fn reach(data: &Path, req: ControlRequest, cfg: impl Fn() -> Result<ServerConfig>) -> Result<ControlResponse> {
     let deadline = std::time::Instant::now() + START_WAIT;
     let mut told = false;
     loop {
@@ -415,7 +487,7 @@ fn reach(data: &Path, req: ControlRequest, cfg: ServerConfig) -> Result<ControlR
             return Ok(r?);
         }
         if !crate::control::serve_running(data) {
-            match ServerState::open(data, cfg.clone()) {
+            match ServerState::open(data, cfg()?) {
                 Ok(state) => {
                     let by = format!("cli uid={}", nix::unistd::getuid());
                     return Ok(crate::control::answer(&state, req, &by));
@@ -445,7 +517,7 @@ fn reach(data: &Path, req: ControlRequest, cfg: ServerConfig) -> Result<ControlR
     }
 }
 
-fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Result<()> {
+fn job(data: &Path, req: ControlRequest, cfg: impl Fn() -> Result<ServerConfig>, json: bool) -> Result<()> {
     match reach(data, req, cfg)? {
         ControlResponse::Error(e) => anyhow::bail!(e),
         ControlResponse::Job(rec) => {
@@ -465,7 +537,9 @@ fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Resul
             }
             Ok(())
         }
-        ControlResponse::Status(_) => anyhow::bail!("the server answered a job request with a status"),
+        ControlResponse::Status(_) | ControlResponse::Reloaded(_) => {
+            anyhow::bail!("the server answered a job request with something else; is it the same version?")
+        }
         ControlResponse::Jobs(list) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -494,7 +568,7 @@ fn job(data: &Path, req: ControlRequest, cfg: ServerConfig, json: bool) -> Resul
     }
 }
 
-fn status(data: &Path, cfg: ServerConfig, json: bool) -> Result<()> {
+fn status(data: &Path, cfg: impl Fn() -> Result<ServerConfig>, json: bool) -> Result<()> {
     let s = match reach(data, ControlRequest::Status, cfg)? {
         ControlResponse::Status(s) => s,
         ControlResponse::Error(e) => anyhow::bail!(e),
@@ -518,6 +592,9 @@ fn print_status(s: &crate::status::ServerStatus) {
         let mut state = set.freshness.as_str().to_string();
         if set.damaged > 0 {
             state = format!("{state}, {} damaged", set.damaged);
+        }
+        if set.skipped > 0 {
+            state = format!("{state}, incomplete ({} skipped)", set.skipped);
         }
         println!(
             "{:<32} {:<9} {:>9} {:<8} {:>11} {:>6}  {}",
@@ -591,10 +668,20 @@ fn summary(r: &JobRecord) -> String {
     match &r.figures {
         None => "no report".to_string(),
         Some(Report::Prune(f)) => format!("{} kept, {} removed in {} sets", f.kept, f.removed, f.sets),
-        Some(Report::Gc(f)) => format!(
-            "{} chunks freed ({} bytes), disk {} -> {} bytes",
-            f.chunks_deleted, f.bytes_freed, f.disk_bytes_before, f.disk_bytes_after
-        ),
+        Some(Report::Gc(f)) => {
+            let packs = if f.pack_objects_deleted + f.packs_repacked > 0 {
+                format!(
+                    "; bucket: {} pack objects deleted, {} packs repacked ({} bytes rewritten)",
+                    f.pack_objects_deleted, f.packs_repacked, f.pack_bytes_rewritten
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "{} chunks freed ({} bytes), disk {} -> {} bytes{packs}",
+                f.chunks_deleted, f.bytes_freed, f.disk_bytes_before, f.disk_bytes_after
+            )
+        }
         Some(Report::Verify(f)) => {
             let scrub = match &f.scrub {
                 Some(s) => {
@@ -717,6 +804,47 @@ fn check_store(data: &Path, json: bool) -> Result<()> {
 }
 
 /// `bkp-server salvage`.
+fn rebuild_store(data: &Path, config: &Path, json: bool) -> Result<()> {
+    let cfg = ServerConfig::load(config)?;
+    if cfg.storage.backend != crate::store::object::config::Backend::S3 {
+        anyhow::bail!("{}: [storage] backend is not \"s3\"; rebuild reads a bucket", config.display());
+    }
+    crate::perms::private_dir(data)
+        .with_context(|| format!("creating {} with mode 0700 (it must belong to this user)", data.display()))?;
+    let _serve = crate::control::lock_serve(data).map_err(|e| anyhow::anyhow!("rebuild not started: {e}"))?;
+    crate::logging::init();
+    let fp = match crate::tls::load_cert(data) {
+        Ok(c) => crate::tls::fingerprint(&c),
+        Err(_) => crate::tls::init(data)?,
+    };
+    let db = data.join(crate::state::DB_DIR);
+    let r = crate::store::s3::rebuild::rebuild(&db, cfg.cache_mb << 20, &cfg.storage, data)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "rebuilt {}: {} snapshots of {} hosts, {} chunks in {} packs ({} unreferenced chunks left to gc)",
+        data.display(),
+        r.snapshots,
+        r.hosts,
+        r.chunks_located,
+        r.packs,
+        r.chunks_unreferenced
+    );
+    if r.packs_unreadable + r.records_bad + r.snapshots_incomplete > 0 {
+        println!(
+            "{} pack(s) unreadable, {} snapshot record(s) bad, {} snapshot(s) incomplete (see the log); run \
+             `bkp-server verify --full` once the server runs",
+            r.packs_unreadable, r.records_bad, r.snapshots_incomplete
+        );
+    }
+    println!("next: create tokens again (`bkp-server token create`), give clients the new fingerprint:");
+    println!("{fp}");
+    println!("and start the server with `--config {}`", config.display());
+    Ok(())
+}
+
 fn salvage_store(data: &Path, json: bool) -> Result<()> {
     let db = data.join(crate::state::DB_DIR);
     // Held for the whole rebuild: a `serve` started meanwhile would write

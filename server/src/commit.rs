@@ -17,6 +17,13 @@ use crate::tree_read::{TreeEntries, TreeReadError};
 
 /// Longest tree stream accepted: 1M chunks of about 1 MiB.
 pub const MAX_TREE_CHUNKS: usize = 1 << 20;
+/// Repeats of tree chunks a commit may list (a tree chunk listed twice
+/// counts one). Each repeat is read, decompressed and walked again but
+/// costs the client no upload, so without a bound a Commit frame naming
+/// one chunk a million times buys a terabyte of decoding. An honest tree
+/// repeats a chunk only where its stream repeats (the references of a
+/// long run of identical data chunks): about 40 per TiB of zeros.
+pub const MAX_TREE_REPEATS: usize = 1024;
 const BATCH: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +135,19 @@ pub fn check_tree(
     tree: &[ChunkId],
     session: &mut dyn CommitSession,
 ) -> Result<SnapshotStats, CommitError> {
+    if tree.len() > MAX_TREE_CHUNKS {
+        return Err(CommitError::Rejected(format!("tree of {} chunks", tree.len())));
+    }
+    let mut distinct = tree.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let repeats = tree.len() - distinct.len();
+    if repeats > MAX_TREE_REPEATS {
+        return Err(CommitError::Rejected(format!(
+            "the tree repeats its chunks {repeats} times (at most {MAX_TREE_REPEATS} repeats); no bkp client \
+             makes such a tree"
+        )));
+    }
     let mut refs = |ids: &[ChunkId]| {
         let unproven = session.unproven(ids);
         let have = store.host_has(host, &unproven)?;

@@ -1,11 +1,15 @@
-//! `bkp-server serve --config FILE`: the server's TOML configuration.
+//! `bkp-server serve --config FILE`: the server's TOML configuration,
+//! and what of it a reload (SIGHUP, `bkp-server reload`) may change while
+//! the server runs ([`ServerConfig::reloaded`]).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize)]
+use crate::monitor::MonitorConfig;
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// QUIC listen address; `--listen` overrides it.
@@ -27,7 +31,7 @@ pub struct ServerConfig {
     pub verify: crate::verify::VerifyConfig,
     pub freshness: crate::freshness::FreshnessConfig,
     pub alerts: crate::alerts::AlertsConfig,
-    pub monitor: crate::monitor::MonitorConfig,
+    pub monitor: MonitorConfig,
     pub limits: crate::limits::LimitsConfig,
     pub audit: crate::audit::AuditConfig,
     /// Where chunk data lives: local RocksDB, or packs in an S3 bucket.
@@ -65,17 +69,134 @@ pub struct ConfigError {
     pub msg: String,
 }
 
+/// Where a server's config comes from, kept so a reload reads the same
+/// place: `--config FILE`, else `DATA/server.toml` when present, else the
+/// defaults; `listen_fixed`: `--listen` overrides the file's address.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSource {
+    pub explicit: Option<PathBuf>,
+    pub listen_fixed: bool,
+}
+
+impl ConfigSource {
+    /// The file a load reads, if any (`None`: the defaults).
+    pub fn file(&self, data: &Path) -> Option<PathBuf> {
+        let default = data.join("server.toml");
+        match &self.explicit {
+            Some(p) => Some(p.clone()),
+            None if default.exists() => Some(default),
+            None => None,
+        }
+    }
+
+    pub fn load(&self, data: &Path) -> Result<ServerConfig, ConfigError> {
+        match self.file(data) {
+            Some(p) => ServerConfig::load(&p),
+            None => Ok(ServerConfig::default()),
+        }
+    }
+}
+
+/// What a reload did: the sections it put in force, and those that
+/// changed in the file but keep their running value until a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// The file read (`None`: no file, the defaults).
+    pub file: Option<String>,
+    pub applied: Vec<String>,
+    pub needs_restart: Vec<String>,
+}
+
+impl Reloaded {
+    /// One line for the log, the audit log and `bkp-server reload`.
+    pub fn summary(&self) -> String {
+        let list = |l: &[String]| if l.is_empty() { "nothing".to_string() } else { l.join(", ") };
+        let mut s = format!("applied: {}", list(&self.applied));
+        if !self.needs_restart.is_empty() {
+            s += &format!(
+                "; changed but needs a restart (the running value stays until then): {}",
+                self.needs_restart.join(", ")
+            );
+        }
+        s
+    }
+}
+
 impl ServerConfig {
+    /// The config to run with after reading `new` for a reload, and what
+    /// changed. Retention, jobs, verify, freshness, alerts, the monitor's
+    /// intervals and `max_pushes_per_day` are read afresh by whoever uses
+    /// them, so they take effect at once. What was set up once at start
+    /// (the listeners, the store, the caches, the sessions' lease, the
+    /// limits, the audit writer) keeps its running value and is reported
+    /// in `needs_restart`. `listen_fixed`: `--listen` set the address, so
+    /// the file's is not in force anyway.
+    pub fn reloaded(&self, mut new: ServerConfig, listen_fixed: bool) -> (ServerConfig, Reloaded) {
+        let mut r = Reloaded::default();
+        fn live<T: PartialEq>(r: &mut Reloaded, name: &str, old: &T, new: &T) {
+            if old != new {
+                r.applied.push(name.into());
+            }
+        }
+        fn fixed<T: PartialEq + Clone>(r: &mut Reloaded, name: &str, old: &T, new: &mut T) {
+            if old != new {
+                r.needs_restart.push(name.into());
+                *new = old.clone();
+            }
+        }
+        live(&mut r, "retention", &self.retention, &new.retention);
+        live(&mut r, "jobs", &self.jobs, &new.jobs);
+        live(&mut r, "verify", &self.verify, &new.verify);
+        live(&mut r, "freshness", &self.freshness, &new.freshness);
+        live(&mut r, "alerts", &self.alerts, &new.alerts);
+        live(&mut r, "monitor.check_interval", &self.monitor.check_interval, &new.monitor.check_interval);
+        live(&mut r, "monitor.stats_interval", &self.monitor.stats_interval, &new.monitor.stats_interval);
+        live(&mut r, "max_pushes_per_day", &self.max_pushes_per_day, &new.max_pushes_per_day);
+        if listen_fixed {
+            new.listen = self.listen;
+        }
+        fixed(&mut r, "listen", &self.listen, &mut new.listen);
+        fixed(&mut r, "monitor.listen", &self.monitor.listen, &mut new.monitor.listen);
+        fixed(&mut r, "cache_mb", &self.cache_mb, &mut new.cache_mb);
+        fixed(&mut r, "max_connections", &self.max_connections, &mut new.max_connections);
+        fixed(&mut r, "session_lease_secs", &self.session_lease_secs, &mut new.session_lease_secs);
+        fixed(&mut r, "limits", &self.limits, &mut new.limits);
+        fixed(&mut r, "audit", &self.audit, &mut new.audit);
+        fixed(&mut r, "storage", &self.storage, &mut new.storage);
+        // The sync scheduler reads its plans once, at start.
+        fixed(&mut r, "sync", &self.sync, &mut new.sync);
+        // A field added to the config fails to compile here until it is
+        // sorted into one of the two lists above.
+        let ServerConfig {
+            listen: _,
+            cache_mb: _,
+            max_connections: _,
+            session_lease_secs: _,
+            max_pushes_per_day: _,
+            retention: _,
+            jobs: _,
+            verify: _,
+            freshness: _,
+            alerts: _,
+            monitor: MonitorConfig { listen: _, check_interval: _, stats_interval: _ },
+            limits: _,
+            audit: _,
+            storage: _,
+            sync: _,
+        } = self;
+        (new, r)
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let err = |msg: String| ConfigError { path: path.display().to_string(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| err(one_line(&text, &e)))?;
         for (_, expr) in cfg.jobs.schedules() {
             if let Some(expr) = expr {
                 crate::jobs::parse_schedule(expr).map_err(|e| err(e.to_string()))?;
             }
         }
-        cfg.alerts.check().map_err(err)?;
+        cfg.alerts.check().map_err(|e| err(e.to_string()))?;
         cfg.storage.check().map_err(err)?;
         crate::sync::config::check_all(&cfg.sync).map_err(err)?;
         for j in &cfg.sync {
@@ -87,9 +208,66 @@ impl ServerConfig {
     }
 }
 
+/// A TOML error as one line ("line 4, column 1: unknown field ..."):
+/// the parser's own text spans several lines with a snippet of the file,
+/// which a log line (the journal) and the audit log cannot show.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_file_is_refused_in_one_line_that_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("server.toml");
+        std::fs::write(&p, "[freshness]\ninterval = \"1h\"\n[retention.default]\nkeep_lats = 1\n").unwrap();
+        let e = ServerConfig::load(&p).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with(&format!("config file {}: line 4, column 1: unknown field `keep_lats`", p.display())),
+            "{e}"
+        );
+        std::fs::write(&p, "[jobs]\nprune = \"0 4 * * 1\"\n").unwrap();
+        assert!(ServerConfig::load(&p).unwrap_err().to_string().contains("write weekdays as names"));
+    }
+
+    #[test]
+    fn a_reload_applies_live_sections_and_keeps_the_rest() {
+        let old = ServerConfig::default();
+        let mut new: ServerConfig = toml::from_str(
+            "listen = \"0.0.0.0:9\"\ncache_mb = 1\nmax_pushes_per_day = 4\n[retention.default]\nkeep_last = 1\n\
+             [monitor]\nlisten = \"127.0.0.1:9\"\ncheck_interval = \"1s\"\n[limits]\nsessions = 3\n",
+        )
+        .unwrap();
+        let (run, r) = old.reloaded(new.clone(), false);
+        assert_eq!(r.applied, ["retention", "monitor.check_interval", "max_pushes_per_day"]);
+        assert_eq!(r.needs_restart, ["listen", "monitor.listen", "cache_mb", "limits"]);
+        assert_eq!((run.retention.default.keep_last, run.max_pushes_per_day), (1, 4));
+        assert_eq!(run.monitor.check_interval, std::time::Duration::from_secs(1));
+        assert_eq!((run.listen, run.monitor.listen, run.cache_mb), (old.listen, None, old.cache_mb));
+        assert_eq!(run.limits, old.limits);
+        assert!(r.summary().contains("needs a restart") && r.summary().contains("cache_mb"), "{}", r.summary());
+        // With `--listen` given, the file's address was never in force.
+        new.listen = "0.0.0.0:9".parse().unwrap();
+        let (_, r) = old.reloaded(new, true);
+        assert!(!r.needs_restart.contains(&"listen".to_string()), "{r:?}");
+        // The same file again: nothing to apply.
+        let (_, r) = run.reloaded(run.clone(), false);
+        assert_eq!(r, Reloaded::default());
+        assert_eq!(r.summary(), "applied: nothing");
+    }
 
     #[test]
     fn parses_and_rejects_unknown_keys() {

@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use bkp_common::blob;
 use bkp_common::io::{read_body, read_len, write_frame, Admitted, Budget, IoError};
+use bkp_common::names::escape;
 use bkp_common::protocol::{ErrorCode, Request, Response, Role, MAGIC, MAX_FRAME, VERSION};
+use bkp_common::snapshot::Incomplete;
 use bkp_common::ChunkId;
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info, warn};
 
 use crate::audit::{Event, Line};
-use crate::jobs::now_ns;
+use crate::clock::now_ns;
 use crate::limits::{AuthSlot, PendingSlot, TokenShared, CLOSE_CROWDED, CLOSE_REFUSED, CROWDED_REASON, SMALL_WINDOW};
 use crate::monitor::Counters;
 use crate::service::{admin, push, read, Caller, ServiceError};
@@ -39,7 +41,9 @@ const BATCH_IDLE: Duration = Duration::from_secs(1);
 /// thread hand-offs cost more than the writes.
 const PUT_BATCH: usize = 64;
 const PUT_BATCH_BYTES: usize = 1 << 20;
-/// Blob bytes read per blocking task while answering GetChunks.
+/// Blob bytes read per blocking task while answering GetChunks, at least
+/// (the backend may ask for more: an object store reads a batch with many
+/// GETs in flight).
 const FETCH_READ_BYTES: usize = 1 << 20;
 
 struct Conn {
@@ -137,7 +141,7 @@ pub async fn handle(incoming: quinn::Incoming, state: Arc<ServerState>, slot: Pe
 /// A hello refused before any token was accepted (or over a limit): the
 /// audit log's rate limit keeps a flood of these from filling the disk.
 fn audit_hello(state: &ServerState, peer: std::net::SocketAddr, why: &str) {
-    state.audit.record(Line::new(Event::HelloRefused, "refused").peer(peer).detail(why));
+    state.audit().record(Line::new(Event::HelloRefused, "refused").peer(peer).detail(why));
 }
 
 /// Audits a refused hello, sends the refusal on the hello stream and lets
@@ -159,8 +163,25 @@ async fn refuse_hello(
     message
 }
 
-async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Conn, AuthSlot), String> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+/// Why a connection ended at its hello (logged; the connection closes).
+#[derive(Debug, thiserror::Error)]
+enum HelloError {
+    /// Refused; the client was told why and the refusal audited.
+    #[error("{0}")]
+    Refused(String),
+    /// The peer left or the transport failed before the hello was done
+    /// (the client's next try may well pass).
+    #[error("{0}")]
+    Transport(String),
+    /// The server could not check the token (its token file): logged for
+    /// the operator, and the client sees a closed connection.
+    #[error("checking the token: {0}")]
+    Tokens(String),
+}
+
+async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Conn, AuthSlot), HelloError> {
+    let refused = HelloError::Refused;
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| HelloError::Transport(e.to_string()))?;
     let at = (state.as_ref(), conn);
     // Unauthenticated peers get a small frame budget; the length is read
     // first so an oversized hello is refused in words.
@@ -171,45 +192,52 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
                 "hello of {len} bytes is over the server's {HELLO_MAX}-byte limit; the token file must hold \
                  only the token that `bkp-server token create` printed"
             );
-            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await);
+            return Err(refused(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await));
         }
         Ok(None) => {
             audit_hello(&state, conn.remote_address(), "stream ended before the hello");
-            return Err("stream ended before the hello".into());
+            return Err(HelloError::Transport("stream ended before the hello".into()));
         }
         Err(e) => {
-            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await)
+            return Err(refused(
+                refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await,
+            ))
         }
     };
     let req: Request = match read_body(&mut recv, len, HELLO_TIMEOUT).await {
         Ok(r) => r,
         Err(e) => {
-            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await)
+            return Err(refused(
+                refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, format!("bad hello: {e}")).await,
+            ))
         }
     };
     let (token, client) = match req {
         Request::Hello { magic, version, token, client } if magic == MAGIC && version == VERSION => (token, client),
         Request::Hello { version, .. } => {
             let msg = format!("protocol version {version} not supported (server speaks {VERSION}); upgrade bkp");
-            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await);
+            return Err(refused(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await));
         }
         _ => {
             let msg = "the first request must be a hello".to_string();
-            return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await);
+            return Err(refused(refuse_hello(at, &mut send, &mut recv, ErrorCode::BadRequest, msg).await));
         }
     };
     let tokens = state.tokens();
     let rec = tokio::task::spawn_blocking(move || tokens.authenticate(&token))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| HelloError::Tokens(e.to_string()))?
+        .map_err(|e| HelloError::Tokens(e.to_string()))?;
     let Some(rec) = rec else {
         let msg = "unknown or revoked token; ask the operator for a token (bkp-server token create)".to_string();
-        return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::Unauthorized, msg).await);
+        return Err(refused(refuse_hello(at, &mut send, &mut recv, ErrorCode::Unauthorized, msg).await));
     };
-    let mut auth = match state.limits.admit(&rec.id, &rec.host, conn) {
+    let mut auth = match state.limits().admit(&rec.id, &rec.host, conn) {
         Ok(a) => a,
-        Err(msg) => return Err(refuse_hello(at, &mut send, &mut recv, ErrorCode::Busy, msg).await),
+        Err(e) => {
+            let code = if e.retryable() { ErrorCode::Busy } else { ErrorCode::Unauthorized };
+            return Err(refused(refuse_hello(at, &mut send, &mut recv, code, e.to_string()).await));
+        }
     };
     // Authenticated: the shared transport's streams and window. A restore
     // or sync token only sends requests, so it keeps a small window.
@@ -220,10 +248,10 @@ async fn hello(conn: &quinn::Connection, state: Arc<ServerState>) -> Result<(Con
     conn.set_receive_window(window.into());
     conn.set_max_concurrent_bi_streams(bkp_common::quic::MAX_STREAMS.into());
     let welcome = Response::Welcome { host: rec.host.clone(), role: rec.role, server: bkp_common::VERSION.to_string() };
-    write_frame(&mut send, &welcome).await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &welcome).await.map_err(|e| HelloError::Transport(e.to_string()))?;
     let _ = send.finish();
     let ctx = Conn {
-        frames: state.limits.connection_budget(),
+        frames: state.limits().connection_budget(),
         token: auth.shared.clone(),
         peer: conn.remote_address(),
         state,
@@ -249,7 +277,7 @@ impl Conn {
 
     /// The frame budgets a request is admitted against, innermost first.
     fn budgets(&self) -> [&Arc<Budget>; 3] {
-        [&self.frames, &self.token.frames, &self.state.limits.frames]
+        [&self.frames, &self.token.frames, &self.state.limits().frames]
     }
 
     /// The next request on a stream, its length admitted against the
@@ -297,11 +325,11 @@ impl Conn {
             Err(Fail(ErrorCode::NotFound, _)) => "not_found",
             Err(_) => "failed",
         };
-        self.state.audit.record(self.audit(event, result).detail(format!("snapshot {id}")));
+        self.state.audit().record(self.audit(event, result).detail(format!("snapshot {id}")));
     }
 
     fn refused(&self, detail: &str) {
-        self.state.audit.record(self.audit(crate::audit::Event::Refused, "refused").detail(detail));
+        self.state.audit().record(self.audit(crate::audit::Event::Refused, "refused").detail(detail));
     }
 
     /// Answers one request; `admitted` is its frame's budget, held until
@@ -310,73 +338,95 @@ impl Conn {
         let resp = match req {
             Request::Hello { .. } => return Err(Fail(ErrorCode::BadRequest, "hello sent twice".into())),
             Request::StartPush { name, kind } => {
-                let session = self.call(move |st, c| push::start(&st.sessions, c, &name, kind)).await?;
+                let session = self.call(move |st, c| push::start(st.sessions(), c, &name, kind)).await?;
                 Response::PushStarted { session }
             }
             Request::HasChunks { session, ids } => Response::Missing(
-                self.call(move |st, c| push::has_chunks(st.store.as_ref(), &st.sessions, c, session, &ids)).await?,
+                self.call(move |st, c| push::has_chunks(st.store().as_ref(), st.sessions(), c, session, &ids)).await?,
             ),
             Request::PutChunk { session, id, blob } => {
                 return self.upload(session, (id, blob, admitted), send, recv).await;
             }
-            Request::Commit { session, tree } => {
-                let max = self.state.config.max_pushes_per_day;
-                let outcome =
-                    self.call(move |st, c| push::commit(st.store.as_ref(), &st.sessions, c, session, tree, max)).await;
-                // A task that failed is a failed commit of an unknown set.
-                let (set, result) = match outcome {
-                    Ok(o) => (o.set, o.result.map_err(|e| self.fail(e))),
-                    Err(f @ Fail(ErrorCode::Forbidden, _)) => return Err(f),
-                    Err(f) => (String::new(), Err(f)),
-                };
-                let c = &self.state.monitor.counters;
-                c.push_done(&self.caller.host, &set, result.is_ok());
-                match &result {
-                    Ok(s) => {
-                        Counters::add(&c.pushes_ok, 1);
-                        Counters::add(&c.read_bytes, s.stats.bytes);
-                        // Freshness alerts clear as soon as the backup lands.
-                        self.state.monitor.committed();
-                    }
-                    Err(_) => Counters::add(&c.pushes_failed, 1),
-                }
-                let summary = result?;
-                info!(host = %self.caller.host, name = %summary.name, id = %summary.id.short(), "snapshot committed");
-                Response::Committed(summary)
+            Request::Commit { session, tree } => self.commit(session, tree, None).await?,
+            Request::CommitIncomplete { session, tree, incomplete } => {
+                self.commit(session, tree, Some(incomplete)).await?
             }
             Request::ListSnapshots { host, name } => Response::Snapshots(
-                self.call(move |st, c| read::list(st.store.as_ref(), c, host, name.as_deref())).await?,
+                self.call(move |st, c| read::list(st.store().as_ref(), c, host, name.as_deref()))
+                    .await?
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+            ),
+            Request::ListSnapshotsFull { host, name } => Response::SnapshotsFull(
+                self.call(move |st, c| read::list(st.store().as_ref(), c, host, name.as_deref())).await?,
             ),
             Request::GetSnapshot { id } => {
-                let snapshot = self.call(move |st, c| read::snapshot(st.store.as_ref(), c, &id)).await?;
+                let snapshot = self.call(move |st, c| read::snapshot(st.store().as_ref(), c, &id)).await?;
                 Response::Snapshot { id, snapshot }
             }
             Request::GetChunks { ids } => return self.fetch(ids, send).await,
             Request::Forget { id } => {
-                let done = self.call(move |st, c| admin::forget(st.store.as_ref(), c, &id)).await;
+                let done = self.call(move |st, c| admin::forget(st.store().as_ref(), c, &id)).await;
                 self.admin_done(Event::Forget, &id, &done);
                 done?;
                 info!(host = %self.caller.host, id = %id.short(), "snapshot forgotten");
                 Response::Done
             }
             Request::Protect { id, protected } => {
-                let done = self.call(move |st, c| admin::protect(st.store.as_ref(), c, &id, protected)).await;
+                let done = self.call(move |st, c| admin::protect(st.store().as_ref(), c, &id, protected)).await;
                 self.admin_done(if protected { Event::Protect } else { Event::Unprotect }, &id, &done);
                 done?;
                 Response::Done
             }
             Request::PushFailed { name, kind, reason } => {
                 self.call(move |st, c| {
-                    let failures = &st.monitor.push_failures;
-                    admin::push_failed(failures, st.store.as_ref(), c, &name, kind, &reason, now_ns())
+                    let failures = &st.monitor().push_failures;
+                    admin::push_failed(failures, st.store().as_ref(), c, &name, kind, &reason, now_ns())
                 })
                 .await?;
-                self.state.monitor.nudge.notify_one();
+                self.state.monitor().nudge.notify_one();
                 Response::Done
             }
         };
         write_frame(send, &resp).await?;
         Ok(())
+    }
+
+    /// `Commit` and `CommitIncomplete`: counted per set, logged, and the
+    /// monitor told.
+    async fn commit(&self, session: u64, tree: Vec<ChunkId>, incomplete: Option<Incomplete>) -> Result<Response, Fail> {
+        let max = self.state.config().max_pushes_per_day;
+        let outcome = self
+            .call(move |st, c| push::commit(st.store().as_ref(), st.sessions(), c, session, tree, incomplete, max))
+            .await;
+        // A task that failed is a failed commit of an unknown set.
+        let (set, result) = match outcome {
+            Ok(o) => (o.set, o.result.map_err(|e| self.fail(e))),
+            Err(f @ Fail(ErrorCode::Forbidden, _)) => return Err(f),
+            Err(f) => (String::new(), Err(f)),
+        };
+        let c = &self.state.monitor().counters;
+        c.push_done(&self.caller.host, &set, result.is_ok());
+        match &result {
+            Ok(s) => {
+                Counters::add(&c.pushes_ok, 1);
+                Counters::add(&c.read_bytes, s.stats.bytes);
+                // Freshness alerts clear as soon as the backup lands.
+                self.state.monitor().committed();
+            }
+            Err(_) => Counters::add(&c.pushes_failed, 1),
+        }
+        let summary = result?;
+        let (host, id) = (&self.caller.host, summary.id.short());
+        match &summary.incomplete {
+            None => info!(%host, name = %summary.name, %id, "snapshot committed"),
+            // The paths come from the client: escaped.
+            Some(i) => warn!(%host, name = %summary.name, %id, skipped = i.skipped,
+                             first = %escape(i.paths.first().map_or("", String::as_str)),
+                             "snapshot committed incomplete: files the client could not read are not in it"),
+        }
+        Ok(Response::Committed(summary.into()))
     }
 
     /// An upload stream: PutChunk frames until the client finishes it.
@@ -387,7 +437,7 @@ impl Conn {
         send: &mut SendStream,
         recv: &mut RecvStream,
     ) -> Reply {
-        self.call(move |st, c| push::open_upload(&st.sessions, c, session)).await?;
+        self.call(move |st, c| push::open_upload(st.sessions(), c, session)).await?;
         let (mut chunks, mut bytes) = (0u32, 0u64);
         let mut batch = Batch::default();
         batch.push(first);
@@ -455,9 +505,10 @@ impl Conn {
             debug!(host = %self.caller.host, raw, received, ms = delay.as_millis() as u64, "upload batch paced");
             tokio::time::sleep(delay).await;
         }
-        let stats = self.call(move |st, c| push::put_batch(st.store.as_ref(), &st.sessions, c, session, items)).await?;
+        let stats =
+            self.call(move |st, c| push::put_batch(st.store().as_ref(), st.sessions(), c, session, items)).await?;
         drop(admitted);
-        let c = &self.state.monitor.counters;
+        let c = &self.state.monitor().counters;
         Counters::add(&c.uploaded_bytes, received as u64);
         Counters::add(&c.new_bytes, stats.new_bytes);
         debug!(host = %self.caller.host, new = stats.new_chunks, bytes = stats.new_bytes, "chunks stored");
@@ -467,14 +518,18 @@ impl Conn {
     async fn fetch(&self, ids: Vec<ChunkId>, send: &mut SendStream) -> Reply {
         let ids = Arc::new(ids);
         let q = ids.clone();
-        self.call(move |st, c| read::authorize_fetch(st.store.as_ref(), c, &q)).await?;
+        self.call(move |st, c| read::authorize_fetch(st.store().as_ref(), c, &q)).await?;
         let mut next = 0;
         while next < ids.len() {
             // Blobs are read about 1 MiB at a time per blocking task: a
             // task per small chunk cost more than reading it.
             let q = ids.clone();
-            let blobs =
-                self.call(move |st, _| Ok(read::read_blobs(st.store.as_ref(), &q[next..], FETCH_READ_BYTES)?)).await?;
+            let blobs = self
+                .call(move |st, _| {
+                    let max = st.store().read_batch_bytes().max(FETCH_READ_BYTES);
+                    Ok(read::read_blobs(st.store().as_ref(), &q[next..], max)?)
+                })
+                .await?;
             for blob in blobs {
                 let id = ids[next];
                 let blob = blob.ok_or_else(|| self.fail(ServiceError::missing_chunk(&id)))?;

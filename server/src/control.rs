@@ -1,5 +1,5 @@
 //! The control socket, `DATA/control.sock` (mode 0600): how
-//! `bkp-server prune|gc|verify|jobs|status` reach a running server, since RocksDB
+//! `bkp-server prune|gc|verify|jobs|status|reload` reach a running server, since RocksDB
 //! admits one process. One JSON request line, one JSON answer line.
 //! Access is the file's permission: whoever may read the data directory.
 //!
@@ -53,6 +53,11 @@ pub enum ControlRequest {
         #[serde(default)]
         user: Option<String>,
     },
+    /// Read the config file again (as SIGHUP does) and say what changed.
+    Reload {
+        #[serde(default)]
+        user: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,6 +67,7 @@ pub enum ControlResponse {
     Jobs(Vec<JobRecord>),
     Error(String),
     Status(Box<crate::status::ServerStatus>),
+    Reloaded(crate::config::Reloaded),
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -123,20 +129,21 @@ pub fn answer(state: &ServerState, req: ControlRequest, by: &str) -> ControlResp
     };
     match req {
         ControlRequest::Run { kind, dry_run, user } => {
-            let by = who(user);
-            ControlResponse::Job(jobs::run(&Jobs { by: &by, ..state.jobs() }, kind, dry_run, &GcHooks::from_env()))
+            let (by, cfg) = (who(user), state.config());
+            let jobs = Jobs { by: &by, ..state.jobs(&cfg) };
+            ControlResponse::Job(jobs::run(&jobs, kind, dry_run, &GcHooks::from_env()))
         }
         ControlRequest::Verify { scope, user } => {
-            let by = who(user);
-            ControlResponse::Job(jobs::run_verify(&Jobs { by: &by, ..state.jobs() }, scope))
+            let (by, cfg) = (who(user), state.config());
+            ControlResponse::Job(jobs::run_verify(&Jobs { by: &by, ..state.jobs(&cfg) }, scope))
         }
-        ControlRequest::Jobs { limit } => match jobs::list(state.store.as_ref(), &state.running, limit) {
+        ControlRequest::Jobs { limit } => match jobs::list(state.store().as_ref(), state.running(), limit) {
             Ok(l) => ControlResponse::Jobs(l),
             Err(e) => ControlResponse::Error(e.to_string()),
         },
         ControlRequest::Sync { remote, user } => {
-            let by = who(user);
-            let jobs = Jobs { by: &by, ..state.jobs() };
+            let (by, cfg) = (who(user), state.config());
+            let jobs = Jobs { by: &by, ..state.jobs(&cfg) };
             // The server's runtime when there is one (this runs on its
             // blocking pool); the CLI without a server makes its own.
             let record = match tokio::runtime::Handle::try_current() {
@@ -146,12 +153,16 @@ pub fn answer(state: &ServerState, req: ControlRequest, by: &str) -> ControlResp
                     Err(e) => return ControlResponse::Error(format!("starting a runtime for the sync: {e}")),
                 },
             };
-            state.monitor.nudge.notify_one();
+            state.monitor().nudge.notify_one();
             ControlResponse::Job(record)
         }
-        ControlRequest::Status => match crate::status::collect(&state.monitor_inputs()) {
+        ControlRequest::Status => match crate::status::collect(&state.monitor_inputs(&state.config())) {
             Ok(s) => ControlResponse::Status(Box::new(s)),
             Err(e) => ControlResponse::Error(format!("reading the store for the status: {e}")),
+        },
+        ControlRequest::Reload { user } => match state.reload(&who(user)) {
+            Ok(r) => ControlResponse::Reloaded(r),
+            Err(e) => ControlResponse::Error(format!("reload refused, the running config stays in force: {e}")),
         },
     }
 }
@@ -196,17 +207,27 @@ pub fn call(data: &Path, req: &ControlRequest) -> Option<Result<ControlResponse,
     })
 }
 
-/// Taken by `serve` first thing, held for its lifetime. `Err` says who
-/// holds it.
-pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
+/// Why `serve` could not take `DATA/serve.lock`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeLockError {
+    #[error("{0} is not an initialised data directory; run `bkp-server init --data {0}`")]
+    NotInitialised(String),
+    /// Another `serve` runs there: stop it first (waiting does not help
+    /// unless it is stopping).
+    #[error("another `bkp-server serve` (pid {pid}) is using {data}; stop it first")]
+    Held { pid: String, data: String },
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// Taken by `serve` first thing, held for its lifetime.
+pub fn lock_serve(data: &Path) -> Result<std::fs::File, ServeLockError> {
     use std::io::{Read, Seek, Write};
     let p = data.join(SERVE_LOCK);
     let mut f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&p).map_err(
         |e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                format!("{0} is not an initialised data directory; run `bkp-server init --data {0}`", data.display())
-            }
-            _ => format!("{}: {e}", p.display()),
+            std::io::ErrorKind::NotFound => ServeLockError::NotInitialised(data.display().to_string()),
+            _ => ServeLockError::Io(p.display().to_string(), e),
         },
     )?;
     // std's file locks are flock(2) on Linux: the same lock older
@@ -216,13 +237,9 @@ pub fn lock_serve(data: &Path) -> Result<std::fs::File, String> {
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = f.read_to_string(&mut pid);
-            return Err(format!(
-                "another `bkp-server serve` (pid {}) is using {}; stop it first",
-                pid.trim(),
-                data.display()
-            ));
+            return Err(ServeLockError::Held { pid: pid.trim().to_string(), data: data.display().to_string() });
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(format!("locking {}: {e}", p.display())),
+        Err(std::fs::TryLockError::Error(e)) => return Err(ServeLockError::Io(format!("locking {}", p.display()), e)),
     }
     // The pid is for the message above only; the lock is the truth.
     let _ = f.set_len(0).and_then(|_| f.rewind()).and_then(|_| write!(f, "{}", std::process::id()));
@@ -274,11 +291,12 @@ mod tests {
         assert!(!serve_running(dir.path()));
         let held = lock_serve(dir.path()).unwrap();
         assert!(serve_running(dir.path()));
-        let e = lock_serve(dir.path()).unwrap_err();
+        let e = lock_serve(dir.path()).unwrap_err().to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         drop(held);
         assert!(!serve_running(dir.path()));
         let e = lock_serve(&dir.path().join("missing")).unwrap_err();
-        assert!(e.contains("not an initialised data directory"), "{e}");
+        assert!(matches!(e, ServeLockError::NotInitialised(_)), "{e}");
+        assert!(e.to_string().contains("not an initialised data directory"), "{e}");
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 const LEARN_GAPS: usize = 10;
 const MIN_LEARNED: Duration = Duration::from_secs(3600);
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FreshnessConfig {
     /// Interval for every set without its own; unset: learn it.
@@ -39,7 +39,7 @@ impl Default for FreshnessConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SetFreshness {
     #[serde(with = "humantime_serde")]
@@ -57,6 +57,8 @@ pub struct SetStatus {
     pub snapshots: u64,
     pub last_ns: u64,
     pub last_bytes: u64,
+    /// Files the newest snapshot's push could not read (0: complete).
+    pub last_skipped: u64,
     /// `None`: no interval configured and none learned yet.
     pub expected: Option<Duration>,
     pub learned: bool,
@@ -135,6 +137,7 @@ pub fn evaluate(summaries: &[SnapshotSummary], cfg: &FreshnessConfig, now_ns: u6
             snapshots: list.len() as u64,
             last_ns: last.time_ns,
             last_bytes: last.stats.bytes,
+            last_skipped: last.incomplete.as_ref().map_or(0, |i| i.skipped),
             expected: expected.filter(|_| !ignored),
             learned: was_learned && expected.is_some(),
             grace,
@@ -165,6 +168,7 @@ mod tests {
                 kind: SnapshotKind::Stream,
                 stats: SnapshotStats::default(),
                 protected: false,
+                incomplete: None,
             })
             .collect()
     }

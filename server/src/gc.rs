@@ -17,10 +17,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bkp_common::ChunkId;
-use serde::{Deserialize, Serialize};
+
 use tracing::{error, info, warn};
 
 use crate::commit::{walk_tree, CommitError};
+pub use crate::report::GcReport;
 use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 
@@ -47,24 +48,6 @@ pub enum GcError {
          {reason}"
     )]
     Reclaim { chunks: u64, freed: u64, reason: String },
-}
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct GcReport {
-    pub snapshots: u64,
-    pub referenced_chunks: u64,
-    pub chunks_deleted: u64,
-    pub possession_records_deleted: u64,
-    /// Disk bytes really freed: `disk_bytes_before - disk_bytes_after`
-    /// (zero when the store grew meanwhile, e.g. by a push).
-    pub bytes_freed: u64,
-    /// Stored bytes of the deleted chunks (what they took in the store).
-    pub chunk_bytes_deleted: u64,
-    /// Disk space reserve given back to let this run delete and compact.
-    pub reserve_released: u64,
-    pub disk_bytes_before: u64,
-    pub disk_bytes_after: u64,
-    pub seconds: f64,
 }
 
 /// Test hooks: points where a test can act in the middle of a run.
@@ -219,6 +202,13 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
         report.chunks_deleted += n as u64;
         after = Some(last);
     }
+    // Packs (an object store): dead ones deleted, sparse ones rewritten;
+    // their location switches run under the fence.
+    let fence = |f: &mut dyn FnMut() -> Result<(), StoreError>| sessions.sweep(|_| f());
+    let packs = store.gc_packs(&fence)?;
+    report.pack_objects_deleted = packs.objects_deleted;
+    report.packs_repacked = packs.packs_repacked;
+    report.pack_bytes_rewritten = packs.bytes_rewritten;
     drop(epoch);
     let reclaimed = store.reclaim_space();
     report.disk_bytes_after = store.disk_bytes()?;

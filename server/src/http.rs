@@ -25,13 +25,13 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServerState>) -
 
 async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
-        let st = crate::monitor::status(&state.monitor_inputs(), crate::jobs::now_ns())?;
-        let firing = state.monitor.firing.load(std::sync::atomic::Ordering::Relaxed);
+        let st = crate::monitor::status(&state.monitor_inputs(&state.config()), crate::clock::now_ns())?;
+        let firing = state.monitor().firing.load(std::sync::atomic::Ordering::Relaxed);
         Ok::<_, crate::store::StoreError>(crate::metrics::render(
             &st,
-            &state.monitor.counters,
+            &state.monitor().counters,
             firing,
-            state.audit.dropped(),
+            state.audit().dropped(),
         ))
     })
     .await;
@@ -43,7 +43,7 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
 }
 
 async fn page(State(state): State<Arc<ServerState>>) -> Response {
-    match tokio::task::spawn_blocking(move || crate::status::collect(&state.monitor_inputs())).await {
+    match tokio::task::spawn_blocking(move || crate::status::collect(&state.monitor_inputs(&state.config()))).await {
         Ok(Ok(s)) => {
             ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], crate::status_html::render(&s)).into_response()
         }
@@ -54,7 +54,7 @@ async fn page(State(state): State<Arc<ServerState>>) -> Response {
 
 /// 200 when the store answers a read, else 503.
 async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
-    let ok = tokio::task::spawn_blocking(move || state.store.schema_version().map(|v| v.is_some())).await;
+    let ok = tokio::task::spawn_blocking(move || state.store().schema_version().map(|v| v.is_some())).await;
     match ok {
         Ok(Ok(true)) => (StatusCode::OK, "ok\n").into_response(),
         Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "store has no schema record\n").into_response(),

@@ -11,138 +11,21 @@
 
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tracing::{error, info};
 
 use crate::audit::Audit;
-use crate::gc::{self, GcHooks, GcReport};
-use crate::prune::{prune, prune_plan, PruneReport, RetentionConfig};
+pub use crate::clock::now_ns;
+use crate::gc::{self, GcHooks};
+use crate::prune::{prune, prune_plan, RetentionConfig};
+pub use crate::report::{JobKind, JobRecord, Report};
 use crate::sessions::Sessions;
-use crate::store::{schema, MetaStore, Store, StoreError};
-use crate::sync::{SyncJob, SyncReport};
-use crate::verify::{self, Scope, VerifyConfig, VerifyReport};
-
-/// Declared in the order the scheduler runs kinds due at the same time:
-/// prune first (its removals are what gc frees), verify last (it checks
-/// what is left).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    Prune,
-    Gc,
-    Verify,
-    /// A `[[sync]]` job's pull; its report names the remote.
-    Sync,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Prune => "prune",
-            JobKind::Gc => "gc",
-            JobKind::Verify => "verify",
-            JobKind::Sync => "sync",
-        }
-    }
-}
-
-/// One run, as stored (framed by `store::schema::encode_job`) and as
-/// `bkp-server jobs --json` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(from = "StoredRecord")]
-pub struct JobRecord {
-    pub kind: JobKind,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub ok: bool,
-    pub dry_run: bool,
-    pub error: Option<String>,
-    /// The job's own report (what was kept, removed, freed...); none when
-    /// it could not run.
-    pub figures: Option<Report>,
-    /// Not run because a run of the same kind was in progress: not a
-    /// failure (no alert), and not a run for the monitor's "latest run".
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub refused: bool,
-}
-
-/// A job's report. Serialized as the report alone, so `figures` in the
-/// JSON is what it was before the reports were typed.
-#[derive(Clone, Debug, Serialize)]
-#[serde(untagged)]
-pub enum Report {
-    Prune(PruneReport),
-    Gc(GcReport),
-    Verify(VerifyReport),
-    Sync(SyncReport),
-    /// Figures this build cannot read as its kind's report (a report
-    /// shape of another version): kept, and shown, as they were.
-    Other(serde_json::Value),
-}
-
-impl Report {
-    /// Reads `figures` as `kind`'s report.
-    fn read(kind: JobKind, figures: serde_json::Value) -> Self {
-        let typed = match kind {
-            JobKind::Prune => serde_json::from_value(figures.clone()).map(Report::Prune),
-            JobKind::Gc => serde_json::from_value(figures.clone()).map(Report::Gc),
-            JobKind::Verify => serde_json::from_value(figures.clone()).map(Report::Verify),
-            JobKind::Sync => serde_json::from_value(figures.clone()).map(Report::Sync),
-        };
-        typed.unwrap_or(Report::Other(figures))
-    }
-}
-
-impl JobRecord {
-    pub fn verify_report(&self) -> Option<&VerifyReport> {
-        match &self.figures {
-            Some(Report::Verify(v)) => Some(v),
-            _ => None,
-        }
-    }
-
-    pub fn sync_report(&self) -> Option<&SyncReport> {
-        match &self.figures {
-            Some(Report::Sync(v)) => Some(v),
-            _ => None,
-        }
-    }
-}
-
-/// What a record's JSON holds, before its figures are typed by its kind.
-#[derive(Deserialize)]
-struct StoredRecord {
-    kind: JobKind,
-    start_ns: u64,
-    end_ns: u64,
-    ok: bool,
-    dry_run: bool,
-    error: Option<String>,
-    figures: serde_json::Value,
-    #[serde(default)]
-    refused: bool,
-}
-
-impl From<StoredRecord> for JobRecord {
-    fn from(r: StoredRecord) -> Self {
-        let figures = (!r.figures.is_null()).then(|| Report::read(r.kind, r.figures));
-        JobRecord {
-            kind: r.kind,
-            start_ns: r.start_ns,
-            end_ns: r.end_ns,
-            ok: r.ok,
-            dry_run: r.dry_run,
-            error: r.error,
-            figures,
-            refused: r.refused,
-        }
-    }
-}
+use crate::store::{MetaStore, Store, StoreError};
+use crate::verify::{self, Scope, VerifyConfig};
 
 /// `[jobs]` in the server config: 5-field cron schedules, in UTC.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobsConfig {
     pub prune: Option<String>,
@@ -174,8 +57,8 @@ pub enum JobsError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A stored record does not decode: written by a newer bkp-server, or
-    /// damaged; list fewer with `--limit`, or upgrade.
-    #[error("job record: {0}")]
+    /// damaged. The text names the record ("job record: ...").
+    #[error("{0}; list fewer with `--limit`, or upgrade bkp-server if a newer one wrote it")]
     Record(String),
 }
 
@@ -183,7 +66,7 @@ impl JobsError {
     /// A database error may pass (a full disk, a busy compaction); an
     /// undecodable record stays.
     pub fn retryable(&self) -> bool {
-        matches!(self, JobsError::Store(StoreError::Db(_) | StoreError::Full(_)))
+        matches!(self, JobsError::Store(StoreError::Db(_) | StoreError::Full(_) | StoreError::Bucket(_)))
     }
 }
 
@@ -217,10 +100,6 @@ pub struct Running {
     unwritten: Mutex<Vec<JobRecord>>,
 }
 
-pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
 /// What a job run needs: the store, the sessions (GC's fence, verify's
 /// quarantine), the guards and unwritten records, the audit log, and the
 /// jobs' own configuration.
@@ -232,7 +111,7 @@ pub struct Jobs<'a> {
     pub retention: &'a RetentionConfig,
     pub verify: &'a VerifyConfig,
     /// `[[sync]]` jobs, and the push budget their copies obey.
-    pub sync: &'a [SyncJob],
+    pub sync: &'a [crate::sync::SyncJob],
     pub max_pushes_per_day: u32,
     /// Who started the run, for its audit line (`crate::audit::Line::by`).
     pub by: &'a str,
@@ -434,7 +313,7 @@ pub(crate) fn record(store: &dyn MetaStore, running: &Running, rec: &JobRecord) 
 }
 
 fn put(store: &dyn MetaStore, rec: &JobRecord) -> Result<(), StoreError> {
-    store.put_job(rec.start_ns, rec.kind.as_str(), &schema::encode_job(rec))
+    store.put_job(rec)
 }
 
 /// Writes queued records, oldest first, until one fails.
@@ -464,11 +343,10 @@ pub fn flush_unwritten(store: &dyn MetaStore, running: &Running) {
 pub fn list(store: &dyn MetaStore, running: &Running, limit: usize) -> Result<Vec<JobRecord>, JobsError> {
     // Held across the read, so a record being written is seen once.
     let unwritten = running.unwritten.lock().expect("unwritten lock");
-    let raw = store.jobs(limit)?;
-    let mut out: Vec<JobRecord> = raw
-        .iter()
-        .map(|b| schema::decode_job(b).map_err(|e| JobsError::Record(e.to_string())))
-        .collect::<Result<_, _>>()?;
+    let mut out = store.jobs(limit).map_err(|e| match e {
+        StoreError::Corrupt(what) => JobsError::Record(what),
+        e => JobsError::Store(e),
+    })?;
     out.extend(unwritten.iter().cloned());
     drop(unwritten);
     out.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then(b.kind.cmp(&a.kind)));
@@ -480,6 +358,8 @@ pub fn list(store: &dyn MetaStore, running: &Running, limit: usize) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prune::PruneReport;
+    use crate::store::schema;
 
     #[test]
     fn schedules() {

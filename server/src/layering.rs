@@ -1,9 +1,10 @@
 //! Checks of the crate's shape, read from its own sources: no import
 //! cycle among its modules, and `ServerState` only in the outer layers
 //! (see the crate doc). A module's imports are the `crate::` paths in its
-//! code (comments and its `mod tests` block left out) and, in a folder,
-//! its `super::` paths; `store::rocks` and `verify::drill` are modules of
-//! their own.
+//! code (comments and its `mod tests` block left out), in a folder its
+//! `super::` paths, and in a folder's `mod.rs` the paths through its own
+//! children (`use schema::X`, `rocks::durability::Batch`); `store::rocks`
+//! and `verify::drill` are modules of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -53,6 +54,29 @@ fn paths<'a>(code: &'a str, prefix: &str) -> Vec<Vec<&'a str>> {
         .collect()
 }
 
+/// Every path in `code` that starts with a bare name (not after `::` or
+/// inside a longer word), as its segments: how a `mod.rs` names its
+/// children.
+fn bare_paths(code: &str) -> Vec<Vec<&str>> {
+    let b = code.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if word(b[i]) && (i == 0 || !(word(b[i - 1]) || b[i - 1] == b':')) {
+            let rest = &code[i..];
+            let end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')).unwrap_or(rest.len());
+            if rest[..end].contains("::") {
+                out.push(rest[..end].split("::").filter(|s| !s.is_empty()).collect());
+            }
+            i += end.max(1);
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let files = sources();
     let longest =
@@ -64,6 +88,13 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         if let Some((parent, _)) = name.rsplit_once("::") {
             for p in paths(&code, "super::") {
                 let full: Vec<&str> = parent.split("::").chain(p).collect();
+                deps.extend(longest(&full));
+            }
+        }
+        let folder = format!("{name}::");
+        if files.keys().any(|m| m.starts_with(&folder)) {
+            for p in bare_paths(&code) {
+                let full: Vec<&str> = name.split("::").chain(p).collect();
                 deps.extend(longest(&full));
             }
         }
@@ -103,6 +134,7 @@ fn cycles(g: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
 fn no_import_cycle_among_server_modules() {
     let g = graph();
     assert!(g.len() > 30 && g["service::push"].contains("commit"), "the sources were not read: {g:?}");
+    assert!(g["store"].contains("store::schema"), "a mod.rs's paths through its children were not read: {g:?}");
     let c = cycles(&g);
     assert!(c.is_empty(), "import cycles: {c:?}");
 }

@@ -11,8 +11,9 @@
 //! |-------|---------|-------|
 //! | outer: transports and tasks | `cli`, [`server`] (endpoint, monitor loop, token watcher), `connection` (hello, frame budgets, upload batching, pacing), [`control`] (control socket), `http`, [`schedule`], [`state`] | [`ServerState`], the only place it is used |
 //! | requests | [`service`]: `push`, `read`, `admin`, one function per request | the store, `&Sessions`, a [`service::Caller`] |
-//! | jobs and monitoring | [`jobs`], [`gc`], [`prune`] + [`retention`], [`verify`], [`sync`] (pull from another server), [`monitor`], [`status`], [`metrics`], [`alerts`], [`freshness`], [`push_failures`], [`audit`] | narrow views: [`jobs::Jobs`], [`sync::Ctx`], [`monitor::Inputs`] |
-//! | rules | [`sessions`] (leases, the GC fence), [`commit`] (tree checks), [`tree_read`] (the one tree reader), [`limits`], [`tokens`], [`tls`], [`config`] | |
+//! | jobs and monitoring | [`jobs`], [`gc`], [`prune`], [`verify`], [`sync`] (pull from another server), [`monitor`], [`status`], [`metrics`], [`alerts`], [`freshness`], [`push_failures`], [`audit`] | narrow views: [`jobs::Jobs`], [`sync::Ctx`], [`monitor::Inputs`] |
+//! | rules | [`sessions`] (leases, the GC fence), [`commit`] (tree checks), [`tree_read`] (the one tree reader), [`limits`], [`tokens`], [`tls`], [`config`] (and what a reload may change) | |
+//! | records | [`report`] (job records and each kind's report, typed: the store persists them), [`retention`] (the pure planner their prune report holds), [`clock`] | |
 //! | storage | [`store`]: [`store::MetaStore`] + [`store::ChunkStore`], `rocks`, `object`, `schema` | RocksDB (and an object store) |
 //!
 //! # A chunk's path
@@ -46,6 +47,33 @@
 //! Every service function blocks (RocksDB, decompression): the transports
 //! call it on `spawn_blocking`.
 //!
+//! # Chunk data in a bucket (`[storage] backend = "s3"`)
+//! [`store::s3::S3Chunks`] is the second [`store::ChunkStore`]; metadata,
+//! locations and a copy of every tree chunk stay in the local RocksDB.
+//! * Push: chunks are appended to an open pack (`BKPK`, docs/FORMAT.md);
+//!   a full pack is PUT create-only in the background (3 in flight, at
+//!   most 4 sealed packs in memory), so `put_batch` does not wait for it.
+//! * Commit: [`store::ChunkStore::keep_trees`] puts the snapshot's tree
+//!   chunks into a tree pack and keeps them locally (commit checks, GC
+//!   marking, drills read trees without the bucket);
+//!   [`store::ChunkStore::persist`] waits for every sealed pack;
+//!   [`store::ChunkStore::record_snapshot`] PUTs `snapshots/<id>` (`BKPR`);
+//!   then the synced snapshot batch. Acknowledged means in the bucket.
+//! * Fetch: [`store::ChunkStore::chunk_blobs`] reads 8 MiB batches, ranges
+//!   of one pack merged into one GET, 16 GETs in flight, cache first.
+//! * GC: after the chunk sweep, [`store::ChunkStore::gc_packs`] deletes
+//!   packs with no live chunk and rewrites packs under
+//!   `repack_live_percent` live; its location switches run under the GC
+//!   fence (the write side of the sessions' fence), and a rewritten pack is
+//!   deleted by the next run, so a restore that read the old location still
+//!   finds it. Cost follows the garbage: untouched packs are not read.
+//! * `bkp-server rebuild`: a new data directory from pack indexes and
+//!   snapshot records ([`store::s3::rebuild`]).
+//! * Faults: every bucket call retried with backoff for `retry_secs`, then
+//!   the push fails with the bucket's error; a failed upload is kept and
+//!   tried again by the next put or commit; the `bucket` alert and
+//!   `bkp_s3_*` metrics come from [`store::ChunkStore::backend_stats`].
+//!
 //! # Which operations may overlap
 //! The one table; `store`, `gc` and docs/ARCHITECTURE.md link here.
 //!
@@ -65,6 +93,8 @@
 //! | sync / sync of one `[[sync]]` job | no | one run per job at a time ([`jobs::run_sync`]); the second is refused, "already in progress", no failure. Two jobs (two remotes) may run at once |
 //! | sync / prune (on the secondary) | yes | separate locks; a copy pruned after it was made is remembered as copied and not fetched again |
 //! | verify / push | yes | a quarantined chunk is gone from `chunks`/`chunk_meta`, so `host_has` answers "missing" and the next push uploads it again; the quarantine runs under the write fence and removes the id from every session, so a commit that raced it fails ("never uploaded… push again") |
+//! | pack GC / push, commit (s3) | yes | only a pack not yet uploaded gets new locations; GC takes its candidates (uploaded packs) and switches locations under the write fence, when no put batch or commit is half done |
+//! | pack GC / restore (s3) | yes | a rewritten pack stays until the next GC run; a deleted pack held only unreferenced chunks |
 //! | verify / GC | yes | a chunk GC deleted under the scrub is recognised (its `chunk_meta` is gone too) and not reported; a snapshot forgotten under the drill is skipped and its damage record goes with it |
 //! | verify / prune | yes | separate locks; a snapshot pruned under the drill is skipped |
 //! | GC / GC, prune / prune, verify / verify | no | one run of a kind at a time ([`jobs`]); the second is recorded as refused, "already in progress", and is no failure |
@@ -76,6 +106,7 @@
 pub mod alerts;
 pub mod audit;
 pub mod cli;
+pub mod clock;
 pub mod commit;
 pub mod config;
 mod connection;
@@ -93,6 +124,7 @@ pub mod monitor;
 pub mod perms;
 pub mod prune;
 pub mod push_failures;
+pub mod report;
 pub mod retention;
 pub mod schedule;
 pub mod server;

@@ -110,6 +110,28 @@ struct Registry {
     authed: usize,
 }
 
+/// Why an authenticated connection was not admitted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdmitError {
+    #[error("the server has {0} connections open, its limit (max_connections); try again later")]
+    ServerFull(usize),
+    /// Revoked while this hello was checked.
+    #[error("unknown or revoked token; ask the operator for a token (bkp-server token create)")]
+    Revoked,
+    #[error(
+        "token {id} already has {open} connections open (limits.connections_per_token); wait for this host's \
+         other bkp commands to finish"
+    )]
+    TokenFull { id: String, open: usize },
+}
+
+impl AdmitError {
+    /// The limits pass once connections close; a revoked token stays so.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, AdmitError::Revoked)
+    }
+}
+
 pub struct Limits {
     pub cfg: LimitsConfig,
     max_connections: usize,
@@ -288,13 +310,10 @@ impl Limits {
     }
 
     /// Registers an authenticated connection of token `id`, or says why not.
-    pub fn admit(self: &Arc<Self>, id: &str, host: &str, conn: &quinn::Connection) -> Result<AuthSlot, String> {
+    pub fn admit(self: &Arc<Self>, id: &str, host: &str, conn: &quinn::Connection) -> Result<AuthSlot, AdmitError> {
         let mut reg = self.reg.lock().expect("limits lock");
         if reg.authed >= self.max_connections {
-            return Err(format!(
-                "the server has {} connections open, its limit (max_connections); try again later",
-                reg.authed
-            ));
+            return Err(AdmitError::ServerFull(reg.authed));
         }
         let per_token = self.cfg.connections_per_token.max(1);
         let (token_mb, rate) = (self.cfg.token_frame_budget_mb.max(1), (self.cfg.inflate_mb_per_sec * MIB) as f64);
@@ -308,14 +327,10 @@ impl Limits {
             revoked: false,
         });
         if entry.revoked {
-            return Err("unknown or revoked token; ask the operator for a token (bkp-server token create)".into());
+            return Err(AdmitError::Revoked);
         }
         if entry.conns.len() >= per_token {
-            return Err(format!(
-                "token {id} already has {} connections open (limits.connections_per_token); \
-                 wait for this host's other bkp commands to finish",
-                entry.conns.len()
-            ));
+            return Err(AdmitError::TokenFull { id: id.to_string(), open: entry.conns.len() });
         }
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         entry.conns.insert(key, conn.clone());

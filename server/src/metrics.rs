@@ -110,6 +110,22 @@ pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64))
         [(l(&[("reason", "queue_full")]), audit_dropped.0), (l(&[("reason", "rate_limit")]), audit_dropped.1)],
     );
 
+    if let Some(b) = st.backend {
+        r.counter("bkp_s3_puts", "object store PUT attempts", [(vec![], b.puts)]);
+        r.counter("bkp_s3_gets", "object store GET attempts", [(vec![], b.gets)]);
+        r.counter("bkp_s3_errors", "object store attempts that failed (retried or not)", [(vec![], b.errors)]);
+        r.counter("bkp_s3_retries", "object store attempts retried", [(vec![], b.retries)]);
+        r.counter("bkp_s3_put_bytes", "bytes written to the object store", [(vec![], b.bytes_put)]);
+        r.counter("bkp_s3_get_bytes", "bytes read from the object store", [(vec![], b.bytes_got)]);
+        r.gauge("bkp_s3_upload_queue_bytes", "sealed packs waiting for their upload", b.upload_queue_bytes as f64);
+        r.gauge("bkp_s3_packs", "pack objects recorded as stored", b.packs as f64);
+        r.gauge("bkp_s3_pack_bytes", "bytes of the pack objects recorded as stored", b.pack_bytes as f64);
+        r.gauge(
+            "bkp_s3_unreachable_seconds",
+            "how long the object store has not answered (0: it answers)",
+            b.unreachable_secs.unwrap_or(0) as f64,
+        );
+    }
     let s = st.stats;
     r.gauge("bkp_store_chunks", "chunks stored", s.chunks as f64);
     r.gauge("bkp_store_chunk_raw_bytes", "uncompressed size of stored chunks", s.raw_bytes as f64);
@@ -135,6 +151,16 @@ pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64))
         "bkp_last_backup_bytes",
         "size of the newest snapshot",
         st.sets.iter().map(|x| (set(x), x.last_bytes as f64)),
+    );
+    r.family(
+        "bkp_snapshot_incomplete",
+        "1 when the newest snapshot of the set left out files its push could not read",
+        st.sets.iter().map(|x| (set(x), if x.last_skipped > 0 { 1.0 } else { 0.0 })),
+    );
+    r.family(
+        "bkp_snapshot_skipped_files",
+        "files the push of the newest snapshot could not read",
+        st.sets.iter().map(|x| (set(x), x.last_skipped as f64)),
     );
     r.family(
         "bkp_backup_expected_interval_seconds",
@@ -272,8 +298,10 @@ mod tests {
             push_failures: vec![],
             scheduled: vec![],
             sync: vec![],
+            backend: None,
         };
         let text = render(&st, &c, 0, (3, 4));
+        assert!(!text.contains("bkp_s3_"), "no object store, no s3 figures");
         assert!(text.contains("bkp_audit_dropped_total{reason=\"queue_full\"} 3"), "{text}");
         assert!(text.contains("bkp_audit_dropped_total{reason=\"rate_limit\"} 4"), "{text}");
         assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"ok\"} 2"), "{text}");
@@ -281,5 +309,18 @@ mod tests {
         assert!(text.contains("bkp_pushes_total{host=\"we\\\"b\",name=\"x\",result=\"ok\"} 1"), "{text}");
         let build = format!("bkp_build_info{{version=\"{}\"}} 1", bkp_common::VERSION);
         assert!(text.contains(&build), "{text}");
+
+        let b = crate::store::BackendStats {
+            puts: 7,
+            errors: 2,
+            upload_queue_bytes: 1 << 20,
+            unreachable_secs: Some(42),
+            ..Default::default()
+        };
+        let text = render(&Status { backend: Some(b), ..st }, &c, 0, (0, 0));
+        assert!(text.contains("bkp_s3_puts_total{} 7"), "{text}");
+        assert!(text.contains("bkp_s3_errors_total{} 2"), "{text}");
+        assert!(text.contains("bkp_s3_upload_queue_bytes 1048576.0"), "{text}");
+        assert!(text.contains("bkp_s3_unreachable_seconds 42.0"), "{text}");
     }
 }

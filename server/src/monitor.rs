@@ -29,7 +29,7 @@ use crate::verify::scrub;
 const JOB_HISTORY: usize = 500;
 const STATS_BATCH: usize = 1 << 16;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitorConfig {
     /// HTTP address of `/metrics` and `/healthz`; unset: none.
@@ -137,6 +137,8 @@ pub struct Status {
     pub push_failures: Vec<PushFailing>,
     /// Job kinds with a schedule (a kind scheduled but never run shows).
     pub scheduled: Vec<&'static str>,
+    /// The object store's figures (backend s3).
+    pub backend: Option<crate::store::BackendStats>,
     /// Each `[[sync]]` job's record of where its sets stand.
     pub sync: Vec<SyncStatus>,
 }
@@ -274,6 +276,7 @@ pub fn status_of(inp: &Inputs<'_>, summaries: &[SnapshotSummary], now_ns: u64) -
         sets,
         scheduled: inp.jobs.schedules().iter().filter(|(_, e)| e.is_some()).map(|(k, _)| k.as_str()).collect(),
         sync: sync_status(store, inp.sync)?,
+        backend: store.backend_stats(),
     })
 }
 
@@ -368,6 +371,19 @@ pub fn conditions(st: &Status, disk_free_min_percent: f64) -> Vec<Condition> {
             fingerprint: ids.join(","),
         });
     }
+    if let Some(b) = st.backend {
+        if let Some(secs) = b.unreachable_secs.filter(|s| *s >= b.unreachable_alert_secs) {
+            out.push(Condition {
+                key: "bucket".into(),
+                kind: "bucket",
+                summary: format!(
+                    "the object store has not answered for {secs} s: pushes fail, restores of uncached data fail; \
+                     check the bucket's endpoint and network ([storage] in server.toml)"
+                ),
+                fingerprint: "unreachable".into(),
+            });
+        }
+    }
     if let Some(d) = st.disk.filter(|d| d.total > 0) {
         let pct = d.free as f64 * 100.0 / d.total as f64;
         if pct < disk_free_min_percent {
@@ -397,7 +413,7 @@ fn hostname() -> String {
 /// One check: evaluate, notify changes, remember what was notified.
 pub fn check(inp: &Inputs<'_>) -> Result<(), StoreError> {
     jobs::flush_unwritten(inp.store, inp.running);
-    let now_ns = jobs::now_ns();
+    let now_ns = crate::clock::now_ns();
     let st = status(inp, now_ns)?;
     let conds = conditions(&st, inp.alerts.disk_free_min_percent);
     inp.monitor.firing.store(conds.len() as u64, Ordering::Relaxed);

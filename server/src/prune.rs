@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use bkp_common::snapshot::SnapshotSummary;
 use serde::{Deserialize, Serialize};
 
-use crate::retention::{plan, Candidate, Policy, Reason, Verdict};
+pub use crate::report::{PruneReport, SetPlan};
+use crate::retention::{plan, Candidate, Policy, Reason};
 use crate::store::{MetaStore, StoreError};
 
 /// `[retention]` in the server config: a default policy and overrides
 /// keyed by `"host/name"`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     pub default: Policy,
@@ -22,22 +23,6 @@ impl RetentionConfig {
     pub fn policy(&self, host: &str, name: &str) -> &Policy {
         self.sets.get(&format!("{host}/{name}")).unwrap_or(&self.default)
     }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SetPlan {
-    pub host: String,
-    pub name: String,
-    pub policy: Policy,
-    pub verdicts: Vec<Verdict>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PruneReport {
-    pub sets: u64,
-    pub kept: u64,
-    pub removed: u64,
-    pub plan: Vec<SetPlan>,
 }
 
 pub fn prune_plan(store: &dyn MetaStore, cfg: &RetentionConfig, now_ns: u64) -> Result<Vec<SetPlan>, StoreError> {

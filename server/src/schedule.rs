@@ -14,12 +14,8 @@
 //! at ... and did not run"), which the monitor alerts on like any failed
 //! job until a run of that kind succeeds. A kind without any record is
 //! measured from when a server first found it scheduled (kept in the meta
-//! record [`META_SCHEDULED_SINCE`]), so a verify that was never once run
-//! is reported too.
-//!
-//! ```text
-//! scheduled_since = JSON {"version": 1, "since": {"verify": ns, ...}}
-//! ```
+//! record `scheduled_since`, `store::schema::ScheduledSince`), so a verify
+//! that was never once run is reported too.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -28,40 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::gc::GcHooks;
-use crate::jobs::{self, JobKind, JobRecord, JobsConfig};
+use crate::jobs::{self, JobKind, JobRecord, JobsConfig, JobsError};
 use crate::state::ServerState;
-
-pub const META_SCHEDULED_SINCE: &[u8] = b"scheduled_since";
-const SINCE_VERSION: u32 = 1;
-/// The record holds at most three kinds; anything larger is not ours.
-const MAX_SINCE: usize = 4096;
-
-#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Since {
-    pub version: u32,
-    /// Per kind name: ns since the epoch when it was first seen scheduled.
-    pub since: BTreeMap<String, u64>,
-}
-
-impl Since {
-    pub fn decode(b: &[u8]) -> Result<Self, String> {
-        if b.len() > MAX_SINCE {
-            return Err(format!("{} bytes, over the {MAX_SINCE}-byte cap", b.len()));
-        }
-        let s: Since = serde_json::from_slice(b).map_err(|e| e.to_string())?;
-        if s.version != SINCE_VERSION {
-            return Err(format!("version {} is not {SINCE_VERSION}", s.version));
-        }
-        Ok(s)
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("since to json")
-    }
-}
+use crate::store::ScheduledSince;
 
 /// Job records read at start to find each kind's newest: first this
 /// many, ten times more while a scheduled kind is not among them (an
@@ -177,17 +145,38 @@ fn from_ns(ns: u64) -> DateTime<Utc> {
     DateTime::from_timestamp((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as u32).unwrap_or_default()
 }
 
+/// Notes when each kind of `plans` was first seen scheduled (`now` for a
+/// kind not noted yet) and returns it. Kinds no longer scheduled are
+/// dropped, so scheduling one again later measures from then. A record
+/// that cannot be read or written only loses those times (logged).
+fn note_scheduled(state: &ServerState, plans: &[(JobKind, cron::Schedule)], now: DateTime<Utc>) -> ScheduledSince {
+    let old = state.store().scheduled_since().unwrap_or_else(|e| {
+        warn!("{e}; starting a new record of when jobs were first scheduled");
+        None
+    });
+    let old = old.unwrap_or_default();
+    let now_ns = now.timestamp_nanos_opt().unwrap_or_default().max(0) as u64;
+    let since: ScheduledSince =
+        plans.iter().map(|(k, _)| (k.as_str().to_string(), *old.get(k.as_str()).unwrap_or(&now_ns))).collect();
+    if since != old {
+        if let Err(e) = state.store().set_scheduled_since(&since) {
+            error!("recording when jobs were first scheduled: {e}");
+        }
+    }
+    since
+}
+
 /// Each scheduled kind's newest record, or for one without records, when
 /// it was first seen scheduled (noted now if never).
 fn watermarks(
     state: &ServerState,
     plans: &[(JobKind, cron::Schedule)],
     now: DateTime<Utc>,
-) -> Result<BTreeMap<JobKind, DateTime<Utc>>, String> {
+) -> Result<BTreeMap<JobKind, DateTime<Utc>>, JobsError> {
     let mut last = BTreeMap::new();
     let mut limit = HISTORY;
     loop {
-        let records = jobs::list(state.store.as_ref(), &state.running, limit).map_err(|e| e.to_string())?;
+        let records = jobs::list(state.store().as_ref(), state.running(), limit)?;
         for r in &records {
             // Newest first: the first of each kind is its newest.
             last.entry(r.kind).or_insert_with(|| from_ns(r.start_ns));
@@ -198,24 +187,10 @@ fn watermarks(
         }
         limit *= 10;
     }
-    let stored = state.store.meta_get(META_SCHEDULED_SINCE).map_err(|e| e.to_string())?;
-    let old = stored.map(|b| Since::decode(&b)).transpose().unwrap_or_else(|e| {
-        warn!("scheduled-since record unreadable ({e}); starting a new one");
-        None
-    });
-    let old = old.unwrap_or_default();
-    let now_ns = now.timestamp_nanos_opt().unwrap_or_default().max(0) as u64;
-    // Kinds no longer scheduled are dropped, so scheduling one again later
-    // measures from then.
-    let mut since = Since { version: SINCE_VERSION, since: BTreeMap::new() };
+    let since = note_scheduled(state, plans, now);
     for (k, _) in plans {
-        let first = *old.since.get(k.as_str()).unwrap_or(&now_ns);
-        since.since.insert(k.as_str().to_string(), first);
-        last.entry(*k).or_insert_with(|| from_ns(first));
-    }
-    if since != old {
-        if let Err(e) = state.store.meta_put(META_SCHEDULED_SINCE, &since.encode()) {
-            error!("recording when jobs were first scheduled: {e}");
+        if let Some(first) = since.get(k.as_str()) {
+            last.entry(*k).or_insert_with(|| from_ns(*first));
         }
     }
     Ok(last)
@@ -228,30 +203,58 @@ fn record_missed(state: &ServerState, plans: &[(JobKind, cron::Schedule)], now: 
     };
     let found = missed(plans, &last, now);
     for d in &found {
-        let rec = missed_record(d, jobs::now_ns());
+        let rec = missed_record(d, crate::clock::now_ns());
         error!(job = d.kind.as_str(), "{}", rec.error.as_deref().unwrap_or_default());
-        jobs::record(state.store.as_ref(), &state.running, &rec);
+        jobs::record(state.store().as_ref(), state.running(), &rec);
     }
     if !found.is_empty() {
-        state.monitor.nudge.notify_one();
+        state.monitor().nudge.notify_one();
     }
 }
 
-/// Runs the configured schedules until the task is dropped.
+/// Runs the configured schedules until the task is dropped. A reload
+/// that changes `[jobs]` replaces the schedules: the new ones count from
+/// the reload (nothing they would have run before it is run or reported
+/// missed), and a kind scheduled anew is measured from then.
 pub async fn run(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
-    let plans = plans(&state.config.jobs);
-    if plans.is_empty() {
-        return;
-    }
+    let mut reloads = state.reloads();
+    let mut cfg = state.config().jobs.clone();
+    let mut plans = plans(&cfg);
     let start = clock.now();
-    let (st, p) = (state.clone(), plans.clone());
-    if let Err(e) = tokio::task::spawn_blocking(move || record_missed(&st, &p, start)).await {
-        error!("looking for missed job runs: {e}");
+    if !plans.is_empty() {
+        let (st, p) = (state.clone(), plans.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || record_missed(&st, &p, start)).await {
+            error!("looking for missed job runs: {e}");
+        }
     }
     let mut last = start;
     loop {
-        let Some(next) = plans.iter().filter_map(|(_, s)| s.after(&last).next()).min() else { return };
-        clock.sleep_until(next).await;
+        let next = plans.iter().filter_map(|(_, s)| s.after(&last).next()).min();
+        let sleep = async {
+            match next {
+                Some(t) => clock.sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now_cfg = state.config().jobs.clone();
+                if now_cfg != cfg {
+                    cfg = now_cfg;
+                    plans = self::plans(&cfg);
+                    last = clock.now();
+                    let (st, p) = (state.clone(), plans.clone());
+                    let _ = tokio::task::spawn_blocking(move || note_scheduled(&st, &p, last)).await;
+                    info!(schedules = plans.len(), "job schedules replaced by the reloaded config");
+                }
+                continue;
+            }
+        }
+        let Some(next) = next else { continue };
         let now = clock.now();
         if now < next {
             continue;
@@ -263,11 +266,12 @@ pub async fn run(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
         // A kind that comes due again while its run is still going is
         // refused (recorded, not a failure) rather than queued.
         tokio::task::spawn_blocking(move || {
+            let cfg = st.config();
             for d in batch {
                 if d.count > 1 {
                     warn!(job = d.kind.as_str(), "{} runs were due since the last wake-up; running once", d.count);
                 }
-                jobs::run(&st.jobs(), d.kind, false, &GcHooks::from_env());
+                jobs::run(&st.jobs(&cfg), d.kind, false, &GcHooks::from_env());
             }
         });
     }
@@ -297,7 +301,7 @@ pub fn sync_due(plans: &[(String, cron::Schedule)], after: DateTime<Utc>, upto: 
 /// refused (recorded, no failure). Runs missed while the server was down
 /// are not recorded: the next run copies what they would have.
 pub async fn run_sync(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
-    let plans = sync_plans(&state.config.sync);
+    let plans = sync_plans(&state.config().sync);
     if plans.is_empty() {
         return;
     }
@@ -315,8 +319,9 @@ pub async fn run_sync(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
             let st = state.clone();
             let rt = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
-                jobs::run_sync(&st.jobs(), &name, rt);
-                st.monitor.nudge.notify_one();
+                let cfg = st.config();
+                jobs::run_sync(&st.jobs(&cfg), &name, rt);
+                st.monitor().nudge.notify_one();
             });
         }
     }
@@ -482,26 +487,17 @@ mod tests {
         wait_for("the scheduler to sleep", || clock.0.receiver_count() > 0).await;
         clock.0.send_replace(t("2026-12-01T02:00:00Z"));
         wait_for("a prune and a verify record", || {
-            let l = jobs::list(&*state.store, &state.running, 10).unwrap();
+            let l = jobs::list(state.store().as_ref(), state.running(), 10).unwrap();
             l.iter().any(|r| r.kind == Prune) && l.iter().any(|r| r.kind == Verify)
         })
         .await;
-        let l = jobs::list(&*state.store, &state.running, 10).unwrap();
+        let l = jobs::list(state.store().as_ref(), state.running(), 10).unwrap();
         let prune = l.iter().find(|r| r.kind == Prune).unwrap();
         let verify = l.iter().find(|r| r.kind == Verify).unwrap();
         assert!(prune.ok && verify.ok, "{l:?}");
         assert!(prune.end_ns <= verify.start_ns, "prune runs before verify: {l:?}");
         assert_eq!(l.len(), 2, "each ran once: {l:?}");
         task.abort();
-    }
-
-    #[test]
-    fn since_round_trip_golden_and_caps() {
-        let s = Since { version: 1, since: [("verify".to_string(), 7)].into_iter().collect() };
-        assert_eq!(String::from_utf8(s.encode()).unwrap(), r#"{"version":1,"since":{"verify":7}}"#);
-        assert_eq!(Since::decode(&s.encode()).unwrap(), s);
-        assert!(Since::decode(br#"{"version":2,"since":{}}"#).is_err());
-        assert!(Since::decode(&vec![b' '; MAX_SINCE + 1]).unwrap_err().contains("cap"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,12 +509,15 @@ mod tests {
         let task = tokio::spawn(run(state.clone(), clock.clone()));
         wait_for("the scheduler to sleep", || clock.0.receiver_count() > 0).await;
         task.abort();
-        assert!(jobs::list(&*state.store, &state.running, 10).unwrap().is_empty());
+        assert!(jobs::list(state.store().as_ref(), state.running(), 10).unwrap().is_empty());
         // Down for two days, then started again: two nights missed.
         let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-03T10:00:00Z")).0));
         let task = tokio::spawn(run(state.clone(), clock));
-        wait_for("the missed-run record", || !jobs::list(&*state.store, &state.running, 10).unwrap().is_empty()).await;
-        let e = jobs::list(&*state.store, &state.running, 10).unwrap()[0].error.clone().unwrap_or_default();
+        wait_for("the missed-run record", || {
+            !jobs::list(state.store().as_ref(), state.running(), 10).unwrap().is_empty()
+        })
+        .await;
+        let e = jobs::list(state.store().as_ref(), state.running(), 10).unwrap()[0].error.clone().unwrap_or_default();
         assert!(
             e.starts_with("verify was due at 2026-12-02T02:00:00Z and did not run (2 scheduled runs missed)"),
             "{e}"
@@ -535,10 +534,14 @@ mod tests {
             let r = missed_record(&Due { kind, first: t("2026-11-01T02:00:00Z"), count: 1 }, start_ns);
             JobRecord { ok: true, error: None, end_ns: start_ns, ..r }
         };
-        jobs::record(&*state.store, &state.running, &ok(Verify, at("2026-11-01T02:00:00Z")));
+        jobs::record(state.store().as_ref(), state.running(), &ok(Verify, at("2026-11-01T02:00:00Z")));
         // A month of hourly prunes: far more than the first read takes in.
         for h in 0..(HISTORY as u64 + 200) {
-            jobs::record(&*state.store, &state.running, &ok(Prune, at("2026-11-01T03:00:00Z") + h * 3_600_000_000_000));
+            jobs::record(
+                state.store().as_ref(),
+                state.running(),
+                &ok(Prune, at("2026-11-01T03:00:00Z") + h * 3_600_000_000_000),
+            );
         }
         let marks = watermarks(&state, &plans(&jobs), t("2026-11-30T00:00:00Z")).unwrap();
         assert_eq!(marks.get(&Verify), Some(&t("2026-11-01T02:00:00Z")), "{marks:?}");
@@ -555,11 +558,14 @@ mod tests {
             ..missed_record(&Due { kind: Verify, first: before, count: 1 }, 0)
         };
         let old = JobRecord { ok: true, error: None, end_ns: old.start_ns, ..old };
-        jobs::record(&*state.store, &state.running, &old);
+        jobs::record(state.store().as_ref(), state.running(), &old);
         let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T10:00:00Z")).0));
         let task = tokio::spawn(run(state.clone(), clock));
-        wait_for("the missed-run record", || jobs::list(&*state.store, &state.running, 10).unwrap().len() == 2).await;
-        let l = jobs::list(&*state.store, &state.running, 10).unwrap();
+        wait_for("the missed-run record", || {
+            jobs::list(state.store().as_ref(), state.running(), 10).unwrap().len() == 2
+        })
+        .await;
+        let l = jobs::list(state.store().as_ref(), state.running(), 10).unwrap();
         let e = l[0].error.clone().unwrap_or_default();
         assert!(!l[0].ok, "{l:?}");
         assert!(

@@ -63,7 +63,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     // Bound first: a taken port fails the start before anything runs.
-    let http = match state.config.monitor.listen {
+    let http = match state.config().monitor.listen {
         None => None,
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -71,7 +71,7 @@ pub async fn serve(
                 .map_err(|e| std::io::Error::new(e.kind(), format!("binding the monitoring address {addr}: {e}")))?,
         ),
     };
-    let control = crate::control::bind(&state.data_dir)?;
+    let control = crate::control::bind(state.data_dir())?;
     let mut tasks = vec![
         tokio::spawn(crate::control::serve(control, state.clone())),
         tokio::spawn(crate::schedule::run(state.clone(), Arc::new(crate::schedule::SystemClock))),
@@ -80,7 +80,7 @@ pub async fn serve(
     ];
     if let Some(l) = http {
         let addr = l.local_addr()?;
-        *state.monitor.http_addr.lock().expect("http addr lock") = Some(addr);
+        *state.monitor().http_addr.lock().expect("http addr lock") = Some(addr);
         info!("metrics on http://{addr}/metrics");
         let st = state.clone();
         tasks.push(tokio::spawn(async move {
@@ -89,7 +89,7 @@ pub async fn serve(
             }
         }));
     }
-    let data = state.data_dir.clone();
+    let data = state.data_dir().to_path_buf();
     run(endpoint, state, shutdown).await;
     for t in &tasks {
         t.abort();
@@ -125,7 +125,7 @@ pub async fn run(endpoint: quinn::Endpoint, state: Arc<ServerState>, shutdown: i
                     }
                     continue;
                 }
-                let slot = state.limits.pending(inc.remote_address().ip());
+                let slot = state.limits().pending(inc.remote_address().ip());
                 let state = state.clone();
                 tokio::spawn(crate::connection::handle(inc, state, slot));
             }
@@ -143,14 +143,15 @@ pub async fn run(endpoint: quinn::Endpoint, state: Arc<ServerState>, shutdown: i
 async fn monitor(state: Arc<ServerState>) {
     loop {
         let st = state.clone();
-        match tokio::task::spawn_blocking(move || crate::monitor::check(&st.monitor_inputs())).await {
+        match tokio::task::spawn_blocking(move || crate::monitor::check(&st.monitor_inputs(&st.config()))).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!("monitor check: {e}"),
             Err(e) => error!("monitor check panicked: {e}"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(state.config.monitor.check_interval) => {}
-            _ = state.monitor.nudge.notified() => {}
+            // Read each time: a reload may change it.
+            _ = tokio::time::sleep(state.config().monitor.check_interval) => {}
+            _ = state.monitor().nudge.notified() => {}
         }
     }
 }
@@ -179,7 +180,7 @@ pub async fn watch_tokens(state: Arc<ServerState>) {
                     // Tokens with open connections are reported when those
                     // are closed, below.
                     for (id, host) in known.iter().flatten().filter(|(id, _)| !fresh.contains_key(*id)) {
-                        if state.limits.connections_of(id) == 0 {
+                        if state.limits().connections_of(id) == 0 {
                             info!(token = %id, %host, "token revoked");
                         }
                     }
@@ -197,10 +198,10 @@ pub async fn watch_tokens(state: Arc<ServerState>) {
         }
         let Some(valid) = &known else { continue };
         let valid: HashSet<String> = valid.keys().cloned().collect();
-        for (id, host, n) in state.limits.close_revoked(&valid) {
+        for (id, host, n) in state.limits().close_revoked(&valid) {
             warn!(token = %id, %host, connections = n, "token revoked: closing its connections, ending its push sessions");
             let st = state.clone();
-            let _ = tokio::task::spawn_blocking(move || st.sessions.end_token(&id)).await;
+            let _ = tokio::task::spawn_blocking(move || st.sessions().end_token(&id)).await;
         }
     }
 }

@@ -60,6 +60,12 @@ pub struct SetView {
     pub size_bytes: u64,
     /// Snapshots of this set that failed verification.
     pub damaged: u64,
+    /// Files the newest snapshot's push could not read (0: complete), and
+    /// the first of them.
+    #[serde(default)]
+    pub skipped: u64,
+    #[serde(default)]
+    pub skipped_paths: Vec<String>,
     /// Snapshots of the last [`HISTORY_DAYS`] days, oldest first.
     pub history: Vec<Point>,
 }
@@ -169,6 +175,11 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
                     (false, None) => Freshness::Unknown,
                 },
                 size_bytes: s.last_bytes,
+                skipped: newest.and_then(|x| x.incomplete.as_ref()).map_or(0, |i| i.skipped),
+                skipped_paths: newest
+                    .and_then(|x| x.incomplete.as_ref())
+                    .map(|i| i.paths.iter().take(PATHS_SHOWN).cloned().collect())
+                    .unwrap_or_default(),
                 damaged: st.damaged.iter().filter(|(_, d)| d.host == s.host && d.name == s.name).count() as u64,
                 history,
             }
@@ -242,7 +253,7 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
 /// Reads the store (blocking: call off the async runtime).
 pub fn collect(inp: &Inputs<'_>) -> Result<ServerStatus, StoreError> {
     crate::jobs::flush_unwritten(inp.store, inp.running);
-    let now = crate::jobs::now_ns();
+    let now = crate::clock::now_ns();
     let summaries = inp.store.list_snapshots(None, None)?;
     let st = monitor::status_of(inp, &summaries, now)?;
     Ok(build(&st, &summaries, inp.alerts.disk_free_min_percent, now))
@@ -299,6 +310,7 @@ mod tests {
             kind: SnapshotKind::Stream,
             stats: SnapshotStats { files: 1, dirs: 0, others: 0, bytes, data_chunks: 1 },
             protected: false,
+            incomplete: None,
         }
     }
 
@@ -322,6 +334,7 @@ mod tests {
             push_failures: Vec::new(),
             scheduled: vec!["verify"],
             sync: Vec::new(),
+            backend: None,
         }
     }
 
@@ -388,6 +401,27 @@ mod tests {
         // The JSON is what `status --json` and the control socket carry.
         let back: ServerStatus = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// The bucket alert fires once the object store has not answered for
+    /// `unreachable_alert_secs`, not before, and not while it answers.
+    #[test]
+    fn an_unreachable_bucket_alerts_after_its_threshold() {
+        let now = 10 * 86_400 * S;
+        let with = |secs: Option<u64>| {
+            let mut st = status(&[], &FreshnessConfig::default(), Vec::new(), now);
+            st.backend = Some(crate::store::BackendStats {
+                unreachable_secs: secs,
+                unreachable_alert_secs: 300,
+                ..Default::default()
+            });
+            build(&st, &[], 10.0, now).alerts
+        };
+        assert!(with(None).iter().all(|a| a.key != "bucket"));
+        assert!(with(Some(299)).iter().all(|a| a.key != "bucket"));
+        let fired = with(Some(300));
+        let a = fired.iter().find(|a| a.key == "bucket").expect("bucket alert");
+        assert!(a.summary.contains("300 s") && a.summary.contains("[storage]"), "{}", a.summary);
     }
 
     #[test]

@@ -125,6 +125,7 @@ fn set_row(set: &SetView, now_ns: u64) -> Markup {
                 (state)
                 @if let Some(e) = set.expected_secs { " (expected every " (ago(e)) ")" }
                 @if set.damaged > 0 { br; span.damaged { (set.damaged) " damaged" } }
+                @if set.skipped > 0 { br; span.failed { "incomplete: " (set.skipped) " files not read" } }
             }
             td { (bytes(set.size_bytes)) }
             td { (set.snapshots) }
@@ -175,6 +176,8 @@ mod tests {
                 freshness: Freshness::Stale,
                 size_bytes: 2048,
                 damaged: 1,
+                skipped: 0,
+                skipped_paths: Vec::new(),
                 history: vec![
                     Point { id: "01".repeat(32), time_ns: now - 86_400_000_000_000, bytes: 1000, damaged: true },
                     Point { id: "ab".repeat(32), time_ns: now - 10_000_000_000, bytes: 2048, damaged: false },

@@ -132,7 +132,7 @@ fn metrics_count_pushes_per_set_and_show_the_build() {
     server.push_stdin(&tok, "db", b"SELECT 1;\n");
     server.push_stdin(&tok, "db", b"SELECT 2;\n");
     server.push_stdin(&tok, "files", b"x");
-    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let http = server.state().monitor().http_addr.lock().unwrap().expect("metrics endpoint bound");
     let text = ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
     assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"db\",result=\"ok\"} 2"), "{text}");
     assert!(text.contains("bkp_pushes_total{host=\"web01\",name=\"files\",result=\"ok\"} 1"), "{text}");
@@ -141,7 +141,7 @@ fn metrics_count_pushes_per_set_and_show_the_build() {
 }
 
 fn metric(server: &TestServer, line_start: &str) -> u64 {
-    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let http = server.state().monitor().http_addr.lock().unwrap().expect("metrics endpoint bound");
     let text = ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
     let l = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("no {line_start}: {text}"));
     l.rsplit(' ').next().unwrap().parse().unwrap()

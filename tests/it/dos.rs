@@ -97,7 +97,7 @@ fn replayed_initials_get_retries_and_keep_no_state() {
     // A long-header packet of type 3 is a Retry (RFC 9000, 17.2.5).
     let retries = answers.iter().filter(|b| *b & 0xb0 == 0xb0).count();
     assert_eq!(retries, answers.len(), "every Initial from an unvalidated address gets a retry, nothing else");
-    assert_eq!(server.state().limits.unauthenticated(), 0);
+    assert_eq!(server.state().limits().unauthenticated(), 0);
     server.push_stdin(&token, "db", &random_bytes(1 << 20, 1));
 }
 
@@ -128,7 +128,7 @@ fn hello_less_connections_cannot_keep_a_host_out() {
                     held.push(c);
                     opened.fetch_add(1, Ordering::Relaxed);
                 }
-                peak.fetch_max(state.limits.unauthenticated(), Ordering::Relaxed);
+                peak.fetch_max(state.limits().unauthenticated(), Ordering::Relaxed);
                 // Faster than the old slots freed (10 s), slow enough that a
                 // host's hello beats 16 newcomers on a loaded machine.
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -151,7 +151,7 @@ fn hello_less_connections_cannot_keep_a_host_out() {
             _ => false,
         })
     });
-    assert!(server.state().limits.evicted.load(Ordering::Relaxed) > 0);
+    assert!(server.state().limits().evicted.load(Ordering::Relaxed) > 0);
 }
 
 /// Before its hello an unauthenticated peer may open one stream and have
@@ -313,7 +313,7 @@ fn full_windows_come_from_a_budget() {
     let server = TestServer::start_with(config);
     let a = server.token("web01", Role::Push);
     let b = server.token("web02", Role::Push);
-    let windows = server.state().limits.windows.clone();
+    let windows = server.state().limits().windows.clone();
     let rt = rt();
     let first = rt.block_on(server.client(&a));
     assert_eq!(windows.held(), 64 << 20);
@@ -335,7 +335,10 @@ fn session_floods_are_refused_with_a_clear_error() {
     let b = server.token("web01", Role::Push);
     let rt = rt();
     rt.block_on(async {
-        let c = server.client(&a).await;
+        // Busy is worth retrying, so a client with the default budget waits
+        // for a session to end; with one second the refusal itself shows.
+        let cfg = bkp_client::config::ClientConfig { timeout: Duration::from_secs(1), ..server.client_config(&a) };
+        let c = bkp_client::Client::connect(&cfg).await.expect("connect");
         for _ in 0..4 {
             c.start_push("x", SnapshotKind::Stream).await.unwrap();
         }
@@ -347,7 +350,7 @@ fn session_floods_are_refused_with_a_clear_error() {
         }
         server.client(&b).await.start_push("y", SnapshotKind::Stream).await.unwrap();
     });
-    assert_eq!(server.state().sessions.live(), 5);
+    assert_eq!(server.state().sessions().live(), 5);
 }
 
 /// Chunks that decompress to thousands of times their size (32 MiB from
@@ -399,13 +402,13 @@ fn revoking_a_token_ends_its_push_without_a_commit() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&random_bytes(2 << 20, 5)).unwrap();
-    poll("the push to start", Duration::from_secs(30), || state.sessions.live() == 1);
-    let before = state.limits.connections_of(&id);
+    poll("the push to start", Duration::from_secs(30), || state.sessions().live() == 1);
+    let before = state.limits().connections_of(&id);
     assert_eq!(before, 1);
     ok(std::process::Command::new(bin("bkp-server")).args(["token", "revoke", "--data"]).arg(server.data()).arg(&id));
     let revoked = Instant::now();
-    poll("the revoked token's connection to close", Duration::from_secs(3), || state.limits.connections_of(&id) == 0);
-    poll("its session to end", Duration::from_secs(3), || state.sessions.live() == 0);
+    poll("the revoked token's connection to close", Duration::from_secs(3), || state.limits().connections_of(&id) == 0);
+    poll("its session to end", Duration::from_secs(3), || state.sessions().live() == 0);
     assert!(revoked.elapsed() < Duration::from_secs(3));
     let _ = stdin.write_all(&random_bytes(4 << 20, 6));
     drop(stdin);
@@ -413,7 +416,7 @@ fn revoking_a_token_ends_its_push_without_a_commit() {
     assert!(!out.status.success(), "a push with a revoked token succeeded");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("revoked"), "{err}");
-    assert!(state.store.list_snapshots(None, None).unwrap().is_empty(), "a revoked push committed");
+    assert!(state.store().list_snapshots(None, None).unwrap().is_empty(), "a revoked push committed");
 }
 
 /// A revocation is logged by a running server, with the token's id and

@@ -129,7 +129,7 @@ fn walk(root: &Path) -> Vec<PathBuf> {
 
 /// Every data chunk the snapshot references, in tree order.
 fn data_chunks(server: &TestServer, id: &str) -> Vec<ChunkId> {
-    let store = server.state().store.clone();
+    let store = server.state().store().clone();
     let snap = store.snapshot(&id.parse::<SnapshotId>().unwrap()).unwrap().unwrap();
     let mut dec = TreeDecoder::new();
     let mut out = Vec::new();
@@ -174,7 +174,8 @@ fn a_chunk_whose_data_is_gone_is_uploaded_again() {
     assert!(chunks.len() >= 14, "{first}");
 
     // Another set: no previous snapshot, so every answer is a lookup.
-    let stored_len = |s: &TestServer, id: &ChunkId| s.state().store.chunk_meta(id).unwrap().unwrap().stored_len as u64;
+    let stored_len =
+        |s: &TestServer, id: &ChunkId| s.state().store().chunk_meta(id).unwrap().unwrap().stored_len as u64;
     let lost = stored_len(&server, &chunks[3]);
     delete_chunk_data(&mut server, &chunks[3]);
     let other = push_tree(&server, &token, "b", &root);
@@ -202,7 +203,7 @@ fn gc_refuses_while_referenced_chunks_are_missing() {
     let id = server.push_stdin(&token, "s", &data)["snapshot"]["id"].as_str().unwrap().to_string();
     let lost = data_chunks(&server, &id)[0];
     // What verify does with a chunk it finds bad.
-    server.state().store.quarantine_chunk(&lost, "test: lost", 1).unwrap();
+    server.state().store().quarantine_chunk(&lost, "test: lost", 1).unwrap();
 
     let out = Command::new(bin("bkp-server")).args(["gc", "--json", "--data"]).arg(server.data()).output().unwrap();
     assert!(!out.status.success(), "gc must fail: {}", String::from_utf8_lossy(&out.stdout));
@@ -407,7 +408,7 @@ fn a_truncated_wal_is_reported_in_the_server_log() {
     let serve = |log: &Path| {
         let child = Child(
             Command::new(bin("bkp-server"))
-                .args(["serve", "--listen", &format!("127.0.0.1:{}", p.port), "--data"])
+                .args(["serve", "--listen", &p.listen_arg(), "--data"])
                 .arg(p.dir.path())
                 .stdout(Stdio::null())
                 .stderr(fs::File::create(log).unwrap())

@@ -88,19 +88,19 @@ fn gc_ends_the_possession_of_a_host_that_no_longer_references_a_chunk() {
     let first = push_stdin(&server, &web, "x", &data);
     push_stdin(&server, &db, "x", &data);
     let ids: Vec<ChunkId> = bkp_common::chunker::chunk_reader(&data[..]).map(|c| ChunkId::of(&c.unwrap())).collect();
-    let store = server.state().store.clone();
+    let store = server.state().store().clone();
     assert!(store.host_has("web01", &ids).unwrap().iter().all(|&h| h));
     assert!(store.host_has("db01", &ids).unwrap().iter().all(|&h| h));
 
     assert!(store.delete_snapshot(&first.parse().unwrap()).unwrap());
-    let report = gc::run(&*server.state().store, &server.state().sessions, &GcHooks::default()).unwrap();
+    let report = gc::run(server.state().store().as_ref(), server.state().sessions(), &GcHooks::default()).unwrap();
     assert_eq!(report.chunks_deleted, 1, "only web01's tree chunk: {report:?}");
     assert!(report.possession_records_deleted >= ids.len() as u64, "{report:?}");
     // The chunks stay for db01; web01 must upload them again to use them.
     assert!(store.host_has("web01", &ids).unwrap().iter().all(|&h| !h));
     assert!(store.host_has("db01", &ids).unwrap().iter().all(|&h| h));
     assert!(restore_stdout(&server, &db, "latest") == data);
-    let again = gc::run(&*server.state().store, &server.state().sessions, &GcHooks::default()).unwrap();
+    let again = gc::run(server.state().store().as_ref(), server.state().sessions(), &GcHooks::default()).unwrap();
     assert_eq!((again.chunks_deleted, again.possession_records_deleted), (0, 0), "{again:?}");
     // web01 pushes again: it owns nothing now, so it gets a record.
     push_stdin(&server, &web, "x", &data);
@@ -122,17 +122,17 @@ fn chunk_reported_stored_survives_prune_and_gc_before_commit() {
         let missing = c.missing(session, chunks.iter().map(|x| ChunkId::of(x)).collect()).await.unwrap();
         assert!(missing.is_empty(), "the server holds every chunk");
         // The only snapshot referencing them goes, and GC runs to the end.
-        assert!(server.state().store.delete_snapshot(&first.parse().unwrap()).unwrap());
-        let report = gc::run(&*server.state().store, &server.state().sessions, &GcHooks::default()).unwrap();
+        assert!(server.state().store().delete_snapshot(&first.parse().unwrap()).unwrap());
+        let report = gc::run(server.state().store().as_ref(), server.state().sessions(), &GcHooks::default()).unwrap();
         assert_eq!(report.snapshots, 0);
         let tree = stream_tree(&data, &chunks);
         let tid = ChunkId::of(&tree);
         c.put(session, vec![(tid, blob::encode(&tree, 3))]).await.unwrap();
-        c.commit(session, vec![tid]).await.unwrap();
+        c.commit(session, vec![tid], None).await.unwrap();
     });
     assert!(restore_stdout(&server, &push, "latest") == data);
     // Once committed, a later GC still keeps them (the snapshot now marks them).
-    gc::run(&*server.state().store, &server.state().sessions, &GcHooks::default()).unwrap();
+    gc::run(server.state().store().as_ref(), server.state().sessions(), &GcHooks::default()).unwrap();
     assert!(restore_stdout(&server, &push, "latest") == data);
 }
 
@@ -149,15 +149,16 @@ fn snapshot_deleted_while_gc_marks() {
     let victim = id_a.clone();
     let hooks = GcHooks {
         after_listing: Some(Box::new(move || {
-            assert!(st.store.delete_snapshot(&victim.parse().unwrap()).unwrap());
+            assert!(st.store().delete_snapshot(&victim.parse().unwrap()).unwrap());
         })),
         ..Default::default()
     };
-    let r = gc::run(&*state.store, &state.sessions, &hooks).expect("a snapshot vanishing during mark is not an error");
+    let r = gc::run(state.store().as_ref(), state.sessions(), &hooks)
+        .expect("a snapshot vanishing during mark is not an error");
     assert_eq!(r.snapshots, 1);
     assert!(restore_stdout(&server, &push, &id_b) == b);
     // Its chunks went in this run or go in the next; none of b's.
-    let r2 = gc::run(&*state.store, &state.sessions, &GcHooks::default()).unwrap();
+    let r2 = gc::run(state.store().as_ref(), state.sessions(), &GcHooks::default()).unwrap();
     assert!(r.chunks_deleted + r2.chunks_deleted >= 2, "{r:?} {r2:?}");
     assert!(restore_stdout(&server, &push, &id_b) == b);
 }
@@ -175,7 +176,7 @@ fn frozen_client_past_its_lease_cannot_commit_holes() {
         // Frozen past the lease while GC runs: the chunk is unreferenced
         // and unprotected, so GC frees it.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let r = gc::run(&*server.state().store, &server.state().sessions, &GcHooks::default()).unwrap();
+        let r = gc::run(server.state().store().as_ref(), server.state().sessions(), &GcHooks::default()).unwrap();
         assert_eq!(r.chunks_deleted, 1, "{r:?}");
         let tree = stream_tree(&data, std::slice::from_ref(&data));
         let tid = ChunkId::of(&tree);
@@ -183,7 +184,7 @@ fn frozen_client_past_its_lease_cannot_commit_holes() {
             Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("push session"), "{m}"),
             other => panic!("expired session accepted an upload: {other:?}"),
         }
-        match c.commit(session, vec![tid]).await {
+        match c.commit(session, vec![tid], None).await {
             Err(ClientError::Server(_, ErrorCode::Rejected)) => {}
             other => panic!("expired session committed: {other:?}"),
         }
@@ -252,7 +253,7 @@ fn pushes_and_deletions_while_gc_runs_back_to_back() {
         let (stop, gc_runs) = (&stop, &gc_runs);
         s.spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                gc::run(&*state.store, &state.sessions, &GcHooks::default()).expect("gc");
+                gc::run(state.store().as_ref(), state.sessions(), &GcHooks::default()).expect("gc");
                 gc_runs.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -287,9 +288,9 @@ fn pushes_and_deletions_while_gc_runs_back_to_back() {
         assert!(restore_stdout(&server, token, id) == *data, "snapshot {id}");
     }
     let state = server.state();
-    let last = gc::run(&*state.store, &state.sessions, &GcHooks::default()).unwrap();
+    let last = gc::run(state.store().as_ref(), state.sessions(), &GcHooks::default()).unwrap();
     assert_eq!(last.snapshots, 6);
-    let check = gc::run(&*state.store, &state.sessions, &GcHooks::default()).unwrap();
+    let check = gc::run(state.store().as_ref(), state.sessions(), &GcHooks::default()).unwrap();
     assert_eq!(
         check.chunks_deleted + check.possession_records_deleted,
         0,
@@ -308,13 +309,23 @@ fn one_run_of_a_kind_at_a_time() {
     let (st, seen) = (state.clone(), inner.clone());
     let hooks = GcHooks {
         before_sweep: Some(Box::new(move || {
-            let gc = bkp_server::jobs::run(&st.jobs(), bkp_server::jobs::JobKind::Gc, false, &GcHooks::default());
-            let prune = bkp_server::jobs::run(&st.jobs(), bkp_server::jobs::JobKind::Prune, true, &GcHooks::default());
+            let gc = bkp_server::jobs::run(
+                &st.jobs(&st.config()),
+                bkp_server::jobs::JobKind::Gc,
+                false,
+                &GcHooks::default(),
+            );
+            let prune = bkp_server::jobs::run(
+                &st.jobs(&st.config()),
+                bkp_server::jobs::JobKind::Prune,
+                true,
+                &GcHooks::default(),
+            );
             *seen.lock().unwrap() = Some((gc, prune));
         })),
         ..Default::default()
     };
-    let outer = bkp_server::jobs::run(&state.jobs(), bkp_server::jobs::JobKind::Gc, false, &hooks);
+    let outer = bkp_server::jobs::run(&state.jobs(&state.config()), bkp_server::jobs::JobKind::Gc, false, &hooks);
     assert!(outer.ok, "{:?}", outer.error);
     let (gc, prune) = inner.lock().unwrap().take().expect("hook ran");
     assert!(!gc.ok && gc.error.unwrap().contains("already in progress"));

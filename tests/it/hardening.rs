@@ -49,12 +49,12 @@ fn prune_keeps_a_snapshot_protected_after_its_plan_was_made() {
 
     let state = server.state();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    let plan = prune_plan(state.store.as_ref(), &state.config.retention, now).unwrap();
+    let plan = prune_plan(state.store().as_ref(), &state.config().retention, now).unwrap();
     let removed: Vec<String> = plan[0].verdicts.iter().filter(|v| !v.kept()).map(|v| v.id.to_string()).collect();
     assert_eq!(removed, std::slice::from_ref(&old), "the plan removes the older one");
     // The operator protects it while the prune is under way.
     ok(server.bkp(&admin).args(["protect", &old]));
-    let report = prune(state.store.as_ref(), plan, false).unwrap();
+    let report = prune(state.store().as_ref(), plan, false).unwrap();
     assert_eq!((report.kept, report.removed), (2, 0));
     let v = report.plan[0].verdicts.iter().find(|v| v.id.to_string() == old).unwrap();
     assert_eq!(v.keep, [Reason::Protected]);

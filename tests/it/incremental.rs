@@ -99,7 +99,7 @@ fn cache_never_skips_a_chunk_the_server_lost() {
 
     // As if GC had freed it, or a verify had quarantined it.
     let victim = fs::read(root.join("sub/x")).unwrap();
-    assert!(server.state().store.delete_chunks(&[ChunkId::of(&victim)]).unwrap() > 0, "bytes freed");
+    assert!(server.state().store().delete_chunks(&[ChunkId::of(&victim)]).unwrap() > 0, "bytes freed");
     let again = push(&server, &token, &root, &[]);
     assert_eq!(counts(&again), (1, n - 1), "{again}");
     assert!(again["chunks_sent"].as_u64().unwrap() >= 1);
@@ -199,7 +199,7 @@ fn verify_only_checks_everything_and_names_what_fails() {
     // would refuse to run.)
     server.admin(&["gc"]);
     let lost = fs::read(root.join("sub/x")).unwrap();
-    assert!(server.state().store.delete_chunks(&[ChunkId::of(&lost)]).unwrap() > 0, "bytes freed");
+    assert!(server.state().store().delete_chunks(&[ChunkId::of(&lost)]).unwrap() > 0, "bytes freed");
     let big = fs::read(root.join("sub/big")).unwrap();
     server.corrupt_stored_bytes(&big[3 << 20..(3 << 20) + 64]);
 
@@ -238,8 +238,8 @@ fn previous_snapshot_proves_only_what_is_still_stored() {
     assert!(ids.len() >= 2, "{} chunks", ids.len());
     let (lost, quarantined) = (ids[0], ids[1]);
     let state = server.state();
-    assert!(state.store.delete_chunks(&[lost]).unwrap() > 0);
-    state.sessions.quarantine(&quarantined, || state.store.quarantine_chunk(&quarantined, "test", 1).unwrap());
+    assert!(state.store().delete_chunks(&[lost]).unwrap() > 0);
+    state.sessions().quarantine(&quarantined, || state.store().quarantine_chunk(&quarantined, "test", 1).unwrap());
     let other = server.token("db02", Role::Push);
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let c = server.client(&token).await;

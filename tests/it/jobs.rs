@@ -27,7 +27,7 @@ fn serve(s: &ServerProcess, env: &[(&str, &str)], log: &Path) -> Serve {
     let log = std::fs::File::create(log).unwrap();
     Serve(
         Command::new(bin("bkp-server"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", s.port), "--data"])
+            .args(["serve", "--listen", &s.listen_arg(), "--data"])
             .arg(s.dir.path())
             .envs(env.iter().copied())
             .stderr(log)
@@ -56,7 +56,7 @@ fn a_second_gc_while_one_runs_is_refused_not_failed() {
         ..Default::default()
     };
     let st = state.clone();
-    let first = std::thread::spawn(move || bkp_server::jobs::run(&st.jobs(), JobKind::Gc, false, &hooks));
+    let first = std::thread::spawn(move || bkp_server::jobs::run(&st.jobs(&st.config()), JobKind::Gc, false, &hooks));
     entered.recv_timeout(Duration::from_secs(60)).expect("the first gc started");
 
     let out = Command::new(bin("bkp-server")).args(["gc", "--data"]).arg(server.data()).output().unwrap();
@@ -71,8 +71,9 @@ fn a_second_gc_while_one_runs_is_refused_not_failed() {
     assert_eq!(list.len(), 2, "{list:?}");
     assert!(list.iter().any(|r| r["refused"] == true && r["kind"] == "gc"), "{list:?}");
     // A check now sees both records: no failed-job condition, no alert.
-    bkp_server::monitor::check(&state.monitor_inputs()).unwrap();
-    let status = bkp_server::monitor::status(&state.monitor_inputs(), bkp_server::jobs::now_ns()).unwrap();
+    bkp_server::monitor::check(&state.monitor_inputs(&state.config())).unwrap();
+    let status =
+        bkp_server::monitor::status(&state.monitor_inputs(&state.config()), bkp_server::jobs::now_ns()).unwrap();
     let conds = bkp_server::monitor::conditions(&status, 0.0);
     assert!(!conds.iter().any(|c| c.key == "job:gc"), "{conds:?}");
     assert!(status.jobs["gc"].0.ok, "the latest gc run is the one that ran");

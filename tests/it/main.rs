@@ -2,8 +2,11 @@
 //! on 127.0.0.1 with a real RocksDB and drives the real `bkp` binary.
 
 mod audit;
+mod browse;
 mod dos;
 mod email;
+mod excludes;
+mod exitcodes;
 mod faults;
 mod gc;
 mod hardening;
@@ -12,12 +15,17 @@ mod jobs;
 mod logs;
 mod metadata;
 mod monitoring;
+mod mount;
 mod postgres;
+mod reload;
 mod resilience;
+mod run;
 mod s3;
+mod s3_faults;
 mod security;
 mod status;
 mod stream;
 mod sync;
+mod timeout;
 mod tree;
 mod verify;

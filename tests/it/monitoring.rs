@@ -90,7 +90,7 @@ fn a_failed_dump_is_recorded_counted_and_alerted_at_once() {
     ));
     let server = TestServer::start_with(cfg);
     let tok = server.token("web01", Role::Push);
-    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let http = server.state().monitor().http_addr.lock().unwrap().expect("metrics endpoint bound");
     let metrics = || ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();
     let started = Instant::now();
     let out =
@@ -144,7 +144,7 @@ fn prometheus_scrapes_the_metrics() {
     let tok = server.token("db01", Role::Push);
     server.push_stdin(&tok, "pgdump", &bkp_tests::dump_like(20_000, 1));
     server.push_stdin(&tok, "pgdump", &bkp_tests::dump_like(20_000, 2));
-    let http = server.state().monitor.http_addr.lock().unwrap().expect("metrics endpoint bound");
+    let http = server.state().monitor().http_addr.lock().unwrap().expect("metrics endpoint bound");
     let health = ureq::get(&format!("http://{http}/healthz")).call().unwrap();
     assert_eq!(health.status(), 200);
     let text = ureq::get(&format!("http://{http}/metrics")).call().unwrap().into_string().unwrap();

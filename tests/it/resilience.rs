@@ -159,12 +159,14 @@ fn server_killed_and_restarted_under_a_push_fails_fast_and_says_nothing_committe
 #[test]
 fn connect_retries_a_silent_server_for_its_budget_and_not_a_refusal() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    // Initialised but not serving: nothing answers on the port.
+    // Initialised but not serving: the port is held (bound by `init`) and
+    // nothing answers on it.
     let silent = ServerProcess::init();
     let cfg = bkp_client::config::ClientConfig {
         server: format!("127.0.0.1:{}", silent.port),
         trust: bkp_client::config::Trust::Fingerprint(silent.fingerprint.clone()),
         token: "no-such-token".into(),
+        timeout: Duration::from_secs(6),
     };
     let start = std::time::Instant::now();
     let e = rt.block_on(bkp_client::Client::connect_within(&cfg, Duration::from_secs(6))).err().unwrap().to_string();

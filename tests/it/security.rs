@@ -50,14 +50,14 @@ fn hosts_are_isolated_and_roles_enforced() {
         // Twice: a refused commit must not leave the chunk counted as
         // proven for the session (the commit check skips proven chunks).
         for attempt in 0..2 {
-            match c.commit(session, vec![tid]).await {
+            match c.commit(session, vec![tid], None).await {
                 Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("never uploaded"), "{m}"),
                 other => panic!("commit naming a foreign chunk (attempt {attempt}): {other:?}"),
             }
         }
         // Asking about it does not prove it either.
         assert_eq!(c.missing(session, vec![ChunkId::of(&secret)]).await.unwrap(), [0]);
-        match c.commit(session, vec![tid]).await {
+        match c.commit(session, vec![tid], None).await {
             Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("never uploaded"), "{m}"),
             other => panic!("commit after a has-chunk query: {other:?}"),
         }
@@ -133,7 +133,7 @@ fn crafted_snapshot_restores_nothing_outside_the_target() {
         let tree = encode_tree(&entries);
         let tid = ChunkId::of(&tree);
         c.put(session, vec![(tid, blob::encode(&tree, 3))]).await.unwrap();
-        c.commit(session, vec![tid]).await.unwrap();
+        c.commit(session, vec![tid], None).await.unwrap();
     });
     let parent = tempfile::tempdir().unwrap();
     let target = parent.path().join("target");
@@ -184,7 +184,7 @@ fn server_refuses_unsafe_names() {
             c.put(session, vec![(tid, blob::encode(&tree, 3)), (ChunkId::of(&data), blob::encode(&data, 3))])
                 .await
                 .unwrap();
-            match c.commit(session, vec![tid]).await {
+            match c.commit(session, vec![tid], None).await {
                 Err(ClientError::Server(m, ErrorCode::Rejected)) => assert!(m.contains("unsafe path"), "{what}: {m}"),
                 other => panic!("{what}: commit of a crafted tree: {other:?}"),
             }
@@ -203,7 +203,7 @@ fn server_refuses_unsafe_names() {
         c.put(session, vec![(tid, blob::encode(&tree, 3)), (ChunkId::of(&data), blob::encode(&data, 3))])
             .await
             .unwrap();
-        c.commit(session, vec![tid]).await.expect("safe names commit");
+        c.commit(session, vec![tid], None).await.expect("safe names commit");
     });
     let list = json(&ok(server.bkp(&token).args(["snapshots", "--json"])));
     assert_eq!(list.as_array().unwrap().len(), 1, "only the safe tree is stored: {list}");

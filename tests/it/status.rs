@@ -87,7 +87,7 @@ fn browse(profile: &Path, url: &str, args: &[String]) -> String {
 #[test]
 fn status_shows_a_stale_set_and_a_damaged_snapshot_on_the_cli_the_page_and_in_a_browser() {
     let mut server = start_and_damage();
-    let bad = server.state().store.damaged().unwrap()[0].0.to_hex();
+    let bad = server.state().store().damaged().unwrap()[0].0.to_hex();
     check_page(&server, &bad);
 
     // With the server stopped, `status` opens the store itself, with the
@@ -141,7 +141,7 @@ fn start_and_damage() -> TestServer {
     // A chunk only the newest `db` snapshot has goes bad; verify finds
     // and records the damage.
     let lost = first_data_chunk(&server, &bad);
-    server.state().store.quarantine_chunk(&lost, "test: bit rot", 1).unwrap();
+    server.state().store().quarantine_chunk(&lost, "test: bit rot", 1).unwrap();
     let out = Command::new(bin("bkp-server"))
         .args(["verify", "--sample", "1", "--json", "--data"])
         .arg(server.data())
@@ -181,7 +181,7 @@ fn start_and_damage() -> TestServer {
 
 fn check_page(server: &TestServer, bad: &str) {
     // The page, over HTTP.
-    let http = server.state().monitor.http_addr.lock().unwrap().expect("monitor endpoint bound");
+    let http = server.state().monitor().http_addr.lock().unwrap().expect("monitor endpoint bound");
     let url = format!("http://{http}/");
     let resp = ureq::get(&url).call().unwrap();
     assert_eq!(resp.content_type(), "text/html");

@@ -232,16 +232,16 @@ fn a_corrupted_chunk_on_the_primary_is_refused_and_never_stored() {
     let mut after = None;
     let mut held = 0;
     loop {
-        let batch = st.store.chunk_metas(after.as_ref(), 1000).unwrap();
+        let batch = st.store().chunk_metas(after.as_ref(), 1000).unwrap();
         let Some(last) = batch.last() else { break };
         after = Some(last.0);
         for (id, _) in &batch {
-            let blob = st.store.chunk_blob(id).unwrap().unwrap();
+            let blob = st.store().chunk_blob(id).unwrap().unwrap();
             bkp_common::blob::decode_verified(&blob, id).expect("a stored chunk that does not verify");
             held += 1;
         }
     }
-    assert!(st.store.list_snapshots(None, None).unwrap().is_empty());
+    assert!(st.store().list_snapshots(None, None).unwrap().is_empty());
     eprintln!("secondary holds {held} sound chunks");
 }
 
@@ -385,9 +385,9 @@ fn chunks_held_here_for_another_host_are_not_fetched_again() {
     let list = json(&ok(sec.bkp(&rc).args(["snapshots", "--json"])));
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     let st = sec.state();
-    let copy = st.store.list_snapshots(Some("hosta"), None).unwrap().pop().unwrap();
-    let snap = st.store.snapshot(&copy.id).unwrap().unwrap();
-    assert_eq!(st.store.host_holds("hostc", &snap.tree).unwrap(), vec![false; snap.tree.len()]);
+    let copy = st.store().list_snapshots(Some("hosta"), None).unwrap().pop().unwrap();
+    let snap = st.store().snapshot(&copy.id).unwrap().unwrap();
+    assert_eq!(st.store().host_holds("hostc", &snap.tree).unwrap(), vec![false; snap.tree.len()]);
 }
 
 #[test]

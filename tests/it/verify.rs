@@ -10,7 +10,7 @@ use bkp_tests::{bin, ok, random_bytes, TestServer};
 
 /// The first data chunk of a snapshot's (only) file.
 pub(crate) fn first_data_chunk(server: &TestServer, id: &str) -> ChunkId {
-    let store = server.state().store.clone();
+    let store = server.state().store().clone();
     let snap = store.snapshot(&id.parse::<SnapshotId>().unwrap()).unwrap().unwrap();
     let mut dec = TreeDecoder::new();
     for t in &snap.tree {
@@ -89,10 +89,10 @@ fn corruption_is_quarantined_reported_and_healed() {
     assert_eq!(affected, want, "exactly the snapshots holding the chunk, on both hosts; not {c}");
     assert_eq!(f["affected"][0]["paths"].as_array().unwrap().len(), 1);
     // Quarantined, not deleted: the bytes are kept aside.
-    let q = server.state().store.quarantined().unwrap();
+    let q = server.state().store().quarantined().unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].0, bad);
-    assert!(server.state().store.chunk_blob(&bad).unwrap().is_none());
+    assert!(server.state().store().chunk_blob(&bad).unwrap().is_none());
 
     // The damaged snapshot cannot be restored (and says so)...
     let out = server.bkp(&h1).args(["restore", &a[..12], "--stdout"]).output().unwrap();
@@ -121,11 +121,12 @@ fn scrub_covers_the_store_in_the_configured_number_of_runs() {
     let h = server.token("web01", Role::Push);
     // About 40 chunks of 256 KiB-4 MiB.
     server.push_stdin(&h, "db", &random_bytes(40 << 20, 3));
-    let total = server.state().store.chunk_metas(None, 1 << 20).unwrap().len() as u64;
+    let total = server.state().store().chunk_metas(None, 1 << 20).unwrap().len() as u64;
     let mut checked = 0;
     let mut completed_at = None;
     for run in 1..=4 {
-        let rec = bkp_server::jobs::run_verify(&server.state().jobs(), bkp_server::verify::Scope::Scheduled);
+        let state = server.state();
+        let rec = bkp_server::jobs::run_verify(&state.jobs(&state.config()), bkp_server::verify::Scope::Scheduled);
         assert!(rec.ok, "{rec:?}");
         let scrub = rec.verify_report().and_then(|v| v.scrub.clone()).expect("a scrub report");
         checked += scrub.chunks_checked;

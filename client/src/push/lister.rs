@@ -1,12 +1,15 @@
 //! The order of a tree walk, listed ahead of the producer on a thread of
 //! its own: directories read, children sorted by name, every entry
-//! `lstat`ed relative to its open directory, excluded paths skipped. In an
+//! `lstat`ed relative to its open directory, excluded paths skipped (see
+//! `excludes`; with `--one-file-system` a directory on another file system
+//! than its root is listed, its contents not). In an
 //! incremental push most files come from the metadata cache, and reading
 //! directories and stat-ing 78,000 entries was half of what the producer
 //! did; listing ahead lets the two halves run on both cores.
 
 use std::ffi::OsString;
 use std::fs::{self, Metadata};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
@@ -24,8 +27,9 @@ pub enum Listed {
     /// An entry, its own metadata (a symlink is not followed) and its
     /// `chattr` flags.
     Entry(PathBuf, Metadata, u32),
-    /// Something that could not be listed; the walk goes on without it.
-    Warning(String),
+    /// A path that could not be listed or stat-ed, and why; the walk
+    /// goes on without it (a directory: without its contents).
+    Unreadable(PathBuf, String),
 }
 
 /// Lists `root` (already stat-ed as `meta`) and everything below it on a
@@ -39,7 +43,8 @@ pub fn spawn<'scope>(
     let (tx, rx) = sync_channel(AHEAD);
     std::thread::Builder::new().name("bkp-list".into()).spawn_scoped(scope, move || {
         let mut out = Out { tx, batch: Vec::with_capacity(BATCH) };
-        if list(&root, meta, excludes, &mut out) {
+        let walk = Walk { excludes, dev: meta.dev() };
+        if walk.list(&root, meta, &mut out) {
             out.flush();
         }
     })?;
@@ -64,48 +69,67 @@ impl Out {
     }
 }
 
-fn list(path: &Path, meta: Metadata, excludes: &Excludes, out: &mut Out) -> bool {
-    let is_dir = meta.file_type().is_dir();
-    let flags = super::file_meta::flags(path);
-    // `dump`'s rule: a nodump directory is skipped with all below it.
-    if flags & FLAG_NODUMP != 0 && excludes.skip_nodump {
-        return true;
-    }
-    if !out.push(Listed::Entry(path.to_path_buf(), meta, flags)) {
-        return false;
-    }
-    if !is_dir {
-        return true;
-    }
-    let mut children: Vec<(OsString, fs::DirEntry)> = Vec::new();
-    match fs::read_dir(path) {
-        Ok(rd) => {
-            for e in rd {
-                match e {
-                    Ok(e) => children.push((e.file_name(), e)),
-                    Err(e) if !out.push(Listed::Warning(format!("{}: {e}", path.display()))) => return false,
-                    Err(_) => {}
-                }
-            }
+/// One root's walk: what to leave out, and the root's file system.
+struct Walk<'a> {
+    excludes: &'a Excludes,
+    dev: u64,
+}
+
+impl Walk<'_> {
+    fn list(&self, path: &Path, meta: Metadata, out: &mut Out) -> bool {
+        let excludes = self.excludes;
+        let is_dir = meta.file_type().is_dir();
+        let flags = super::file_meta::flags(path);
+        // `dump`'s rule: a nodump directory is skipped with all below it.
+        if flags & FLAG_NODUMP != 0 && excludes.skip_nodump {
+            return true;
         }
-        Err(e) => return out.push(Listed::Warning(format!("{}: {e}", path.display()))),
-    }
-    // Sorted, so an unchanged tree gives the same stream and dedups.
-    children.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, entry) in children {
-        let child = path.join(name);
-        if excludes.excluded(&child) {
-            continue;
+        if is_dir && excludes.excluded_dir(path) {
+            return true;
         }
-        let going_on = match entry.metadata() {
-            Ok(m) => list(&child, m, excludes, out),
-            Err(e) => out.push(Listed::Warning(format!("{}: {e}", child.display()))),
-        };
-        if !going_on {
+        let other_fs = excludes.one_file_system && meta.dev() != self.dev;
+        if !out.push(Listed::Entry(path.to_path_buf(), meta, flags)) {
             return false;
         }
+        if !is_dir || other_fs {
+            return true;
+        }
+        let mut children: Vec<(OsString, fs::DirEntry)> = Vec::new();
+        let unreadable = |e: std::io::Error| Listed::Unreadable(path.to_path_buf(), e.to_string());
+        match fs::read_dir(path) {
+            Ok(rd) => {
+                for e in rd {
+                    match e {
+                        Ok(e) => children.push((e.file_name(), e)),
+                        // What was read is still listed.
+                        Err(e) => {
+                            if !out.push(unreadable(e)) {
+                                return false;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => return out.push(unreadable(e)),
+        }
+        // Sorted, so an unchanged tree gives the same stream and dedups.
+        children.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, entry) in children {
+            let child = path.join(name);
+            if excludes.excluded(&child) {
+                continue;
+            }
+            let going_on = match entry.metadata() {
+                Ok(m) => self.list(&child, m, out),
+                Err(e) => out.push(Listed::Unreadable(child, e.to_string())),
+            };
+            if !going_on {
+                return false;
+            }
+        }
+        true
     }
-    true
 }
 
 #[cfg(test)]
@@ -121,7 +145,7 @@ mod tests {
             for l in rx.into_iter().flatten() {
                 match l {
                     Listed::Entry(p, _, _) => paths.push(p.strip_prefix(root).unwrap().to_path_buf()),
-                    Listed::Warning(w) => warnings.push(w),
+                    Listed::Unreadable(p, w) => warnings.push(format!("{}: {w}", p.display())),
                 }
             }
             (paths, warnings)

@@ -14,16 +14,18 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bkp_common::snapshot::{SnapshotKind, SnapshotSummary};
+use bkp_common::snapshot::{Incomplete, SnapshotKind, SnapshotSummary};
 use bkp_common::tree::Meta;
 
 use crate::conn::Client;
 use crate::error::{ClientError, Result};
 use crate::progress::Progress;
 use cache::Header;
+pub use excludes::ExcludeSpec;
 use excludes::Excludes;
 use incremental::{CacheSpec, Incremental};
 use pipeline::ChunkSink;
+pub use walk::Skipped;
 use walk::{Produced, Producer};
 
 pub mod cache;
@@ -37,9 +39,8 @@ pub mod walk;
 pub enum Source {
     Paths {
         paths: Vec<PathBuf>,
-        excludes: Vec<String>,
-        /// Leave out what carries the nodump flag (`chattr +d`).
-        skip_nodump: bool,
+        /// What to leave out.
+        excludes: ExcludeSpec,
     },
     Stdin,
     /// Any reader, as one stream (benchmarks, embedding).
@@ -67,6 +68,9 @@ pub struct PushReport {
     pub files_cached: u64,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// Paths that could not be read and are not in the snapshot (its
+    /// summary is marked incomplete; `bkp push` exits 3).
+    pub skipped: Vec<Skipped>,
 }
 
 fn now_ns() -> i64 {
@@ -92,10 +96,9 @@ fn produce(
 ) -> Result<Produced> {
     let stream_meta = Meta { mode: 0o600, mtime_ns: now_ns(), ..Meta::default() };
     match source {
-        Source::Paths { paths, excludes, skip_nodump } => {
+        Source::Paths { paths, excludes } => {
             let cache = cache.map(|a| Incremental::open(&a.spec, a.header, a.client, a.session, a.start_ns));
-            let mut excludes = Excludes::new(&excludes)?;
-            excludes.skip_nodump = skip_nodump;
+            let excludes = Excludes::from_spec(&excludes)?;
             let mut p = Producer::new(sink, progress, excludes, cache);
             p.walk_roots(&paths)?;
             p.finish()
@@ -210,6 +213,14 @@ async fn push_inner(
 ) -> Result<PushReport> {
     let start = Instant::now();
     let start_ns = now_ns();
+    // Bad excludes fail before a session is started.
+    let scan = match &opts.source {
+        Source::Paths { paths, excludes } => {
+            let ex = Excludes::from_spec(excludes)?;
+            progress.wants_totals().then(|| walk::Scan::start(paths.clone(), ex, progress.clone()))
+        }
+        _ => None,
+    };
     let session = client.start_push(&opts.name, kind).await?;
     let cache = cache.filter(|_| kind == SnapshotKind::Tree).map(|spec| CacheArgs {
         spec,
@@ -225,9 +236,11 @@ async fn push_inner(
     // The pipeline ends when the producer drops its sink; a pipeline error
     // drops the channel, which stops the producer.
     let (produced, counters) = tokio::join!(producer, pipeline);
+    drop(scan);
     let counters = counters?;
     let produced = produced.map_err(|e| ClientError::Task { what: "reader thread", source: e })??;
-    let snapshot = client.commit(session, produced.tree).await?;
+    let incomplete = Incomplete::of(produced.skipped.iter().map(|s| s.path.as_str()));
+    let snapshot = client.commit(session, produced.tree, incomplete).await?;
     let mut warnings = produced.warnings;
     // Only now is the new cache true: every chunk it names is in a snapshot.
     if let Some(w) = produced.cache {
@@ -249,5 +262,6 @@ async fn push_inner(
         files_cached: produced.files_cached,
         seconds: start.elapsed().as_secs_f64(),
         warnings,
+        skipped: produced.skipped,
     })
 }

@@ -26,10 +26,19 @@ use super::pipeline::ChunkSink;
 use crate::error::{ClientError, Result};
 use crate::progress::Progress;
 
+/// A path a tree push could not read and left out of the snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    pub path: String,
+    pub error: String,
+}
+
 /// What a producer made: the tree stream's chunks and what to report.
 pub struct Produced {
     pub tree: Vec<ChunkId>,
     pub warnings: Vec<String>,
+    /// Left out because they could not be read (the push exits 3).
+    pub skipped: Vec<Skipped>,
     pub files_read: u64,
     pub files_cached: u64,
     /// The new metadata cache, to put in place once the snapshot commits.
@@ -50,6 +59,7 @@ pub struct Producer {
     files_read: u64,
     files_cached: u64,
     pub warnings: Vec<String>,
+    pub skipped: Vec<Skipped>,
 }
 
 /// Chunks cut ahead of the hashing thread (up to 4 MiB each).
@@ -153,7 +163,13 @@ impl Producer {
             files_read: 0,
             files_cached: 0,
             warnings: Vec::new(),
+            skipped: Vec::new(),
         }
+    }
+
+    /// Leaves `path` out of the snapshot: it could not be read.
+    fn skip(&mut self, path: &Path, e: impl std::fmt::Display) {
+        self.skipped.push(Skipped { path: path.display().to_string(), error: e.to_string() });
     }
 
     /// An entry's metadata: from `m`, plus the flags the lister read and
@@ -206,6 +222,7 @@ impl Producer {
         Ok(Produced {
             tree: self.tree_ids,
             warnings,
+            skipped: self.skipped,
             files_read: self.files_read,
             files_cached: self.files_cached,
             cache: cache.flatten(),
@@ -273,26 +290,37 @@ impl Producer {
     }
 
     /// A regular file of a tree: from the metadata cache when its stat key
-    /// is unchanged, else read.
-    fn regular_file(&mut self, abs: &Path, name: Vec<u8>, m: &fs::Metadata, flags: u32) -> Result<()> {
+    /// is unchanged, else read. False when it could not be read (it is
+    /// left out, never stored half).
+    fn regular_file(&mut self, abs: &Path, name: Vec<u8>, m: &fs::Metadata, flags: u32) -> Result<bool> {
         let key = file_key(m);
         let meta = self.meta_of(abs, m, flags);
         if let Some(c) = self.cache.as_mut().and_then(|c| c.lookup(&name, &key)) {
             self.emit_file(name, meta, key.size, &c.chunks, c.hash)?;
             self.files_cached += 1;
+            self.progress.cached(key.size);
             if let Some(cache) = self.cache.as_mut() {
                 cache.record(&c);
             }
-            return Ok(());
+            return Ok(true);
         }
         let f = match File::open(abs) {
             Ok(f) => f,
             Err(e) => {
-                self.warnings.push(format!("{}: {e}", abs.display()));
-                return Ok(());
+                self.skip(abs, e);
+                return Ok(false);
             }
         };
-        let (chunks, hash, size) = self.read_content(&name, &f, key.size >= THREADED_READ_MIN)?;
+        let (chunks, hash, size) = match self.read_content(&name, &f, key.size >= THREADED_READ_MIN) {
+            Ok(read) => read,
+            // Its chunks sent so far are referenced by nothing: the
+            // server's GC frees them.
+            Err(ClientError::Source { source, .. }) => {
+                self.skip(abs, source);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
         let read = CachedFile { path: name, key, hash, chunks };
         // Cached only if nothing changed while it was read.
         if let Some(cache) = self.cache.as_mut() {
@@ -300,7 +328,8 @@ impl Producer {
                 cache.record(&read);
             }
         }
-        self.emit_file(read.path, meta, size, &read.chunks, hash)
+        self.emit_file(read.path, meta, size, &read.chunks, hash)?;
+        Ok(true)
     }
 
     /// Walks the given roots.
@@ -344,7 +373,7 @@ impl Producer {
         let m = match fs::symlink_metadata(root) {
             Ok(m) => m,
             Err(e) => {
-                self.warnings.push(format!("{}: {e}", root.display()));
+                self.skip(root, e);
                 return Ok(());
             }
         };
@@ -354,7 +383,7 @@ impl Producer {
             for l in rx.into_iter().flatten() {
                 match l {
                     Listed::Entry(path, m, flags) => self.entry(&path, &m, flags)?,
-                    Listed::Warning(w) => self.warnings.push(w),
+                    Listed::Unreadable(path, e) => self.skip(&path, e),
                 }
             }
             Ok(())
@@ -371,16 +400,28 @@ impl Producer {
             let meta = self.meta_of(path, m, flags);
             self.emit(Entry::Dir { path: name, meta })?;
         } else if ft.is_file() {
-            if m.nlink() > 1 {
+            let linked = m.nlink() > 1;
+            if linked {
                 if let Some(target) = self.links.get(&(m.dev(), m.ino())) {
                     let target = target.clone();
                     return self.emit(Entry::Hardlink { path: name, target });
                 }
                 self.links.insert((m.dev(), m.ino()), name.clone());
             }
-            return self.regular_file(path, name, m, flags);
+            // A link to a file left out would point at nothing: the next
+            // name of that inode is read as a file of its own instead.
+            if !self.regular_file(path, name, m, flags)? && linked {
+                self.links.remove(&(m.dev(), m.ino()));
+            }
+            return Ok(());
         } else if ft.is_symlink() {
-            let target = fs::read_link(path).map_err(|e| ClientError::source(path.display().to_string(), e))?;
+            let target = match fs::read_link(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.skip(path, e);
+                    return Ok(());
+                }
+            };
             let meta = self.meta_of(path, m, flags);
             return self.emit(Entry::Symlink { path: name, meta, target: target.as_os_str().as_bytes().to_vec() });
         } else {
@@ -397,6 +438,67 @@ impl Producer {
             return self.emit(Entry::Special { path: name, meta, kind, rdev: m.rdev() });
         }
         Ok(())
+    }
+}
+
+/// The pre-scan of a tree push for its progress totals: the same walk,
+/// listing only, on a thread of its own running ahead of the push. It
+/// stops when dropped.
+pub struct Scan {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Scan {
+    pub fn start(roots: Vec<PathBuf>, excludes: Excludes, progress: Arc<dyn Progress>) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let run = move || {
+            let (mut files, mut bytes, mut last) = (0u64, 0u64, std::time::Instant::now());
+            let mut roots: Vec<PathBuf> = roots.iter().filter_map(|r| root_path(r).ok()).collect();
+            roots.sort();
+            roots.dedup();
+            let mut done: Vec<PathBuf> = Vec::new();
+            for root in roots {
+                if done.iter().any(|d| root.starts_with(d)) || excludes.excluded(&root) {
+                    continue;
+                }
+                let Ok(m) = fs::symlink_metadata(&root) else { continue };
+                let finished = std::thread::scope(|s| {
+                    let Ok(rx) = super::lister::spawn(s, root.clone(), m, &excludes) else { return false };
+                    for l in rx.into_iter().flatten() {
+                        if flag.load(Relaxed) {
+                            return false; // drops the receiver: the lister stops
+                        }
+                        if let Listed::Entry(_, m, _) = l {
+                            if m.file_type().is_file() {
+                                files += 1;
+                                bytes += m.len();
+                            }
+                        }
+                        if last.elapsed() >= std::time::Duration::from_millis(100) {
+                            progress.totals(files, bytes, false);
+                            last = std::time::Instant::now();
+                        }
+                    }
+                    true
+                });
+                if !finished {
+                    return;
+                }
+                done.push(root);
+            }
+            progress.totals(files, bytes, true);
+        };
+        // Without a thread there is no ETA, and the push goes on.
+        let _ = std::thread::Builder::new().name("bkp-scan".into()).spawn(run);
+        Self { stop }
+    }
+}
+
+impl Drop for Scan {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

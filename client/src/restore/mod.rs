@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bkp_common::snapshot::SnapshotKind;
+use bkp_common::snapshot::{Snapshot, SnapshotKind};
+use bkp_common::tree::Entry;
 use bkp_common::SnapshotId;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -18,6 +19,7 @@ use crate::conn::Client;
 use crate::error::{ClientError, Result};
 use crate::progress::Progress;
 use fetch::{fetch_stage, Item, Out};
+use select::{Selection, Tally};
 use sink::{Stdout, Verifier};
 use tree_writer::TreeWriter;
 
@@ -27,7 +29,9 @@ pub use sink::{RestoreReport, Sink};
 pub mod fetch;
 pub mod file_meta;
 pub mod planner;
+pub mod progress_bar;
 pub mod safe_path;
+pub mod select;
 pub mod sink;
 pub mod snapshot_spec;
 pub mod tree_writer;
@@ -40,7 +44,9 @@ const SEGMENTS: usize = 4;
 pub struct RestoreOptions {
     /// `None` streams the single file of a stream snapshot to stdout.
     pub target: Option<PathBuf>,
+    /// `--include` / `--exclude` globs ([`select`]).
     pub include: Vec<String>,
+    pub exclude: Vec<String>,
 }
 
 pub async fn restore(
@@ -49,7 +55,10 @@ pub async fn restore(
     opts: RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport> {
+    let sel = Selection::new(&opts.include, &opts.exclude)?;
     let snap = client.snapshot(id).await?;
+    // Before the target is touched: a pattern that matches nothing is an error.
+    let total = tally(&client, &snap, &sel).await?;
     let sink: Box<dyn Sink> = match opts.target {
         Some(t) => {
             let p = progress.clone();
@@ -63,9 +72,10 @@ pub async fn restore(
                 id.short()
             )))
         }
-        None => Box::new(Stdout::new(progress)),
+        None => Box::new(Stdout::new(progress.clone())),
     };
-    run(client, snap, opts.include, sink).await
+    progress.restore_total(total);
+    run(client, snap, sel, sink).await
 }
 
 /// Fetches and checks every chunk and every file's content hash of a
@@ -75,26 +85,52 @@ pub async fn verify(
     client: Arc<Client>,
     id: SnapshotId,
     include: Vec<String>,
+    exclude: Vec<String>,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport> {
+    let sel = Selection::new(&include, &exclude)?;
     let snap = client.snapshot(id).await?;
+    let total = tally(&client, &snap, &sel).await?;
     let shown_root = if snap.kind == SnapshotKind::Tree { "/" } else { "" };
+    progress.restore_total(total);
     let sink = Verifier::new(shown_root, progress);
-    run(client, snap, include, Box::new(sink)).await
+    run(client, snap, sel, Box::new(sink)).await
 }
 
-async fn run(
-    client: Arc<Client>,
-    snap: bkp_common::snapshot::Snapshot,
-    include: Vec<String>,
-    mut sink: Box<dyn Sink>,
-) -> Result<RestoreReport> {
-    let include: Vec<Vec<u8>> =
-        include.iter().map(|i| i.trim_start_matches('/').trim_end_matches('/').as_bytes().to_vec()).collect();
+/// The bytes a restore with `sel` writes. With patterns, a pass over the
+/// tree (only the tree, no data) that fails naming each pattern that
+/// matched nothing.
+async fn tally(client: &Arc<Client>, snap: &Snapshot, sel: &Selection) -> Result<u64> {
+    if sel.is_all() {
+        return Ok(snap.stats.bytes);
+    }
+    let reader = TreeReader::new(client.clone(), Handle::current(), snap);
+    let sel = sel.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut t = Tally::new(&sel);
+        while let Some(e) = reader.next_entry()? {
+            match &e {
+                Entry::File { path, size, .. } => t.entry(path, *size),
+                other => {
+                    if let Some(p) = other.path() {
+                        t.entry(p, 0)
+                    }
+                }
+            }
+        }
+        t.check()?;
+        Ok(t.bytes)
+    })
+    .await
+    .map_err(|e| ClientError::Task { what: "restore thread", source: e })?
+}
+
+async fn run(client: Arc<Client>, snap: Snapshot, sel: Selection, mut sink: Box<dyn Sink>) -> Result<RestoreReport> {
     let (item_tx, item_rx) = mpsc::channel::<Item>(ITEMS);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<Out>>(SEGMENTS);
     let reader = TreeReader::new(client.clone(), Handle::current(), &snap);
-    let planner = tokio::task::spawn_blocking(move || planner::plan(reader, &include, item_tx));
+    let planner = tokio::task::spawn_blocking(move || planner::plan(reader, &sel, item_tx));
     let fetcher = fetch_stage(client, item_rx, out_tx);
     let writer = tokio::task::spawn_blocking(move || -> Result<RestoreReport> {
         while let Some(outs) = out_rx.blocking_recv() {

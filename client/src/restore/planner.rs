@@ -1,25 +1,21 @@
 //! Restore's first stage: reads the snapshot's tree and picks the entries
-//! to restore (`--include`), with one item per data chunk of each kept
+//! to restore (`--include`, `--exclude`), with one item per data chunk of each kept
 //! file for the fetcher.
 
 use bkp_common::tree::Entry;
 use tokio::sync::mpsc;
 
 use super::fetch::{Item, TreeReader};
+use super::select::Selection;
 use crate::error::Result;
 
-pub fn included(path: &[u8], include: &[Vec<u8>]) -> bool {
-    include.is_empty()
-        || include.iter().any(|i| path == &i[..] || (path.starts_with(i) && path.get(i.len()) == Some(&b'/')))
-}
-
 /// Emits the kept entries, and one item per data chunk of each kept file.
-pub fn plan(mut reader: TreeReader, include: &[Vec<u8>], tx: mpsc::Sender<Item>) -> Result<()> {
+pub fn plan(mut reader: TreeReader, sel: &Selection, tx: mpsc::Sender<Item>) -> Result<()> {
     let mut in_file = false;
     while let Some(e) = reader.next_entry()? {
         let keep = match &e {
             Entry::File { path, .. } => {
-                in_file = included(path, include);
+                in_file = sel.keeps(path);
                 in_file
             }
             Entry::Chunks(refs) => {
@@ -33,7 +29,7 @@ pub fn plan(mut reader: TreeReader, include: &[Vec<u8>], tx: mpsc::Sender<Item>)
                 false
             }
             Entry::FileEnd { .. } => in_file,
-            other => included(other.path().unwrap_or_default(), include),
+            other => sel.keeps(other.path().unwrap_or_default()),
         };
         if keep && tx.blocking_send(Item::Entry(e)).is_err() {
             return Ok(());

@@ -50,6 +50,7 @@ mod tests {
             kind: SnapshotKind::Tree,
             stats: SnapshotStats::default(),
             protected: false,
+            incomplete: None,
         }
     }
 

@@ -14,9 +14,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{Event, Status};
+use super::event::{Event, Status};
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Email {
     /// Recipients (plain addresses: `ops@example.com`).
@@ -43,10 +43,24 @@ const MAX_SUBJECT: usize = 160;
 /// Body lines are wrapped at this width (bytes), far under RFC 5322's 998.
 const WRAP: usize = 76;
 
+/// An `[[alerts.email]]` setting the server refuses. Fix it in
+/// server.toml: a retry cannot help.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EmailConfigError {
+    #[error("alerts email {what} {address:?}: {why}; write a plain address like ops@example.com")]
+    Address { what: &'static str, address: String, why: &'static str },
+    #[error("alerts email: `to` lists no recipient")]
+    NoRecipient,
+    #[error("alerts email subject_prefix {0:?}: at most 64 printable ASCII characters (no line breaks)")]
+    SubjectPrefix(String),
+    #[error("alerts email sendmail_path {0:?} must be an absolute path (e.g. /usr/sbin/sendmail)")]
+    SendmailPath(PathBuf),
+}
+
 /// A plain `local@domain` address: printable ASCII without spaces or the
 /// characters that start comments, groups, lists or quoted parts.
-fn check_address(what: &str, a: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("alerts email {what} {a:?}: {why}; write a plain address like ops@example.com"));
+fn check_address(what: &'static str, a: &str) -> Result<(), EmailConfigError> {
+    let bad = |why| Err(EmailConfigError::Address { what, address: a.to_string(), why });
     if a.is_empty() || a.len() > 254 {
         return bad("empty or longer than 254 characters");
     }
@@ -60,9 +74,9 @@ fn check_address(what: &str, a: &str) -> Result<(), String> {
 }
 
 impl Email {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), EmailConfigError> {
         if self.to.is_empty() {
-            return Err("alerts email: `to` lists no recipient".into());
+            return Err(EmailConfigError::NoRecipient);
         }
         for a in &self.to {
             check_address("to", a)?;
@@ -70,15 +84,10 @@ impl Email {
         check_address("from", &self.from)?;
         let p = &self.subject_prefix;
         if p.len() > 64 || !p.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
-            return Err(format!(
-                "alerts email subject_prefix {p:?}: at most 64 printable ASCII characters (no line breaks)"
-            ));
+            return Err(EmailConfigError::SubjectPrefix(p.clone()));
         }
         if !self.sendmail_path.is_absolute() {
-            return Err(format!(
-                "alerts email sendmail_path {:?} must be an absolute path (e.g. /usr/sbin/sendmail)",
-                self.sendmail_path
-            ));
+            return Err(EmailConfigError::SendmailPath(self.sendmail_path.clone()));
         }
         Ok(())
     }

@@ -107,6 +107,10 @@ impl ServiceError {
     pub fn client_message(&self) -> String {
         match self {
             ServiceError::Store(StoreError::Protected(_) | StoreError::Full(_)) => self.to_string(),
+            ServiceError::Store(StoreError::Bucket(_)) => {
+                "the server's object store failed or did not answer (see the server log); push again once it is back"
+                    .into()
+            }
             ServiceError::Store(_) => "server storage error (see the server log)".into(),
             _ => self.to_string(),
         }
@@ -117,7 +121,7 @@ impl ServiceError {
     pub fn retryable(&self) -> bool {
         match self {
             ServiceError::Session(e) => matches!(e, SessionError::HostBusy(..) | SessionError::ServerBusy(_)),
-            ServiceError::Store(e) => matches!(e, StoreError::Db(_) | StoreError::Full(_)),
+            ServiceError::Store(e) => matches!(e, StoreError::Db(_) | StoreError::Full(_) | StoreError::Bucket(_)),
             _ => false,
         }
     }

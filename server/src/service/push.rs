@@ -6,13 +6,13 @@
 
 use bkp_common::names::check_set_name;
 use bkp_common::protocol::{Role, MAX_IDS};
-use bkp_common::snapshot::{Snapshot, SnapshotKind, SnapshotSummary};
+use bkp_common::snapshot::{Incomplete, Snapshot, SnapshotKind, SnapshotSummary};
 use bkp_common::ChunkId;
 use tracing::{debug, warn};
 
 use super::{Caller, ServiceError};
+use crate::clock::now_ns;
 use crate::commit::{check_tree, parent_refs, push_budget};
-use crate::jobs::now_ns;
 use crate::sessions::{PushGuard, Sessions};
 use crate::store::{MetaStore, PutStats, Store, VerifiedChunk};
 
@@ -113,30 +113,38 @@ pub struct CommitOutcome {
 /// budget (`max_pushes_per_day`, 0: none), then writes the snapshot
 /// durably and ends the session. `Err` only for a caller that may not
 /// push at all: that is no failed push of any set.
+/// `incomplete` (from `CommitIncomplete`): the files the client could not
+/// read, kept on the snapshot's summary.
 pub fn commit(
     store: &dyn Store,
     sessions: &Sessions,
     caller: &Caller,
     session: u64,
     tree: Vec<ChunkId>,
+    incomplete: Option<Incomplete>,
     max_pushes_per_day: u32,
 ) -> Result<CommitOutcome, ServiceError> {
     caller.require(PUSHERS, "commit")?;
     let mut set = String::new();
-    let result = commit_in(store, sessions, caller, session, tree, max_pushes_per_day, &mut set);
+    let result = commit_in(store, sessions, caller, session, tree, incomplete, max_pushes_per_day, &mut set);
     Ok(CommitOutcome { set, result })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn commit_in(
     store: &dyn Store,
     sessions: &Sessions,
     caller: &Caller,
     session: u64,
     tree: Vec<ChunkId>,
+    incomplete: Option<Incomplete>,
     max: u32,
     set: &mut String,
 ) -> Result<SnapshotSummary, ServiceError> {
     let host = &caller.host;
+    if let Some(i) = &incomplete {
+        i.check().map_err(|e| ServiceError::BadRequest(format!("incomplete commit: {e}")))?;
+    }
     let guard = sessions.enter(session, host)?;
     set.clone_from(&guard.info.name);
     let kind = guard.info.kind;
@@ -152,7 +160,7 @@ fn commit_in(
         client: caller.client.clone(),
     };
     guard.still_live()?;
-    let summary = store.commit_snapshot(&snap)?;
+    let summary = store.commit_snapshot_with(&snap, incomplete)?;
     guard.finish();
     Ok(summary)
 }

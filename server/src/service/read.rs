@@ -68,21 +68,12 @@ pub fn authorize_fetch(store: &dyn MetaStore, caller: &Caller, ids: &[ChunkId]) 
 
 /// The stored blobs of the first of `ids`, in order, until `max_bytes`
 /// are read or a chunk is missing (`None`, the last item): the caller
-/// answers what it got, then [`ServiceError::missing_chunk`].
+/// answers what it got, then [`ServiceError::missing_chunk`]. The backend
+/// reads them together ([`ChunkStore::chunk_blobs`]).
 pub fn read_blobs(
     store: &dyn ChunkStore,
     ids: &[ChunkId],
     max_bytes: usize,
 ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-    let (mut out, mut bytes) = (Vec::new(), 0);
-    for id in ids {
-        let blob = store.chunk_blob(id)?;
-        bytes += blob.as_ref().map_or(0, Vec::len);
-        let stop = blob.is_none() || bytes >= max_bytes;
-        out.push(blob);
-        if stop {
-            break;
-        }
-    }
-    Ok(out)
+    store.chunk_blobs(ids, max_bytes)
 }

@@ -50,7 +50,7 @@ impl World {
         let s = push::start(&self.sessions, c, name, SnapshotKind::Tree)?;
         let (tree, data) = (tree_of(path, data), chunk(data));
         push::put_batch(&self.store, &self.sessions, c, s, vec![data.clone(), tree.clone()])?;
-        push::commit(&self.store, &self.sessions, c, s, vec![tree.0], 0)?.result?;
+        push::commit(&self.store, &self.sessions, c, s, vec![tree.0], None, 0)?.result?;
         Ok(data.0)
     }
 }
@@ -70,7 +70,7 @@ fn a_push_session_stores_its_chunks_and_commits() {
     assert_eq!(stats.new_chunks, 2);
     assert!(push::has_chunks(&w.store, &w.sessions, &a, s, &ids).unwrap().is_empty(), "both proven by the upload");
 
-    let out = push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], 0).unwrap();
+    let out = push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], None, 0).unwrap();
     assert_eq!(out.set, "etc");
     let summary = out.result.unwrap();
     assert_eq!((summary.host.as_str(), summary.stats.files, summary.stats.bytes), ("a", 1, data.len() as u64));
@@ -78,7 +78,7 @@ fn a_push_session_stores_its_chunks_and_commits() {
     assert_eq!(listed.iter().map(|s| s.id).collect::<Vec<_>>(), [summary.id]);
     assert_eq!(read::snapshot(&w.store, &a, &summary.id).unwrap().tree, [tree.0]);
     // The session ended with its commit.
-    let again = push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], 0).unwrap();
+    let again = push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], None, 0).unwrap();
     assert!(matches!(again.result, Err(ServiceError::Session(SessionError::Unknown))));
     assert_eq!(again.set, "", "no set for a session that is not there");
 
@@ -129,7 +129,7 @@ fn a_commit_referencing_a_chunk_the_host_never_proved_is_refused() {
     // A crafted tree naming it, uploaded without the chunk itself.
     let tree = tree_of("loot", &secret);
     push::put_batch(&w.store, &w.sessions, &a, s, vec![tree.clone()]).unwrap();
-    let out = push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], 0).unwrap();
+    let out = push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], None, 0).unwrap();
     assert_eq!(out.set, "steal");
     let e = out.result.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Rejected);
@@ -140,7 +140,34 @@ fn a_commit_referencing_a_chunk_the_host_never_proved_is_refused() {
     assert!(read::list(&w.store, &a, None, None).unwrap().is_empty(), "nothing committed");
     // With the chunk uploaded by a itself, the same tree commits.
     push::put_batch(&w.store, &w.sessions, &a, s, vec![chunk(&secret)]).unwrap();
-    push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], 0).unwrap().result.unwrap();
+    push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], None, 0).unwrap().result.unwrap();
+}
+
+#[test]
+fn a_commit_listing_a_tree_chunk_too_often_is_refused_before_any_is_read() {
+    let w = world();
+    let a = caller("a", Role::Push);
+    let (file, tree) = (chunk(b"data"), tree_of("f", b"data"));
+    let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
+    push::put_batch(&w.store, &w.sessions, &a, s, vec![file, tree.clone()]).unwrap();
+    // Each repeat would be read, decompressed and walked again, for free.
+    let many = vec![tree.0; crate::commit::MAX_TREE_REPEATS + 2];
+    let e = push::commit(&w.store, &w.sessions, &a, s, many, None, 0).unwrap().result.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Rejected);
+    assert!(
+        e.to_string().contains(&format!("repeats its chunks {} times", crate::commit::MAX_TREE_REPEATS + 1)),
+        "{e}"
+    );
+    // A chunk the store never had, repeated past the cap: the refusal is
+    // the count, so nothing was looked up.
+    let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
+    let gone = ChunkId::of(b"never uploaded");
+    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 5000], None, 0).unwrap().result.unwrap_err();
+    assert!(e.to_string().contains("repeats its chunks 4999 times"), "{e}");
+    // Within the cap the tree is read as usual (and here found missing).
+    let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
+    let e = push::commit(&w.store, &w.sessions, &a, s, vec![gone; 3], None, 0).unwrap().result.unwrap_err();
+    assert!(e.to_string().contains("is referenced but is not stored"), "{e}");
 }
 
 #[test]
@@ -220,7 +247,7 @@ fn commit_checks_names_kind_and_the_daily_budget() {
         let s = push::start(&w.sessions, &a, "etc", kind).unwrap();
         let (tree, data) = (tree_of(path, b"x"), chunk(b"x"));
         push::put_batch(&w.store, &w.sessions, &a, s, vec![tree.clone(), data]).unwrap();
-        push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], max).unwrap().result
+        push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], None, max).unwrap().result
     };
     let e = commit("../../etc/passwd", SnapshotKind::Tree, 0).unwrap_err();
     assert!(e.to_string().contains("a restore would refuse it"), "{e}");
@@ -232,7 +259,7 @@ fn commit_checks_names_kind_and_the_daily_budget() {
     // An empty tree list is refused, not a panic.
     let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
     assert_eq!(
-        push::commit(&w.store, &w.sessions, &a, s, vec![], 0).unwrap().result.unwrap_err().code(),
+        push::commit(&w.store, &w.sessions, &a, s, vec![], None, 0).unwrap().result.unwrap_err().code(),
         ErrorCode::Rejected
     );
 }
@@ -278,6 +305,33 @@ fn errors_say_whether_a_retry_can_help() {
     assert!(full.retryable() && full.client_message().contains("full"));
     let db = ServiceError::Store(crate::store::StoreError::Db("/srv/db/000123.sst: EIO".into()));
     assert_eq!(db.client_message(), "server storage error (see the server log)", "paths stay on the server");
+    let bucket = ServiceError::Store(crate::store::StoreError::Bucket("PUT packs/ab: connection refused".into()));
+    assert!(bucket.retryable() && bucket.client_message().contains("object store"));
+    assert!(!bucket.client_message().contains("packs/"), "object names stay on the server");
     assert!(!ServiceError::Rejected("x".into()).retryable());
     assert!(!ServiceError::Session(SessionError::Expired(60)).retryable());
+}
+
+#[test]
+fn an_incomplete_commit_is_marked_and_checked() {
+    use bkp_common::snapshot::Incomplete;
+    let w = world();
+    let a = caller("a", Role::Push);
+    let commit = |inc: Incomplete| {
+        let s = push::start(&w.sessions, &a, "etc", SnapshotKind::Tree).unwrap();
+        let (tree, data) = (tree_of("etc/ok", b"readable"), chunk(b"readable"));
+        push::put_batch(&w.store, &w.sessions, &a, s, vec![data, tree.clone()]).unwrap();
+        push::commit(&w.store, &w.sessions, &a, s, vec![tree.0], Some(inc), 0).unwrap().result
+    };
+    let inc = Incomplete { skipped: 2, paths: vec!["/etc/shadow".into(), "/etc/gone".into()] };
+    let summary = commit(inc.clone()).unwrap();
+    assert_eq!(summary.incomplete.as_ref(), Some(&inc));
+    let listed = read::list(&w.store, &a, None, None).unwrap();
+    assert_eq!(listed[0].incomplete.as_ref(), Some(&inc), "stored on the summary");
+    // Over the caps, or inconsistent: refused, nothing stored.
+    let many = Incomplete { skipped: 500, paths: vec!["p".into(); 101] };
+    assert_eq!(commit(many).unwrap_err().code(), ErrorCode::BadRequest);
+    let none = Incomplete { skipped: 0, paths: vec![] };
+    assert_eq!(commit(none).unwrap_err().code(), ErrorCode::BadRequest);
+    assert_eq!(read::list(&w.store, &a, None, None).unwrap().len(), 1);
 }

@@ -77,6 +77,7 @@
 //!   database from it; a lost WAL tail is logged at open
 //!   (`rocks::COMMIT_MARK_FILE`).
 
+mod error;
 pub mod object;
 pub mod pack;
 pub mod rocks;
@@ -85,28 +86,14 @@ pub mod salvage;
 pub mod schema;
 pub mod space;
 
-pub use schema::{AlertState, ChunkMeta, Damage, HostNum, QuarantineRecord, ScrubCursor};
+pub use error::StoreError;
+pub use schema::{AlertState, ChunkMeta, Damage, HostNum, PushFailure, QuarantineRecord, ScheduledSince, ScrubCursor};
 
 use bkp_common::blob;
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
 use bkp_common::{ChunkId, SnapshotId};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Db(String),
-    #[error("stored data is corrupt: {0}; run a verify job and restore from another copy")]
-    Corrupt(String),
-    #[error("data directory {0}: {1}")]
-    Open(String, String),
-    /// A protected snapshot is never deleted, by forget or by prune.
-    #[error("snapshot {} is protected; lift the protection first with `bkp protect {} --remove`", .0.short(), .0.short())]
-    Protected(SnapshotId),
-    /// A write refused (or failed) for want of disk space. Reads go on;
-    /// writes resume by themselves once space is freed.
-    #[error("server storage is full ({0} MiB free); free space on the server (`bkp-server gc`) and push again")]
-    Full(u64),
-}
+use crate::report::JobRecord;
 
 /// A chunk whose blob was decoded and re-hashed by the server. The only
 /// way to build one is [`VerifiedChunk::verify`], so nothing unchecked
@@ -139,6 +126,44 @@ impl VerifiedChunk {
     }
 }
 
+/// Runs a step under the GC fence (the write side of the sessions' fence:
+/// no put batch, commit or quarantine runs meanwhile).
+pub type Fence<'a> = dyn Fn(&mut dyn FnMut() -> Result<(), StoreError>) -> Result<(), StoreError> + 'a;
+
+/// An object store backend's figures (metrics, and the bucket alert).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BackendStats {
+    pub puts: u64,
+    pub gets: u64,
+    /// Failed attempts (retried or not).
+    pub errors: u64,
+    pub retries: u64,
+    pub bytes_put: u64,
+    pub bytes_got: u64,
+    /// Bytes of sealed packs waiting for (or in) their upload.
+    pub upload_queue_bytes: u64,
+    /// Packs recorded as stored, and their bytes.
+    pub packs: u64,
+    pub pack_bytes: u64,
+    /// Seconds the bucket has not answered, if it does not.
+    pub unreachable_secs: Option<u64>,
+    /// `[storage] unreachable_alert_secs`.
+    pub unreachable_alert_secs: u64,
+}
+
+/// What [`ChunkStore::gc_packs`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PackGcStats {
+    /// Objects deleted from the bucket (dead, retired and orphan packs).
+    pub objects_deleted: u64,
+    /// Bytes of the dead and retired packs deleted.
+    pub bytes_deleted: u64,
+    /// Packs whose live chunks were copied into new packs.
+    pub packs_repacked: u64,
+    /// Blob bytes copied by those repacks.
+    pub bytes_rewritten: u64,
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PutStats {
     pub new_chunks: u32,
@@ -163,12 +188,53 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Adds the data of `chunks` (or what stands for it) to `batch`, the
     /// metadata store's write that records them. See the module doc for
     /// what a backend may and may not leave behind in a crash.
-    fn stage_data(&self, chunks: &[&VerifiedChunk], batch: &mut rocks::Batch<'_>) -> Result<(), StoreError>;
+    fn stage_data(&self, chunks: &[&VerifiedChunk], batch: &mut rocks::durability::Batch<'_>)
+        -> Result<(), StoreError>;
     /// Adds the removal of these chunks' data to `batch` (ids with no data
     /// are skipped).
-    fn stage_delete(&self, ids: &[ChunkId], batch: &mut rocks::Batch<'_>) -> Result<(), StoreError>;
+    fn stage_delete(&self, ids: &[ChunkId], batch: &mut rocks::durability::Batch<'_>) -> Result<(), StoreError>;
     /// The stored blob of a chunk, as uploaded (readers check its hash).
     fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The blobs of the first of `ids`, in order, until `max_bytes` are
+    /// read or a chunk is missing (`None`, then the last item). A backend
+    /// with slow reads fetches them together (an object store: neighbours
+    /// merged into one ranged GET, many GETs in flight); the default reads
+    /// one after the other.
+    fn chunk_blobs(&self, ids: &[ChunkId], max_bytes: usize) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        for id in ids {
+            let blob = self.chunk_blob(id)?;
+            bytes += blob.as_ref().map_or(0, Vec::len);
+            let stop = blob.is_none() || bytes >= max_bytes;
+            out.push(blob);
+            if stop {
+                break;
+            }
+        }
+        Ok(out)
+    }
+    /// How many blob bytes a fetch should ask [`ChunkStore::chunk_blobs`]
+    /// for at once: enough to keep the backend busy, little enough to hold.
+    fn read_batch_bytes(&self) -> usize {
+        1 << 20
+    }
+    /// Told by a commit, after its tree was checked and before
+    /// [`ChunkStore::persist`]: these are the snapshot's tree chunks. An
+    /// object store keeps them apart (tree packs, and a local copy, so
+    /// reading a tree never needs the bucket); the local backend has
+    /// nothing to do.
+    fn keep_trees(&self, _trees: &[ChunkId]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Told by a commit after [`ChunkStore::persist`], before its local
+    /// batch: the snapshot record to keep beside the data (an object
+    /// store writes it to the bucket, from which `rebuild` reads it).
+    fn record_snapshot(&self, _id: &SnapshotId, _record: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Told after a snapshot was deleted (best effort: GC removes what is
+    /// left).
+    fn forget_snapshot(&self, _id: &SnapshotId) {}
     /// Makes the data of every chunk staged so far durable. A commit calls
     /// it before its snapshot is written; acknowledged means stored.
     fn persist(&self) -> Result<(), StoreError>;
@@ -178,11 +244,22 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// those that have no `chunk_meta`. Must not list data of a put still
     /// in flight. Empty for a backend whose data is in the batch itself.
     fn orphan_candidates(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError>;
+    /// After GC's chunk sweep: a backend that keeps chunks in containers
+    /// (an object store's packs) deletes the dead ones and rewrites the
+    /// sparse ones, running its location switches under `fence`. The
+    /// local backend has none.
+    fn gc_packs(&self, _fence: &Fence<'_>) -> Result<PackGcStats, StoreError> {
+        Ok(PackGcStats::default())
+    }
     /// Makes deleted data really leave the disk (or bucket). Fails when
     /// that failed, or had no room to run.
     fn reclaim_space(&self) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn disk_bytes(&self) -> Result<u64, StoreError>;
+    /// An object store's request figures; `None` for the local backend.
+    fn backend_stats(&self) -> Option<BackendStats> {
+        None
+    }
 }
 
 /// Everything but chunk data: which chunks are recorded (`chunk_meta`)
@@ -238,7 +315,16 @@ pub trait MetaStore: Send + Sync + 'static {
     fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError>;
     /// Writes a checked snapshot durably, after every chunk put before it
     /// ([`ChunkStore::persist`]); returns its id and summary.
-    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError>;
+    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
+        self.commit_snapshot_with(snapshot, None)
+    }
+    /// [`MetaStore::commit_snapshot`], its summary marked with what the
+    /// push could not read.
+    fn commit_snapshot_with(
+        &self,
+        snapshot: &Snapshot,
+        incomplete: Option<bkp_common::snapshot::Incomplete>,
+    ) -> Result<SnapshotSummary, StoreError>;
     /// Makes every chunk put so far durable without a commit (what a
     /// commit does first): a long sync calls it every few dozen MiB so a
     /// crash does not make it fetch those chunks again.
@@ -253,13 +339,24 @@ pub trait MetaStore: Send + Sync + 'static {
     fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<bool, StoreError>;
     /// Summaries, oldest first, filtered by host and set name.
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError>;
-    fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError>;
-    /// The newest `limit` job records, newest first.
-    fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
-    /// A `meta` value by key, for records whose codec is their module's
-    /// own (versioned JSON: `schedule`, `push_failures`).
-    fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Stores a job run's record (versioned JSON, `schema::encode_job`).
+    fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError>;
+    /// The newest `limit` job records, newest first; one that does not
+    /// decode fails the listing with `Corrupt`.
+    fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
+    /// When the scheduler first found each job kind scheduled (`None`:
+    /// never noted; `Corrupt`: unreadable).
+    fn scheduled_since(&self) -> Result<Option<ScheduledSince>, StoreError>;
+    fn set_scheduled_since(&self, s: &ScheduledSince) -> Result<(), StoreError>;
+    /// The `[[sync]]` job `name`'s record (`None`: never run; `Corrupt`:
+    /// unreadable).
+    fn sync_state(&self, name: &str) -> Result<Option<crate::store::schema::SyncState>, StoreError>;
+    fn set_sync_state(&self, name: &str, s: &crate::store::schema::SyncState) -> Result<(), StoreError>;
+    /// Every set's reported push failures (see `crate::push_failures`).
+    fn push_failures(&self) -> Result<Vec<PushFailure>, StoreError>;
+    /// Writes these sets' failure records and deletes those of `delete`
+    /// (host, name), in one synced write: a report writes its own set's.
+    fn put_push_failures(&self, put: &[PushFailure], delete: &[(String, String)]) -> Result<(), StoreError>;
     /// The store's schema version (`None` only before the first open
     /// wrote it): reading it tells whether the database answers.
     fn schema_version(&self) -> Result<Option<u32>, StoreError>;

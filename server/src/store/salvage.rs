@@ -15,7 +15,8 @@
 //!
 //! Salvage writes what is readable into `db.salvage` beside `db`, repairs
 //! what the pieces need to agree (a summary without its snapshot is
-//! dropped, a snapshot without a summary gets one, a chunk without its
+//! dropped, a snapshot without a summary gets one, protected when the
+//! `protected/` record of it survived, a chunk without its
 //! meta gets one, a meta without its chunk goes, every snapshot's host
 //! holds the chunks it references), then renames `db` to
 //! `db.damaged-<unix seconds>` (kept for inspection; delete it when done)
@@ -27,7 +28,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use bkp_common::snapshot::Snapshot;
+use bkp_common::snapshot::{Snapshot, SnapshotSummary};
 use bkp_common::{blob, ChunkId, SnapshotId};
 use rocksdb::{Options, WriteBatch, DB};
 use serde::Serialize;
@@ -288,17 +289,26 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
     let mut snapshots: Vec<(SnapshotId, Snapshot)> = Vec::new();
     let mut summaries: HashSet<SnapshotId> = HashSet::new();
     let mut summary_keys: Vec<(SnapshotId, Vec<u8>)> = Vec::new();
+    // Protected snapshots, from either record of the flag (see
+    // `schema::PROTECTED_PREFIX`): a summary rebuilt here keeps it.
+    let mut protected: HashSet<SnapshotId> = HashSet::new();
     let db = store.raw_db();
     report.read = read_all(&damaged, &mut |name, k, v| {
         match name {
             // The schema version is the new store's own.
             schema::CF_META if k == schema::META_SCHEMA_VERSION => return Ok(()),
+            schema::CF_META if k.starts_with(schema::PROTECTED_PREFIX) => {
+                protected.extend(SnapshotId::from_slice(&k[schema::PROTECTED_PREFIX.len()..]));
+            }
             schema::CF_SNAPSHOTS => {
                 let id = SnapshotId::from_slice(k).expect("validated");
                 snapshots.push((id, Snapshot::decode(v).expect("validated")));
             }
             schema::CF_SETS => {
                 let s = schema::decode_summary(v).expect("validated");
+                if s.protected {
+                    protected.insert(s.id);
+                }
                 summaries.insert(s.id);
                 summary_keys.push((s.id, k.to_vec()));
             }
@@ -332,8 +342,12 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
     for (id, snap) in &snapshots {
         if !summaries.contains(id) {
             let key = schema::set_key(&snap.host, &snap.name, snap.time_ns, id);
-            fix.put_cf(store.cf(schema::CF_SETS), key, schema::encode_summary(&snap.summary(*id)));
+            let summary = SnapshotSummary { protected: protected.contains(id), ..snap.summary(*id) };
+            fix.put_cf(store.cf(schema::CF_SETS), key, schema::encode_summary(&summary));
             report.summaries_rebuilt += 1;
+        }
+        if protected.contains(id) {
+            fix.put_cf(store.cf(schema::CF_META), schema::protected_key(id), b"");
         }
     }
     for id in &metas {
@@ -392,4 +406,80 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
     std::fs::rename(&new_dir, db_dir).map_err(|e| SalvageError::Io(new_dir.display().to_string(), e))?;
     report.damaged_kept_at = aside.display().to_string();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bkp_common::snapshot::{SnapshotKind, SnapshotStats};
+
+    fn snapshot(name: &str) -> Snapshot {
+        Snapshot {
+            host: "web01".into(),
+            name: name.into(),
+            time_ns: 1_000,
+            kind: SnapshotKind::Stream,
+            stats: SnapshotStats::default(),
+            tree: vec![ChunkId::of(name.as_bytes())],
+            client: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_rebuilt_summary_keeps_the_protected_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_dir = dir.path().join("db");
+        {
+            let store = RocksStore::open(&db_dir, 8 << 20).unwrap();
+            let kept = store.commit_snapshot(&snapshot("kept"), None).unwrap();
+            let loose = store.commit_snapshot(&snapshot("loose"), None).unwrap();
+            assert!(store.set_protected(&kept.id, true).unwrap());
+            // Both summaries lost (as with a damaged `sets` file): only the
+            // snapshot records and the `protected/` record remain.
+            for s in [&kept, &loose] {
+                let key = schema::set_key(&s.host, &s.name, s.time_ns, &s.id);
+                store.raw_db().delete_cf(store.cf(schema::CF_SETS), key).unwrap();
+            }
+            assert!(store.list_snapshots(None, None).unwrap().is_empty());
+        }
+        let report = salvage(&db_dir).unwrap();
+        assert_eq!(report.summaries_rebuilt, 2);
+        let store = RocksStore::open(&db_dir, 8 << 20).unwrap();
+        let flags: Vec<(String, bool)> =
+            store.list_snapshots(None, None).unwrap().into_iter().map(|s| (s.name, s.protected)).collect();
+        assert!(flags.contains(&("kept".into(), true)) && flags.contains(&("loose".into(), false)), "{flags:?}");
+        // Still refused by forget and prune.
+        let kept = store.list_snapshots(None, Some("kept")).unwrap().pop().unwrap();
+        assert!(matches!(store.delete_snapshot(&kept.id), Err(StoreError::Protected(_))));
+        // And lifting the protection lifts both records.
+        assert!(store.set_protected(&kept.id, false).unwrap());
+        assert!(store.delete_snapshot(&kept.id).unwrap());
+    }
+
+    #[test]
+    fn a_store_protected_before_the_second_record_gets_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_dir = dir.path().join("db");
+        let id = {
+            let store = RocksStore::open(&db_dir, 8 << 20).unwrap();
+            let s = store.commit_snapshot(&snapshot("old"), None).unwrap();
+            store.set_protected(&s.id, true).unwrap();
+            // As an older build left it: the flag only in the summary.
+            let meta = store.cf(schema::CF_META);
+            store.raw_db().delete_cf(meta, schema::protected_key(&s.id)).unwrap();
+            store.raw_db().delete_cf(meta, schema::META_PROTECTED_INDEX).unwrap();
+            s.id
+        };
+        {
+            let store = RocksStore::open(&db_dir, 8 << 20).unwrap();
+            let meta = store.cf(schema::CF_META);
+            assert!(store.raw_db().get_cf(meta, schema::protected_key(&id)).unwrap().is_some());
+            let s = store.list_snapshots(None, None).unwrap().pop().unwrap();
+            let key = schema::set_key(&s.host, &s.name, s.time_ns, &s.id);
+            store.raw_db().delete_cf(store.cf(schema::CF_SETS), key).unwrap();
+        }
+        salvage(&db_dir).unwrap();
+        let store = RocksStore::open(&db_dir, 8 << 20).unwrap();
+        assert!(store.list_snapshots(None, None).unwrap()[0].protected);
+    }
 }

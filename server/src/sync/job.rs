@@ -22,13 +22,14 @@ use bkp_client::ClientError;
 use bkp_common::snapshot::SnapshotSummary;
 use bkp_common::tree::Entry;
 use bkp_common::{ChunkId, SnapshotId};
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::config::SyncJob;
+use super::error::SyncError;
 use super::local::{Copy, LocalError, Need};
 use super::pull::Remote;
 use super::state::{SetLag, SyncState};
-use super::{SyncError, SyncJob};
+pub use crate::report::{SyncFailure, SyncReport};
 use crate::sessions::Sessions;
 use crate::store::Store;
 use crate::tree_read::TreeEntries;
@@ -48,56 +49,6 @@ pub struct Ctx<'a> {
     /// `max_pushes_per_day` (0: none), applied to copies too.
     pub max_pushes_per_day: u32,
     pub now_ns: u64,
-}
-
-/// A snapshot that could not be copied, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncFailure {
-    pub id: String,
-    pub host: String,
-    pub name: String,
-    pub error: String,
-}
-
-/// A sync run's figures (`bkp-server jobs`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct SyncReport {
-    pub remote: String,
-    pub server: String,
-    /// Remote snapshots the job's filters select.
-    pub snapshots_listed: u64,
-    pub snapshots_copied: u64,
-    /// Here already, or copied by an earlier run.
-    pub snapshots_skipped: u64,
-    /// Older than the newest copy of their set here: refused (see the
-    /// module doc).
-    pub snapshots_older: u64,
-    pub snapshots_failed: u64,
-    /// Copies deleted because the remote no longer has them
-    /// (`remove_vanished`).
-    pub snapshots_removed: u64,
-    /// Chunks fetched from the remote, and their bytes as sent.
-    pub chunks_transferred: u64,
-    pub bytes_transferred: u64,
-    /// Chunks held here for another host: recorded, not transferred.
-    pub chunks_adopted: u64,
-    pub failures: Vec<SyncFailure>,
-    pub seconds: f64,
-}
-
-impl SyncReport {
-    /// A run that copied what it could but not everything.
-    pub fn problem(&self) -> Option<String> {
-        let first = self.failures.first()?;
-        Some(format!(
-            "{} snapshot(s) not copied; {} {}/{}: {}",
-            self.snapshots_failed,
-            first.id.get(..8).unwrap_or(""),
-            first.host,
-            first.name,
-            first.error
-        ))
-    }
 }
 
 /// Why one snapshot's copy stopped.
@@ -371,6 +322,6 @@ fn copy_one(
     }
     let needs = copy.classify(&batch)?;
     fetch_missing(remote, &mut pending, &batch, &needs, report)?;
-    copy.commit(&snap, &s.id, ctx.max_pushes_per_day, ctx.now_ns)?;
+    copy.commit(&snap, &s.id, s.incomplete.clone(), ctx.max_pushes_per_day, ctx.now_ns)?;
     Ok(())
 }

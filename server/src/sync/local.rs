@@ -161,6 +161,7 @@ impl<'a> Copy<'a> {
         self,
         snap: &Snapshot,
         id: &SnapshotId,
+        incomplete: Option<bkp_common::snapshot::Incomplete>,
         max_per_day: u32,
         now_ns: u64,
     ) -> Result<SnapshotSummary, LocalError> {
@@ -186,7 +187,7 @@ impl<'a> Copy<'a> {
         }
         push_budget(self.store, max_per_day, &self.host, &snap.name, snap.time_ns)?;
         guard.still_live()?;
-        let summary = self.store.commit_snapshot(snap)?;
+        let summary = self.store.commit_snapshot_with(snap, incomplete)?;
         guard.finish();
         Ok(summary)
     }
@@ -260,7 +261,7 @@ mod tests {
         // A record that does not hash to the id it came with is refused.
         let mut other = snap.clone();
         other.client = "edited".into();
-        let e = copy.commit(&other, &sid, 0, now).unwrap_err();
+        let e = copy.commit(&other, &sid, None, 0, now).unwrap_err();
         assert!(e.to_string().contains("does not hash to its id"), "{e}");
         assert_eq!(sessions.live(), 0, "a copy given up ends its session");
 
@@ -268,10 +269,10 @@ mod tests {
         assert_eq!(copy.classify(&[tree.0, id]).unwrap(), [Need::Held, Need::Held]);
         let e = Copy::begin(&store, &sessions, "sync:t", &snap)
             .unwrap()
-            .commit(&snap, &sid, 0, now - MAX_CLOCK_AHEAD_NS - 1)
+            .commit(&snap, &sid, None, 0, now - MAX_CLOCK_AHEAD_NS - 1)
             .unwrap_err();
         assert!(e.to_string().contains("ahead of this server's clock"), "{e}");
-        let s = copy.commit(&snap, &sid, 0, now).unwrap();
+        let s = copy.commit(&snap, &sid, None, 0, now).unwrap();
         assert_eq!((s.id, s.host.as_str()), (sid, "hosta"));
         // hosta may read both chunks now; a host that holds neither may not.
         assert_eq!(store.host_holds("hosta", &[tree.0, id]).unwrap(), [true, true]);
@@ -290,7 +291,7 @@ mod tests {
         let sid = SnapshotId::of(&snap.encode());
         let copy = Copy::begin(&store, &sessions, "sync:t", &snap).unwrap();
         copy.put(vec![tree, chunk(&data)]).unwrap();
-        let e = copy.commit(&snap, &sid, 0, 5).unwrap_err();
+        let e = copy.commit(&snap, &sid, None, 0, 5).unwrap_err();
         assert!(e.to_string().contains("does not hold the files and sizes"), "{e}");
         assert!(store.list_snapshots(None, None).unwrap().is_empty());
     }

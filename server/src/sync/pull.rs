@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use super::SyncError;
+use super::error::SyncError;
 
 /// GetChunks requests in flight at once.
 const FETCHES_IN_FLIGHT: usize = 4;
@@ -46,8 +46,12 @@ impl Remote {
         token: String,
         rate_limit: u64,
     ) -> Result<Self, SyncError> {
-        let cfg =
-            ClientConfig { server: server.to_string(), trust: Trust::Fingerprint(fingerprint.to_string()), token };
+        let cfg = ClientConfig {
+            server: server.to_string(),
+            trust: Trust::Fingerprint(fingerprint.to_string()),
+            token,
+            timeout: bkp_client::conn::DEFAULT_TIMEOUT,
+        };
         let limit = RateLimit::new(rate_limit).map(Arc::new);
         // Limited: half a second at the limit (at least 256 KiB) in flight.
         let connect = match &limit {

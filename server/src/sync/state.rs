@@ -12,78 +12,33 @@
 //! replaced (its loss costs a re-check of every remote snapshot, and a
 //! copy of those this server's retention removed).
 
-use std::collections::BTreeMap;
+use crate::store::{schema, MetaStore, StoreError};
 
-use serde::{Deserialize, Serialize};
-
-use crate::store::{MetaStore, StoreError};
-
-const VERSION: u32 = 1;
-/// About 400,000 copied snapshots.
-pub const MAX_STATE: usize = 64 << 20;
-
-/// One set's position behind the primary after the last listing.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SetLag {
-    /// Time of the primary's newest snapshot of the set.
-    pub remote_newest_ns: u64,
-    /// Time of the newest snapshot of the set here (0: none).
-    pub local_newest_ns: u64,
-}
-
-impl SetLag {
-    pub fn lag_ns(&self) -> u64 {
-        self.remote_newest_ns.saturating_sub(self.local_newest_ns)
-    }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncState {
-    pub version: u32,
-    /// The remote's address at the last run.
-    pub server: String,
-    /// Remote snapshot ids copied here (hex) and when.
-    pub synced: BTreeMap<String, u64>,
-    /// Per "host/name" of the sets the job copies.
-    pub sets: BTreeMap<String, SetLag>,
-    pub last_run_ns: u64,
-    pub last_ok_ns: u64,
-    pub bytes_total: u64,
-    pub chunks_total: u64,
-    pub snapshots_total: u64,
-}
-
-pub fn key(name: &str) -> Vec<u8> {
-    format!("sync/{name}").into_bytes()
-}
+pub use crate::store::schema::MAX_SYNC_STATE as MAX_STATE;
+pub use crate::store::schema::{SetLag, SyncState};
 
 impl SyncState {
     pub fn decode(b: &[u8]) -> Result<Self, String> {
-        if b.len() > MAX_STATE {
-            return Err(format!("{} bytes, over the {MAX_STATE}-byte cap", b.len()));
-        }
-        let s: SyncState = serde_json::from_slice(b).map_err(|e| e.to_string())?;
-        if s.version != VERSION {
-            return Err(format!("version {} is not {VERSION}", s.version));
-        }
-        Ok(s)
+        schema::decode_sync_state(b).map_err(|e| e.to_string())
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(&SyncState { version: VERSION, ..self.clone() }).expect("sync state to json")
+        schema::encode_sync_state(self)
     }
 
     /// The job's record; a fresh one when there is none or it does not
     /// decode (`Err` carries why, for the log, with the fresh record).
     pub fn load(store: &dyn MetaStore, name: &str) -> Result<Result<Self, (Self, String)>, StoreError> {
-        Ok(match store.meta_get(&key(name))? {
-            None => Ok(Self::default()),
-            Some(b) => Self::decode(&b).map_err(|e| (Self::default(), e)),
+        Ok(match store.sync_state(name) {
+            Ok(None) => Ok(Self::default()),
+            Ok(Some(s)) => Ok(s),
+            Err(StoreError::Corrupt(e)) => Err((Self::default(), e)),
+            Err(e) => return Err(e),
         })
     }
 
     pub fn save(&self, store: &dyn MetaStore, name: &str) -> Result<(), StoreError> {
-        store.meta_put(&key(name), &self.encode())
+        store.set_sync_state(name, self)
     }
 }
 

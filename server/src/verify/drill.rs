@@ -218,6 +218,7 @@ mod tests {
             kind: SnapshotKind::Stream,
             stats: SnapshotStats::default(),
             protected: false,
+            incomplete: None,
         }
     }
 

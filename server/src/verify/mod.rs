@@ -20,15 +20,16 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bkp_common::{ChunkId, SnapshotId};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tracing::{info, warn};
 
+pub use crate::report::{Affected, BadChunk, Scope, VerifyReport};
 use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 use damage::Damage;
 
 /// `[verify]` in the server config.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VerifyConfig {
     /// Scheduled runs per full pass over the store (7 with a daily
@@ -48,79 +49,9 @@ impl Default for VerifyConfig {
     }
 }
 
-/// What one run covers.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Scope {
-    /// The next scrub slice, and a drill sample with the configured share.
-    Scheduled,
-    /// Every chunk and every snapshot.
-    Full,
-    /// Only a drill, of the newest of each set plus `share` of the rest.
-    Sample { share: f64 },
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("verification could not run: {0}")]
 pub struct VerifyError(#[from] StoreError);
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BadChunk {
-    pub id: ChunkId,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Affected {
-    pub id: SnapshotId,
-    #[serde(flatten)]
-    pub damage: Damage,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub scope: Option<Scope>,
-    pub scrub: Option<scrub::ScrubReport>,
-    pub snapshots_drilled: u64,
-    pub files_checked: u64,
-    pub bytes_restored: u64,
-    /// Chunks found bad in this run (now quarantined).
-    pub bad_chunks: Vec<BadChunk>,
-    /// Snapshots that reference them, on every host.
-    pub affected: Vec<Affected>,
-    /// Damaged snapshots whose drill passed this time.
-    pub healed: Vec<SnapshotId>,
-    /// Snapshots still marked damaged after this run.
-    pub damaged_total: u64,
-    pub seconds: f64,
-}
-
-impl VerifyReport {
-    pub fn clean(&self) -> bool {
-        self.bad_chunks.is_empty() && self.affected.is_empty()
-    }
-
-    /// One line for logs, job listings and alerts.
-    pub fn problem(&self) -> Option<String> {
-        if self.clean() {
-            return None;
-        }
-        let names: Vec<String> = self
-            .affected
-            .iter()
-            .take(5)
-            .map(|a| format!("{}/{} {}", a.damage.host, a.damage.name, a.id.short()))
-            .collect();
-        let more =
-            if self.affected.len() > 5 { format!(" and {} more", self.affected.len() - 5) } else { String::new() };
-        Some(format!(
-            "verification found {} bad chunk(s), quarantined; {} snapshot(s) damaged: {}{more}; push those sets again to heal",
-            self.bad_chunks.len(),
-            self.affected.len(),
-            names.join(", ")
-        ))
-    }
-}
 
 /// Runs a verification now, on the calling (blocking) thread. A bad
 /// chunk is quarantined under the write side of `sessions`' fence.

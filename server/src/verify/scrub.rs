@@ -12,8 +12,8 @@
 use std::time::Instant;
 
 use bkp_common::{blob, ChunkId};
-use serde::{Deserialize, Serialize};
 
+pub use crate::report::ScrubReport;
 /// Where the scrub stands, kept in `meta` (its codec is the schema's).
 pub use crate::store::schema::ScrubCursor as Cursor;
 use crate::store::{Store, StoreError};
@@ -32,17 +32,6 @@ fn slice_end(pos: u64, slices: u32) -> Option<u64> {
     let width = space.div_ceil(n);
     let end = (pos as u128 / width + 1) * width;
     (end < space).then_some(end as u64)
-}
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct ScrubReport {
-    pub chunks_checked: u64,
-    pub bytes_checked: u64,
-    /// Share of the store checked in the current cycle after this run.
-    pub coverage: f64,
-    pub cycle_completed: bool,
-    /// Stopped by the time bound; the next run goes on from here.
-    pub stopped_early: bool,
 }
 
 /// Why a stored chunk is bad, or `None` when it is sound (or was deleted

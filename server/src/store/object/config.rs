@@ -13,6 +13,8 @@ pub const DEFAULT_PACK_SIZE: u64 = 32 << 20;
 pub const MIN_PACK_SIZE: u64 = 1 << 20;
 pub const MAX_PACK_SIZE: u64 = 1 << 30;
 pub const DEFAULT_CACHE_SIZE: u64 = 4 << 30;
+/// Repack below half live: a repack then costs at most the bytes it frees.
+pub const DEFAULT_REPACK_LIVE_PERCENT: u8 = 50;
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +50,15 @@ pub struct StorageConfig {
     pub cache_size: u64,
     #[serde(deserialize_with = "size")]
     pub pack_size: u64,
+    /// GC copies the live chunks of a pack with less than this percentage
+    /// of its bytes live into new packs (and deletes the old one at the
+    /// next GC); a pack with none live is deleted at once.
+    pub repack_live_percent: u8,
+    /// How long one bucket call is retried (with backoff) before it fails
+    /// and the push or job that made it fails with the bucket's error.
+    pub retry_secs: u64,
+    /// The `bucket` alert fires once the bucket has not answered this long.
+    pub unreachable_alert_secs: u64,
 }
 
 impl Default for StorageConfig {
@@ -63,6 +74,9 @@ impl Default for StorageConfig {
             cache_dir: None,
             cache_size: DEFAULT_CACHE_SIZE,
             pack_size: DEFAULT_PACK_SIZE,
+            repack_live_percent: DEFAULT_REPACK_LIVE_PERCENT,
+            retry_secs: 120,
+            unreachable_alert_secs: 300,
         }
     }
 }
@@ -83,6 +97,12 @@ impl StorageConfig {
                 MIN_PACK_SIZE >> 20,
                 MAX_PACK_SIZE >> 20
             ));
+        }
+        if !(1..=3600).contains(&self.retry_secs) {
+            return Err(format!("[storage] retry_secs {} is outside 1..=3600", self.retry_secs));
+        }
+        if self.repack_live_percent > 100 {
+            return Err(format!("[storage] repack_live_percent {} is over 100", self.repack_live_percent));
         }
         if let Some(e) = &self.endpoint {
             if !(e.starts_with("https://") || e.starts_with("http://")) {

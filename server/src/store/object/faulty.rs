@@ -1,6 +1,6 @@
 //! A fault-injecting [`ObjectStore`] over `InMemory`, for the unit tests:
 //! fail the Nth PUT (before the store keeps it), lose the answer of the
-//! Nth PUT (after), slow GETs, a store that is down or denies everything.
+//! Nth PUT (after), slow GETs and PUTs, a store that is down or denies everything.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +26,7 @@ pub struct Faulty {
     down: AtomicBool,
     denied: AtomicBool,
     get_delay: Mutex<Duration>,
+    put_delay: Mutex<Duration>,
 }
 
 fn generic(msg: &str) -> object_store::Error {
@@ -60,6 +61,10 @@ impl Faulty {
     pub fn set_get_delay(&self, d: Duration) {
         *self.get_delay.lock().unwrap() = d;
     }
+    /// Every PUT takes this long before it is stored (a slow bucket).
+    pub fn set_put_delay(&self, d: Duration) {
+        *self.put_delay.lock().unwrap() = d;
+    }
     pub fn puts(&self) -> u64 {
         self.puts.load(Ordering::SeqCst)
     }
@@ -84,6 +89,10 @@ impl ObjectStore for Faulty {
         self.gate(location)?;
         if self.fail_put.load(Ordering::SeqCst) == n {
             return Err(generic("injected: PUT failed"));
+        }
+        let d = *self.put_delay.lock().unwrap();
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
         }
         let r = self.inner.put_opts(location, payload, opts).await?;
         if self.lose_put.load(Ordering::SeqCst) == n {

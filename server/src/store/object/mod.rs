@@ -94,6 +94,36 @@ pub struct Stats {
     pub retries: std::sync::atomic::AtomicU64,
     pub bytes_put: std::sync::atomic::AtomicU64,
     pub bytes_got: std::sync::atomic::AtomicU64,
+    /// Unix seconds of the first failed attempt since the bucket last
+    /// answered (0: it answers). An answer that is an error of ours (not
+    /// found, precondition, denied) is an answer.
+    pub failing_since: std::sync::atomic::AtomicU64,
+}
+
+impl Stats {
+    /// How long the bucket has not answered, if it does not.
+    pub fn unreachable_for(&self) -> Option<Duration> {
+        let since = self.failing_since.load(std::sync::atomic::Ordering::Relaxed);
+        if since == 0 {
+            return None;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        Some(Duration::from_secs(now.saturating_sub(since)))
+    }
+
+    fn answered(&self) {
+        self.failing_since.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn unanswered(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let _ = self.failing_since.compare_exchange(
+            0,
+            now.max(1),
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
 }
 
 /// One bucket prefix.
@@ -175,8 +205,12 @@ impl Objects {
         loop {
             attempts += 1;
             let last = match tokio::time::timeout(self.retry.attempt_timeout, f()).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    self.stats.answered();
+                    return Ok(v);
+                }
                 Ok(Err(e)) if !is_retryable(&e) => {
+                    self.stats.answered();
                     self.stats.errors.fetch_add(1, Relaxed);
                     return Err(self.classify(op, name, e));
                 }
@@ -184,6 +218,7 @@ impl Objects {
                 Err(_) => format!("no answer in {:?}", self.retry.attempt_timeout),
             };
             self.stats.errors.fetch_add(1, Relaxed);
+            self.stats.unanswered();
             let elapsed = start.elapsed();
             if elapsed + delay > self.retry.total {
                 return Err(ObjectError::Unavailable { op, name: name.to_string(), attempts, elapsed, last });

@@ -11,9 +11,9 @@ use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options, WriteOptions, DB,
 };
 
+use crate::store::error::StoreError;
 use crate::store::schema;
 use crate::store::space::{self, Reserve};
-use crate::store::StoreError;
 
 /// Chunks stored smaller than this stay inline in the `chunks` SST files:
 /// a blob file record costs ~64 bytes on top of the chunk (its header and
@@ -206,6 +206,24 @@ impl Db {
         tracing::error!("storage write failed: {msg}");
         self.reserve.release();
         StoreError::Full(space::free_bytes(&self.dir).unwrap_or(0) >> 20)
+    }
+
+    /// The chunk data backend this directory is marked with (`meta`
+    /// `storage_backend`; only s3 marks it), read before the backend opens.
+    pub fn storage_backend(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(schema::CF_META), schema::META_STORAGE_BACKEND).map_err(db_err)
+    }
+
+    pub fn mark_storage_backend(&self, name: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .put_cf_opt(self.cf(schema::CF_META), schema::META_STORAGE_BACKEND, name, &Self::synced())
+            .map_err(|e| self.write_err(e))
+    }
+
+    /// Does `chunk_meta` record any chunk?
+    pub fn has_chunk_meta(&self) -> Result<bool, StoreError> {
+        let mut it = self.db.iterator_cf(self.cf(schema::CF_CHUNK_META), rocksdb::IteratorMode::Start);
+        Ok(it.next().transpose().map_err(db_err)?.is_some())
     }
 
     /// Bytes the memtables hold: what their flush will write.

@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering;
 use rocksdb::{FlushOptions, WriteBatch, WriteOptions};
 
 use super::db::Db;
-use crate::store::{schema, StoreError};
+use crate::store::error::StoreError;
+use crate::store::schema;
 
 /// Put batches from this size on skip the WAL (see the module doc):
 /// below it the second write costs little and a flush per small push

@@ -16,7 +16,7 @@
 
 mod chunks;
 mod db;
-mod durability;
+pub mod durability;
 mod hosts;
 mod possession;
 mod records;
@@ -25,7 +25,7 @@ mod snapshots;
 mod tests;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
 use bkp_common::{ChunkId, SnapshotId};
@@ -34,8 +34,11 @@ pub use chunks::LocalChunks;
 pub use db::Db;
 pub use durability::{Batch, COMMIT_MARK_FILE};
 
-use super::schema::{AlertState, ChunkMeta, Damage, HostNum, QuarantineRecord, ScrubCursor};
+use super::schema::{
+    AlertState, ChunkMeta, Damage, HostNum, PushFailure, QuarantineRecord, ScheduledSince, ScrubCursor,
+};
 use super::{ChunkStore, MetaStore, PutStats, StoreError, VerifiedChunk};
+use crate::report::JobRecord;
 
 pub struct RocksStore {
     db: Arc<Db>,
@@ -49,13 +52,20 @@ pub struct RocksStore {
     /// new chunk at once must not both become its owner, one silently
     /// losing its possession (and with it its restore of that chunk).
     chunk_lock: Mutex<()>,
-    hosts: RwLock<hosts::Hosts>,
+    hosts: hosts::Hosts,
     /// Acknowledged commits so far, also kept in `meta` (in each commit's
     /// batch) and in [`COMMIT_MARK_FILE`]; held across a commit's write.
     commits: Mutex<u64>,
 }
 
 impl RocksStore {
+    /// Marks the directory with its chunk data backend (synced), as
+    /// `open_store` does; `rebuild` marks a new directory once it has
+    /// checked that it is empty.
+    pub fn mark_storage_backend(&self, name: &[u8]) -> Result<(), StoreError> {
+        self.db.mark_storage_backend(name)
+    }
+
     /// Opens (creating if needed) the database under `dir`, chunk data
     /// included ([`LocalChunks`]).
     pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
@@ -73,20 +83,33 @@ impl RocksStore {
         let db = Arc::new(Db::open(dir, cache_bytes)?);
         let store = Self {
             data: data(db.clone())?,
+            hosts: hosts::Hosts::load(db.clone())?,
             db,
             snapshot_lock: Default::default(),
             chunk_lock: Default::default(),
-            hosts: Default::default(),
             commits: Mutex::new(0),
         };
-        store.load_hosts()?;
         store.check_commits()?;
+        store.migrate_push_failures()?;
+        store.index_protected()?;
         Ok(store)
     }
 
     /// The chunk data backend.
     pub fn data(&self) -> &Arc<dyn ChunkStore> {
         &self.data
+    }
+
+    pub(super) fn host_num(&self, host: &str) -> Option<HostNum> {
+        self.hosts.num(host)
+    }
+
+    pub(super) fn host_name_of(&self, n: HostNum) -> Option<String> {
+        self.hosts.name(n)
+    }
+
+    pub(super) fn host_num_or_assign(&self, host: &str) -> Result<HostNum, StoreError> {
+        self.hosts.num_or_assign(host)
     }
 
     pub(super) fn raw_db(&self) -> &rocksdb::DB {
@@ -113,17 +136,38 @@ impl ChunkStore for RocksStore {
     fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
         self.data.chunk_blob(id)
     }
+    fn chunk_blobs(&self, ids: &[ChunkId], max_bytes: usize) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.data.chunk_blobs(ids, max_bytes)
+    }
+    fn read_batch_bytes(&self) -> usize {
+        self.data.read_batch_bytes()
+    }
+    fn keep_trees(&self, trees: &[ChunkId]) -> Result<(), StoreError> {
+        self.data.keep_trees(trees)
+    }
     fn persist(&self) -> Result<(), StoreError> {
         self.data.persist()
     }
+    fn record_snapshot(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError> {
+        self.data.record_snapshot(id, record)
+    }
+    fn forget_snapshot(&self, id: &SnapshotId) {
+        self.data.forget_snapshot(id)
+    }
     fn orphan_candidates(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError> {
         self.data.orphan_candidates(after, limit)
+    }
+    fn gc_packs(&self, fence: &crate::store::Fence<'_>) -> Result<crate::store::PackGcStats, StoreError> {
+        self.data.gc_packs(fence)
     }
     fn reclaim_space(&self) -> Result<(), StoreError> {
         self.data.reclaim_space()
     }
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.data.disk_bytes()
+    }
+    fn backend_stats(&self) -> Option<crate::store::BackendStats> {
+        self.data.backend_stats()
     }
 }
 
@@ -171,8 +215,12 @@ impl MetaStore for RocksStore {
     fn quarantined(&self) -> Result<Vec<(ChunkId, QuarantineRecord)>, StoreError> {
         RocksStore::quarantined(self)
     }
-    fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
-        RocksStore::commit_snapshot(self, snapshot)
+    fn commit_snapshot_with(
+        &self,
+        snapshot: &Snapshot,
+        incomplete: Option<bkp_common::snapshot::Incomplete>,
+    ) -> Result<SnapshotSummary, StoreError> {
+        RocksStore::commit_snapshot(self, snapshot, incomplete)
     }
     fn persist_chunks(&self) -> Result<(), StoreError> {
         self.data.persist()?;
@@ -190,17 +238,29 @@ impl MetaStore for RocksStore {
     fn list_snapshots(&self, host: Option<&str>, name: Option<&str>) -> Result<Vec<SnapshotSummary>, StoreError> {
         RocksStore::list_snapshots(self, host, name)
     }
-    fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError> {
-        RocksStore::put_job(self, start_ns, kind, record)
+    fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        RocksStore::put_job(self, rec)
     }
-    fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         RocksStore::jobs(self, limit)
     }
-    fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        RocksStore::meta_get(self, key)
+    fn scheduled_since(&self) -> Result<Option<ScheduledSince>, StoreError> {
+        RocksStore::scheduled_since(self)
     }
-    fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        RocksStore::meta_put(self, key, value)
+    fn set_scheduled_since(&self, s: &ScheduledSince) -> Result<(), StoreError> {
+        RocksStore::set_scheduled_since(self, s)
+    }
+    fn sync_state(&self, name: &str) -> Result<Option<crate::store::schema::SyncState>, StoreError> {
+        RocksStore::sync_state(self, name)
+    }
+    fn set_sync_state(&self, name: &str, s: &crate::store::schema::SyncState) -> Result<(), StoreError> {
+        RocksStore::set_sync_state(self, name, s)
+    }
+    fn push_failures(&self) -> Result<Vec<PushFailure>, StoreError> {
+        RocksStore::push_failures(self)
+    }
+    fn put_push_failures(&self, put: &[PushFailure], delete: &[(String, String)]) -> Result<(), StoreError> {
+        RocksStore::put_push_failures(self, put, delete)
     }
     fn schema_version(&self) -> Result<Option<u32>, StoreError> {
         RocksStore::schema_version(self)

@@ -171,6 +171,29 @@ impl RocksStore {
         Ok(stats)
     }
 
+    /// `rebuild` (`store::s3::rebuild`): records that `host` holds these
+    /// chunks, given as (id, raw length, stored length), exactly as a put
+    /// of them would, without data (the chunk backend already has it).
+    pub fn record_held(&self, host: &str, chunks: &[(ChunkId, u32, u32)]) -> Result<(), StoreError> {
+        let me = self.host_num_or_assign(host)?;
+        let _l = self.chunk_lock.lock().expect("chunk lock");
+        let existing = self.metas(chunks.iter().map(|c| c.0))?;
+        let mut batch = Batch::new(&self.db);
+        let mut added: std::collections::HashSet<ChunkId> = Default::default();
+        for (&(id, raw_len, stored_len), found) in chunks.iter().zip(existing) {
+            match found {
+                None if added.insert(id) => {
+                    let meta = ChunkMeta { raw_len, stored_len, owner: Some(me) };
+                    batch.put(schema::CF_CHUNK_META, id.as_bytes(), meta.encode());
+                }
+                None => {}
+                Some(m) if m.owner == Some(me) => {}
+                Some(_) => batch.put(schema::CF_HOST_CHUNKS, schema::host_chunk_key(host, &id), []),
+            }
+        }
+        self.db.write_synced(batch)
+    }
+
     pub fn host_chunks(
         &self,
         after: Option<&(String, ChunkId)>,

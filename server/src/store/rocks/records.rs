@@ -1,11 +1,15 @@
-//! The small records: job runs, store metadata, quarantined chunks,
-//! damaged snapshots. Each write is synced.
+//! The small records: job runs, store metadata (the scheduler's and the
+//! push failures' included), quarantined chunks, damaged snapshots. Each
+//! write is synced.
 
 use bkp_common::{ChunkId, SnapshotId};
 
 use super::db::{db_err, Db};
 use super::RocksStore;
-use crate::store::schema::{self, AlertState, Damage, QuarantineRecord, ScrubCursor};
+use rocksdb::WriteBatch;
+
+use crate::report::JobRecord;
+use crate::store::schema::{self, AlertState, Damage, PushFailure, QuarantineRecord, ScheduledSince, ScrubCursor};
 use crate::store::StoreError;
 
 impl RocksStore {
@@ -13,16 +17,18 @@ impl RocksStore {
         self.db.raw().put_cf_opt(self.cf(cf), key, value, &Db::synced()).map_err(|e| self.db.write_err(e))
     }
 
-    pub fn put_job(&self, start_ns: u64, kind: &str, record: &[u8]) -> Result<(), StoreError> {
-        self.put_synced(schema::CF_JOBS, &schema::job_key(start_ns, kind), record)
+    pub fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        self.put_synced(schema::CF_JOBS, &schema::job_key(rec.start_ns, rec.kind.as_str()), &schema::encode_job(rec))
     }
 
-    pub fn jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// The newest `limit` records, newest first; one that does not decode
+    /// fails the listing (`Corrupt`, naming the record).
+    pub fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         self.db
             .raw()
             .iterator_cf(self.cf(schema::CF_JOBS), rocksdb::IteratorMode::End)
             .take(limit)
-            .map(|r| r.map(|(_, v)| v.to_vec()).map_err(db_err))
+            .map(|r| r.map_err(db_err).and_then(|(_, v)| schema::decode_job(&v)))
             .collect()
     }
 
@@ -69,12 +75,79 @@ impl RocksStore {
         self.meta_put(schema::META_ALERT_STATE, &schema::encode_alert_state(s))
     }
 
-    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.db.raw().get_cf(self.cf(schema::CF_META), key).map_err(db_err)
     }
 
-    pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    pub(super) fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.put_synced(schema::CF_META, key, value)
+    }
+
+    pub fn scheduled_since(&self) -> Result<Option<ScheduledSince>, StoreError> {
+        self.meta_get(schema::META_SCHEDULED_SINCE)?.map(|b| schema::decode_scheduled_since(&b)).transpose()
+    }
+
+    pub fn set_scheduled_since(&self, s: &ScheduledSince) -> Result<(), StoreError> {
+        self.meta_put(schema::META_SCHEDULED_SINCE, &schema::encode_scheduled_since(s))
+    }
+
+    pub fn sync_state(&self, name: &str) -> Result<Option<crate::store::schema::SyncState>, StoreError> {
+        self.meta_get(&schema::sync_state_key(name))?.map(|b| schema::decode_sync_state(&b)).transpose()
+    }
+
+    pub fn set_sync_state(&self, name: &str, s: &crate::store::schema::SyncState) -> Result<(), StoreError> {
+        self.meta_put(&schema::sync_state_key(name), &schema::encode_sync_state(s))
+    }
+
+    /// Every set's push failures. A record that does not decode is logged
+    /// and left out (it only costs that set's old count).
+    pub fn push_failures(&self) -> Result<Vec<PushFailure>, StoreError> {
+        let prefix = schema::PUSH_FAILURE_PREFIX;
+        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.raw().iterator_cf(self.cf(schema::CF_META), mode) {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match schema::decode_push_failure(&v) {
+                Ok(f) => out.push(f),
+                Err(e) => tracing::warn!("{e}; that set's earlier failures are forgotten"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes these sets' failure records and deletes those of `delete`, in
+    /// one synced write.
+    pub fn put_push_failures(&self, put: &[PushFailure], delete: &[(String, String)]) -> Result<(), StoreError> {
+        let cf = self.cf(schema::CF_META);
+        let mut b = WriteBatch::default();
+        for (host, name) in delete {
+            b.delete_cf(cf, schema::push_failure_key(host, name));
+        }
+        for f in put {
+            b.put_cf(cf, schema::push_failure_key(&f.host, &f.name), schema::encode_push_failure(f));
+        }
+        self.db.raw().write_opt(b, &Db::synced()).map_err(|e| self.db.write_err(e))
+    }
+
+    /// At open: a push failure table an older build wrote as one record
+    /// becomes one record per set (one write: both, or the old one still).
+    /// An old table that does not decode is dropped, as that build did.
+    pub(super) fn migrate_push_failures(&self) -> Result<(), StoreError> {
+        let Some(old) = self.meta_get(schema::META_PUSH_FAILURES_V1)? else { return Ok(()) };
+        let sets = schema::decode_push_failures_v1(&old).unwrap_or_else(|e| {
+            tracing::warn!("{e}; the push failures reported before this upgrade are forgotten");
+            Vec::new()
+        });
+        let cf = self.cf(schema::CF_META);
+        let mut b = WriteBatch::default();
+        for f in &sets {
+            b.put_cf(cf, schema::push_failure_key(&f.host, &f.name), schema::encode_push_failure(f));
+        }
+        b.delete_cf(cf, schema::META_PUSH_FAILURES_V1);
+        self.db.raw().write_opt(b, &Db::synced()).map_err(|e| self.db.write_err(e))
     }
 
     /// A record that does not decode is logged and left out (the next

@@ -1,7 +1,7 @@
 //! Snapshot records (`snapshots`) and the set index (`sets`, each entry a
 //! snapshot summary), and the commit that writes both.
 
-use bkp_common::snapshot::{Snapshot, SnapshotSummary};
+use bkp_common::snapshot::{Incomplete, Snapshot, SnapshotSummary};
 use bkp_common::SnapshotId;
 
 use super::db::db_err;
@@ -24,14 +24,20 @@ impl RocksStore {
         Ok(())
     }
 
-    pub fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotSummary, StoreError> {
+    pub fn commit_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        incomplete: Option<Incomplete>,
+    ) -> Result<SnapshotSummary, StoreError> {
         let record = snapshot.encode();
         let id = SnapshotId::of(&record);
-        let summary = snapshot.summary(id);
+        let summary = SnapshotSummary { incomplete, ..snapshot.summary(id) };
         self.db.ensure_room(record.len() as u64)?;
         // Every chunk put before, data and metadata, is durable first.
+        self.data.keep_trees(&snapshot.tree)?;
         self.data.persist()?;
         self.db.persist_unlogged()?;
+        self.data.record_snapshot(&id, &record)?;
         let mut commits = self.commits.lock().expect("commits lock");
         let count = *commits + 1;
         let mut batch = Batch::new(&self.db);
@@ -47,6 +53,21 @@ impl RocksStore {
         *commits = count;
         self.db.write_commit_mark(count);
         Ok(summary)
+    }
+
+    /// At open, once: a `protected/` key for every summary protected
+    /// before those keys existed.
+    pub(super) fn index_protected(&self) -> Result<(), StoreError> {
+        let meta = self.cf(schema::CF_META);
+        if self.db.raw().get_cf(meta, schema::META_PROTECTED_INDEX).map_err(db_err)?.is_some() {
+            return Ok(());
+        }
+        let mut batch = Batch::new(&self.db);
+        for s in self.list_snapshots(None, None)?.iter().filter(|s| s.protected) {
+            batch.put(schema::CF_META, schema::protected_key(&s.id), b"");
+        }
+        batch.put(schema::CF_META, schema::META_PROTECTED_INDEX, [1]);
+        self.db.write_synced(batch)
     }
 
     pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>, StoreError> {
@@ -70,9 +91,11 @@ impl RocksStore {
         let mut batch = Batch::new(&self.db);
         batch.delete(schema::CF_SNAPSHOTS, id.as_bytes());
         batch.delete(schema::CF_SETS, set_key);
+        batch.delete(schema::CF_META, schema::protected_key(id));
         // A forgotten snapshot no longer needs healing, nor alerting on.
         batch.delete(schema::CF_DAMAGED, id.as_bytes());
         self.db.write_synced(batch)?;
+        self.data.forget_snapshot(id);
         Ok(true)
     }
 
@@ -86,6 +109,10 @@ impl RocksStore {
         summary.protected = protected;
         let mut batch = Batch::new(&self.db);
         batch.put(schema::CF_SETS, key, schema::encode_summary(&summary));
+        match protected {
+            true => batch.put(schema::CF_META, schema::protected_key(id), b""),
+            false => batch.delete(schema::CF_META, schema::protected_key(id)),
+        }
         self.db.write_synced(batch)?;
         Ok(true)
     }

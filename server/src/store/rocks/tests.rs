@@ -216,9 +216,9 @@ fn snapshots_survive_reopen_and_list_by_set() {
     };
     let id = {
         let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
-        s.commit_snapshot(&mk("ab", "db", 2)).unwrap();
-        s.commit_snapshot(&mk("a", "db", 1)).unwrap();
-        s.commit_snapshot(&mk("a", "files", 3)).unwrap().id
+        s.commit_snapshot(&mk("ab", "db", 2), None).unwrap();
+        s.commit_snapshot(&mk("a", "db", 1), None).unwrap();
+        s.commit_snapshot(&mk("a", "files", 3), None).unwrap().id
     };
     let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
     assert_eq!(s.list_snapshots(Some("a"), None).unwrap().len(), 2);
@@ -236,13 +236,12 @@ fn records_from_before_version_bytes_still_read() {
     let alert_v1 = br#"{"disk":{"kind":"disk","summary":"low","fingerprint":"f","since_ns":5}}"#;
     s.meta_put(schema::META_ALERT_STATE, alert_v1).unwrap();
     let job_v1 = br#"{"kind":"gc","start_ns":5,"end_ns":6,"ok":false,"dry_run":false,"error":"e","figures":null}"#;
-    s.put_job(5, "gc", job_v1).unwrap();
+    s.raw_db().put_cf(s.cf(schema::CF_JOBS), schema::job_key(5, "gc"), job_v1).unwrap();
     drop(s);
     let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
     assert_eq!(s.alert_state().unwrap()["disk"].since_ns, 5);
     let jobs = s.jobs(10).unwrap();
-    let rec: serde_json::Value = schema::decode_job(&jobs[0]).unwrap();
-    assert_eq!(rec["error"], "e");
+    assert_eq!(jobs[0].error.as_deref(), Some("e"));
     // Written again, each has its version byte.
     let st = s.alert_state().unwrap();
     s.set_alert_state(&st).unwrap();
@@ -271,4 +270,62 @@ fn typed_records_round_trip_through_the_store() {
     assert_eq!(s.scrub_cursor().unwrap(), c);
     assert_eq!(s.damaged().unwrap(), [(id, d)]);
     assert_eq!(s.schema_version().unwrap(), Some(schema::SCHEMA_VERSION));
+}
+
+fn failure(host: &str, name: &str, count: u64) -> schema::PushFailure {
+    schema::PushFailure { host: host.into(), name: name.into(), kind: None, count, last_ns: count, reason: "r".into() }
+}
+
+#[test]
+fn push_failures_are_one_record_per_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    assert!(s.push_failures().unwrap().is_empty());
+    s.put_push_failures(&[failure("a", "db", 1), failure("b", "db", 1)], &[]).unwrap();
+    // A report rewrites its set's record only; an evicted set's goes.
+    s.put_push_failures(&[failure("a", "db", 2)], &[("b".into(), "db".into())]).unwrap();
+    let meta = s.cf(schema::CF_META);
+    let raw = s.raw_db().get_cf(meta, schema::push_failure_key("a", "db")).unwrap().unwrap();
+    assert_eq!(schema::decode_push_failure(&raw).unwrap(), failure("a", "db", 2));
+    assert!(s.raw_db().get_cf(meta, schema::push_failure_key("b", "db")).unwrap().is_none());
+    // A record that does not decode costs its set only.
+    s.raw_db().put_cf(meta, schema::push_failure_key("c", "x"), [9, 9]).unwrap();
+    drop(s);
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    assert_eq!(s.push_failures().unwrap(), [failure("a", "db", 2)]);
+    // Keys that merely sort near the prefix are not read as failures.
+    s.raw_db().put_cf(s.cf(schema::CF_META), b"push_failurf", b"x").unwrap();
+    assert_eq!(s.push_failures().unwrap().len(), 1);
+}
+
+#[test]
+fn a_v1_push_failure_table_becomes_one_record_per_set_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    let v1 = br#"{"version":1,"sets":[{"host":"db01","name":"pgdump","kind":"Stream","count":3,"last_ns":7,"reason":"pg_dump failed"}]}"#;
+    s.meta_put(schema::META_PUSH_FAILURES_V1, v1).unwrap();
+    drop(s);
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    let got = s.push_failures().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].host.as_str(), got[0].count, got[0].kind), ("db01", 3, Some(SnapshotKind::Stream)));
+    assert!(s.meta_get(schema::META_PUSH_FAILURES_V1).unwrap().is_none(), "the old record is gone");
+    // An old record that does not decode is dropped, as before.
+    s.meta_put(schema::META_PUSH_FAILURES_V1, b"{garbage").unwrap();
+    drop(s);
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    assert_eq!(s.push_failures().unwrap().len(), 1);
+    assert!(s.meta_get(schema::META_PUSH_FAILURES_V1).unwrap().is_none());
+}
+
+#[test]
+fn scheduled_since_round_trips_and_a_bad_record_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), 8 << 20).unwrap();
+    assert_eq!(s.scheduled_since().unwrap(), None);
+    let since: schema::ScheduledSince = [("verify".to_string(), 7)].into_iter().collect();
+    s.set_scheduled_since(&since).unwrap();
+    assert_eq!(s.scheduled_since().unwrap(), Some(since));
+    s.meta_put(schema::META_SCHEDULED_SINCE, b"\xff").unwrap();
+    assert!(matches!(s.scheduled_since(), Err(StoreError::Corrupt(_))));
 }

@@ -1,5 +1,6 @@
 //! The RocksDB schema: column family names, key encodings and every
-//! persisted value's codec (the small ones here, the rest in `values`).
+//! persisted value's codec (the small ones here, the rest in `values` and
+//! `meta`).
 //! Only this module knows how keys and values are laid out; tests check
 //! that encoded keys sort like the values they encode, and pin each
 //! value's bytes.
@@ -12,7 +13,7 @@
 //! | `hosts`       | host name                             | [`HostNum`] u32 LE     |
 //! | `snapshots`   | snapshot id (32)                      | snapshot record        |
 //! | `sets`        | host NUL name NUL time_ns:u64 BE id   | snapshot summary (`values`) |
-//! | `meta`        | ASCII key                             | store metadata (`META_*`) |
+//! | `meta`        | ASCII key; `push_failure/` host NUL name; `protected/` id | store metadata (`META_*`), the scheduler's and the push failures' records (`meta`), protected snapshots (empty) |
 //! | `jobs`        | start_ns:u64 BE, kind                 | job record (`values`)  |
 //! | `quarantine`  | chunk id (32)                         | [`QuarantineRecord`]   |
 //! | `damaged`     | snapshot id (32)                      | [`Damage`]             |
@@ -28,8 +29,14 @@
 //! Host and set names never contain NUL (see `bkp_common::names`), so the
 //! NUL terminator makes tuple order and byte order agree.
 
+mod meta;
 mod values;
 
+pub use meta::{
+    decode_push_failure, decode_push_failures_v1, decode_scheduled_since, decode_sync_state, encode_push_failure,
+    encode_scheduled_since, encode_sync_state, push_failure_key, sync_state_key, PushFailure, ScheduledSince, SetLag,
+    SyncState, MAX_REASON, MAX_SYNC_STATE, META_PUSH_FAILURES_V1, META_SCHEDULED_SINCE, PUSH_FAILURE_PREFIX,
+};
 pub use values::{
     decode_alert_state, decode_job, decode_summary, encode_alert_state, encode_job, encode_summary, AlertState, Damage,
     Notified, ScrubCursor, MAX_LISTED,
@@ -50,7 +57,12 @@ pub const CF_DAMAGED: &str = "damaged";
 /// Chunk data on S3 (`store::s3`): where each chunk is, which packs are stored.
 pub const CF_CHUNK_LOC: &str = "chunk_loc";
 pub const CF_PACKS: &str = "packs";
-pub const ALL_CFS: [&str; 12] = [
+/// On S3, the local copy of every committed tree chunk (chunk id -> blob).
+pub const CF_TREE_CHUNKS: &str = "tree_chunks";
+/// On S3, packs whose chunks a GC moved elsewhere (pack number -> empty):
+/// deleted by the next GC.
+pub const CF_PACKS_RETIRED: &str = "packs_retired";
+pub const ALL_CFS: [&str; 14] = [
     CF_CHUNKS,
     CF_CHUNK_META,
     CF_HOST_CHUNKS,
@@ -63,6 +75,8 @@ pub const ALL_CFS: [&str; 12] = [
     CF_DAMAGED,
     CF_CHUNK_LOC,
     CF_PACKS,
+    CF_TREE_CHUNKS,
+    CF_PACKS_RETIRED,
 ];
 
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -83,6 +97,19 @@ pub const META_COMMIT_COUNT: &[u8] = b"commit_count";
 pub const META_PACKS_NEXT: &[u8] = b"packs_next";
 /// Which backend holds this store's chunk data: `local` or `s3`.
 pub const META_STORAGE_BACKEND: &[u8] = b"storage_backend";
+/// `protected/` snapshot id (32), empty value: a second record of each
+/// protected snapshot besides its summary's flag, written in the same
+/// batch, so a salvage that must rebuild a lost summary keeps the flag.
+pub const PROTECTED_PREFIX: &[u8] = b"protected/";
+/// Present (value `01`) once the `protected/` keys were written for every
+/// summary that was protected before they existed.
+pub const META_PROTECTED_INDEX: &[u8] = b"protected_index";
+
+pub fn protected_key(id: &SnapshotId) -> Vec<u8> {
+    let mut k = PROTECTED_PREFIX.to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
 
 pub fn host_chunk_key(host: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(host.len() + 33);

@@ -6,7 +6,7 @@
 //!
 //! | value            | where                  | encoding                                  |
 //! |------------------|------------------------|-------------------------------------------|
-//! | snapshot summary | `sets`                 | `01 postcard(SnapshotSummary)`            |
+//! | snapshot summary | `sets`                 | `02 postcard(SnapshotSummary)`; v1: `01 postcard(SummaryV1)`, without `incomplete` |
 //! | job record       | `jobs`                 | `02 JSON(record)`; v1: bare JSON `{...}`  |
 //! | damage record    | `damaged`              | `01 postcard(Damage)`                     |
 //! | scrub cursor     | `meta` `scrub_cursor`  | `01 postcard(ScrubCursor)`                |
@@ -18,12 +18,12 @@
 
 use std::collections::BTreeMap;
 
-use bkp_common::snapshot::SnapshotSummary;
+use bkp_common::snapshot::{SnapshotSummary, SummaryV1};
 use bkp_common::ChunkId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 
 /// Version byte of a value, and whether `b` is a value an older build
 /// wrote as bare JSON (an object: `{`).
@@ -65,15 +65,22 @@ fn postcard_encode<T: Serialize>(value: &T, version: u8) -> Vec<u8> {
 
 // ---- snapshot summary ----
 
-const SUMMARY_VERSION: u8 = 1;
-/// A summary holds two capped names and a few numbers.
-pub const MAX_SUMMARY: usize = 64 << 10;
+/// Version 2 added `incomplete` (the paths a push could not read).
+const SUMMARY_VERSION: u8 = 2;
+const SUMMARY_V1: u8 = 1;
+/// A summary holds two capped names, a few numbers and at most 100
+/// skipped paths of 1 KiB.
+pub const MAX_SUMMARY: usize = 256 << 10;
 
 pub fn encode_summary(s: &SnapshotSummary) -> Vec<u8> {
     postcard_encode(s, SUMMARY_VERSION)
 }
 
 pub fn decode_summary(b: &[u8]) -> Result<SnapshotSummary, StoreError> {
+    if b.first() == Some(&SUMMARY_V1) {
+        let v1: SummaryV1 = postcard_decode("snapshot summary", b, SUMMARY_V1, MAX_SUMMARY)?;
+        return Ok(v1.into());
+    }
     postcard_decode("snapshot summary", b, SUMMARY_VERSION, MAX_SUMMARY)
 }
 
@@ -238,18 +245,29 @@ mod tests {
             kind: SnapshotKind::Stream,
             stats: SnapshotStats { files: 1, dirs: 2, others: 0, bytes: 5, data_chunks: 1 },
             protected: true,
+            incomplete: None,
         };
+        // Version 1, as older servers wrote it, still reads.
+        let mut v1 = vec![1];
+        v1.extend([7u8; 32]);
+        v1.extend([1, b'h', 1, b'n', 0xac, 0x02, 1, 1, 2, 0, 5, 1, 1]);
+        assert_eq!(decode_summary(&v1).unwrap(), s);
         let e = encode_summary(&s);
-        let mut want = vec![1];
-        want.extend([7u8; 32]);
-        want.extend([1, b'h', 1, b'n', 0xac, 0x02, 1, 1, 2, 0, 5, 1, 1]);
-        assert_eq!(e, want);
+        assert_eq!(e, [&[2][..], &v1[1..], &[0]].concat());
         assert_eq!(decode_summary(&e).unwrap(), s);
+        let inc = SnapshotSummary {
+            incomplete: Some(bkp_common::snapshot::Incomplete { skipped: 2, paths: vec!["/x".into()] }),
+            ..s.clone()
+        };
+        let e2 = encode_summary(&inc);
+        assert_eq!(e2, [&[2][..], &v1[1..], &[1, 2, 1, 2, b'/', b'x']].concat());
+        assert_eq!(decode_summary(&e2).unwrap(), inc);
         assert!(decode_summary(&e[..e.len() - 1]).is_err());
+        assert!(decode_summary(&v1[..v1.len() - 1]).is_err());
         let mut extra = e.clone();
         extra.push(0);
         assert!(decode_summary(&extra).is_err(), "trailing bytes");
-        assert!(decode_summary(&[2]).unwrap_err().to_string().contains("version 2"));
+        assert!(decode_summary(&[3]).unwrap_err().to_string().contains("version 3"));
         assert!(decode_summary(&vec![1; MAX_SUMMARY + 1]).unwrap_err().to_string().contains("cap"));
     }
 
