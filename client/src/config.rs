@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// How long a connect, or a request safe to repeat, keeps trying: long
+/// enough to ride out a server restart or a reboot.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -23,7 +27,7 @@ pub struct FileConfig {
     pub timeout: Option<String>,
     /// Named backups, run by `bkp run NAME` / `bkp run --all`.
     #[serde(default)]
-    pub backup: Vec<crate::run::BackupDef>,
+    pub backup: Vec<crate::backup_def::BackupDef>,
 }
 
 /// How the client checks the server's certificate.
@@ -122,7 +126,7 @@ impl ClientConfig {
         let file = load(config_file)?;
         let timeout = match flags.timeout.as_deref().or(file.timeout.as_deref()) {
             Some(t) => parse_timeout(t)?,
-            None => crate::conn::DEFAULT_TIMEOUT,
+            None => DEFAULT_TIMEOUT,
         };
         let cache_dir = flags
             .cache_dir

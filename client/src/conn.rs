@@ -89,9 +89,7 @@ impl ServerCertVerifier for PinnedCert {
 
 /// How long `close` lets the endpoint flush the close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(10);
-/// How long a connect, or a request safe to repeat, keeps trying: long
-/// enough to ride out a server restart or a reboot.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+pub use crate::config::DEFAULT_TIMEOUT;
 /// [`Client::connect_within`]'s backoff: doubled from the first to the
 /// cap, each wait drawn between half and all of it.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);

@@ -1,6 +1,7 @@
 //! bkp client library: configuration, connection, push pipeline,
 //! restore. The `bkp` binary only parses arguments and calls [`cli`].
 
+pub mod backup_def;
 pub mod browse;
 pub mod cli;
 pub mod config;

@@ -9,7 +9,8 @@ use bkp_common::names::escape;
 use bkp_common::snapshot::SnapshotKind;
 use serde::Serialize;
 
-use super::{hook, select, BackupDef};
+use super::definition::{hook, select};
+use crate::backup_def::BackupDef;
 use crate::config::{self, ClientConfig, FileConfig};
 use crate::conn::Client;
 use crate::progress::Progress;

@@ -48,7 +48,7 @@ use bkp_common::{ChunkId, SnapshotId};
 use super::object::config::StorageConfig;
 use super::object::lease::{Lease, DEFAULT_TTL};
 use super::object::{ObjectError, Objects, RetryPolicy};
-use super::pack::{Kind, PackId, PackWriter};
+use super::pack::{Kind, PackWriter};
 use super::rocks::{Batch, Db};
 use super::{schema, space, ChunkStore, StoreError, VerifiedChunk};
 
@@ -56,83 +56,20 @@ mod fetch;
 mod gc;
 pub mod rebuild;
 pub mod records;
+mod rows;
 mod trees;
 mod upload;
+use rows::obj_err;
+pub use rows::{pack_object, Location, PackRecord};
 use upload::{OpenPack, Shared};
+
+/// What one batch read asks the bucket for at most (a restore's fetch
+/// takes this much at a time; see `fetch`).
+pub const READ_BATCH_BYTES: usize = 8 << 20;
 
 /// Where a holder id is kept (beside `db/`): the same data directory takes
 /// its own lease back at once after a crash.
 pub const HOLDER_FILE: &str = "s3-holder";
-
-fn obj_err(e: ObjectError) -> StoreError {
-    StoreError::Bucket(e.to_string())
-}
-
-/// A chunk's place: pack number, offset of its blob, its length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Location {
-    pub pack: u64,
-    pub offset: u64,
-    pub len: u32,
-}
-
-const LOC_VERSION: u8 = 1;
-const PACK_VERSION: u8 = 1;
-
-impl Location {
-    pub fn encode(&self) -> [u8; 21] {
-        let mut b = [0u8; 21];
-        b[0] = LOC_VERSION;
-        b[1..9].copy_from_slice(&self.pack.to_le_bytes());
-        b[9..17].copy_from_slice(&self.offset.to_le_bytes());
-        b[17..21].copy_from_slice(&self.len.to_le_bytes());
-        b
-    }
-    pub fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() != 21 || b[0] != LOC_VERSION {
-            return None;
-        }
-        Some(Self {
-            pack: u64::from_le_bytes(b[1..9].try_into().ok()?),
-            offset: u64::from_le_bytes(b[9..17].try_into().ok()?),
-            len: u32::from_le_bytes(b[17..21].try_into().ok()?),
-        })
-    }
-}
-
-/// A `packs` row: the uploaded pack a number stands for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PackRecord {
-    pub id: PackId,
-    pub kind: Kind,
-    pub len: u64,
-}
-
-impl PackRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(42);
-        b.push(PACK_VERSION);
-        b.push(self.kind as u8);
-        b.extend_from_slice(&self.id.0);
-        b.extend_from_slice(&self.len.to_le_bytes());
-        b
-    }
-    pub fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() != 42 || b[0] != PACK_VERSION {
-            return None;
-        }
-        let kind = match b[1] {
-            1 => Kind::Data,
-            2 => Kind::Tree,
-            _ => return None,
-        };
-        Some(Self { id: PackId(b[2..34].try_into().ok()?), kind, len: u64::from_le_bytes(b[34..42].try_into().ok()?) })
-    }
-}
-
-pub fn pack_object(id: &PackId) -> String {
-    format!("packs/{}", id.to_hex())
-}
 
 pub struct S3Chunks {
     db: Arc<Db>,
@@ -449,7 +386,7 @@ impl ChunkStore for S3Chunks {
     }
 
     fn read_batch_bytes(&self) -> usize {
-        fetch::READ_BATCH_BYTES
+        READ_BATCH_BYTES
     }
 
     fn keep_trees(&self, trees: &[ChunkId]) -> Result<(), StoreError> {
@@ -997,7 +934,7 @@ mod tests {
         assert_eq!(l.encode().to_vec(), want);
         assert_eq!(Location::decode(&want), Some(l));
         assert_eq!(Location::decode(&want[..20]), None);
-        let r = PackRecord { id: PackId([7; 32]), kind: Kind::Data, len: 1 << 20 };
+        let r = PackRecord { id: crate::store::pack::PackId([7; 32]), kind: Kind::Data, len: 1 << 20 };
         let enc = r.encode();
         assert_eq!(&enc[..2], &[1, 1]);
         assert_eq!(PackRecord::decode(&enc), Some(r));

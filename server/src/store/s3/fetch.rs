@@ -1,5 +1,5 @@
 //! Batch reads ([`ChunkStore::chunk_blobs`](crate::store::ChunkStore::chunk_blobs)):
-//! a restore's fetch asks for [`READ_BATCH_BYTES`] at a time; what memory
+//! a restore's fetch asks for [`super::READ_BATCH_BYTES`] at a time; what memory
 //! and the local cache do not hold is read from the bucket with ranged
 //! GETs, neighbours in one pack merged into one GET when they lie within
 //! [`MERGE_GAP`] of each other, and up to [`READS_IN_FLIGHT`] GETs in
@@ -15,8 +15,6 @@ use super::{obj_err, pack_object, Location, S3Chunks};
 use crate::store::object::{merge_ranges, ObjectError};
 use crate::store::{schema, StoreError};
 
-/// Blob bytes one fetch batch asks for (the client's segment size).
-pub const READ_BATCH_BYTES: usize = 8 << 20;
 /// GETs in flight for one batch.
 pub const READS_IN_FLIGHT: usize = 16;
 /// Ranges of one pack this close are read with one GET (the bytes between

@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 
-use super::{obj_err, pack_object, PackRecord};
+use super::rows::{obj_err, pack_object, PackRecord};
 use crate::store::object::{ObjectError, Objects};
 use crate::store::pack::{Kind, PackId, PackWriter, SealedPack};
 use crate::store::rocks::{Batch, Db};
