@@ -262,15 +262,7 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
         Ok((figures, problem)) => (Some(figures), problem),
         Err(e) => (None, Some(e)),
     };
-    let rec =
-        JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
-    record(jobs.store, jobs.running, &rec);
-    audit(jobs.audit, jobs.by, &rec);
-    match &rec.error {
-        None => info!(job = kind.as_str(), "job finished"),
-        Some(e) => error!(job = kind.as_str(), "job failed: {e}"),
-    }
-    rec
+    finish(jobs, kind, start_ns, dry_run, figures, error)
 }
 
 /// One audit line per run, dry runs and refused runs included.
