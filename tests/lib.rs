@@ -152,7 +152,10 @@ impl TestServer {
             .env("HOME", self.data())
             .env("BKP_SERVER", self.addr.to_string())
             .env("BKP_FINGERPRINT", &self.fingerprint)
-            .env("BKP_TOKEN_FILE", token_file);
+            .env("BKP_TOKEN_FILE", token_file)
+            // A host's /etc/bkp/client.toml (the .deb check installs one)
+            // must not reach into a test.
+            .env("BKP_CONFIG", "/dev/null");
         c
     }
 }
@@ -370,7 +373,8 @@ impl ServerProcess {
         let mut c = Command::new(bin("bkp"));
         c.env("BKP_SERVER", format!("127.0.0.1:{}", self.port))
             .env("BKP_FINGERPRINT", &self.fingerprint)
-            .env("BKP_TOKEN_FILE", token);
+            .env("BKP_TOKEN_FILE", token)
+            .env("BKP_CONFIG", "/dev/null");
         c
     }
 }

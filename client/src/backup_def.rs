@@ -45,6 +45,10 @@ pub struct BackupDef {
     pub after: Option<String>,
     /// zstd level of new chunks (default 3).
     pub level: Option<i32>,
+    /// How long each hook may run before it and its children are killed
+    /// and the hook counts as failed, e.g. "10m" (default 1h): a hook
+    /// stuck on a lock must not hold every later night's run.
+    pub hook_timeout: Option<String>,
 }
 
 fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>

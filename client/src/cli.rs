@@ -57,7 +57,8 @@ struct ConnArgs {
     /// File holding the token [env: BKP_TOKEN_FILE]
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
-    /// Client config file (default ~/.config/bkp/client.toml, /etc/bkp/client.toml).
+    /// Client config file [env: BKP_CONFIG] (default ~/.config/bkp/client.toml,
+    /// /etc/bkp/client.toml; /dev/null reads none).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// How long to keep trying a server that does not answer, e.g. 90s,
@@ -220,6 +221,7 @@ enum Cmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    install_log();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -235,6 +237,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(e.downcast_ref::<crate::run::Exit>().map_or(1, crate::run::Exit::code))
         }
     }
+}
+
+/// Debug logging to stderr only when `BKP_LOG` asks for it (for example
+/// `BKP_LOG=debug` or `BKP_LOG=bkp_client=debug,quinn=info`): from cron the
+/// client's only output is its result line and its errors.
+fn install_log() {
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("BKP_LOG") else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 struct Bars {

@@ -1,6 +1,7 @@
 //! Where the client finds its server, the server's certificate, its
 //! token and its metadata cache: flags, else environment, else
-//! `~/.config/bkp/client.toml`, else `/etc/bkp/client.toml`.
+//! `~/.config/bkp/client.toml`, else `/etc/bkp/client.toml` (`--config` or
+//! `BKP_CONFIG` name another).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,12 +74,14 @@ pub fn parse_timeout(s: &str) -> Result<Duration, ConfigError> {
     Ok(d)
 }
 
-/// The config file: `config_file`, else the first of
+/// The config file: `config_file`, else `BKP_CONFIG`, else the first of
 /// `~/.config/bkp/client.toml` and `/etc/bkp/client.toml` that exists,
-/// else empty.
+/// else empty. `BKP_CONFIG=/dev/null` reads no file at all, so a script
+/// (or a test) is not changed by whatever a host keeps in `/etc/bkp`.
 pub fn load(config_file: Option<&Path>) -> Result<FileConfig, ConfigError> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match config_file {
+    let named = config_file.map(Path::to_path_buf).or_else(|| env("BKP_CONFIG").map(PathBuf::from));
+    match named.as_deref() {
         Some(p) => load_file(p)?.ok_or_else(|| ConfigError::File(p.display().to_string(), "not found".into())),
         None => {
             let home = env("HOME").map(|h| PathBuf::from(h).join(".config/bkp/client.toml"));

@@ -1,7 +1,9 @@
 //! What a definition turns into: its push options, which definitions a
 //! `bkp run` picks, and the hooks around it.
 
-use std::process::{Command, ExitStatus, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::push::ExcludeSpec;
 
@@ -29,6 +31,7 @@ impl BackupDef {
         if !self.command.is_empty() && tree_only {
             return Err(format!("{what}: exclude options and one_file_system apply to paths, not to a command"));
         }
+        self.hook_limit()?;
         if let Some(l) = self.level {
             if !(-7..=19).contains(&l) {
                 return Err(format!("{what}: level {l} is outside -7..=19"));
@@ -74,20 +77,53 @@ pub fn select<'a>(defs: &'a [BackupDef], name: Option<&str>, all: bool) -> Resul
     }
 }
 
+/// A hook's time limit when the definition gives none.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl BackupDef {
+    /// `hook_timeout`, or the default.
+    pub fn hook_limit(&self) -> Result<Duration, String> {
+        match &self.hook_timeout {
+            None => Ok(DEFAULT_HOOK_TIMEOUT),
+            Some(t) => crate::config::parse_timeout(t).map_err(|e| format!("[[backup]] {}: hook_{e}", self.name)),
+        }
+    }
+}
+
 /// Runs a hook with `sh -c`; its output goes to stderr (stdout may be
-/// carrying `--json`).
-pub fn hook(which: &str, script: &str, env: &[(&str, String)]) -> Result<(), String> {
-    let status: std::io::Result<ExitStatus> = Command::new("/bin/sh")
+/// carrying `--json`). A hook still running after `limit` is killed with
+/// its whole process group (a shell's children too).
+pub fn hook(which: &str, script: &str, env: &[(&str, String)], limit: Duration) -> Result<(), String> {
+    let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(script)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(std::io::stderr())
-        .status();
-    match status {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(format!("{which} hook failed ({s})")),
-        Err(e) => Err(format!("{which} hook could not run: {e}")),
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{which} hook could not run: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) if s.success() => return Ok(()),
+            Ok(Some(s)) => return Err(format!("{which} hook failed ({s})")),
+            Ok(None) if Instant::now() >= deadline => {
+                // The group the hook leads (the crate forbids unsafe, so
+                // kill(1) rather than kill(2)); the shell itself last, in
+                // case kill(1) is missing.
+                let group = format!("-{}", child.id());
+                let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{which} hook ran longer than {} and was killed (raise hook_timeout if it needs longer)",
+                    humantime::format_duration(limit)
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("{which} hook: waiting for it: {e}")),
+        }
     }
 }
 
@@ -150,8 +186,39 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("env");
         let script = format!("echo \"$BKP_RESULT $BKP_NAME\" > {}", out.display());
-        hook("after", &script, &[("BKP_RESULT", "ok".into()), ("BKP_NAME", "n".into())]).unwrap();
+        let limit = DEFAULT_HOOK_TIMEOUT;
+        hook("after", &script, &[("BKP_RESULT", "ok".into()), ("BKP_NAME", "n".into())], limit).unwrap();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "ok n\n");
-        assert!(hook("before", "exit 4", &[]).unwrap_err().contains("exit status: 4"));
+        assert!(hook("before", "exit 4", &[], limit).unwrap_err().contains("exit status: 4"));
+    }
+
+    #[test]
+    fn a_hook_past_its_limit_is_killed_with_its_children() {
+        let d = tempfile::tempdir().unwrap();
+        let pidfile = d.path().join("pid");
+        // The shell's child sleeps; killing only the shell would leave it.
+        let script = format!("sleep 600 & echo $! > {}; wait", pidfile.display());
+        let e = hook("before", &script, &[], Duration::from_secs(1)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        // The group was sent SIGKILL; the orphan is reaped by init, so poll.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+        {
+            assert!(Instant::now() < deadline, "the hook's child {pid} outlived the kill");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_bad_hook_timeout_is_refused() {
+        let d = BackupDef {
+            name: "n".into(),
+            paths: vec!["/a".into()],
+            hook_timeout: Some("soon".into()),
+            ..Default::default()
+        };
+        assert!(d.check().unwrap_err().contains("hook_timeout"));
     }
 }

@@ -9,7 +9,7 @@ use bkp_common::names::escape;
 use bkp_common::snapshot::SnapshotKind;
 use serde::Serialize;
 
-use super::definition::{hook, select};
+use super::definition::{hook, select, DEFAULT_HOOK_TIMEOUT};
 use crate::backup_def::BackupDef;
 use crate::config::{self, ClientConfig, FileConfig};
 use crate::conn::Client;
@@ -185,9 +185,10 @@ pub async fn run(args: RunArgs, progress: impl Fn() -> Arc<dyn Progress>) -> any
         code = worse(code, out.exit_code);
         if let Some(after) = &def.after {
             let env = out.env();
+            let limit = def.hook_limit().unwrap_or(DEFAULT_HOOK_TIMEOUT);
             if let Err(e) = tokio::task::spawn_blocking({
                 let after = after.clone();
-                move || hook("after", &after, &env)
+                move || hook("after", &after, &env, limit)
             })
             .await?
             {
@@ -208,7 +209,8 @@ async fn run_one(def: &BackupDef, args: &RunArgs, progress: Arc<dyn Progress>) -
     let kind = if def.command.is_empty() { SnapshotKind::Tree } else { SnapshotKind::Stream };
     if let Some(before) = &def.before {
         let (script, env) = (before.clone(), vec![("BKP_NAME", def.name.clone())]);
-        let ran = tokio::task::spawn_blocking(move || hook("before", &script, &env)).await;
+        let limit = def.hook_limit().unwrap_or(DEFAULT_HOOK_TIMEOUT);
+        let ran = tokio::task::spawn_blocking(move || hook("before", &script, &env, limit)).await;
         let failed = match ran {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
