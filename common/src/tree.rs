@@ -206,6 +206,46 @@ impl TreeEncoder {
     }
 }
 
+/// The stream's version from its header, `None` while fewer than
+/// [`HEADER_LEN`] bytes are there.
+pub fn header(buf: &[u8]) -> Result<Option<u8>, TreeError> {
+    let Some(h) = buf.get(..HEADER_LEN) else { return Ok(None) };
+    if &h[..4] != MAGIC {
+        return Err(TreeError::Magic);
+    }
+    if h[4] != VERSION && h[4] != v1::VERSION {
+        return Err(TreeError::Version(h[4]));
+    }
+    Ok(Some(h[4]))
+}
+
+/// The body of the record `buf` starts with (after its 4-byte length),
+/// `None` while it is incomplete; the length is capped before anything
+/// waits for or holds that many bytes.
+pub fn frame(buf: &[u8]) -> Result<Option<&[u8]>, TreeError> {
+    let Some(len) = buf.get(..4) else { return Ok(None) };
+    let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    if len > MAX_RECORD {
+        return Err(TreeError::RecordTooLarge(len));
+    }
+    Ok(buf.get(4..4 + len))
+}
+
+/// Decodes one record body of a stream of `version`, which must be
+/// consumed whole.
+pub fn decode_record(version: u8, body: &[u8]) -> Result<Entry, TreeError> {
+    let bad = |e: postcard::Error| TreeError::Decode(e.to_string());
+    let (entry, rest) = match version {
+        v1::VERSION => postcard::take_from_bytes::<v1::Entry>(body).map(|(e, r)| (Entry::from(e), r)),
+        _ => postcard::take_from_bytes::<Entry>(body),
+    }
+    .map_err(bad)?;
+    if !rest.is_empty() {
+        return Err(TreeError::Decode(format!("{} bytes after the record", rest.len())));
+    }
+    Ok(entry)
+}
+
 /// Parses a tree stream fed in arbitrary pieces and checks its grammar.
 #[derive(Default)]
 pub struct TreeDecoder {
@@ -237,37 +277,13 @@ impl TreeDecoder {
     /// The next complete entry, or `None` when more input is needed.
     pub fn next_entry(&mut self) -> Result<Option<Entry>, TreeError> {
         if !self.header_seen {
-            if self.buf.len() - self.pos < HEADER_LEN {
-                return Ok(None);
-            }
-            let h = &self.buf[self.pos..self.pos + HEADER_LEN];
-            if &h[..4] != MAGIC {
-                return Err(TreeError::Magic);
-            }
-            if h[4] != VERSION && h[4] != v1::VERSION {
-                return Err(TreeError::Version(h[4]));
-            }
-            self.version = h[4];
+            let Some(version) = header(&self.buf[self.pos..])? else { return Ok(None) };
+            self.version = version;
             self.pos += HEADER_LEN;
             self.header_seen = true;
         }
-        let avail = &self.buf[self.pos..];
-        if avail.len() < 4 {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
-        if len > MAX_RECORD {
-            return Err(TreeError::RecordTooLarge(len));
-        }
-        if avail.len() < 4 + len {
-            return Ok(None);
-        }
-        let record = &avail[4..4 + len];
-        let decoded = match self.version {
-            v1::VERSION => postcard::from_bytes::<v1::Entry>(record).map(Entry::from),
-            _ => postcard::from_bytes::<Entry>(record),
-        };
-        let entry = decoded.map_err(|e| TreeError::Decode(e.to_string()))?;
+        let Some(record) = frame(&self.buf[self.pos..])? else { return Ok(None) };
+        let (len, entry) = (record.len(), decode_record(self.version, record)?);
         self.pos += 4 + len;
         self.check(&entry)?;
         Ok(Some(entry))

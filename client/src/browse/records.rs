@@ -8,7 +8,7 @@
 use std::cmp::Ordering;
 
 use bkp_common::names::check_path;
-use bkp_common::tree::{self, Entry, TreeError, HEADER_LEN, MAGIC, MAX_RECORD};
+use bkp_common::tree::{self, Entry, TreeError, HEADER_LEN, MAX_RECORD};
 
 /// Records needed in a row from a candidate boundary before [`resync`]
 /// trusts it (a chunk of the tree holds thousands).
@@ -21,19 +21,7 @@ pub fn walk_cmp(a: &[u8], b: &[u8]) -> Ordering {
     a.split(|c| *c == b'/').cmp(b.split(|c| *c == b'/'))
 }
 
-/// Decodes one record body, which must be consumed whole.
-pub fn decode_record(version: u8, body: &[u8]) -> Result<Entry, TreeError> {
-    let bad = |e: postcard::Error| TreeError::Decode(e.to_string());
-    let (entry, rest) = match version {
-        tree::v1::VERSION => postcard::take_from_bytes::<tree::v1::Entry>(body).map(|(e, r)| (Entry::from(e), r)),
-        _ => postcard::take_from_bytes::<Entry>(body),
-    }
-    .map_err(bad)?;
-    if !rest.is_empty() {
-        return Err(TreeError::Decode(format!("{} bytes after the record", rest.len())));
-    }
-    Ok(entry)
-}
+use tree::decode_record;
 
 /// Parses records fed in pieces; positions count from the first byte fed.
 pub struct Records {
@@ -79,35 +67,16 @@ impl Records {
         let version = match self.version {
             Some(v) => v,
             None => {
-                if self.buf.len() - self.pos < HEADER_LEN {
-                    return Ok(None);
-                }
-                let h = &self.buf[self.pos..self.pos + HEADER_LEN];
-                if &h[..4] != MAGIC {
-                    return Err(TreeError::Magic);
-                }
-                if h[4] != tree::VERSION && h[4] != tree::v1::VERSION {
-                    return Err(TreeError::Version(h[4]));
-                }
-                self.version = Some(h[4]);
+                let Some(v) = tree::header(&self.buf[self.pos..])? else { return Ok(None) };
+                self.version = Some(v);
                 self.pos += HEADER_LEN;
-                h[4]
+                v
             }
         };
-        let avail = &self.buf[self.pos..];
-        if avail.len() < 4 {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
-        if len > MAX_RECORD {
-            return Err(TreeError::RecordTooLarge(len));
-        }
-        if avail.len() < 4 + len {
-            return Ok(None);
-        }
-        let entry = decode_record(version, &avail[4..4 + len])?;
+        let Some(body) = tree::frame(&self.buf[self.pos..])? else { return Ok(None) };
+        let entry = decode_record(version, body)?;
         let at = self.base + self.pos as u64;
-        self.pos += 4 + len;
+        self.pos += 4 + body.len();
         Ok(Some((at, entry)))
     }
 }
@@ -137,13 +106,11 @@ fn chain_ok(mut d: &[u8], version: u8) -> bool {
         if d.len() < 4 {
             return n >= RESYNC_RECORDS || (n > 0 && d.is_empty());
         }
-        let len = u32::from_le_bytes(d[..4].try_into().expect("4 bytes")) as usize;
-        if len > MAX_RECORD || len == 0 {
-            return false;
-        }
-        if d.len() < 4 + len {
-            return n >= RESYNC_RECORDS;
-        }
+        let len = match tree::frame(d) {
+            Ok(Some(body)) if !body.is_empty() => body.len(),
+            Ok(Some(_)) | Err(_) => return false,
+            Ok(None) => return n >= RESYNC_RECORDS,
+        };
         let Ok(e) = decode_record(version, &d[4..4 + len]) else { return false };
         match &e {
             Entry::Chunks(_) | Entry::FileEnd { .. } if started && !in_file => return false,
