@@ -87,3 +87,26 @@ def markdown(meta, med, names):
                          f"| {chunks} |")
     lines += ["", NOTES, ""]
     return "\n".join(lines)
+
+
+SYNC_STEPS = [("bkp_push", "bkp push"), ("bkp_sync", "bkp-server sync"), ("restic_backup", "restic backup"),
+              ("restic_copy", "restic copy")]
+
+
+def sync_markdown(results):
+    """The second-site table: one run per data set (issue 19's target:
+    sync at least as fast as bkp's push of the same data)."""
+    lines = ["## Sync to a second server (one run)", "",
+             "MB/s = the data's logical size / wall seconds; both servers and both restic repositories on "
+             "this machine.", "",
+             "| data | MB | " + " | ".join(f"{label} MB/s" for _, label in SYNC_STEPS)
+             + " | sync transferred MB | sync / push | target | met |",
+             "|---|---:|" + "---:|" * len(SYNC_STEPS) + "---:|---:|---:|:-:|"]
+    for r in results:
+        rates = r["mb_s"]
+        cells = [f"{rates[k]:.0f}" if k in rates else "" for k, _ in SYNC_STEPS]
+        ratio = rates["bkp_sync"] / rates["bkp_push"]
+        lines.append(f"| {r['data']} | {mb(r['bytes']):.0f} | " + " | ".join(cells)
+                     + f" | {mb(r['sync_transferred_bytes']):.0f} | {ratio:.2f}x | >= 1.00x | "
+                     + ("yes" if ratio >= 1.0 else "**no**") + " |")
+    return "\n".join(lines + [""]) + "\n"

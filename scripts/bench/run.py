@@ -13,6 +13,11 @@ Steps, in order, on fresh repositories every run:
   restore_tree  the changed tree, compared byte for byte with tree2
   restore_dump  dump2, compared byte for byte with dump2.sql
 
+Then, once (not per run, to keep the bench short), the sync measurement
+of `sync.py` on dump1 and tree1: a bkp push to one server, `bkp-server
+sync` to a second, `restic backup` and `restic copy` of the same data
+(BENCH_SYNC=0 leaves it out).
+
 Run `scripts/bench/prepare.py` first (`make bench` does).
 """
 
@@ -28,7 +33,7 @@ from pathlib import Path
 import tools
 from common import (DUMP1, DUMP2, REPO_ROOT, RESTORE, RESULTS, TREE1, TREE2, WORK, die, load_manifest, log, output,
                     rmtree, run, tree_root, warm)
-from report import markdown
+from report import markdown, sync_markdown
 
 STEPS = ["tree_first", "tree_incr", "dump_first", "dump_changed", "restore_tree", "restore_dump"]
 
@@ -154,10 +159,19 @@ def main():
     }
     med = median_results(all_runs)
     table = markdown(meta, med, [c.name for c in classes])
+    sync_res = []
+    if os.environ.get("BENCH_SYNC", "1") != "0" and any(c.name == "bkp" for c in classes):
+        import sync
+        for src in [DUMP1, tree_root(TREE1)]:
+            log(f"sync: {src}")
+            sync_res.append(sync.measure(src, base_dir=WORK))
+        table += sync_markdown(sync_res)
+        meta["minutes"] = round((datetime.datetime.now() - started).total_seconds() / 60, 1)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps({"meta": meta, "median": med, "runs": all_runs},
+    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps({"meta": meta, "median": med, "runs": all_runs,
+                                                             "sync": sync_res},
                                                             indent=1) + "\n")
     (RESULTS / f"bench-{stamp}.md").write_text(table)
     log(f"saved {RESULTS}/bench-{stamp}.json and .md")

@@ -2,13 +2,16 @@
 """Sync throughput: a bkp push of the benchmark data to one server on
 127.0.0.1, then a `bkp-server sync` of it to a second one, both timed;
 and, when restic is installed, `restic backup` of the same data into one
-repository and `restic copy` into a second. Prints MB/s of the data's
-logical size for each.
+repository and `restic copy` into a second. MB/s of the data's logical
+size for each.
 
-    scripts/bench/sync.py [--data dump1.sql] [--tree]
+    scripts/bench/sync.py [--data dump1.sql]
 
-Run `scripts/bench/prepare.py` first (`make bench` does); the binaries
-are taken from $CARGO_TARGET_DIR/release (default ~/.cache/bkp/target).
+`make bench` runs it (through `measure`, once per data set, after the
+comparison runs) and puts the results in its table and JSON; `make
+bench-sync` runs it alone. Run `scripts/bench/prepare.py` first; the
+binaries are taken from $CARGO_TARGET_DIR/release (default
+~/.cache/bkp/target).
 """
 
 import argparse
@@ -78,52 +81,68 @@ def timed(argv, **kw):
     return time.monotonic() - t, r
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(DATA / "dump1.sql"), help="a file pushed from stdin, or a directory")
-    a = ap.parse_args()
-    src = Path(a.data)
+def measure(src, base_dir=None):
+    """Pushes `src` (a file, from stdin, or a directory), syncs it to a
+    second server, and (with restic) backs it up and copies it; returns
+    {"data", "bytes", "seconds": {step: s}, "mb_s": {step: MB/s},
+    "sync_transferred_bytes"}. Steps: bkp_push, bkp_sync, restic_backup,
+    restic_copy."""
+    src = Path(src)
     size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) if src.is_dir() else src.stat().st_size
-    base = Path(tempfile.mkdtemp(prefix="bkp-sync-bench-"))
-    rows = []
+    base = Path(tempfile.mkdtemp(prefix="bkp-sync-bench-", dir=base_dir))
+    secs = {}
+    res = {"data": src.name, "bytes": size}
     try:
         primary = Server(base, "primary")
         tok = primary.token("bench", "push")
         argv = [TARGET / "bkp", "push", "--json", "--name", "bench"]
         if src.is_dir():
-            secs, _ = timed(argv + [src], env=primary.env(tok))
+            secs["bkp_push"], _ = timed(argv + [src], env=primary.env(tok))
         else:
             with open(src, "rb") as f:
-                secs, _ = timed(argv + ["--stdin"], env=primary.env(tok), stdin=f)
-        rows.append(("bkp push", secs))
+                secs["bkp_push"], _ = timed(argv + ["--stdin"], env=primary.env(tok), stdin=f)
         sync_tok = primary.token("secondary", "sync")
         toml = (f'[[sync]]\nname = "primary"\nserver = "127.0.0.1:{primary.port}"\n'
                 f'fingerprint = "{primary.fingerprint}"\ntoken_file = "{sync_tok}"\n')
         secondary = Server(base, "secondary", toml)
-        secs, rec = timed([TARGET / "bkp-server", "sync", "--data", secondary.dir, "--remote", "primary", "--json"])
-        fig = json.loads(rec)["figures"]
-        rows.append((f"bkp-server sync ({fig['bytes_transferred'] / 1e6:.0f} MB transferred)", secs))
+        secs["bkp_sync"], rec = timed([TARGET / "bkp-server", "sync", "--data", secondary.dir, "--remote", "primary",
+                                       "--json"])
+        res["sync_transferred_bytes"] = json.loads(rec)["figures"]["bytes_transferred"]
         primary.stop()
         secondary.stop()
+        shutil.rmtree(primary.dir, ignore_errors=True)
+        shutil.rmtree(secondary.dir, ignore_errors=True)
         if shutil.which("restic"):
             env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_FROM_PASSWORD="bench")
             r1, r2 = base / "restic1", base / "restic2"
             out(["restic", "init", "-q", "-r", r1], env=env)
             out(["restic", "init", "-q", "-r", r2, "--from-repo", r1, "--copy-chunker-params"], env=env)
             if src.is_dir():
-                secs, _ = timed(["restic", "backup", "-q", "-r", r1, src], env=env)
+                secs["restic_backup"], _ = timed(["restic", "backup", "-q", "-r", r1, src], env=env)
             else:
                 with open(src, "rb") as f:
-                    secs, _ = timed(["restic", "backup", "-q", "-r", r1, "--stdin"], env=env, stdin=f)
-            rows.append(("restic backup", secs))
-            secs, _ = timed(["restic", "copy", "-q", "-r", r2, "--from-repo", r1], env=env)
-            rows.append(("restic copy", secs))
+                    secs["restic_backup"], _ = timed(["restic", "backup", "-q", "-r", r1, "--stdin"], env=env,
+                                                     stdin=f)
+            secs["restic_copy"], _ = timed(["restic", "copy", "-q", "-r", r2, "--from-repo", r1], env=env)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"data: {src} ({size / 1e6:.0f} MB)")
-    print(f"| step | seconds | MB/s |\n|---|---:|---:|")
-    for name, secs in rows:
-        print(f"| {name} | {secs:.2f} | {size / 1e6 / secs:.0f} |")
+    res["seconds"] = secs
+    res["mb_s"] = {k: size / 1e6 / v for k, v in secs.items()}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(DATA / "dump1.sql"), help="a file pushed from stdin, or a directory")
+    a = ap.parse_args()
+    r = measure(a.data)
+    print(f"data: {a.data} ({r['bytes'] / 1e6:.0f} MB)")
+    print("| step | seconds | MB/s |\n|---|---:|---:|")
+    for step, secs in r["seconds"].items():
+        label = step
+        if step == "bkp_sync":
+            label += f" ({r['sync_transferred_bytes'] / 1e6:.0f} MB transferred)"
+        print(f"| {label} | {secs:.2f} | {r['mb_s'][step]:.0f} |")
 
 
 if __name__ == "__main__":

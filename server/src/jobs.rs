@@ -19,7 +19,7 @@ use crate::audit::Audit;
 pub use crate::clock::now_ns;
 use crate::gc::{self, GcHooks};
 use crate::prune::{prune, prune_plan, RetentionConfig};
-pub use crate::report::{JobKind, JobRecord, Report};
+pub use crate::report::{JobKind, JobRecord, Report, SyncReport};
 use crate::sessions::Sessions;
 use crate::store::{MetaStore, Store, StoreError};
 use crate::verify::{self, Scope, VerifyConfig};
@@ -168,8 +168,10 @@ pub fn run_sync(jobs: &Jobs<'_>, remote: &str, rt: tokio::runtime::Handle) -> Jo
         (Ok(()), Some(r)) => r.problem(),
         (Ok(()), None) => None,
     };
-    let figures = report.map(Report::Sync);
-    finish(jobs, JobKind::Sync, start_ns, false, figures, error)
+    // A run that never connected still names its job: the scheduler
+    // finds each job's newest run by it (`crate::schedule::sync_missed`).
+    let report = report.unwrap_or_else(|| SyncReport { remote: remote.to_string(), ..Default::default() });
+    finish(jobs, JobKind::Sync, start_ns, false, Some(Report::Sync(report)), error)
 }
 
 /// Records a run that did not start (`refused`: one of its kind is in

@@ -15,7 +15,10 @@
 //! job until a run of that kind succeeds. A kind without any record is
 //! measured from when a server first found it scheduled (kept in the meta
 //! record `scheduled_since`, `store::schema::ScheduledSince`), so a verify
-//! that was never once run is reported too.
+//! that was never once run is reported too. Each scheduled `[[sync]]` job
+//! is checked the same way by its name ([`sync_missed`]: its newest
+//! record is the newest sync record whose report names it; it is noted in
+//! `scheduled_since` as `sync/NAME`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -89,13 +92,19 @@ pub struct Due {
     pub count: usize,
 }
 
+/// The first occurrence of `s` in `(after, upto]` and how many there are.
+fn occurrences(s: &cron::Schedule, after: DateTime<Utc>, upto: DateTime<Utc>) -> Option<(DateTime<Utc>, usize)> {
+    let mut times = s.after(&after).take_while(|t| *t <= upto);
+    let first = times.next()?;
+    Some((first, 1 + times.take(MAX_COUNT - 1).count()))
+}
+
 /// The kinds with an occurrence in `(after, upto]`, in run order.
 pub fn due(plans: &[(JobKind, cron::Schedule)], after: DateTime<Utc>, upto: DateTime<Utc>) -> Vec<Due> {
     let mut out = Vec::new();
     for (kind, s) in plans {
-        let mut times = s.after(&after).take_while(|t| *t <= upto);
-        let Some(first) = times.next() else { continue };
-        out.push(Due { kind: *kind, first, count: 1 + times.take(MAX_COUNT - 1).count() });
+        let Some((first, count)) = occurrences(s, after, upto) else { continue };
+        out.push(Due { kind: *kind, first, count });
     }
     out.sort_by_key(|d| d.kind);
     out
@@ -150,14 +159,33 @@ fn from_ns(ns: u64) -> DateTime<Utc> {
 /// dropped, so scheduling one again later measures from then. A record
 /// that cannot be read or written only loses those times (logged).
 fn note_scheduled(state: &ServerState, plans: &[(JobKind, cron::Schedule)], now: DateTime<Utc>) -> ScheduledSince {
+    let keys: Vec<String> = plans.iter().map(|(k, _)| k.as_str().to_string()).collect();
+    note_scheduled_keys(state, &keys, |k| !k.starts_with(SYNC_SINCE_PREFIX), now)
+}
+
+/// `scheduled_since` key of a `[[sync]]` job.
+const SYNC_SINCE_PREFIX: &str = "sync/";
+
+/// [`note_scheduled`] for the keys of one family (`owns`): the kinds of
+/// `[jobs]`, or the `sync/NAME` of the `[[sync]]` jobs, each scheduler
+/// keeping the other's entries as they are.
+fn note_scheduled_keys(
+    state: &ServerState,
+    keys: &[String],
+    owns: impl Fn(&str) -> bool,
+    now: DateTime<Utc>,
+) -> ScheduledSince {
+    // The two schedulers start together: one read-modify-write at a time.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let old = state.store().scheduled_since().unwrap_or_else(|e| {
         warn!("{e}; starting a new record of when jobs were first scheduled");
         None
     });
     let old = old.unwrap_or_default();
     let now_ns = now.timestamp_nanos_opt().unwrap_or_default().max(0) as u64;
-    let since: ScheduledSince =
-        plans.iter().map(|(k, _)| (k.as_str().to_string(), *old.get(k.as_str()).unwrap_or(&now_ns))).collect();
+    let mut since: ScheduledSince = old.iter().filter(|(k, _)| !owns(k)).map(|(k, v)| (k.clone(), *v)).collect();
+    since.extend(keys.iter().map(|k| (k.clone(), *old.get(k).unwrap_or(&now_ns))));
     if since != old {
         if let Err(e) = state.store().set_scheduled_since(&since) {
             error!("recording when jobs were first scheduled: {e}");
@@ -290,6 +318,93 @@ pub fn sync_plans(jobs: &[crate::sync::SyncJob]) -> Vec<(String, cron::Schedule)
         .collect()
 }
 
+/// Scheduled sync jobs (by name) with occurrences between their newest
+/// record (in `last_run`) and `now`: each with the first one and how many.
+pub fn sync_missed(
+    plans: &[(String, cron::Schedule)],
+    last_run: &BTreeMap<String, DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Vec<(String, DateTime<Utc>, usize)> {
+    plans
+        .iter()
+        .filter_map(|(name, s)| {
+            let (first, count) = occurrences(s, *last_run.get(name)?, now)?;
+            Some((name.clone(), first, count))
+        })
+        .collect()
+}
+
+/// The failed record that stands for a missed run of the sync job `name`:
+/// a sync record whose report names the job (and moved nothing).
+pub fn missed_sync_record(name: &str, first: DateTime<Utc>, count: usize, now_ns: u64) -> JobRecord {
+    let more = if count > 1 { format!(" ({count} scheduled runs missed)") } else { String::new() };
+    JobRecord {
+        kind: JobKind::Sync,
+        start_ns: now_ns,
+        end_ns: now_ns,
+        ok: false,
+        dry_run: false,
+        error: Some(format!(
+            "sync {name} was due at {} and did not run{more}: the server was not running then, or stopped during \
+             the run; it runs at its next scheduled time, or now with `bkp-server sync --remote {name}`",
+            rfc3339(first)
+        )),
+        figures: Some(crate::report::Report::Sync(crate::report::SyncReport {
+            remote: name.to_string(),
+            ..Default::default()
+        })),
+        refused: false,
+    }
+}
+
+/// Each scheduled sync job's newest record (a refused one counts: it
+/// met a run in progress), or when it was first seen scheduled.
+fn sync_watermarks(
+    state: &ServerState,
+    plans: &[(String, cron::Schedule)],
+    now: DateTime<Utc>,
+) -> Result<BTreeMap<String, DateTime<Utc>>, JobsError> {
+    let mut last = BTreeMap::new();
+    let mut limit = HISTORY;
+    loop {
+        let records = jobs::list(state.store().as_ref(), state.running(), limit)?;
+        for r in records.iter().filter(|r| r.kind == JobKind::Sync) {
+            if let Some(crate::report::Report::Sync(f)) = &r.figures {
+                last.entry(f.remote.clone()).or_insert_with(|| from_ns(r.start_ns));
+            }
+        }
+        let all_found = plans.iter().all(|(n, _)| last.contains_key(n));
+        if all_found || records.len() < limit || limit >= MAX_HISTORY {
+            break;
+        }
+        limit *= 10;
+    }
+    let keys: Vec<String> = plans.iter().map(|(n, _)| format!("{SYNC_SINCE_PREFIX}{n}")).collect();
+    let since = note_scheduled_keys(state, &keys, |k| k.starts_with(SYNC_SINCE_PREFIX), now);
+    for (n, _) in plans {
+        if let Some(first) = since.get(&format!("{SYNC_SINCE_PREFIX}{n}")) {
+            last.entry(n.clone()).or_insert_with(|| from_ns(*first));
+        }
+    }
+    Ok(last)
+}
+
+fn record_missed_sync(state: &ServerState, plans: &[(String, cron::Schedule)], now: DateTime<Utc>) {
+    let last = match sync_watermarks(state, plans, now) {
+        Ok(l) => l,
+        Err(e) => return error!("reading job records to find missed sync runs: {e}"),
+    };
+    let found = sync_missed(plans, &last, now);
+    for (name, first, count) in &found {
+        let rec = missed_sync_record(name, *first, *count, crate::clock::now_ns());
+        error!(job = "sync", remote = %name, "{}", rec.error.as_deref().unwrap_or_default());
+        jobs::record(state.store().as_ref(), state.running(), &rec);
+    }
+    if !found.is_empty() {
+        state.monitor().nudge.notify_one();
+    }
+}
+
 /// The sync jobs with an occurrence in `(after, upto]`.
 pub fn sync_due(plans: &[(String, cron::Schedule)], after: DateTime<Utc>, upto: DateTime<Utc>) -> Vec<String> {
     plans.iter().filter(|(_, s)| s.after(&after).next().is_some_and(|t| t <= upto)).map(|(n, _)| n.clone()).collect()
@@ -299,13 +414,18 @@ pub fn sync_due(plans: &[(String, cron::Schedule)], after: DateTime<Utc>, upto: 
 /// runs on its own blocking task, so a long pull from one remote does
 /// not hold back another; one still running when it comes due again is
 /// refused (recorded, no failure). Runs missed while the server was down
-/// are not recorded: the next run copies what they would have.
+/// get a failed record each at start, as `[jobs]`' do (the next run still
+/// copies all that they would have).
 pub async fn run_sync(state: Arc<ServerState>, clock: Arc<dyn Clock>) {
     let plans = sync_plans(&state.config().sync);
     if plans.is_empty() {
         return;
     }
     let mut last = clock.now();
+    let (st, p) = (state.clone(), plans.clone());
+    if let Err(e) = tokio::task::spawn_blocking(move || record_missed_sync(&st, &p, last)).await {
+        error!("looking for missed sync runs: {e}");
+    }
     loop {
         let Some(next) = plans.iter().filter_map(|(_, s)| s.after(&last).next()).min() else { return };
         clock.sleep_until(next).await;
@@ -545,6 +665,68 @@ mod tests {
         }
         let marks = watermarks(&state, &plans(&jobs), t("2026-11-30T00:00:00Z")).unwrap();
         assert_eq!(marks.get(&Verify), Some(&t("2026-11-01T02:00:00Z")), "{marks:?}");
+    }
+
+    fn sync_job(name: &str, schedule: &str) -> crate::sync::SyncJob {
+        toml::from_str(&format!(
+            "name = \"{name}\"\nserver = \"127.0.0.1:1\"\nfingerprint = \"{}\"\ntoken_file = \"/nonexistent\"\n\
+             schedule = \"{schedule}\"",
+            "ab".repeat(32)
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missed_sync_runs_are_recorded_by_job_name() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::init(dir.path()).unwrap();
+        let cfg = crate::config::ServerConfig {
+            cache_mb: 8,
+            jobs: JobsConfig { prune: None, gc: None, verify: Some("0 3 * * *".into()) },
+            sync: vec![sync_job("offsite", "0 2 * * *"), sync_job("hourly", "0 * * * *")],
+            ..Default::default()
+        };
+        let state = ServerState::open(dir.path(), cfg).unwrap();
+        let list = || jobs::list(state.store().as_ref(), state.running(), 10).unwrap();
+        // First start: both schedulers note their jobs, neither drops the other's.
+        let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T10:00:30Z")).0));
+        let a = tokio::spawn(run(state.clone(), clock.clone()));
+        let b = tokio::spawn(run_sync(state.clone(), clock.clone()));
+        wait_for("both schedulers to sleep", || clock.0.receiver_count() > 1).await;
+        a.abort();
+        b.abort();
+        let since = state.store().scheduled_since().unwrap().unwrap();
+        assert_eq!(since.keys().collect::<Vec<_>>(), ["sync/hourly", "sync/offsite", "verify"], "{since:?}");
+        assert!(list().is_empty());
+        // "hourly" ran (its record names it) at 09:00 on the 3rd.
+        let at = |s: &str| t(s).timestamp_nanos_opt().unwrap() as u64;
+        let ran = missed_sync_record("hourly", t("2026-12-03T09:00:00Z"), 1, at("2026-12-03T09:00:00Z"));
+        jobs::record(state.store().as_ref(), state.running(), &JobRecord { ok: true, error: None, ..ran });
+        // Down until 10:00:30 on the 3rd.
+        let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-03T10:00:30Z")).0));
+        let b = tokio::spawn(run_sync(state.clone(), clock.clone()));
+        wait_for("the missed-run records", || list().len() == 3).await;
+        b.abort();
+        let l = list();
+        let err = |name: &str| {
+            let r = l
+                .iter()
+                .find(|r| matches!(&r.figures, Some(crate::report::Report::Sync(f)) if f.remote == name) && !r.ok)
+                .unwrap_or_else(|| panic!("no missed record of {name}: {l:?}"));
+            assert_eq!(r.kind, JobKind::Sync);
+            r.error.clone().unwrap()
+        };
+        let e = err("offsite");
+        assert!(
+            e.starts_with("sync offsite was due at 2026-12-02T02:00:00Z and did not run (2 scheduled runs missed)"),
+            "{e}"
+        );
+        assert!(e.contains("`bkp-server sync --remote offsite`"), "{e}");
+        let e = err("hourly");
+        assert!(e.starts_with("sync hourly was due at 2026-12-03T10:00:00Z and did not run:"), "{e}");
+        // The sync scheduler's note kept verify's.
+        let since = state.store().scheduled_since().unwrap().unwrap();
+        assert!(since.contains_key("verify"), "{since:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

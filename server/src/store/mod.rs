@@ -289,8 +289,14 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Stores chunks (data through the [`ChunkStore`], in the same write)
     /// and records that `host` holds them.
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError>;
-    /// Deletes chunks, metadata and data in one write; returns the stored
-    /// bytes freed.
+    /// For each id: has the `[[sync]]` job `remote` delivered this chunk's
+    /// bytes here (for any host)? See `crate::sync::local`.
+    fn delivered_by(&self, remote: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError>;
+    /// Records that `remote` delivered these chunks' bytes (after they were
+    /// verified and stored).
+    fn record_delivered(&self, remote: &str, ids: &[ChunkId]) -> Result<(), StoreError>;
+    /// Deletes chunks, metadata and data (and their `sync_chunks` record)
+    /// in one write; returns the stored bytes freed.
     fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError>;
     /// Up to `limit` (host, chunk) possession records of `host_chunks`
     /// after `after` (owners are in [`ChunkMeta`]).

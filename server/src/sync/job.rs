@@ -300,7 +300,7 @@ fn copy_one(
     if (snap.host.as_str(), snap.name.as_str()) != (s.host.as_str(), s.name.as_str()) {
         return Err(CopyError::Snapshot("the remote's record names another set than its listing".into()));
     }
-    let copy = Copy::begin(ctx.store, ctx.sessions, &format!("sync:{}", job.name), &snap)?;
+    let copy = Copy::begin(ctx.store, ctx.sessions, &job.name, &snap)?;
     let mut pending = Pending { copy: &copy, items: Vec::new(), bytes: 0, unpersisted: 0 };
     let mut tree: Vec<ChunkId> = snap.tree.clone();
     tree.sort_unstable();

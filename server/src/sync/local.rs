@@ -5,10 +5,19 @@
 //!
 //! Possession: a chunk is recorded for the snapshot's host because the
 //! primary served it for that host's snapshot (the primary's commit had
-//! checked that the host proved it). A chunk the secondary already holds
-//! for another host is not transferred again: its stored blob is read,
-//! re-hashed and recorded for this host too ([`Copy::classify`]). No host
-//! gets a chunk its snapshot does not reference.
+//! checked that the host proved it), and only with its bytes, which are
+//! re-hashed here: the primary's word alone grants nothing. The one
+//! exception is dedup across hosts: a chunk this job's remote delivered
+//! before (for any host; `sync_chunks`, see
+//! `crate::store::rocks::provenance`) is recorded for this host without a
+//! transfer, after its stored blob is read and re-hashed
+//! ([`Copy::classify`]). That remote has proven it knows the bytes, so its
+//! claim costs nothing it could not send anyway. A chunk held here only
+//! because another host pushed it directly, or another job brought it, is
+//! fetched: a compromised primary cannot name a chunk it never had and so
+//! hand it to a host whose restore token it holds here. (The bytes that
+//! arrive are not stored twice: only the possession is new.) No host gets
+//! a chunk its snapshot does not reference.
 
 use bkp_common::names::{check_host, check_set_name};
 use bkp_common::snapshot::{Snapshot, SnapshotSummary};
@@ -49,9 +58,11 @@ impl From<CommitError> for LocalError {
 pub enum Need {
     /// The host already holds it here (or the session proved it).
     Held,
-    /// Stored for another host: recorded for this one without a transfer.
+    /// Stored for another host and delivered by this remote before:
+    /// recorded for this one without a transfer.
     Adopted,
-    /// Not stored: fetch it from the primary.
+    /// Not stored, or stored without proof that this remote knows it:
+    /// fetch it from the primary.
     Fetch,
 }
 
@@ -61,21 +72,23 @@ pub struct Copy<'a> {
     sessions: &'a Sessions,
     session: u64,
     host: String,
+    /// The job's name: whose deliveries count as proof (`sync_chunks`).
+    remote: String,
 }
 
 impl<'a> Copy<'a> {
-    /// Starts the session for `snap`'s host and set. `token` names the
-    /// sync job ("sync:NAME") in the session table.
+    /// Starts the session for `snap`'s host and set for the sync job
+    /// `remote` (named "sync:NAME" in the session table).
     pub fn begin(
         store: &'a dyn Store,
         sessions: &'a Sessions,
-        token: &str,
+        remote: &str,
         snap: &Snapshot,
     ) -> Result<Self, LocalError> {
         check_host(&snap.host).map_err(|e| LocalError::Refused(format!("the remote's snapshot: {e}")))?;
         check_set_name(&snap.name).map_err(|e| LocalError::Refused(format!("the remote's snapshot: {e}")))?;
-        let session = sessions.start_for(token, &snap.host, &snap.name, snap.kind)?;
-        let copy = Self { store, sessions, session, host: snap.host.clone() };
+        let session = sessions.start_for(&format!("sync:{remote}"), &snap.host, &snap.name, snap.kind)?;
+        let copy = Self { store, sessions, session, host: snap.host.clone(), remote: remote.to_string() };
         // The set's newest local snapshot proves its references for this
         // host, as a push's parent does: no lookups for them.
         let guard = sessions.enter(session, &copy.host)?;
@@ -88,7 +101,8 @@ impl<'a> Copy<'a> {
     }
 
     /// For each id (unique), what is needed. Held and adopted ids are
-    /// touched, so a GC spares them until the commit.
+    /// touched, so a GC spares them until the commit. Adopted: stored here
+    /// and delivered by this remote before (see the module doc).
     pub fn classify(&self, ids: &[ChunkId]) -> Result<Vec<Need>, LocalError> {
         let guard = self.sessions.enter(self.session, &self.host)?;
         let mut out = vec![Need::Held; ids.len()];
@@ -103,11 +117,12 @@ impl<'a> Copy<'a> {
         let mut sorted: Vec<ChunkId> = rest.iter().map(|&i| ids[i]).collect();
         sorted.sort_unstable();
         let stored = self.store.stored_sorted(&sorted)?;
+        let delivered = self.store.delivered_by(&self.remote, &sorted)?;
         let mut adopt = Vec::new();
         for &i in &rest {
             let pos = sorted.binary_search(&ids[i]).expect("sorted from these ids");
             out[i] = Need::Fetch;
-            if stored[pos] {
+            if stored[pos] && delivered[pos] {
                 // Re-hashed on the way: a damaged local copy is fetched
                 // instead (and verify will quarantine it).
                 if let Some(v) = self.store.chunk_blob(&ids[i])?.and_then(|b| VerifiedChunk::verify(ids[i], b).ok()) {
@@ -123,9 +138,9 @@ impl<'a> Copy<'a> {
         Ok(out)
     }
 
-    /// Verifies and stores fetched `(id, blob)` chunks for the host. A blob
-    /// that does not hash to its id refuses the whole batch before
-    /// anything of it is written.
+    /// Verifies and stores fetched `(id, blob)` chunks for the host, and
+    /// records that this remote delivered them. A blob that does not hash
+    /// to its id refuses the whole batch before anything of it is written.
     pub fn put(&self, items: Vec<(ChunkId, Vec<u8>)>) -> Result<PutStats, LocalError> {
         let verified = items
             .into_iter()
@@ -141,7 +156,9 @@ impl<'a> Copy<'a> {
             .collect::<Result<Vec<_>, _>>()?;
         let guard = self.sessions.enter(self.session, &self.host)?;
         let stats = self.store.put_chunks(&self.host, &verified)?;
-        guard.touch(verified.iter().map(|c| *c.id()));
+        let ids: Vec<ChunkId> = verified.iter().map(|c| *c.id()).collect();
+        self.store.record_delivered(&self.remote, &ids)?;
+        guard.touch(ids);
         Ok(stats)
     }
 
@@ -240,24 +257,29 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_adopts_what_another_host_holds_and_refuses_bad_data() {
+    fn a_copy_adopts_only_what_its_remote_delivered_and_refuses_bad_data() {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(&dir.path().join("db"), 8 << 20).unwrap();
         let sessions = Sessions::new(Duration::from_secs(3600));
         let data = b"rows of a dump".to_vec();
         let (id, b) = chunk(&data);
-        store.put_chunks("hostc", &[VerifiedChunk::verify(id, b).unwrap()]).unwrap();
+        // hostc pushed it here directly: no remote has shown it knows it.
+        store.put_chunks("hostc", &[VerifiedChunk::verify(id, b.clone()).unwrap()]).unwrap();
         let now = 1_000_000_000_000;
         let (snap, tree) = snapshot("hosta", &data, now);
         let sid = SnapshotId::of(&snap.encode());
 
-        let copy = Copy::begin(&store, &sessions, "sync:t", &snap).unwrap();
-        assert_eq!(copy.classify(&[tree.0, id]).unwrap(), [Need::Fetch, Need::Adopted]);
+        let copy = Copy::begin(&store, &sessions, "t", &snap).unwrap();
+        assert_eq!(copy.classify(&[tree.0, id]).unwrap(), [Need::Fetch, Need::Fetch], "the primary's word is no proof");
         // A blob that is not what its id says is refused, and not stored.
         let e = copy.put(vec![(tree.0, blob::encode(b"something else", 3))]).unwrap_err();
         assert!(e.to_string().contains("failed its hash check"), "{e}");
         assert!(store.chunk_meta(&tree.0).unwrap().is_none());
-        copy.put(vec![tree.clone()]).unwrap();
+        // The bytes came: possession, but the data is stored once.
+        let put = copy.put(vec![tree.clone(), (id, b.clone())]).unwrap();
+        assert_eq!(put.new_chunks, 1, "{put:?}");
+        assert_eq!(store.delivered_by("t", &[tree.0, id]).unwrap(), [true, true]);
+        assert_eq!(store.delivered_by("u", &[tree.0, id]).unwrap(), [false, false]);
         // A record that does not hash to the id it came with is refused.
         let mut other = snap.clone();
         other.client = "edited".into();
@@ -265,9 +287,9 @@ mod tests {
         assert!(e.to_string().contains("does not hash to its id"), "{e}");
         assert_eq!(sessions.live(), 0, "a copy given up ends its session");
 
-        let copy = Copy::begin(&store, &sessions, "sync:t", &snap).unwrap();
+        let copy = Copy::begin(&store, &sessions, "t", &snap).unwrap();
         assert_eq!(copy.classify(&[tree.0, id]).unwrap(), [Need::Held, Need::Held]);
-        let e = Copy::begin(&store, &sessions, "sync:t", &snap)
+        let e = Copy::begin(&store, &sessions, "t", &snap)
             .unwrap()
             .commit(&snap, &sid, None, 0, now - MAX_CLOCK_AHEAD_NS - 1)
             .unwrap_err();
@@ -278,6 +300,21 @@ mod tests {
         assert_eq!(store.host_holds("hosta", &[tree.0, id]).unwrap(), [true, true]);
         assert_eq!(store.host_holds("hostb", &[tree.0, id]).unwrap(), [false, false]);
         assert_eq!(sessions.live(), 0);
+
+        // hostb's snapshot of the same data: what "t" delivered is adopted
+        // without a transfer; another job must bring the bytes itself.
+        let (snap_b, _) = snapshot("hostb", &data, now);
+        let copy = Copy::begin(&store, &sessions, "t", &snap_b).unwrap();
+        assert_eq!(copy.classify(&[tree.0, id]).unwrap(), [Need::Adopted, Need::Adopted]);
+        assert_eq!(store.host_holds("hostb", &[tree.0, id]).unwrap(), [true, true]);
+        drop(copy);
+        let (snap_d, _) = snapshot("hostd", &data, now);
+        let copy = Copy::begin(&store, &sessions, "u", &snap_d).unwrap();
+        assert_eq!(copy.classify(&[tree.0, id]).unwrap(), [Need::Fetch, Need::Fetch]);
+        drop(copy);
+        // A GC's delete of a chunk takes its delivery record along.
+        store.delete_chunks(&[id]).unwrap();
+        assert_eq!(store.delivered_by("t", &[tree.0, id]).unwrap(), [true, false]);
     }
 
     #[test]
@@ -289,7 +326,7 @@ mod tests {
         let (mut snap, tree) = snapshot("hosta", &data, 5);
         snap.stats.bytes += 1;
         let sid = SnapshotId::of(&snap.encode());
-        let copy = Copy::begin(&store, &sessions, "sync:t", &snap).unwrap();
+        let copy = Copy::begin(&store, &sessions, "t", &snap).unwrap();
         copy.put(vec![tree, chunk(&data)]).unwrap();
         let e = copy.commit(&snap, &sid, None, 0, 5).unwrap_err();
         assert!(e.to_string().contains("does not hold the files and sizes"), "{e}");

@@ -10,6 +10,7 @@
 //! | `durability`  | unlogged put batches, the flush at commit, the commit mark     |
 //! | `hosts`       | host numbers (the `owner` of a chunk's meta)                   |
 //! | `possession`  | `chunk_meta`, who holds what, puts and deletes of chunks       |
+//! | `provenance`  | `sync_chunks`, which sync jobs delivered which chunk's bytes   |
 //! | `chunks`      | [`LocalChunks`], the chunk data                                |
 //! | `snapshots`   | snapshot records and the set index                             |
 //! | `records`     | jobs, meta, quarantine, damage                                 |
@@ -19,6 +20,7 @@ mod db;
 pub mod durability;
 mod hosts;
 mod possession;
+mod provenance;
 mod records;
 mod snapshots;
 #[cfg(test)]
@@ -186,6 +188,12 @@ impl MetaStore for RocksStore {
     }
     fn put_chunks(&self, host: &str, chunks: &[VerifiedChunk]) -> Result<PutStats, StoreError> {
         RocksStore::put_chunks(self, host, chunks)
+    }
+    fn delivered_by(&self, remote: &str, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        RocksStore::delivered_by(self, remote, ids)
+    }
+    fn record_delivered(&self, remote: &str, ids: &[ChunkId]) -> Result<(), StoreError> {
+        RocksStore::record_delivered(self, remote, ids)
     }
     fn delete_chunks(&self, ids: &[ChunkId]) -> Result<u64, StoreError> {
         RocksStore::delete_chunks(self, ids)

@@ -227,6 +227,7 @@ impl RocksStore {
                 freed += m.stored_len as u64;
             }
             batch.delete(schema::CF_CHUNK_META, id.as_bytes());
+            batch.delete(schema::CF_SYNC_CHUNKS, id.as_bytes());
         }
         self.data.stage_delete(ids, &mut batch)?;
         self.db.write_synced(batch)?;

@@ -19,6 +19,7 @@
 //! | `damaged`     | snapshot id (32)                      | [`Damage`]             |
 //! | `chunk_loc`   | chunk id (32)                         | s3: pack number, offset, length (`s3::Location`) |
 //! | `packs`       | pack number:u64 BE                    | s3: uploaded pack's name, kind, size (`s3::PackRecord`) |
+//! | `sync_chunks` | chunk id (32)                         | [`Delivered`]: the sync jobs that brought its bytes |
 //!
 //! Which host holds a chunk (has proven it knows the bytes, by uploading
 //! them) is recorded once per (host, chunk): for the host that uploaded it
@@ -62,7 +63,11 @@ pub const CF_TREE_CHUNKS: &str = "tree_chunks";
 /// On S3, packs whose chunks a GC moved elsewhere (pack number -> empty):
 /// deleted by the next GC.
 pub const CF_PACKS_RETIRED: &str = "packs_retired";
-pub const ALL_CFS: [&str; 14] = [
+/// Which `[[sync]]` jobs delivered each chunk's bytes here (chunk id ->
+/// [`Delivered`]): the proof a copy needs before it records a chunk
+/// stored here for another host without a transfer (`crate::sync::local`).
+pub const CF_SYNC_CHUNKS: &str = "sync_chunks";
+pub const ALL_CFS: [&str; 15] = [
     CF_CHUNKS,
     CF_CHUNK_META,
     CF_HOST_CHUNKS,
@@ -77,6 +82,7 @@ pub const ALL_CFS: [&str; 14] = [
     CF_PACKS,
     CF_TREE_CHUNKS,
     CF_PACKS_RETIRED,
+    CF_SYNC_CHUNKS,
 ];
 
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -272,6 +278,66 @@ impl QuarantineRecord {
     }
 }
 
+/// The `[[sync]]` jobs (by name) whose remote sent a chunk's bytes here,
+/// each of which has so proven that it knows them. `01 (len:u8 name)*`,
+/// names of 1 to 64 bytes, at most [`Delivered::MAX_REMOTES`] of them
+/// (more are dropped oldest first: losing one costs a transfer, nothing
+/// else).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delivered(pub Vec<String>);
+
+impl Delivered {
+    const VERSION: u8 = 1;
+    pub const MAX_REMOTES: usize = 32;
+    pub const MAX_LEN: usize = 1 + Self::MAX_REMOTES * 65;
+
+    pub fn contains(&self, remote: &str) -> bool {
+        self.0.iter().any(|r| r == remote)
+    }
+
+    /// Adds `remote`; false when it was there already.
+    pub fn add(&mut self, remote: &str) -> bool {
+        if self.contains(remote) {
+            return false;
+        }
+        if self.0.len() == Self::MAX_REMOTES {
+            self.0.remove(0);
+        }
+        self.0.push(remote.to_string());
+        true
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![Self::VERSION];
+        for r in &self.0 {
+            let r = &r.as_bytes()[..r.len().min(64)];
+            b.push(r.len() as u8);
+            b.extend_from_slice(r);
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() > Self::MAX_LEN {
+            return None;
+        }
+        let (&v, mut rest) = b.split_first()?;
+        if v != Self::VERSION {
+            return None;
+        }
+        let mut out = Vec::new();
+        while let Some((&len, tail)) = rest.split_first() {
+            let len = len as usize;
+            if len == 0 || len > 64 || tail.len() < len || out.len() == Self::MAX_REMOTES {
+                return None;
+            }
+            out.push(std::str::from_utf8(&tail[..len]).ok()?.to_string());
+            rest = &tail[len..];
+        }
+        Some(Self(out))
+    }
+}
+
 /// A `packs` key: the pack number, big-endian so that keys sort by number.
 pub fn pack_key(num: u64) -> [u8; 8] {
     num.to_be_bytes()
@@ -316,6 +382,26 @@ mod tests {
         assert_eq!(split_host_chunk_key(&c), Some(("ab".to_string(), ChunkId::from_bytes([9; 32]))));
         assert_eq!(split_host_chunk_key(b"nonul"), None);
         assert!(job_key(1, "gc") < job_key(256, "gc") && job_key(2, "gc") < job_key(2, "prune"));
+    }
+
+    #[test]
+    fn delivered_golden_and_caps() {
+        let mut d = Delivered::default();
+        assert!(d.add("ab") && d.add("c") && !d.add("ab"));
+        let e = d.encode();
+        assert_eq!(e, [1, 2, b'a', b'b', 1, b'c']);
+        assert_eq!(Delivered::decode(&e), Some(d.clone()));
+        assert!(Delivered::decode(&[1]).is_some_and(|d| d.0.is_empty()));
+        assert_eq!(Delivered::decode(&e[..e.len() - 1]), None, "a name shorter than its length");
+        assert_eq!(Delivered::decode(&[2, 1, b'a']), None, "another version");
+        assert_eq!(Delivered::decode(&[1, 0]), None, "an empty name");
+        assert_eq!(Delivered::decode(&vec![1; Delivered::MAX_LEN + 1]), None, "over the cap");
+        for i in 0..Delivered::MAX_REMOTES + 1 {
+            d.add(&format!("r{i}"));
+        }
+        assert_eq!(d.0.len(), Delivered::MAX_REMOTES);
+        assert!(!d.contains("ab") && d.contains("r32"));
+        assert_eq!(Delivered::decode(&d.encode()), Some(d));
     }
 
     #[test]
