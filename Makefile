@@ -15,7 +15,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/bkp/target
 CARGO ?= cargo
 
-.PHONY: build demo test lint deb bench bench-scaling bench-micro bench-sync fuzz fmt clean-cache
+.PHONY: build demo test lint deb bench bench-scaling bench-micro bench-sync bench-fleet bench-rss fuzz fmt clean-cache
 
 build:
 	scripts/install-deps.sh build
@@ -62,6 +62,21 @@ bench-sync: build
 	scripts/bench/prepare.py
 	scripts/bench/sync.py --data $(HOME)/.cache/bkp/bench-data/dump1.sql
 	scripts/bench/sync.py --data $(HOME)/.cache/bkp/bench-data/tree1
+
+# One server, a store prefilled to 1x, 10x and 100x the bench data's chunk
+# count (the top at least 20 M chunks), 1, 4 and 16 hosts pushing and
+# restoring at once while a GC and a verify slice run (docs/BENCH.md).
+# Sizes from BENCH_FLEET_* (scripts/bench/fleet.py); a quick run:
+#   make bench-fleet BENCH_FLEET_CHUNKS=20000,200000 BENCH_FLEET_HOSTS=1,4 BENCH_FLEET_HOST_MB=16
+bench-fleet: build
+	scripts/install-deps.sh bench
+	scripts/bench/prepare.py
+	scripts/bench/fleet.py
+
+# Client peak RSS on a 4 GB file of random bytes and on a tree of 2 M
+# empty files (generated under ~/.cache/bkp, deleted afterwards).
+bench-rss: build
+	scripts/bench/rss.py
 
 # Criterion microbenchmarks: pipeline stages, the chunk store with
 # millions of chunks, loopback end to end.

@@ -1,5 +1,7 @@
 """The Markdown tables of a bench run (medians over runs)."""
 
+import floor
+
 # Issue 5's targets: bkp's MB/s over the fastest peer's, per step.
 TARGETS = {"tree_first": 3, "tree_incr": 5, "dump_first": 3, "dump_changed": 3, "restore_tree": 3,
            "restore_dump": 3}
@@ -29,7 +31,7 @@ def mb(b):
     return b / 1e6
 
 
-def markdown(meta, med, names):
+def markdown(meta, med, names, fl=None):
     peers = [n for n in names if n != "bkp"]
     d = meta["data"]
     lines = [
@@ -85,6 +87,7 @@ def markdown(meta, med, names):
             lines.append(f"| {LABELS[step]} | {n} | {m['wall']:.1f} | {ccpu:.1f} | {srv} | "
                          f"{(ccpu + scpu) / m['wall']:.2f} | {m['client_rss_kb'] / 1024:.0f} | {srss} | {added} "
                          f"| {chunks} |")
+    lines += floor.markdown(med, fl, LABELS)
     lines += ["", NOTES, ""]
     return "\n".join(lines)
 

@@ -67,6 +67,9 @@ pub struct PushReport {
     /// Regular files taken unchanged from the metadata cache.
     pub files_cached: u64,
     pub seconds: f64,
+    /// Of which the commit request took (the server's tree check and
+    /// durable write; `make bench-fleet` reports it under load).
+    pub commit_seconds: f64,
     pub warnings: Vec<String>,
     /// Paths that could not be read and are not in the snapshot (its
     /// summary is marked incomplete; `bkp push` exits 3).
@@ -240,7 +243,9 @@ async fn push_inner(
     let counters = counters?;
     let produced = produced.map_err(|e| ClientError::Task { what: "reader thread", source: e })??;
     let incomplete = Incomplete::of(produced.skipped.iter().map(|s| s.path.as_str()));
+    let committing = Instant::now();
     let snapshot = client.commit(session, produced.tree, incomplete).await?;
+    let commit_seconds = committing.elapsed().as_secs_f64();
     let mut warnings = produced.warnings;
     // Only now is the new cache true: every chunk it names is in a snapshot.
     if let Some(w) = produced.cache {
@@ -261,6 +266,7 @@ async fn push_inner(
         files_read: produced.files_read,
         files_cached: produced.files_cached,
         seconds: start.elapsed().as_secs_f64(),
+        commit_seconds,
         warnings,
         skipped: produced.skipped,
     })
