@@ -170,6 +170,7 @@ impl Objects {
             .with_region(&cfg.region)
             .with_access_key_id(creds.key_id)
             .with_secret_access_key(creds.secret)
+            .with_unsigned_payload(!cfg.sign_payload)
             // Ours decide; see the module doc.
             .with_retry(object_store::RetryConfig { max_retries: 0, ..Default::default() });
         if let Some(t) = creds.token {
