@@ -231,6 +231,41 @@ impl Seaweed {
     }
 }
 
+/// The [storage] section (its body) for `weed`'s bucket, credentials in a
+/// 0600 file under `dir`.
+pub fn storage_toml(weed: &Seaweed, dir: &std::path::Path, prefix: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let creds = dir.join("s3-credentials");
+    std::fs::write(
+        &creds,
+        format!("[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n", ACCESS_KEY, SECRET_KEY),
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    format!(
+        "backend = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nprefix = \"{prefix}\"\ncredentials_file = \"{}\"\npack_size = \"8 MiB\"\n",
+        weed.endpoint(),
+        weed.bucket,
+        creds.display()
+    )
+}
+
+/// A server config with that [storage] section.
+pub fn s3_config(weed: &Seaweed, dir: &std::path::Path, prefix: &str) -> bkp_server::config::ServerConfig {
+    let storage: bkp_server::store::object::config::StorageConfig =
+        toml::from_str(&storage_toml(weed, dir, prefix)).unwrap();
+    bkp_server::config::ServerConfig { cache_mb: 16, storage, ..Default::default() }
+}
+
+/// The pack objects under `prefix`.
+pub fn pack_objects(weed: &Seaweed, prefix: &str) -> Vec<object_store::ObjectMeta> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let path = object_store::path::Path::from(format!("{prefix}/packs"));
+    rt.block_on(async { weed.store().list(Some(&path)).try_collect().await.unwrap() })
+}
+
 /// `0100007F:1F90` (IPv4, little-endian words) or the 32-hex-digit IPv6 form.
 fn parse_proc_addr(s: &str) -> SocketAddr {
     let (ip, port) = s.split_once(':').unwrap();

@@ -168,6 +168,12 @@ enum Cmd {
         /// The server config whose [storage] names the bucket.
         #[arg(long)]
         config: PathBuf,
+        /// The old server crashed (its lease on the bucket prefix is not
+        /// released): take the lease over as soon as it has missed a
+        /// renewal (about 2 min after the crash) instead of waiting for it
+        /// to expire (5 min). Refused while the old server still renews it.
+        #[arg(long)]
+        take_over_lease: bool,
         #[arg(long)]
         json: bool,
     },
@@ -307,7 +313,7 @@ fn execute(cli: Cli) -> Result<()> {
         Cmd::Reload { data, json } => reload(&data, json),
         Cmd::Check { data, json } => check_store(&data, json),
         Cmd::Salvage { data, json } => salvage_store(&data, json),
-        Cmd::Rebuild { data, config, json } => rebuild_store(&data, &config, json),
+        Cmd::Rebuild { data, config, take_over_lease, json } => rebuild_store(&data, &config, take_over_lease, json),
         Cmd::Audit { data, since, json } => print_audit(&data, since, json),
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create { data, host, role } => {
@@ -804,7 +810,7 @@ fn check_store(data: &Path, json: bool) -> Result<()> {
 }
 
 /// `bkp-server salvage`.
-fn rebuild_store(data: &Path, config: &Path, json: bool) -> Result<()> {
+fn rebuild_store(data: &Path, config: &Path, take_over_lease: bool, json: bool) -> Result<()> {
     let cfg = ServerConfig::load(config)?;
     if cfg.storage.backend != crate::store::object::config::Backend::S3 {
         anyhow::bail!("{}: [storage] backend is not \"s3\"; rebuild reads a bucket", config.display());
@@ -818,7 +824,7 @@ fn rebuild_store(data: &Path, config: &Path, json: bool) -> Result<()> {
         Err(_) => crate::tls::init(data)?,
     };
     let db = data.join(crate::state::DB_DIR);
-    let r = crate::store::s3::rebuild::rebuild(&db, cfg.cache_mb << 20, &cfg.storage, data)?;
+    let r = crate::store::s3::rebuild::rebuild(&db, cfg.cache_mb << 20, &cfg.storage, data, take_over_lease)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());

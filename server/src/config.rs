@@ -197,7 +197,7 @@ impl ServerConfig {
             }
         }
         cfg.alerts.check().map_err(|e| err(e.to_string()))?;
-        cfg.storage.check().map_err(err)?;
+        cfg.storage.check().map_err(|e| err(e.to_string()))?;
         crate::sync::config::check_all(&cfg.sync).map_err(err)?;
         for j in &cfg.sync {
             if let Some(expr) = &j.schedule {

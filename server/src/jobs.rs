@@ -66,7 +66,7 @@ impl JobsError {
     /// A database error may pass (a full disk, a busy compaction); an
     /// undecodable record stays.
     pub fn retryable(&self) -> bool {
-        matches!(self, JobsError::Store(StoreError::Db(_) | StoreError::Full(_) | StoreError::Bucket(_)))
+        matches!(self, JobsError::Store(StoreError::Db(_) | StoreError::Full(_) | StoreError::Bucket { .. }))
     }
 }
 

@@ -68,7 +68,12 @@
 //!   deleted by the next run, so a restore that read the old location still
 //!   finds it. Cost follows the garbage: untouched packs are not read.
 //! * `bkp-server rebuild`: a new data directory from pack indexes and
-//!   snapshot records ([`store::s3::rebuild`]).
+//!   snapshot records ([`store::s3::rebuild`]); `--take-over-lease` takes
+//!   the lease of a crashed server once it has missed a renewal.
+//! * Verify: the scrub walks [`store::ChunkStore::containers`] (packs, in
+//!   name order, sliced and resumable like chunks) and reads each whole
+//!   from the bucket ([`store::ChunkStore::scrub_container`]); a bad
+//!   chunk's quarantine drops its location, its pack is copied aside.
 //! * Faults: every bucket call retried with backoff for `retry_secs`, then
 //!   the push fails with the bucket's error; a failed upload is kept and
 //!   tried again by the next put or commit; the `bucket` alert and

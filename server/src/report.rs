@@ -203,6 +203,11 @@ pub struct ScrubReport {
     pub cycle_completed: bool,
     /// Stopped by the time bound; the next run goes on from here.
     pub stopped_early: bool,
+    /// Object store: packs read whole, and those missing from the bucket.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub packs_checked: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub packs_missing: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

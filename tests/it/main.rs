@@ -22,6 +22,7 @@ mod resilience;
 mod run;
 mod s3;
 mod s3_faults;
+mod s3_offline;
 mod security;
 mod status;
 mod stream;

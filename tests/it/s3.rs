@@ -1,6 +1,6 @@
 //! Chunk data on S3 (issue 18), against a real SeaweedFS on loopback.
 
-use bkp_tests::seaweed::Seaweed;
+use bkp_tests::seaweed::{s3_config, storage_toml, Seaweed};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 
@@ -75,36 +75,6 @@ fn object_layer_and_lease_on_seaweedfs() {
         b.release().await.unwrap();
         Lease::acquire(&o, "server-c", ttl, t0 + Duration::from_secs(202)).await.unwrap();
     });
-}
-
-/// The [storage] section (its body) for `weed`'s bucket, credentials in a
-/// 0600 file under `dir`.
-pub(crate) fn storage_toml(weed: &Seaweed, dir: &std::path::Path, prefix: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let creds = dir.join("s3-credentials");
-    std::fs::write(
-        &creds,
-        format!(
-            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-            bkp_tests::seaweed::ACCESS_KEY,
-            bkp_tests::seaweed::SECRET_KEY
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
-    format!(
-        "backend = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nprefix = \"{prefix}\"\ncredentials_file = \"{}\"\npack_size = \"8 MiB\"\n",
-        weed.endpoint(),
-        weed.bucket,
-        creds.display()
-    )
-}
-
-/// A server config with that [storage] section.
-pub(crate) fn s3_config(weed: &Seaweed, dir: &std::path::Path, prefix: &str) -> bkp_server::config::ServerConfig {
-    let storage: bkp_server::store::object::config::StorageConfig =
-        toml::from_str(&storage_toml(weed, dir, prefix)).unwrap();
-    bkp_server::config::ServerConfig { cache_mb: 16, storage, ..Default::default() }
 }
 
 /// A tree of many small files and a few big ones under `root`.

@@ -107,10 +107,10 @@ impl ServiceError {
     pub fn client_message(&self) -> String {
         match self {
             ServiceError::Store(StoreError::Protected(_) | StoreError::Full(_)) => self.to_string(),
-            ServiceError::Store(StoreError::Bucket(_)) => {
-                "the server's object store failed or did not answer (see the server log); push again once it is back"
-                    .into()
-            }
+            ServiceError::Store(StoreError::Bucket { bucket, .. }) => format!(
+                "the server's object store (bucket {bucket:?}) failed or did not answer (see the server log); \
+                 once it answers again, try again: a push sends only what is still missing"
+            ),
             ServiceError::Store(_) => "server storage error (see the server log)".into(),
             _ => self.to_string(),
         }
@@ -121,7 +121,7 @@ impl ServiceError {
     pub fn retryable(&self) -> bool {
         match self {
             ServiceError::Session(e) => matches!(e, SessionError::HostBusy(..) | SessionError::ServerBusy(_)),
-            ServiceError::Store(e) => matches!(e, StoreError::Db(_) | StoreError::Full(_) | StoreError::Bucket(_)),
+            ServiceError::Store(e) => matches!(e, StoreError::Db(_) | StoreError::Full(_) | StoreError::Bucket { .. }),
             _ => false,
         }
     }

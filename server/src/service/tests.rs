@@ -305,8 +305,11 @@ fn errors_say_whether_a_retry_can_help() {
     assert!(full.retryable() && full.client_message().contains("full"));
     let db = ServiceError::Store(crate::store::StoreError::Db("/srv/db/000123.sst: EIO".into()));
     assert_eq!(db.client_message(), "server storage error (see the server log)", "paths stay on the server");
-    let bucket = ServiceError::Store(crate::store::StoreError::Bucket("PUT packs/ab: connection refused".into()));
-    assert!(bucket.retryable() && bucket.client_message().contains("object store"));
+    let bucket = ServiceError::Store(crate::store::StoreError::Bucket {
+        bucket: "backups".into(),
+        detail: "PUT packs/ab: connection refused".into(),
+    });
+    assert!(bucket.retryable() && bucket.client_message().contains("object store (bucket \"backups\")"));
     assert!(!bucket.client_message().contains("packs/"), "object names stay on the server");
     assert!(!ServiceError::Rejected("x".into()).retryable());
     assert!(!ServiceError::Session(SessionError::Expired(60)).retryable());

@@ -21,6 +21,6 @@ pub enum StoreError {
     Full(u64),
     /// The object store (backend s3) failed or did not answer, after its
     /// retries.
-    #[error("object store: {0}")]
-    Bucket(String),
+    #[error("object store (bucket {bucket:?}): {detail}")]
+    Bucket { bucket: String, detail: String },
 }

@@ -164,6 +164,34 @@ pub struct PackGcStats {
     pub bytes_rewritten: u64,
 }
 
+/// A container of chunks (an object store's pack), as the scrub walks
+/// them: `id` is its name (a blake3 hash, so ids spread evenly over the
+/// key space, as chunk ids do, and the scrub's slices and cursor work on
+/// them unchanged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Container {
+    pub id: [u8; 32],
+    /// The backend's own number for it.
+    pub num: u64,
+    pub bytes: u64,
+}
+
+/// Called by [`ChunkStore::scrub_container`] with each live chunk of the
+/// container and its blob (`None`: the container is missing); returns why
+/// the chunk is bad, if it is (the caller has quarantined it by then).
+pub type ContainerCheck<'a> = dyn FnMut(&ChunkId, Option<&[u8]>) -> Result<Option<String>, StoreError> + 'a;
+
+/// What [`ChunkStore::scrub_container`] read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerScrub {
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Chunks found bad (or missing).
+    pub bad: u64,
+    /// The container was missing from the store.
+    pub missing: bool,
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PutStats {
     pub new_chunks: u32,
@@ -250,6 +278,19 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// local backend has none.
     fn gc_packs(&self, _fence: &Fence<'_>) -> Result<PackGcStats, StoreError> {
         Ok(PackGcStats::default())
+    }
+    /// The containers chunks are kept in, sorted by id, for a scrub that
+    /// reads each whole and in order ([`ChunkStore::scrub_container`]);
+    /// `None`: no containers (the local backend), chunks are scrubbed one
+    /// by one.
+    fn containers(&self) -> Result<Option<Vec<Container>>, StoreError> {
+        Ok(None)
+    }
+    /// Reads one container whole (one sequential read), and calls `check`
+    /// with each chunk whose data lives there. A container holding a bad
+    /// chunk is copied aside, for inspection.
+    fn scrub_container(&self, _c: &Container, _check: &mut ContainerCheck<'_>) -> Result<ContainerScrub, StoreError> {
+        Ok(ContainerScrub::default())
     }
     /// Makes deleted data really leave the disk (or bucket). Fails when
     /// that failed, or had no room to run.

@@ -31,12 +31,13 @@
 //! * One server per bucket prefix: the `lease` object (see
 //!   `object::lease`), renewed in the background; a lost lease stops writes.
 //!
+//! * The scrub ([`scrub`]) reads packs whole, sequentially, from the
+//!   bucket; a bad pack is copied aside to `quarantine/`.
+//!
 //! # Not built yet (issue 18)
-//! A scrub that reads whole packs (the scrub reads chunk by chunk through
-//! [`ChunkStore::chunk_blob`], which serves cached chunks from the cache);
-//! copying a bad pack aside; periodic metadata checkpoints in the bucket;
-//! pack liveness kept incrementally (GC counts it in one pass over
-//! `chunk_loc`, metadata only).
+//! Periodic metadata checkpoints in the bucket; pack liveness kept
+//! incrementally (GC counts it in one pass over `chunk_loc`, metadata
+//! only).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +47,7 @@ use std::time::{Duration, SystemTime};
 use bkp_common::{ChunkId, SnapshotId};
 
 use super::object::config::StorageConfig;
-use super::object::lease::{Lease, DEFAULT_TTL};
+use super::object::lease::{Lease, TakeOver, DEFAULT_TTL};
 use super::object::{ObjectError, Objects, RetryPolicy};
 use super::pack::{Kind, PackWriter};
 use super::rocks::{Batch, Db};
@@ -57,6 +58,7 @@ mod gc;
 pub mod rebuild;
 pub mod records;
 mod rows;
+mod scrub;
 mod trees;
 mod upload;
 use rows::obj_err;
@@ -108,18 +110,39 @@ impl S3Chunks {
     /// Opens the bucket side: takes the lease (refusing when another server
     /// holds it) and loads the pack table.
     pub fn open(db: Arc<Db>, cfg: &StorageConfig, data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_taking_over(db, cfg, data_dir, TakeOver::Never)
+    }
+
+    /// As [`Self::open`]; `take_over` may take the lease of a holder that
+    /// stopped renewing it (`rebuild --take-over-lease`).
+    pub fn open_taking_over(
+        db: Arc<Db>,
+        cfg: &StorageConfig,
+        data_dir: &Path,
+        take_over: TakeOver,
+    ) -> Result<Self, StoreError> {
         let d = RetryPolicy::default();
         let retry = RetryPolicy {
             total: Duration::from_secs(cfg.retry_secs),
             attempt_timeout: d.attempt_timeout.min(Duration::from_secs(cfg.retry_secs)),
             ..d
         };
-        let objects = Objects::s3(cfg, retry).map_err(obj_err)?;
-        Self::open_on(db, objects, cfg, data_dir)
+        let objects = Objects::s3(cfg, retry).map_err(|e| obj_err(cfg.bucket.as_deref().unwrap_or_default(), e))?;
+        Self::open_inner(db, objects, cfg, data_dir, take_over)
     }
 
     /// As [`Self::open`], over any object store (tests).
     pub fn open_on(db: Arc<Db>, objects: Objects, cfg: &StorageConfig, data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_inner(db, objects, cfg, data_dir, TakeOver::Never)
+    }
+
+    fn open_inner(
+        db: Arc<Db>,
+        objects: Objects,
+        cfg: &StorageConfig,
+        data_dir: &Path,
+        take_over: TakeOver,
+    ) -> Result<Self, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("bkp-s3")
@@ -128,7 +151,11 @@ impl S3Chunks {
             .map_err(|e| StoreError::Open(data_dir.display().to_string(), format!("object store runtime: {e}")))?;
         let holder = holder_id(data_dir)?;
         let o = objects.clone();
-        let lease = run_on(&rt, async move { Lease::acquire(&o, &holder, DEFAULT_TTL, SystemTime::now()).await })
+        let lease =
+            run_on(
+                &rt,
+                async move { Lease::acquire_with(&o, &holder, DEFAULT_TTL, SystemTime::now(), take_over).await },
+            )
             .map_err(|e| StoreError::Open(data_dir.display().to_string(), e.to_string()))?;
         let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| data_dir.join("cache"));
         let up = Arc::new(Shared {
@@ -264,7 +291,7 @@ impl S3Chunks {
     /// The blob without the bucket: from a pack still in memory, the local
     /// copy of a tree chunk, or the local cache.
     fn local_blob(&self, id: &ChunkId, loc: &Location) -> Option<Vec<u8>> {
-        self.staged_blob(loc).or_else(|| self.tree_copy(id)).or_else(|| self.cache.get(id))
+        self.staged_blob(loc).or_else(|| self.tree_copy(id)).or_else(|| self.cache.get(id, loc))
     }
 
     /// Packs in this process's memory: their chunks read from there.
@@ -280,6 +307,10 @@ impl S3Chunks {
 
     pub fn objects(&self) -> &Objects {
         &self.objects
+    }
+
+    fn bucket_err(&self, e: ObjectError) -> StoreError {
+        obj_err(self.objects.bucket(), e)
     }
 }
 
@@ -370,14 +401,14 @@ impl ChunkStore for S3Chunks {
         let range = loc.offset..loc.offset + loc.len as u64;
         match run_on(self.rt(), async move { o.get_range(&name, range).await }) {
             Ok(b) => {
-                self.cache.put(id, &b);
+                self.cache.put(id, &loc, &b);
                 Ok(Some(b.to_vec()))
             }
             Err(ObjectError::NotFound(name)) => {
                 tracing::error!(chunk = %id.short(), pack = %name, "pack missing from the bucket: chunk treated as missing");
                 Ok(None)
             }
-            Err(e) => Err(obj_err(e)),
+            Err(e) => Err(self.bucket_err(e)),
         }
     }
 
@@ -424,6 +455,18 @@ impl ChunkStore for S3Chunks {
     fn gc_packs(&self, fence: &super::Fence<'_>) -> Result<super::PackGcStats, StoreError> {
         self.check_lease()?;
         self.pack_gc(fence)
+    }
+
+    fn containers(&self) -> Result<Option<Vec<super::Container>>, StoreError> {
+        Ok(Some(self.scrub_list()))
+    }
+
+    fn scrub_container(
+        &self,
+        c: &super::Container,
+        check: &mut super::ContainerCheck<'_>,
+    ) -> Result<super::ContainerScrub, StoreError> {
+        self.scrub_pack(c, check)
     }
 
     /// Nothing more: `gc_packs` deleted the dead packs.
@@ -486,12 +529,14 @@ impl Drop for S3Chunks {
 }
 
 /// A bounded local cache of chunk blobs read from the bucket: one file per
-/// chunk, the oldest evicted past `cap` bytes. A lost or damaged file is
-/// only a miss (every reader checks a blob against its id).
+/// chunk and location, the oldest evicted past `cap` bytes. Keyed by the
+/// location too: a chunk quarantined and uploaded again (to a new place)
+/// is never served from what was read at its old one. A lost or damaged
+/// file is only a miss (every reader checks a blob against its id).
 struct RangeCache {
     dir: PathBuf,
     cap: u64,
-    state: Mutex<(u64, std::collections::VecDeque<(ChunkId, u64)>)>,
+    state: Mutex<(u64, std::collections::VecDeque<(PathBuf, u64)>)>,
 }
 
 impl RangeCache {
@@ -502,27 +547,28 @@ impl RangeCache {
         Ok(Self { dir, cap, state: Default::default() })
     }
 
-    fn path(&self, id: &ChunkId) -> PathBuf {
-        self.dir.join(id.to_hex())
+    fn path(&self, id: &ChunkId, loc: &Location) -> PathBuf {
+        self.dir.join(format!("{}-{}-{}", id.to_hex(), loc.pack, loc.offset))
     }
 
-    fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        std::fs::read(self.path(id)).ok()
+    fn get(&self, id: &ChunkId, loc: &Location) -> Option<Vec<u8>> {
+        std::fs::read(self.path(id, loc)).ok()
     }
 
-    fn put(&self, id: &ChunkId, blob: &[u8]) {
+    fn put(&self, id: &ChunkId, loc: &Location, blob: &[u8]) {
         if blob.len() as u64 > self.cap / 4 {
             return;
         }
-        if std::fs::write(self.path(id), blob).is_err() {
+        let path = self.path(id, loc);
+        if std::fs::write(&path, blob).is_err() {
             return;
         }
         let mut st = self.state.lock().expect("cache lock");
         st.0 += blob.len() as u64;
-        st.1.push_back((*id, blob.len() as u64));
+        st.1.push_back((path, blob.len() as u64));
         while st.0 > self.cap {
             let Some((old, len)) = st.1.pop_front() else { break };
-            let _ = std::fs::remove_file(self.path(&old));
+            let _ = std::fs::remove_file(old);
             st.0 -= len;
         }
     }
@@ -591,14 +637,14 @@ mod tests {
     use crate::store::rocks::RocksStore;
     use bkp_common::blob;
 
-    fn chunk(seed: u64, len: usize) -> VerifiedChunk {
+    pub(super) fn chunk(seed: u64, len: usize) -> VerifiedChunk {
         use rand::{RngCore, SeedableRng};
         let mut data = vec![0u8; len];
         rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
         VerifiedChunk::verify(ChunkId::of(&data), blob::encode(&data, 3)).unwrap()
     }
 
-    fn quick() -> RetryPolicy {
+    pub(super) fn quick() -> RetryPolicy {
         RetryPolicy {
             first: Duration::from_millis(1),
             max_delay: Duration::from_millis(5),
@@ -611,14 +657,14 @@ mod tests {
         StorageConfig { pack_size: 1 << 20, cache_size: 64 << 20, ..Default::default() }
     }
 
-    fn open(data: &Path, store: &Arc<Faulty>) -> Result<RocksStore, StoreError> {
+    pub(super) fn open(data: &Path, store: &Arc<Faulty>) -> Result<RocksStore, StoreError> {
         let objects = Objects::new(store.clone(), "srv", quick());
         RocksStore::open_with(&data.join("db"), 8 << 20, |db| {
             Ok(Arc::new(S3Chunks::open_on(db, objects, &cfg(), data)?) as Arc<dyn ChunkStore>)
         })
     }
 
-    fn packs_in_bucket(f: &Arc<Faulty>) -> usize {
+    pub(super) fn packs_in_bucket(f: &Arc<Faulty>) -> usize {
         let o = Objects::new(f.clone(), "srv", quick());
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(o.list("packs")).unwrap().len()

@@ -8,6 +8,12 @@
 //! the cursor is what was verified least recently. A run bounded in time
 //! leaves the cursor where it stopped. A chunk stored since the cursor
 //! passed its place was re-hashed on upload and is scrubbed next cycle.
+//!
+//! A backend that keeps chunks in containers (the s3 backend's packs) is
+//! scrubbed container by container instead ([`crate::store::ChunkStore::containers`]):
+//! each is read whole, sequentially, and its chunks are checked the same
+//! way. Container names are blake3 hashes too, so the same slices apply,
+//! and the cursor's `after` holds the last container's name.
 
 use std::time::Instant;
 
@@ -16,7 +22,7 @@ use bkp_common::{blob, ChunkId};
 pub use crate::report::ScrubReport;
 /// Where the scrub stands, kept in `meta` (its codec is the schema's).
 pub use crate::store::schema::ScrubCursor as Cursor;
-use crate::store::{Store, StoreError};
+use crate::store::{Container, Store, StoreError};
 
 const BATCH: usize = 256;
 
@@ -40,7 +46,12 @@ pub fn check_chunk(store: &dyn Store, id: &ChunkId) -> Result<Option<String>, St
     let Some(b) = store.chunk_blob(id)? else {
         return Ok(store.chunk_meta(id)?.map(|_| "chunk data is missing from the store".to_string()));
     };
-    match blob::decode_verified(&b, id) {
+    check_blob(store, id, &b)
+}
+
+/// Why a chunk's stored blob `b` is bad, or `None` when it is sound.
+fn check_blob(store: &dyn Store, id: &ChunkId, b: &[u8]) -> Result<Option<String>, StoreError> {
+    match blob::decode_verified(b, id) {
         Err(e) => Ok(Some(e.to_string())),
         Ok(data) => match store.chunk_meta(id)? {
             Some(m) if m.raw_len as usize != data.len() => {
@@ -61,6 +72,9 @@ pub fn run(
     now_ns: u64,
     bad: &mut dyn FnMut(ChunkId, String) -> Result<(), StoreError>,
 ) -> Result<ScrubReport, StoreError> {
+    if let Some(containers) = store.containers()? {
+        return run_containers(store, &containers, slices, full, deadline, now_ns, bad);
+    }
     let mut cur = store.scrub_cursor()?;
     let mut report = ScrubReport::default();
     let mut after = if full { None } else { cur.after };
@@ -100,6 +114,68 @@ pub fn run(
         report.coverage = 1.0;
     } else {
         cur.after = after;
+        report.coverage = cur.coverage();
+    }
+    store.set_scrub_cursor(&cur)?;
+    Ok(report)
+}
+
+/// [`run`] over a backend's containers (sorted by id), each read whole.
+fn run_containers(
+    store: &dyn Store,
+    containers: &[Container],
+    slices: u32,
+    full: bool,
+    deadline: Option<Instant>,
+    now_ns: u64,
+    bad: &mut dyn FnMut(ChunkId, String) -> Result<(), StoreError>,
+) -> Result<ScrubReport, StoreError> {
+    let mut cur = store.scrub_cursor()?;
+    let mut report = ScrubReport::default();
+    let mut after = if full { None } else { cur.after.map(|a| *a.as_bytes()) };
+    if after.is_none() {
+        cur.cycle_start_ns = now_ns;
+    }
+    let mut check = |id: &ChunkId, blob: Option<&[u8]>| -> Result<Option<String>, StoreError> {
+        let why = match blob {
+            Some(b) => check_blob(store, id, b)?,
+            // Not damage if GC deleted it meanwhile.
+            None => store.chunk_meta(id)?.map(|_| "its pack is missing from the bucket".to_string()),
+        };
+        if let Some(w) = &why {
+            bad(*id, w.clone())?;
+        }
+        Ok(why)
+    };
+    let first = containers.partition_point(|c| after.is_some_and(|a| c.id <= a));
+    let mut end: Option<Option<u64>> = if full { Some(None) } else { None };
+    report.cycle_completed = true;
+    for c in &containers[first..] {
+        let pos = u64::from_be_bytes(c.id[..8].try_into().expect("8 bytes"));
+        let end = *end.get_or_insert_with(|| slice_end(pos, slices));
+        if end.is_some_and(|e| pos >= e) {
+            report.cycle_completed = false;
+            break;
+        }
+        let r = store.scrub_container(c, &mut check)?;
+        report.chunks_checked += r.chunks;
+        report.bytes_checked += r.bytes;
+        report.packs_checked += 1;
+        report.packs_missing += r.missing as u64;
+        after = Some(c.id);
+        if deadline.is_some_and(|d| Instant::now() >= d) && c.id != containers[containers.len() - 1].id {
+            report.stopped_early = true;
+            report.cycle_completed = false;
+            break;
+        }
+    }
+    cur.last_run_ns = now_ns;
+    if report.cycle_completed {
+        cur.after = None;
+        cur.last_cycle_end_ns = now_ns;
+        report.coverage = 1.0;
+    } else {
+        cur.after = after.map(ChunkId::from_bytes);
         report.coverage = cur.coverage();
     }
     store.set_scrub_cursor(&cur)?;

@@ -16,6 +16,58 @@ pub const DEFAULT_CACHE_SIZE: u64 = 4 << 30;
 /// Repack below half live: a repack then costs at most the bytes it frees.
 pub const DEFAULT_REPACK_LIVE_PERCENT: u8 = 50;
 
+/// A `[storage]` section that cannot work, and why (what to change).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StorageConfigError {
+    #[error("[storage] backend = \"s3\" needs `bucket`")]
+    NoBucket,
+    #[error("[storage] pack_size {0} is outside {min} MiB ..= {max} MiB", min = MIN_PACK_SIZE >> 20, max = MAX_PACK_SIZE >> 20)]
+    PackSize(u64),
+    #[error("[storage] retry_secs {0} is outside 1..=3600")]
+    RetrySecs(u64),
+    #[error("[storage] repack_live_percent {0} is over 100")]
+    RepackPercent(u8),
+    #[error("[storage] endpoint {0:?} must start with https:// or http://")]
+    Endpoint(String),
+    #[error("[storage] prefix {0:?}: no leading '/', empty or '..' parts")]
+    Prefix(String),
+    #[error(
+        "[storage] backend = \"s3\" needs credentials: set credentials_file, or AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY in the server's environment"
+    )]
+    NoCredentials,
+    #[error("credentials_file {path}: {problem}")]
+    CredentialsFile { path: String, problem: CredentialsProblem },
+}
+
+/// What is wrong with a credentials file. Never quotes a value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialsProblem {
+    #[error("{0}")]
+    Io(String),
+    #[error("mode {0:04o}: others may read the secret; `chmod 600` it and start again")]
+    Mode(u32),
+    #[error("{0} bytes: not a credentials file")]
+    Size(u64),
+    #[error("line {0}: expected `key = value`")]
+    Line(usize),
+    #[error("line {0}: unknown key {1:?}")]
+    UnknownKey(usize, String),
+    #[error("needs aws_access_key_id and aws_secret_access_key")]
+    Incomplete,
+}
+
+/// A size that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SizeError {
+    #[error("size {0:?}: expected a number and a unit, like \"32 MiB\"")]
+    Number(String),
+    #[error("size {0:?}: unknown unit (B, KiB, MiB, GiB, TiB)")]
+    Unit(String),
+    #[error("size {0:?} is too large")]
+    TooLarge(String),
+}
+
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -59,6 +111,13 @@ pub struct StorageConfig {
     pub retry_secs: u64,
     /// The `bucket` alert fires once the bucket has not answered this long.
     pub unreachable_alert_secs: u64,
+    /// Sign each request's body hash (SigV4 `x-amz-content-sha256`) rather
+    /// than send `UNSIGNED-PAYLOAD`. Off by default: both ends would hash
+    /// every byte once more (measured: SeaweedFS's CPU was what bounded a
+    /// push), while a pack is named by its blake3 and every blob is checked
+    /// on every read and by the scrub, and TLS protects what travels. Turn
+    /// it on for a store that refuses unsigned bodies.
+    pub sign_payload: bool,
 }
 
 impl Default for StorageConfig {
@@ -77,55 +136,50 @@ impl Default for StorageConfig {
             repack_live_percent: DEFAULT_REPACK_LIVE_PERCENT,
             retry_secs: 120,
             unreachable_alert_secs: 300,
+            sign_payload: false,
         }
     }
 }
 
 impl StorageConfig {
     /// What can be checked without touching the network or the files it names.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), StorageConfigError> {
+        use StorageConfigError as E;
         if self.backend == Backend::Local {
             return Ok(());
         }
         if self.bucket.as_deref().is_none_or(str::is_empty) {
-            return Err("[storage] backend = \"s3\" needs `bucket`".into());
+            return Err(E::NoBucket);
         }
         if !(MIN_PACK_SIZE..=MAX_PACK_SIZE).contains(&self.pack_size) {
-            return Err(format!(
-                "[storage] pack_size {} is outside {} MiB ..= {} MiB",
-                self.pack_size,
-                MIN_PACK_SIZE >> 20,
-                MAX_PACK_SIZE >> 20
-            ));
+            return Err(E::PackSize(self.pack_size));
         }
         if !(1..=3600).contains(&self.retry_secs) {
-            return Err(format!("[storage] retry_secs {} is outside 1..=3600", self.retry_secs));
+            return Err(E::RetrySecs(self.retry_secs));
         }
         if self.repack_live_percent > 100 {
-            return Err(format!("[storage] repack_live_percent {} is over 100", self.repack_live_percent));
+            return Err(E::RepackPercent(self.repack_live_percent));
         }
         if let Some(e) = &self.endpoint {
             if !(e.starts_with("https://") || e.starts_with("http://")) {
-                return Err(format!("[storage] endpoint {e:?} must start with https:// or http://"));
+                return Err(E::Endpoint(e.clone()));
             }
         }
         if self.prefix.starts_with('/') || self.prefix.contains("//") || self.prefix.contains("..") {
-            return Err(format!("[storage] prefix {:?}: no leading '/', empty or '..' parts", self.prefix));
+            return Err(E::Prefix(self.prefix.clone()));
         }
         Ok(())
     }
 
     /// The credentials to sign requests with (see `credentials_file`).
-    pub fn credentials(&self) -> Result<Credentials, String> {
+    pub fn credentials(&self) -> Result<Credentials, StorageConfigError> {
         match &self.credentials_file {
             Some(p) => Credentials::from_file(p),
             None => {
                 let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
                 match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
                     (Some(key_id), Some(secret)) => Ok(Credentials { key_id, secret, token: var("AWS_SESSION_TOKEN") }),
-                    _ => Err("[storage] backend = \"s3\" needs credentials: set credentials_file, or \
-                              AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the server's environment"
-                        .into()),
+                    _ => Err(StorageConfigError::NoCredentials),
                 }
             }
         }
@@ -152,26 +206,24 @@ const MAX_CREDENTIALS_FILE: u64 = 64 << 10;
 impl Credentials {
     /// Reads an AWS-style credentials file, refusing one that others than
     /// its owner may read or write (the secret would be theirs too).
-    pub fn from_file(path: &Path) -> Result<Self, String> {
+    pub fn from_file(path: &Path) -> Result<Self, StorageConfigError> {
         use std::os::unix::fs::MetadataExt;
-        let shown = path.display();
-        let md = std::fs::metadata(path).map_err(|e| format!("credentials_file {shown}: {e}"))?;
+        use CredentialsProblem as P;
+        let fail = |problem| StorageConfigError::CredentialsFile { path: path.display().to_string(), problem };
+        let md = std::fs::metadata(path).map_err(|e| fail(P::Io(e.to_string())))?;
         if md.mode() & 0o077 != 0 {
-            return Err(format!(
-                "credentials_file {shown} has mode {:04o}: others may read the secret; `chmod 600 {shown}` and start again",
-                md.mode() & 0o7777
-            ));
+            return Err(fail(P::Mode(md.mode() & 0o7777)));
         }
         if md.len() > MAX_CREDENTIALS_FILE {
-            return Err(format!("credentials_file {shown} is {} bytes: not a credentials file", md.len()));
+            return Err(fail(P::Size(md.len())));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("credentials_file {shown}: {e}"))?;
-        Self::parse(&text).map_err(|e| format!("credentials_file {shown}: {e}"))
+        let text = std::fs::read_to_string(path).map_err(|e| fail(P::Io(e.to_string())))?;
+        Self::parse(&text).map_err(fail)
     }
 
     /// `key = value` lines of the `[default]` section (or of no section);
     /// `#`/`;` comments. Errors never quote a value.
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, CredentialsProblem> {
         let (mut key_id, mut secret, mut token) = (None, None, None);
         let mut in_default = true;
         for (n, line) in text.lines().enumerate() {
@@ -184,7 +236,7 @@ impl Credentials {
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {
-                return Err(format!("line {}: expected `key = value`", n + 1));
+                return Err(CredentialsProblem::Line(n + 1));
             };
             if !in_default {
                 continue;
@@ -194,14 +246,14 @@ impl Credentials {
                 "aws_access_key_id" => key_id = Some(v),
                 "aws_secret_access_key" => secret = Some(v),
                 "aws_session_token" => token = Some(v),
-                other => return Err(format!("line {}: unknown key {other:?}", n + 1)),
+                other => return Err(CredentialsProblem::UnknownKey(n + 1, other.to_string())),
             }
         }
         match (key_id, secret) {
             (Some(key_id), Some(secret)) if !key_id.is_empty() && !secret.is_empty() => {
                 Ok(Self { key_id, secret, token })
             }
-            _ => Err("needs aws_access_key_id and aws_secret_access_key".into()),
+            _ => Err(CredentialsProblem::Incomplete),
         }
     }
 }
@@ -221,20 +273,20 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("size {s:?}: expected a number and a unit, like \"32 MiB\""))?;
+    let n: u64 = num.parse().map_err(|_| SizeError::Number(s.to_string()))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" | "kb" => 10,
         "m" | "mib" | "mb" => 20,
         "g" | "gib" | "gb" => 30,
         "t" | "tib" | "tb" => 40,
-        _ => return Err(format!("size {s:?}: unknown unit (B, KiB, MiB, GiB, TiB)")),
+        _ => return Err(SizeError::Unit(s.to_string())),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(1 << shift).ok_or_else(|| SizeError::TooLarge(s.to_string()))
 }
 
 #[cfg(test)]
@@ -243,7 +295,7 @@ mod tests {
 
     fn cfg(text: &str) -> Result<StorageConfig, String> {
         let c: StorageConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        c.check().map(|()| c)
+        c.check().map(|()| c).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -284,7 +336,7 @@ mod tests {
         let secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY";
         std::fs::write(&p, format!("# bkp\n[default]\naws_access_key_id = AKIDEXAMPLE\naws_secret_access_key = {secret}\n[other]\naws_access_key_id = NOPE\n")).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = Credentials::from_file(&p).unwrap_err();
+        let e = Credentials::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
         assert!(!e.contains(secret));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -292,12 +344,12 @@ mod tests {
         assert_eq!((c.key_id.as_str(), c.secret.as_str(), c.token.as_deref()), ("AKIDEXAMPLE", secret, None));
         assert!(!format!("{c:?}").contains(secret), "Debug hides the secret");
         std::fs::write(&p, format!("aws_secret_access_key = {secret}\n")).unwrap();
-        let e = Credentials::from_file(&p).unwrap_err();
+        let e = Credentials::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("aws_access_key_id") && !e.contains(secret), "{e}");
         std::fs::write(&p, format!("aws_secret = {secret}\n")).unwrap();
-        let e = Credentials::from_file(&p).unwrap_err();
+        let e = Credentials::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("unknown key") && !e.contains(secret), "{e}");
         let s3 = StorageConfig { credentials_file: Some(dir.path().join("absent")), ..Default::default() };
-        assert!(s3.credentials().unwrap_err().contains("absent"));
+        assert!(s3.credentials().unwrap_err().to_string().contains("absent"));
     }
 }

@@ -9,6 +9,14 @@
 //! holder (the same data directory: its id is kept there) takes its own
 //! lease back at once after a crash.
 //!
+//! After a crash on another machine (`bkp-server rebuild` on a new one),
+//! the dead holder's lease runs out only after its time to live. An
+//! operator may take it over sooner ([`TakeOver::IfSilent`], `rebuild
+//! --take-over-lease`), but only once the holder has missed a renewal: its
+//! last one lies more than [`TAKE_OVER_SILENCE`] back, longer than a live
+//! holder ever waits between two. A holder that was only cut off from the
+//! bucket finds the lease lost at its next renewal and stops writing.
+//!
 //! Expiry is wall-clock: clocks of the servers sharing a bucket must agree
 //! to well within the lease's time to live (minutes).
 
@@ -21,6 +29,9 @@ use super::{ObjectError, Objects, Version};
 
 pub const LEASE_OBJECT: &str = "lease";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// A live holder renews every third of [`DEFAULT_TTL`] (100 s); one
+/// silent this much longer has missed a renewal.
+pub const TAKE_OVER_SILENCE: Duration = Duration::from_secs(DEFAULT_TTL.as_secs() / 3 + 30);
 /// A lease record is a few hundred bytes; anything bigger is not one.
 const MAX_LEASE_BYTES: usize = 64 << 10;
 
@@ -41,7 +52,8 @@ pub enum LeaseError {
         "bucket prefix {prefix:?} is in use by another bkp-server (host {host}, pid {pid}; its lease runs \
          {secs} s more). Two servers writing one prefix would destroy each other's data: give this server \
          its own [storage] prefix, or stop the other one (a stopped server frees the lease at once, a \
-         crashed one when it expires)"
+         crashed one when it expires; `bkp-server rebuild --take-over-lease` takes it over once the crashed \
+         server has missed a renewal)"
     )]
     Held { prefix: String, host: String, pid: u32, secs: u64 },
     #[error(
@@ -49,10 +61,25 @@ pub enum LeaseError {
          writes there; find out which server should own the prefix, and restart this one only if it is it"
     )]
     Lost { prefix: String, host: String },
+    #[error(
+        "bucket prefix {prefix:?} is held by host {host} (pid {pid}), which renewed its lease {ago} s ago: that \
+         server looks alive. Stop it first; --take-over-lease takes a lease over only once its holder has been \
+         silent for {need} s (try again in {wait} s)"
+    )]
+    Live { prefix: String, host: String, pid: u32, ago: u64, need: u64, wait: u64 },
     #[error("lease object is damaged ({0}); if no other server uses this prefix, delete the `lease` object")]
     Damaged(String),
     #[error(transparent)]
     Object(#[from] ObjectError),
+}
+
+/// Whether [`Lease::acquire_with`] may take a lease another holder has
+/// not let expire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TakeOver {
+    Never,
+    /// When its last renewal lies further back than this.
+    IfSilent(Duration),
 }
 
 /// A held lease.
@@ -91,6 +118,18 @@ fn hostname() -> String {
 impl Lease {
     /// Takes the lease for `holder`, or says who has it.
     pub async fn acquire(objects: &Objects, holder: &str, ttl: Duration, now: SystemTime) -> Result<Self, LeaseError> {
+        Self::acquire_with(objects, holder, ttl, now, TakeOver::Never).await
+    }
+
+    /// As [`Lease::acquire`]; `take_over` says whether a live lease whose
+    /// holder has gone silent may be taken (see the module doc).
+    pub async fn acquire_with(
+        objects: &Objects,
+        holder: &str,
+        ttl: Duration,
+        now: SystemTime,
+        take_over: TakeOver,
+    ) -> Result<Self, LeaseError> {
         let prefix = objects.prefix.clone();
         let record = LeaseRecord {
             v: 1,
@@ -114,12 +153,37 @@ impl Lease {
             };
             let theirs = decode(&bytes)?;
             if theirs.holder != holder && theirs.expires > unix(now) {
-                return Err(LeaseError::Held {
-                    prefix,
-                    host: theirs.host,
-                    pid: theirs.pid,
-                    secs: theirs.expires - unix(now),
-                });
+                // Its last renewal: the expiry it wrote, less the time to
+                // live every server uses.
+                let ago = unix(now).saturating_sub(theirs.expires.saturating_sub(DEFAULT_TTL.as_secs()));
+                match take_over {
+                    TakeOver::IfSilent(need) if ago > need.as_secs() => {
+                        tracing::warn!(
+                            host = %theirs.host,
+                            pid = theirs.pid,
+                            silent_secs = ago,
+                            "taking over the lease of a holder that stopped renewing it"
+                        );
+                    }
+                    TakeOver::IfSilent(need) => {
+                        return Err(LeaseError::Live {
+                            prefix,
+                            host: theirs.host,
+                            pid: theirs.pid,
+                            ago,
+                            need: need.as_secs(),
+                            wait: need.as_secs() + 1 - ago,
+                        })
+                    }
+                    TakeOver::Never => {
+                        return Err(LeaseError::Held {
+                            prefix,
+                            host: theirs.host,
+                            pid: theirs.pid,
+                            secs: theirs.expires - unix(now),
+                        })
+                    }
+                }
             }
             match objects.put_if(LEASE_OBJECT, encode(&record), Some(&seen)).await {
                 Ok(version) => return Ok(Self { objects: objects.clone(), prefix, record, version, ttl }),
@@ -215,6 +279,37 @@ mod tests {
             // Released: the next server starts at once.
             b.release().await.unwrap();
             Lease::acquire(&o, "server-c", ttl, t0 + Duration::from_secs(93)).await.unwrap();
+        });
+    }
+
+    /// The explicit take-over: refused while the holder renewed recently
+    /// (saying how long to wait), allowed once it has missed a renewal;
+    /// the old holder then finds its lease lost.
+    #[test]
+    fn a_silent_holder_can_be_taken_over_a_live_one_cannot() {
+        rt().block_on(async {
+            let o = Objects::new(Arc::new(object_store::memory::InMemory::new()), "site", RetryPolicy::default());
+            let t0 = SystemTime::now();
+            let mut a = Lease::acquire(&o, "dead", DEFAULT_TTL, t0).await.unwrap();
+            let take = TakeOver::IfSilent(TAKE_OVER_SILENCE);
+            let at = |s: u64| t0 + Duration::from_secs(s);
+            let e = Lease::acquire_with(&o, "new", DEFAULT_TTL, at(10), take).await.unwrap_err();
+            match &e {
+                LeaseError::Live { ago: 10, wait, .. } => assert_eq!(*wait, TAKE_OVER_SILENCE.as_secs() - 9),
+                e => panic!("{e}"),
+            }
+            assert!(e.to_string().contains("renewed its lease 10 s ago") && e.to_string().contains("Stop it"), "{e}");
+            // Renewed at 100 s (as a live holder does): silent again from there.
+            a.renew(at(100)).await.unwrap();
+            let e = Lease::acquire_with(&o, "new", DEFAULT_TTL, at(200), take).await.unwrap_err();
+            assert!(matches!(e, LeaseError::Live { ago: 100, .. }), "{e}");
+            let e = Lease::acquire(&o, "new", DEFAULT_TTL, at(300)).await.unwrap_err();
+            assert!(e.to_string().contains("--take-over-lease"), "the plain refusal names the way out: {e}");
+            let b = Lease::acquire_with(&o, "new", DEFAULT_TTL, at(100 + TAKE_OVER_SILENCE.as_secs() + 1), take)
+                .await
+                .unwrap();
+            assert_eq!(b.record().holder, "new");
+            assert!(matches!(a.renew(at(400)).await, Err(LeaseError::Lost { .. })), "the silent holder lost it");
         });
     }
 

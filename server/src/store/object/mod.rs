@@ -130,6 +130,8 @@ impl Stats {
 #[derive(Clone, Debug)]
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
+    /// The bucket's name, for messages (empty for a store in memory).
+    bucket: String,
     prefix: String,
     retry: RetryPolicy,
     stats: Arc<Stats>,
@@ -143,13 +145,23 @@ impl Objects {
     /// Over `store`; every name is put under `prefix` (may be empty).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, retry: RetryPolicy) -> Self {
         let prefix = prefix.trim_matches('/').to_string();
-        Self { store, prefix, retry, stats: Default::default() }
+        Self { store, bucket: String::new(), prefix, retry, stats: Default::default() }
+    }
+
+    /// The bucket's name (what errors name).
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn with_bucket(mut self, name: &str) -> Self {
+        self.bucket = name.to_string();
+        self
     }
 
     /// An S3 client from `[storage]`.
     pub fn s3(cfg: &config::StorageConfig, retry: RetryPolicy) -> Result<Self, ObjectError> {
         install_crypto();
-        let creds = cfg.credentials().map_err(ObjectError::Other)?;
+        let creds = cfg.credentials().map_err(|e| ObjectError::Other(e.to_string()))?;
         let mut client = object_store::ClientOptions::new()
             .with_timeout(retry.attempt_timeout)
             .with_connect_timeout(Duration::from_secs(10));
@@ -158,6 +170,7 @@ impl Objects {
             .with_region(&cfg.region)
             .with_access_key_id(creds.key_id)
             .with_secret_access_key(creds.secret)
+            .with_unsigned_payload(!cfg.sign_payload)
             // Ours decide; see the module doc.
             .with_retry(object_store::RetryConfig { max_retries: 0, ..Default::default() });
         if let Some(t) = creds.token {
@@ -176,7 +189,7 @@ impl Objects {
             }
         }
         let store = b.with_client_options(client).build().map_err(|e| ObjectError::Other(e.to_string()))?;
-        Ok(Self::new(Arc::new(store), &cfg.prefix, retry))
+        Ok(Self::new(Arc::new(store), &cfg.prefix, retry).with_bucket(cfg.bucket.as_deref().unwrap_or_default()))
     }
 
     pub fn stats(&self) -> &Stats {

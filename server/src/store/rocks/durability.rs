@@ -84,7 +84,10 @@ impl Db {
         }
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
-        let cfs = [schema::CF_CHUNKS, schema::CF_CHUNK_META, schema::CF_HOST_CHUNKS].map(|n| self.cf(n));
+        // `chunk_loc` too: an object store's locations ride in the same
+        // unlogged batches as the metadata they belong to.
+        let cfs = [schema::CF_CHUNKS, schema::CF_CHUNK_META, schema::CF_HOST_CHUNKS, schema::CF_CHUNK_LOC]
+            .map(|n| self.cf(n));
         self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| {
             // Not flushed: the next commit must try again.
             self.unlogged.fetch_add(pending, Ordering::SeqCst);

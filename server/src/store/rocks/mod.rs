@@ -162,6 +162,16 @@ impl ChunkStore for RocksStore {
     fn gc_packs(&self, fence: &crate::store::Fence<'_>) -> Result<crate::store::PackGcStats, StoreError> {
         self.data.gc_packs(fence)
     }
+    fn containers(&self) -> Result<Option<Vec<crate::store::Container>>, StoreError> {
+        self.data.containers()
+    }
+    fn scrub_container(
+        &self,
+        c: &crate::store::Container,
+        check: &mut crate::store::ContainerCheck<'_>,
+    ) -> Result<crate::store::ContainerScrub, StoreError> {
+        self.data.scrub_container(c, check)
+    }
     fn reclaim_space(&self) -> Result<(), StoreError> {
         self.data.reclaim_space()
     }

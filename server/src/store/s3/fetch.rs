@@ -11,7 +11,7 @@ use std::ops::Range;
 use bkp_common::ChunkId;
 use futures::StreamExt;
 
-use super::{obj_err, pack_object, Location, S3Chunks};
+use super::{pack_object, Location, S3Chunks};
 use crate::store::object::{merge_ranges, ObjectError};
 use crate::store::{schema, StoreError};
 
@@ -98,7 +98,7 @@ impl S3Chunks {
                 Err(ObjectError::NotFound(_)) => {
                     tracing::error!(pack = %name, "pack missing from the bucket: its chunks treated as missing");
                 }
-                Err(e) => return Err(obj_err(e)),
+                Err(e) => return Err(self.bucket_err(e)),
             }
         }
         for (name, want) in &remote {
@@ -107,7 +107,9 @@ impl S3Chunks {
                     pieces.get(name).and_then(|ps| ps.iter().find(|(m, _)| m.start <= r.start && r.end <= m.end));
                 if let Some((m, b)) = piece {
                     let blob = b.slice((r.start - m.start) as usize..(r.end - m.start) as usize);
-                    self.cache.put(&ids[*i], &blob);
+                    if let Some(l) = &locs[*i] {
+                        self.cache.put(&ids[*i], l, &blob);
+                    }
                     out[*i] = Some(blob.to_vec());
                 }
             }

@@ -29,7 +29,7 @@ use bkp_common::ChunkId;
 
 use super::fetch::{MERGE_GAP, READS_IN_FLIGHT};
 use super::upload::{Sealed, Up};
-use super::{obj_err, pack_object, Location, PackRecord, S3Chunks};
+use super::{pack_object, Location, PackRecord, S3Chunks};
 use crate::store::pack::{Kind, PackWriter, SealedPack};
 use crate::store::rocks::Batch;
 use crate::store::{schema, Fence, PackGcStats, StoreError};
@@ -95,14 +95,14 @@ impl S3Chunks {
         }
         let o = self.objects.clone();
         let count = names.len() as u64;
-        super::run_on(self.rt(), async move { o.delete(&names).await }).map_err(obj_err)?;
+        super::run_on(self.rt(), async move { o.delete(&names).await }).map_err(|e| self.bucket_err(e))?;
         Ok(count)
     }
 
     /// Pack objects no row names and no upload holds.
     fn delete_orphans(&self) -> Result<u64, StoreError> {
         let o = self.objects.clone();
-        let listed = super::run_on(self.rt(), async move { o.list("packs").await }).map_err(obj_err)?;
+        let listed = super::run_on(self.rt(), async move { o.list("packs").await }).map_err(|e| self.bucket_err(e))?;
         let orphans: Vec<String> = {
             let st = self.up.lock();
             let packs = self.up.packs.read().expect("packs lock");
@@ -120,7 +120,7 @@ impl S3Chunks {
         tracing::info!(count = orphans.len(), "deleting pack objects no metadata names (left by a crash)");
         let o = self.objects.clone();
         let count = orphans.len() as u64;
-        super::run_on(self.rt(), async move { o.delete(&orphans).await }).map_err(obj_err)?;
+        super::run_on(self.rt(), async move { o.delete(&orphans).await }).map_err(|e| self.bucket_err(e))?;
         Ok(count)
     }
 
@@ -129,7 +129,7 @@ impl S3Chunks {
         let ranges: Vec<Range<u64>> = live.iter().map(|(_, l)| l.offset..l.offset + l.len as u64).collect();
         let (o, name) = (self.objects.clone(), pack_object(&rec.id));
         super::run_on(self.rt(), async move { o.get_ranges(&name, &ranges, MERGE_GAP, READS_IN_FLIGHT).await })
-            .map_err(obj_err)
+            .map_err(|e| self.bucket_err(e))
     }
 
     /// Uploads `w` and, under the fence, moves the chunks it holds there

@@ -28,7 +28,7 @@ use bkp_common::{ChunkId, SnapshotId};
 use serde::Serialize;
 
 use super::records;
-use super::{obj_err, pack_object, run_on, Location, PackRecord, S3Chunks};
+use super::{pack_object, run_on, Location, PackRecord, S3Chunks};
 use crate::store::object::config::StorageConfig;
 use crate::store::pack::{self, Kind, PackId};
 use crate::store::rocks::{Batch, RocksStore};
@@ -57,10 +57,13 @@ pub fn rebuild(
     cache_bytes: usize,
     storage: &StorageConfig,
     data_dir: &Path,
+    take_over: bool,
 ) -> Result<RebuildReport, StoreError> {
+    use crate::store::object::lease::{TakeOver, TAKE_OVER_SILENCE};
+    let take_over = if take_over { TakeOver::IfSilent(TAKE_OVER_SILENCE) } else { TakeOver::Never };
     let mut s3: Option<Arc<S3Chunks>> = None;
     let store = RocksStore::open_with(db_dir, cache_bytes, |db| {
-        let s = Arc::new(S3Chunks::open(db, storage, data_dir)?);
+        let s = Arc::new(S3Chunks::open_taking_over(db, storage, data_dir, take_over)?);
         s3 = Some(s.clone());
         Ok(s as Arc<dyn ChunkStore>)
     })?;
@@ -76,7 +79,7 @@ pub fn rebuild(
     let located = s3.rebuild_locations(&mut report)?;
 
     let o = s3.objects.clone();
-    let listed = run_on(s3.rt(), async move { o.list("snapshots").await }).map_err(obj_err)?;
+    let listed = run_on(s3.rt(), async move { o.list("snapshots").await }).map_err(|e| s3.bucket_err(e))?;
     let mut snaps: Vec<(SnapshotId, Snapshot)> = Vec::new();
     for (name, size) in listed {
         let Some(id) = records::parse_name(&name) else { continue };
@@ -87,7 +90,7 @@ pub fn rebuild(
         }
         let o = s3.objects.clone();
         let n = name.clone();
-        let bytes = run_on(s3.rt(), async move { o.get(&n).await }).map_err(obj_err)?;
+        let bytes = run_on(s3.rt(), async move { o.get(&n).await }).map_err(|e| s3.bucket_err(e))?;
         match records::decode(&bytes, &id)
             .map_err(|e| e.to_string())
             .and_then(|r| Snapshot::decode(r).map_err(|e| e.to_string()))
@@ -167,7 +170,7 @@ impl S3Chunks {
     /// Step 1: `packs` rows and `chunk_loc` from every pack's index.
     fn rebuild_locations(&self, report: &mut RebuildReport) -> Result<HashMap<ChunkId, Location>, StoreError> {
         let o = self.objects.clone();
-        let listed = run_on(self.rt(), async move { o.list("packs").await }).map_err(obj_err)?;
+        let listed = run_on(self.rt(), async move { o.list("packs").await }).map_err(|e| self.bucket_err(e))?;
         let mut located: HashMap<ChunkId, (Location, Kind)> = HashMap::new();
         for (name, len) in listed {
             let Some(id) = name.strip_prefix("packs/").and_then(PackId::parse) else { continue };

@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use bkp_common::SnapshotId;
 use bytes::Bytes;
 
-use super::{obj_err, S3Chunks};
+use super::S3Chunks;
 use crate::store::{schema, Fence, StoreError};
 
 pub const MAGIC: &[u8; 4] = b"BKPR";
@@ -87,7 +87,9 @@ pub fn parse_name(name: &str) -> Option<SnapshotId> {
 impl S3Chunks {
     pub(super) fn put_record(&self, id: &SnapshotId, record: &[u8]) -> Result<(), StoreError> {
         let (o, name, bytes) = (self.objects.clone(), record_object(id), Bytes::from(encode(record)));
-        super::run_on(self.rt(), async move { o.put_new(&name, bytes).await }).map(|_| ()).map_err(obj_err)
+        super::run_on(self.rt(), async move { o.put_new(&name, bytes).await })
+            .map(|_| ())
+            .map_err(|e| self.bucket_err(e))
     }
 
     pub(super) fn delete_record(&self, id: &SnapshotId) {
@@ -100,7 +102,8 @@ impl S3Chunks {
     /// Deletes the record objects no local snapshot names; returns how many.
     pub(super) fn delete_stale_records(&self, fence: &Fence<'_>) -> Result<u64, StoreError> {
         let o = self.objects.clone();
-        let listed = super::run_on(self.rt(), async move { o.list("snapshots").await }).map_err(obj_err)?;
+        let listed =
+            super::run_on(self.rt(), async move { o.list("snapshots").await }).map_err(|e| self.bucket_err(e))?;
         let mut stale = Vec::new();
         fence(&mut || {
             let cf = self.db.cf(schema::CF_SNAPSHOTS);
@@ -118,7 +121,7 @@ impl S3Chunks {
         }
         let count = stale.len() as u64;
         let o = self.objects.clone();
-        super::run_on(self.rt(), async move { o.delete(&stale).await }).map_err(obj_err)?;
+        super::run_on(self.rt(), async move { o.delete(&stale).await }).map_err(|e| self.bucket_err(e))?;
         Ok(count)
     }
 }

@@ -6,8 +6,10 @@ use crate::store::object::ObjectError;
 use crate::store::pack::{Kind, PackId};
 use crate::store::StoreError;
 
-pub(super) fn obj_err(e: ObjectError) -> StoreError {
-    StoreError::Bucket(e.to_string())
+/// An object store error as the store reports it: with the bucket's name,
+/// which the client is told (the object names stay in the server's log).
+pub(super) fn obj_err(bucket: &str, e: ObjectError) -> StoreError {
+    StoreError::Bucket { bucket: bucket.to_string(), detail: e.to_string() }
 }
 
 /// A chunk's place: pack number, offset of its blob, its length.

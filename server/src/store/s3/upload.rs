@@ -132,7 +132,7 @@ impl Shared {
     /// Records an ended PUT: stored (its `packs` row synced, then out of
     /// memory) or failed (kept for a retry).
     fn finished(self: &Arc<Self>, num: u64, rec: PackRecord, r: Result<crate::store::object::Created, ObjectError>) {
-        let r = r.map_err(obj_err).and_then(|_| {
+        let r = r.map_err(|e| obj_err(self.objects.bucket(), e)).and_then(|_| {
             let mut b = Batch::new(&self.db);
             b.put(schema::CF_PACKS, schema::pack_key(num), rec.encode());
             self.db.write_synced(b)
@@ -147,7 +147,10 @@ impl Shared {
             Err(e) => {
                 tracing::warn!(pack = %rec.id.short(), "pack upload failed (tried again at the next put or commit): {e}");
                 if let Some((_, s)) = st.sealed.iter_mut().find(|(n, _)| *n == num) {
-                    s.up = Up::Failed(e.to_string());
+                    s.up = Up::Failed(match e {
+                        StoreError::Bucket { detail, .. } => detail,
+                        other => other.to_string(),
+                    });
                 }
             }
         }
@@ -168,7 +171,10 @@ impl Shared {
                 pending = true;
                 if let Up::Failed(e) = &s.up {
                     if retried.contains(n) {
-                        return Err(StoreError::Bucket(e.strip_prefix("object store: ").unwrap_or(e).to_string()));
+                        return Err(StoreError::Bucket {
+                            bucket: self.objects.bucket().to_string(),
+                            detail: e.clone(),
+                        });
                     }
                     retried.push(*n);
                     s.up = Up::Queued;
