@@ -684,8 +684,14 @@ fn summary(r: &JobRecord) -> String {
                 String::new()
             };
             format!(
-                "{} chunks freed ({} bytes), disk {} -> {} bytes{packs}",
-                f.chunks_deleted, f.bytes_freed, f.disk_bytes_before, f.disk_bytes_after
+                "{} chunks freed ({} bytes), disk {} -> {} bytes, {} bytes rewritten ({} of them live chunks \
+                 relocated){packs}",
+                f.chunks_deleted,
+                f.bytes_freed,
+                f.disk_bytes_before,
+                f.disk_bytes_after,
+                f.bytes_rewritten,
+                f.bytes_relocated
             )
         }
         Some(Report::Verify(f)) => {

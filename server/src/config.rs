@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub max_pushes_per_day: u32,
     pub retention: crate::prune::RetentionConfig,
     pub jobs: crate::jobs::JobsConfig,
+    /// `[gc]`: the mark set's memory budget, when chunk files are rewritten.
+    pub gc: crate::gc::GcConfig,
     pub verify: crate::verify::VerifyConfig,
     pub freshness: crate::freshness::FreshnessConfig,
     pub alerts: crate::alerts::AlertsConfig,
@@ -50,6 +52,7 @@ impl Default for ServerConfig {
             max_pushes_per_day: 0,
             retention: Default::default(),
             jobs: Default::default(),
+            gc: Default::default(),
             verify: Default::default(),
             freshness: Default::default(),
             alerts: Default::default(),
@@ -146,6 +149,7 @@ impl ServerConfig {
         }
         live(&mut r, "retention", &self.retention, &new.retention);
         live(&mut r, "jobs", &self.jobs, &new.jobs);
+        live(&mut r, "gc", &self.gc, &new.gc);
         live(&mut r, "verify", &self.verify, &new.verify);
         live(&mut r, "freshness", &self.freshness, &new.freshness);
         live(&mut r, "alerts", &self.alerts, &new.alerts);
@@ -175,6 +179,7 @@ impl ServerConfig {
             max_pushes_per_day: _,
             retention: _,
             jobs: _,
+            gc: _,
             verify: _,
             freshness: _,
             alerts: _,

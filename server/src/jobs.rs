@@ -8,6 +8,10 @@
 //! failure, since the run in progress does the work. A record the store
 //! cannot take (a full disk) is kept in memory, listed as if stored, and
 //! written at the next record or monitor check.
+//!
+//! Records are kept `[jobs] record_days` (90 by default): every record a
+//! run writes also deletes those of runs started longer ago than that, so
+//! the `jobs` column family stays bounded without a job of its own.
 
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -24,14 +28,25 @@ use crate::sessions::Sessions;
 use crate::store::{MetaStore, Store, StoreError};
 use crate::verify::{self, Scope, VerifyConfig};
 
-/// `[jobs]` in the server config: 5-field cron schedules, in UTC.
-#[derive(Clone, Debug, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[jobs]` in the server config: 5-field cron schedules, in UTC, and
+/// how long run records are kept.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
     pub prune: Option<String>,
     pub gc: Option<String>,
     pub verify: Option<String>,
+    /// Days a run's record is kept (0: forever).
+    pub record_days: u32,
 }
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self { prune: None, gc: None, verify: None, record_days: DEFAULT_RECORD_DAYS }
+    }
+}
+
+pub const DEFAULT_RECORD_DAYS: u32 = 90;
 
 impl JobsConfig {
     pub fn schedules(&self) -> [(JobKind, &Option<String>); 3] {
@@ -113,6 +128,10 @@ pub struct Jobs<'a> {
     /// `[[sync]]` jobs, and the push budget their copies obey.
     pub sync: &'a [crate::sync::SyncJob],
     pub max_pushes_per_day: u32,
+    /// `[gc]`: the mark set's memory, when data files are rewritten.
+    pub gc: &'a crate::gc::GcConfig,
+    /// `[jobs] record_days`.
+    pub record_days: u32,
     /// Who started the run, for its audit line (`crate::audit::Line::by`).
     pub by: &'a str,
 }
@@ -137,9 +156,9 @@ pub fn run(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, hooks: &GcHooks) -> Jo
             .and_then(|plan| prune(jobs.store, plan, dry_run))
             .map(|r| (Report::Prune(r), None))
             .map_err(|e| e.to_string()),
-        JobKind::Gc => {
-            gc::run(jobs.store, jobs.sessions, hooks).map(|r| (Report::Gc(r), None)).map_err(|e| e.to_string())
-        }
+        JobKind::Gc => gc::run_with(jobs.store, jobs.sessions, jobs.gc, hooks)
+            .map(|r| (Report::Gc(r), None))
+            .map_err(|e| e.to_string()),
         JobKind::Verify | JobKind::Sync => unreachable!("handled above"),
     })
 }
@@ -181,8 +200,27 @@ fn refuse(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, msg: String, refused: b
     let rec =
         JobRecord { kind, start_ns, end_ns: start_ns, ok: false, dry_run, error: Some(msg), figures: None, refused };
     record(jobs.store, jobs.running, &rec);
+    trim(jobs, rec.start_ns);
     audit(jobs.audit, jobs.by, &rec);
     rec
+}
+
+/// Deletes the records of runs started more than `record_days` before
+/// `now_ns`. A failure only leaves them for the next run.
+fn trim(jobs: &Jobs<'_>, now_ns: u64) {
+    if let Some(before) = trim_before(now_ns, jobs.record_days) {
+        match jobs.store.trim_jobs(before) {
+            Ok(0) => {}
+            Ok(n) => info!(records = n, days = jobs.record_days, "old job records removed"),
+            Err(e) => error!("removing job records older than {} days: {e}", jobs.record_days),
+        }
+    }
+}
+
+/// Where trimming stops: records that started before this go.
+fn trim_before(now_ns: u64, record_days: u32) -> Option<u64> {
+    let age = (record_days as u64).checked_mul(86_400 * 1_000_000_000)?;
+    (record_days > 0).then(|| now_ns.saturating_sub(age))
 }
 
 fn finish(
@@ -196,6 +234,7 @@ fn finish(
     let rec =
         JobRecord { kind, start_ns, end_ns: now_ns(), ok: error.is_none(), dry_run, error, figures, refused: false };
     record(jobs.store, jobs.running, &rec);
+    trim(jobs, rec.start_ns);
     audit(jobs.audit, jobs.by, &rec);
     match &rec.error {
         None => info!(job = kind.as_str(), "job finished"),
@@ -242,6 +281,7 @@ fn run_with(jobs: &Jobs<'_>, kind: JobKind, dry_run: bool, body: impl FnOnce(u64
             refused,
         };
         record(jobs.store, jobs.running, &rec);
+        trim(jobs, rec.start_ns);
         audit(jobs.audit, jobs.by, &rec);
         rec
     };
@@ -379,6 +419,17 @@ mod tests {
             figures: None,
             refused: false,
         }
+    }
+
+    #[test]
+    fn trimming_keeps_the_configured_days() {
+        const DAY: u64 = 86_400 * 1_000_000_000;
+        assert_eq!(trim_before(100 * DAY, 90), Some(10 * DAY));
+        assert_eq!(trim_before(100 * DAY, 0), None, "0 keeps records forever");
+        assert_eq!(trim_before(DAY, 90), Some(0), "a clock near the epoch trims nothing");
+        assert_eq!(trim_before(u64::MAX, 1000), Some(u64::MAX - 1000 * DAY));
+        assert_eq!(trim_before(u64::MAX, u32::MAX), None, "an age past u64 keeps everything");
+        assert_eq!(JobsConfig::default().record_days, DEFAULT_RECORD_DAYS);
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct LimitsConfig {
     /// connection that finds none left gets a 1 MiB window (slower on
     /// long paths, never refused).
     pub window_budget_mb: usize,
+    /// Chunk ids live push sessions have proven or uploaded, MiB, for the
+    /// whole server: half in exact sets, half in one shared filter once
+    /// those are full (see `crate::sessions`).
+    pub touched_mb: usize,
 }
 
 impl Default for LimitsConfig {
@@ -84,6 +88,7 @@ impl Default for LimitsConfig {
             connection_frame_budget_mb: 32,
             inflate_mb_per_sec: 64,
             window_budget_mb: 1024,
+            touched_mb: crate::sessions::DEFAULT_TOUCHED_MB,
         }
     }
 }

@@ -201,6 +201,17 @@ pub fn render(st: &Status, c: &Counters, firing: u64, audit_dropped: (u64, u64))
     r.gauge("bkp_quarantined_chunks", "chunks in quarantine, not healed", st.quarantined as f64);
     r.gauge("bkp_damaged_snapshots", "snapshots that failed verification", st.damaged.len() as f64);
 
+    let last_gc = st.jobs.get("gc").and_then(|(_, ok)| ok.as_ref()).and_then(|j| j.gc_report());
+    let gc = |f: fn(&crate::report::GcReport) -> u64| last_gc.map_or(0, f) as f64;
+    r.gauge(
+        "bkp_gc_last_bytes_rewritten",
+        "bytes the last successful GC wrote to reclaim space (compactions, relocated chunks)",
+        gc(|g| g.bytes_rewritten + g.pack_bytes_rewritten),
+    );
+    r.gauge("bkp_gc_last_bytes_relocated", "live chunk bytes the last successful GC moved", gc(|g| g.bytes_relocated));
+    r.gauge("bkp_gc_last_bytes_freed", "disk bytes the last successful GC freed", gc(|g| g.bytes_freed));
+    r.gauge("bkp_gc_last_disk_bytes", "store bytes on disk after the last successful GC", gc(|g| g.disk_bytes_after));
+
     let kind = |k: &str| l(&[("kind", k)]);
     let jobs = || st.jobs.iter();
     r.family(

@@ -89,6 +89,13 @@ impl JobRecord {
         }
     }
 
+    pub fn gc_report(&self) -> Option<&GcReport> {
+        match &self.figures {
+            Some(Report::Gc(v)) => Some(v),
+            _ => None,
+        }
+    }
+
     pub fn verify_report(&self) -> Option<&VerifyReport> {
         match &self.figures {
             Some(Report::Verify(v)) => Some(v),
@@ -173,9 +180,28 @@ pub struct GcReport {
     /// Object store: blob bytes those copies rewrote.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pack_bytes_rewritten: u64,
+    /// Local store: bytes the reclaim step wrote (compactions, relocated
+    /// chunks included): what this GC cost the disk besides its deletes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_rewritten: u64,
+    /// Local store: live chunk bytes moved out of blob files with garbage
+    /// (part of `bytes_rewritten`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_relocated: u64,
+    /// Local store: garbage in the chunk files before the reclaim
+    /// (estimated from `chunk_meta`), and the blob files' bytes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub garbage_bytes_before: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_bytes_before: u64,
+    /// Marked ids written to the `gc_mark` scratch because the mark set
+    /// outgrew `[gc] mark_memory_mb` (0: it stayed in memory).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mark_spilled: u64,
 }
 
-/// The bucket figures stay out of a local store's records (as before them).
+/// Figures of one backend stay out of the other's records, and zeros out
+/// of all (records read as they did before the figures existed).
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }

@@ -472,6 +472,7 @@ mod tests {
             prune: cfg.iter().find(|(k, _)| *k == JobKind::Prune).map(|(_, e)| e.to_string()),
             gc: cfg.iter().find(|(k, _)| *k == JobKind::Gc).map(|(_, e)| e.to_string()),
             verify: cfg.iter().find(|(k, _)| *k == JobKind::Verify).map(|(_, e)| e.to_string()),
+            ..Default::default()
         };
         plans(&c)
     }
@@ -599,7 +600,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_due_at_the_same_minute_all_run() {
-        let jobs = JobsConfig { prune: Some("0 2 * * *".into()), gc: None, verify: Some("0 2 * * *".into()) };
+        let jobs = JobsConfig {
+            prune: Some("0 2 * * *".into()),
+            gc: None,
+            verify: Some("0 2 * * *".into()),
+            ..Default::default()
+        };
         let (_dir, state) = server(jobs);
         let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T01:59:59Z")).0));
         let task = tokio::spawn(run(state.clone(), clock.clone()));
@@ -622,7 +628,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_that_never_ran_is_measured_from_when_it_was_scheduled() {
-        let jobs = JobsConfig { prune: None, gc: None, verify: Some("0 2 * * *".into()) };
+        let jobs = JobsConfig { prune: None, gc: None, verify: Some("0 2 * * *".into()), ..Default::default() };
         let (_dir, state) = server(jobs);
         // First start: nothing to measure from yet; the time is noted.
         let clock = Arc::new(ManualClock(tokio::sync::watch::channel(t("2026-12-01T10:00:00Z")).0));
@@ -647,7 +653,12 @@ mod tests {
 
     #[test]
     fn a_kind_buried_under_another_kinds_records_is_still_found() {
-        let jobs = JobsConfig { prune: Some("0 * * * *".into()), gc: None, verify: Some("0 2 1 * *".into()) };
+        let jobs = JobsConfig {
+            prune: Some("0 * * * *".into()),
+            gc: None,
+            verify: Some("0 2 1 * *".into()),
+            ..Default::default()
+        };
         let (_dir, state) = server(jobs.clone());
         let at = |s: &str| t(s).timestamp_nanos_opt().unwrap() as u64;
         let ok = |kind, start_ns| {
@@ -731,7 +742,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_run_missed_while_down_is_recorded_at_start() {
-        let jobs = JobsConfig { prune: None, gc: None, verify: Some("0 2 * * *".into()) };
+        let jobs = JobsConfig { prune: None, gc: None, verify: Some("0 2 * * *".into()), ..Default::default() };
         let (_dir, state) = server(jobs);
         // The last verify ran two days before the server comes back.
         let before = t("2026-11-29T02:00:01Z");

@@ -68,7 +68,8 @@ impl ServerState {
         let store =
             crate::store::s3::open_store(&data_dir.join(DB_DIR), config.cache_mb << 20, &config.storage, data_dir)?;
         let sessions = Sessions::new(Duration::from_secs(config.session_lease_secs))
-            .with_limits(config.limits.sessions, config.limits.sessions_per_host);
+            .with_limits(config.limits.sessions, config.limits.sessions_per_host)
+            .with_touched_budget(config.limits.touched_mb.saturating_mul(1 << 20));
         let limits = Limits::new(config.limits.clone(), config.max_connections);
         let audit = crate::audit::Audit::start(data_dir, config.audit.clone());
         Ok(Arc::new(Self {
@@ -178,6 +179,8 @@ impl ServerState {
             verify: &cfg.verify,
             sync: &cfg.sync,
             max_pushes_per_day: cfg.max_pushes_per_day,
+            gc: &cfg.gc,
+            record_days: cfg.jobs.record_days,
             by: "schedule",
         }
     }

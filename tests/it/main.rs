@@ -9,6 +9,7 @@ mod excludes;
 mod exitcodes;
 mod faults;
 mod gc;
+mod gc_cost;
 mod hardening;
 mod incremental;
 mod jobs;

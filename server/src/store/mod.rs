@@ -190,6 +190,29 @@ pub struct ContainerScrub {
     pub bad: u64,
     /// The container was missing from the store.
     pub missing: bool,
+/// How far [`ChunkStore::reclaim_space_with`] goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReclaimOptions {
+    /// Rewrite a part of the store (relocate its live chunks) only when
+    /// more than this share of it is garbage: 0.0 reclaims everything.
+    pub garbage_ratio: f64,
+}
+
+/// What [`ChunkStore::reclaim_space_with`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReclaimStats {
+    /// Bytes the reclaim wrote: compaction output, relocated chunks
+    /// included (and any compaction that ran meanwhile).
+    pub bytes_rewritten: u64,
+    /// Live chunk bytes moved out of files with garbage.
+    pub bytes_relocated: u64,
+    /// Garbage the store held before: estimated from its own records.
+    pub garbage_before: u64,
+    /// Bytes of the chunk data files before (blob files, for the local
+    /// backend).
+    pub data_bytes_before: u64,
+    /// Relocation passes run (each over the oldest quarter of the files).
+    pub relocation_passes: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +318,12 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Makes deleted data really leave the disk (or bucket). Fails when
     /// that failed, or had no room to run.
     fn reclaim_space(&self) -> Result<(), StoreError>;
+    /// [`ChunkStore::reclaim_space`], rewriting only what `opts` says is
+    /// worth it, with what it rewrote. A backend without its own policy
+    /// reclaims everything and reports no rewrite.
+    fn reclaim_space_with(&self, _opts: &ReclaimOptions) -> Result<ReclaimStats, StoreError> {
+        self.reclaim_space().map(|()| ReclaimStats::default())
+    }
     /// Bytes the store occupies on disk.
     fn disk_bytes(&self) -> Result<u64, StoreError>;
     /// An object store's request figures; `None` for the local backend.
@@ -422,6 +451,19 @@ pub trait MetaStore: Send + Sync + 'static {
     /// that deletes and compactions (GC) have room; returns the bytes
     /// released. The store makes the reserve again once there is room.
     fn release_reserve_if_short(&self) -> u64;
+
+    /// GC scratch (`gc_mark`): empties it; a run starts with this.
+    fn gc_mark_clear(&self) -> Result<(), StoreError>;
+    /// Adds marked chunks, and (host number, chunk) pairs, not durably.
+    fn gc_mark_put(&self, chunks: &[ChunkId], pairs: &[(u32, ChunkId)]) -> Result<(), StoreError>;
+    /// Which of `chunks` are marked; `sorted`: they are in key order.
+    fn gc_mark_has(&self, chunks: &[ChunkId], sorted: bool) -> Result<Vec<bool>, StoreError>;
+    /// Which of `pairs` are marked.
+    fn gc_mark_has_pairs(&self, pairs: &[(u32, ChunkId)]) -> Result<Vec<bool>, StoreError>;
+    /// Up to `limit` marked chunks after `after`, in key order.
+    fn gc_mark_chunks(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError>;
+    /// Job records that started before `before_ns` go; returns how many.
+    fn trim_jobs(&self, before_ns: u64) -> Result<u64, StoreError>;
 }
 
 /// Transitional: both halves in one object, for callers that hold one

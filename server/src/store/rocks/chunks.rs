@@ -9,12 +9,31 @@ use std::sync::Arc;
 
 use bkp_common::ChunkId;
 
-use super::db::{db_err, Db};
+use super::db::{db_err, Db, MIN_BLOB_FILE_BYTES};
 use super::durability::Batch;
-use crate::store::{schema, space, ChunkStore, StoreError, VerifiedChunk};
+use crate::store::schema::ChunkMeta;
+use crate::store::{schema, space, ChunkStore, ReclaimOptions, ReclaimStats, StoreError, VerifiedChunk};
 
 /// Free space a compaction must leave beside the files it rewrites.
 const COMPACTION_HEADROOM: u64 = 1 << 20;
+/// What a blob file spends per chunk besides its bytes: the record
+/// header and a copy of the key.
+const BLOB_RECORD_OVERHEAD: u64 = 32 + 32;
+/// What an SST file spends per chunk: its key (with RocksDB's sequence
+/// number) and a blob reference or the value's framing, index and filter.
+const SST_RECORD_OVERHEAD: u64 = 32 + 8 + 16;
+const LIVE_BLOB_FILE_SIZE: &str = "rocksdb.live-blob-file-size";
+const LIVE_BLOB_FILE_GARBAGE_SIZE: &str = "rocksdb.live-blob-file-garbage-size";
+const NUM_BLOB_FILES: &str = "rocksdb.num-blob-files";
+
+/// Chunk bytes the store still records, where they are stored.
+#[derive(Debug, Default)]
+struct LiveBytes {
+    /// In blob files, record overhead included.
+    blob: u64,
+    /// In the SST files of `chunks` (small chunks, and every chunk's key).
+    inline: u64,
+}
 
 pub struct LocalChunks {
     db: Arc<Db>,
@@ -23,6 +42,29 @@ pub struct LocalChunks {
 impl LocalChunks {
     pub fn new(db: Arc<Db>) -> Self {
         Self { db }
+    }
+
+    /// One pass over `chunk_meta` (no chunk data read): what the chunk
+    /// files would hold with no garbage. Chunks a push is adding meanwhile
+    /// count as live before they reach a file, so garbage is if anything
+    /// underestimated, and never relocated for nothing.
+    fn live_bytes(&self) -> Result<LiveBytes, StoreError> {
+        let mut live = LiveBytes::default();
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.fill_cache(false);
+        let it = self.db.raw().iterator_cf_opt(self.db.cf(schema::CF_CHUNK_META), ro, rocksdb::IteratorMode::Start);
+        for item in it {
+            let (_, v) = item.map_err(db_err)?;
+            let Some(m) = ChunkMeta::decode(&v) else { continue };
+            let len = m.stored_len as u64;
+            live.inline += SST_RECORD_OVERHEAD;
+            if len >= MIN_BLOB_FILE_BYTES {
+                live.blob += len + BLOB_RECORD_OVERHEAD;
+            } else {
+                live.inline += len;
+            }
+        }
+        Ok(live)
     }
 
     /// RocksDB's C API has no lookup that stops at a blob index (the
@@ -136,36 +178,107 @@ impl ChunkStore for LocalChunks {
     }
 
     fn reclaim_space(&self) -> Result<(), StoreError> {
+        self.reclaim_space_with(&ReclaimOptions { garbage_ratio: 0.0 }).map(|_| ())
+    }
+
+    /// Metadata column families are compacted whole (their deletes go);
+    /// chunk data only where it pays, from an estimate of its garbage (see
+    /// the module doc): blob files are rewritten only when more than
+    /// `garbage_ratio` of their bytes is garbage, the oldest quarter per
+    /// pass, until the garbage is under half of that.
+    fn reclaim_space_with(&self, opts: &ReclaimOptions) -> Result<ReclaimStats, StoreError> {
         let db = self.db.raw();
         let chunks = self.db.cf(schema::CF_CHUNKS);
         // The C API drops CompactRange's status: a failed compaction shows
         // only as a new background error, and one that had no room to run
         // (RocksDB's CompactionTooLarge) as not even that, hence the room
-        // check before each column family.
+        // check before each compaction.
         let bg_errors = || db.property_int_value(rocksdb::properties::BACKGROUND_ERRORS).ok().flatten().unwrap_or(0);
         let errors_before = bg_errors();
-        // Blob files only shrink when compaction relocates their live
-        // blobs; an age cutoff of 1.0 makes this compaction consider all
-        // of them, so every freed chunk really leaves the disk.
-        db.set_options_cf(chunks, &[("blob_garbage_collection_age_cutoff", "1.0")]).map_err(db_err)?;
-        let mut opts = rocksdb::CompactOptions::default();
-        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        let (written_before, relocated_before) = self.db.write_counters();
+        let prop = |cf, name: &str| db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+        let mut compact_opts = rocksdb::CompactOptions::default();
+        compact_opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         let mut short = None;
-        // All column families: the metadata's deletes are reclaimed too.
-        for name in schema::ALL_CFS {
+        // Compacts one column family whole if there is room for `extra`
+        // bytes of relocated blobs beside the rewrite of its SST files.
+        let mut compact = |name: &'static str, extra: u64| {
             let cf = self.db.cf(name);
-            // What the rewrite of its SST files needs at once (relocated
-            // blobs that find no room fail as a background error, below).
-            let need =
-                db.property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten().unwrap_or(0);
+            let need = prop(cf, rocksdb::properties::LIVE_SST_FILES_SIZE.as_str()) + extra;
             let free = space::free_bytes(self.db.dir()).unwrap_or(u64::MAX);
             if free < need + COMPACTION_HEADROOM {
                 short.get_or_insert((name, free, need));
-                continue;
+                return false;
             }
-            db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+            db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &compact_opts);
+            true
+        };
+        for name in schema::ALL_CFS.into_iter().filter(|&n| n != schema::CF_CHUNKS) {
+            compact(name, 0);
         }
-        db.set_options_cf(chunks, &[("blob_garbage_collection_age_cutoff", "0.25")]).map_err(db_err)?;
+
+        // Chunks still in the memtable are not in any blob file yet, but
+        // `chunk_meta` counts them: flushed first, so the estimate below
+        // compares like with like.
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        let cfs = [schema::CF_CHUNKS, schema::CF_CHUNK_META, schema::CF_HOST_CHUNKS].map(|n| self.db.cf(n));
+        db.flush_cfs_opt(&cfs, &fo).map_err(|e| self.db.write_err(e))?;
+        let live = self.live_bytes()?;
+        let blob_total = prop(chunks, LIVE_BLOB_FILE_SIZE);
+        let sst_total = prop(chunks, rocksdb::properties::LIVE_SST_FILES_SIZE.as_str());
+        let blob_garbage = blob_total.saturating_sub(live.blob);
+        let inline_garbage = sst_total.saturating_sub(live.inline);
+        let mut stats = ReclaimStats {
+            garbage_before: blob_garbage + inline_garbage,
+            data_bytes_before: blob_total,
+            ..Default::default()
+        };
+        let worth = |garbage: u64, total: u64, ratio: f64| garbage > 0 && garbage as f64 > ratio * total as f64;
+        if worth(blob_garbage, blob_total, opts.garbage_ratio) {
+            // A full reclaim relocates every blob file at once (as every
+            // GC did before); otherwise the oldest quarter of them per
+            // pass (at least one file), until the garbage is under half the
+            // threshold: relocated chunks go to new files, so each pass
+            // takes the next oldest.
+            let full = opts.garbage_ratio <= 0.0;
+            let set = |on: bool, cutoff: f64| {
+                let cutoff = cutoff.to_string();
+                db.set_options_cf(
+                    chunks,
+                    &[
+                        ("enable_blob_garbage_collection", if on { "true" } else { "false" }),
+                        ("blob_garbage_collection_age_cutoff", cutoff.as_str()),
+                    ],
+                )
+                .map_err(db_err)
+            };
+            for _ in 0..if full { 1 } else { 4 } {
+                let files = prop(chunks, NUM_BLOB_FILES).max(1);
+                // RocksDB relocates the files before index cutoff x files.
+                let cutoff = if full { 1.0 } else { ((files.div_ceil(4) as f64 + 0.5) / files as f64).min(1.0) };
+                set(true, cutoff)?;
+                let total = prop(chunks, LIVE_BLOB_FILE_SIZE);
+                if !compact(schema::CF_CHUNKS, (total as f64 * cutoff) as u64) {
+                    break;
+                }
+                stats.relocation_passes += 1;
+                // Exact now: the compaction read every key of `chunks`.
+                let garbage = prop(chunks, LIVE_BLOB_FILE_GARBAGE_SIZE);
+                if !worth(garbage, prop(chunks, LIVE_BLOB_FILE_SIZE), opts.garbage_ratio / 2.0) {
+                    break;
+                }
+            }
+            set(false, 0.25)?;
+        } else if worth(inline_garbage, sst_total, opts.garbage_ratio) {
+            // Small chunks are stored in the SST files: rewriting those
+            // drops them (and blob files with nothing live left), with no
+            // blob relocated.
+            compact(schema::CF_CHUNKS, 0);
+        }
+        let (written, relocated) = self.db.write_counters();
+        stats.bytes_rewritten = written.saturating_sub(written_before);
+        stats.bytes_relocated = relocated.saturating_sub(relocated_before);
         if let Some((name, free, need)) = short {
             return Err(StoreError::Db(format!(
                 "not enough free space to compact {name} ({} MiB free, about {} MiB needed): the deleted data \
@@ -181,7 +294,7 @@ impl ChunkStore for LocalChunks {
                 self.db.dir().display()
             )));
         }
-        Ok(())
+        Ok(stats)
     }
 
     /// The whole database directory (metadata included), reserve left out.

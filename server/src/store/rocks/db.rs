@@ -19,7 +19,7 @@ use crate::store::space::{self, Reserve};
 /// a blob file record costs ~64 bytes on top of the chunk (its header and
 /// a second copy of the key), which for a tree of small files was ~2% of
 /// the stored bytes. Compaction rewrites only these small values.
-const MIN_BLOB_FILE_BYTES: u64 = 16 << 10;
+pub(super) const MIN_BLOB_FILE_BYTES: u64 = 16 << 10;
 /// L0 files of `chunks` that start a compaction (RocksDB's default is 4).
 const CHUNKS_L0_COMPACTION_TRIGGER: i32 = 16;
 /// Free space a write must leave beside what the memtables will need
@@ -30,6 +30,9 @@ pub(super) const WRITE_HEADROOM: u64 = 8 << 20;
 /// the durability protocol (see `durability`).
 pub struct Db {
     pub(super) db: DB,
+    /// The options it was opened with: their statistics count what
+    /// compactions write (`write_counters`).
+    opts: Options,
     pub(super) dir: PathBuf,
     /// Bytes written without the WAL since the last flush started.
     pub(super) unlogged: AtomicU64,
@@ -93,6 +96,10 @@ impl Db {
         // `chunks`, `chunk_meta` and `host_chunks` at once: a crash must
         // never keep a chunk's meta (which says "stored") without its blob.
         db_opts.set_atomic_flush(true);
+        // Tickers only (no histograms or timers): what GC's compactions
+        // write, for its report.
+        db_opts.enable_statistics();
+        db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
 
         let table = |bloom: bool| {
             let mut t = BlockBasedOptions::default();
@@ -114,7 +121,13 @@ impl Db {
                     o.set_min_blob_size(MIN_BLOB_FILE_BYTES);
                     o.set_blob_file_size(256 << 20);
                     o.set_blob_compression_type(DBCompressionType::None);
-                    o.set_enable_blob_gc(true);
+                    // Off between GC runs: with it on, every background
+                    // compaction of `chunks` relocated the live blobs of
+                    // the oldest quarter of the blob files, garbage or not
+                    // (random chunk keys: every SST references every blob
+                    // file). GC turns it on for the files it chooses
+                    // (`LocalChunks::reclaim_space_with`).
+                    o.set_enable_blob_gc(false);
                     o.set_compression_type(DBCompressionType::None);
                     // Chunk keys are random, so every L0 file overlaps the
                     // whole base level and each L0 compaction rewrites all
@@ -150,6 +163,7 @@ impl Db {
         })?;
         let db = Self {
             db,
+            opts: db_opts,
             dir: dir.to_path_buf(),
             unlogged: AtomicU64::new(0),
             flush_lock: Default::default(),
@@ -180,6 +194,16 @@ impl Db {
 
     pub fn raw(&self) -> &DB {
         &self.db
+    }
+
+    /// Bytes compactions have written since the open, and live blob bytes
+    /// they relocated (part of the first).
+    pub fn write_counters(&self) -> (u64, u64) {
+        use rocksdb::statistics::Ticker;
+        (
+            self.opts.get_ticker_count(Ticker::CompactWriteBytes),
+            self.opts.get_ticker_count(Ticker::BlobDbGcBytesRelocated),
+        )
     }
 
     pub fn dir(&self) -> &Path {

@@ -14,6 +14,7 @@
 //! | `chunks`      | [`LocalChunks`], the chunk data                                |
 //! | `snapshots`   | snapshot records and the set index                             |
 //! | `records`     | jobs, meta, quarantine, damage                                 |
+//! | `scratch`     | the GC's spilled mark set (`gc_mark`)                          |
 
 mod chunks;
 mod db;
@@ -22,6 +23,7 @@ mod hosts;
 mod possession;
 mod provenance;
 mod records;
+mod scratch;
 mod snapshots;
 #[cfg(test)]
 mod tests;
@@ -37,7 +39,7 @@ pub use db::Db;
 pub use durability::{Batch, COMMIT_MARK_FILE};
 
 use super::schema::{
-    AlertState, ChunkMeta, Damage, HostNum, PushFailure, QuarantineRecord, ScheduledSince, ScrubCursor,
+    self, AlertState, ChunkMeta, Damage, HostNum, PushFailure, QuarantineRecord, ScheduledSince, ScrubCursor,
 };
 use super::{ChunkStore, MetaStore, PutStats, StoreError, VerifiedChunk};
 use crate::report::JobRecord;
@@ -175,6 +177,12 @@ impl ChunkStore for RocksStore {
     fn reclaim_space(&self) -> Result<(), StoreError> {
         self.data.reclaim_space()
     }
+    fn reclaim_space_with(
+        &self,
+        opts: &crate::store::ReclaimOptions,
+    ) -> Result<crate::store::ReclaimStats, StoreError> {
+        self.data.reclaim_space_with(opts)
+    }
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.data.disk_bytes()
     }
@@ -306,5 +314,23 @@ impl MetaStore for RocksStore {
     }
     fn release_reserve_if_short(&self) -> u64 {
         self.db.release_reserve()
+    }
+    fn gc_mark_clear(&self) -> Result<(), StoreError> {
+        scratch::clear(&self.db)
+    }
+    fn gc_mark_put(&self, chunks: &[ChunkId], pairs: &[(u32, ChunkId)]) -> Result<(), StoreError> {
+        scratch::put(&self.db, chunks, pairs)
+    }
+    fn gc_mark_has(&self, chunks: &[ChunkId], sorted: bool) -> Result<Vec<bool>, StoreError> {
+        scratch::has(&self.db, chunks.iter().map(schema::mark_chunk_key), sorted)
+    }
+    fn gc_mark_has_pairs(&self, pairs: &[(u32, ChunkId)]) -> Result<Vec<bool>, StoreError> {
+        scratch::has(&self.db, pairs.iter().map(|(h, c)| schema::mark_pair_key(*h, c)), false)
+    }
+    fn gc_mark_chunks(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>, StoreError> {
+        scratch::chunks(&self.db, after, limit)
+    }
+    fn trim_jobs(&self, before_ns: u64) -> Result<u64, StoreError> {
+        RocksStore::trim_jobs(self, before_ns)
     }
 }

@@ -21,6 +21,26 @@ impl RocksStore {
         self.put_synced(schema::CF_JOBS, &schema::job_key(rec.start_ns, rec.kind.as_str()), &schema::encode_job(rec))
     }
 
+    /// Deletes the records of runs started before `before_ns` (one range
+    /// tombstone: keys start with the start time, big-endian).
+    pub fn trim_jobs(&self, before_ns: u64) -> Result<u64, StoreError> {
+        let cf = self.cf(schema::CF_JOBS);
+        let end = before_ns.to_be_bytes();
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut n = 0u64;
+        for item in self.db.raw().iterator_cf_opt(cf, ro, rocksdb::IteratorMode::Start) {
+            item.map_err(db_err)?;
+            n += 1;
+        }
+        if n > 0 {
+            let mut wb = WriteBatch::default();
+            wb.delete_range_cf(cf, [0u8; 8].as_slice(), end.as_slice());
+            self.db.raw().write_opt(wb, &Db::synced()).map_err(|e| self.db.write_err(e))?;
+        }
+        Ok(n)
+    }
+
     /// The newest `limit` records, newest first; one that does not decode
     /// fails the listing (`Corrupt`, naming the record).
     pub fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {

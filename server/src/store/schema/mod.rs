@@ -20,6 +20,7 @@
 //! | `chunk_loc`   | chunk id (32)                         | s3: pack number, offset, length (`s3::Location`) |
 //! | `packs`       | pack number:u64 BE                    | s3: uploaded pack's name, kind, size (`s3::PackRecord`) |
 //! | `sync_chunks` | chunk id (32)                         | [`Delivered`]: the sync jobs that brought its bytes |
+//! | `gc_mark`     | `c` chunk id; `h` host:u32 BE chunk id | empty: a GC's mark set once it outgrew `[gc] mark_memory_mb` (scratch: cleared by each GC) |
 //!
 //! Which host holds a chunk (has proven it knows the bytes, by uploading
 //! them) is recorded once per (host, chunk): for the host that uploaded it
@@ -67,7 +68,10 @@ pub const CF_PACKS_RETIRED: &str = "packs_retired";
 /// [`Delivered`]): the proof a copy needs before it records a chunk
 /// stored here for another host without a transfer (`crate::sync::local`).
 pub const CF_SYNC_CHUNKS: &str = "sync_chunks";
-pub const ALL_CFS: [&str; 15] = [
+/// Scratch of a running GC: the part of its mark set that did not fit
+/// its memory budget ([`mark_chunk_key`], [`mark_pair_key`]).
+pub const CF_GC_MARK: &str = "gc_mark";
+pub const ALL_CFS: [&str; 16] = [
     CF_CHUNKS,
     CF_CHUNK_META,
     CF_HOST_CHUNKS,
@@ -83,6 +87,7 @@ pub const ALL_CFS: [&str; 15] = [
     CF_TREE_CHUNKS,
     CF_PACKS_RETIRED,
     CF_SYNC_CHUNKS,
+    CF_GC_MARK,
 ];
 
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -338,6 +343,32 @@ impl Delivered {
     }
 }
 
+/// `gc_mark` key of a marked chunk: `c` chunk id.
+pub fn mark_chunk_key(id: &ChunkId) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = b'c';
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+/// The chunk id of a [`mark_chunk_key`].
+pub fn split_mark_chunk_key(k: &[u8]) -> Option<ChunkId> {
+    match k.split_first() {
+        Some((b'c', id)) => ChunkId::from_slice(id),
+        _ => None,
+    }
+}
+
+/// `gc_mark` key of a chunk a host's snapshot references: `h` host
+/// number (the GC run's own numbering, u32 BE) chunk id.
+pub fn mark_pair_key(host: u32, id: &ChunkId) -> [u8; 37] {
+    let mut k = [0u8; 37];
+    k[0] = b'h';
+    k[1..5].copy_from_slice(&host.to_be_bytes());
+    k[5..].copy_from_slice(id.as_bytes());
+    k
+}
+
 /// A `packs` key: the pack number, big-endian so that keys sort by number.
 pub fn pack_key(num: u64) -> [u8; 8] {
     num.to_be_bytes()
@@ -450,6 +481,32 @@ mod tests {
         assert_eq!(HostNum::decode(&[0, 0, 0, 0]), None);
         assert_eq!(HostNum::decode(&[1, 0, 0]), None);
         assert_eq!(HostNum::new(u32::MAX).unwrap().next(), None);
+    }
+
+    #[test]
+    fn mark_keys_sort_like_tuples_and_do_not_overlap() {
+        let ids = [ChunkId::from_bytes([0; 32]), ChunkId::from_bytes([1; 32]), ChunkId::from_bytes([0xff; 32])];
+        let mut pairs = vec![];
+        for h in [0u32, 1, 255, 256, 1 << 24, u32::MAX] {
+            for id in ids {
+                pairs.push((h, id));
+            }
+        }
+        let mut by_key = pairs.clone();
+        by_key.sort_by_key(|(h, id)| mark_pair_key(*h, id));
+        pairs.sort();
+        assert_eq!(by_key, pairs);
+        let mut by_key = ids.to_vec();
+        by_key.sort_by_key(mark_chunk_key);
+        assert_eq!(by_key, ids);
+        // Every chunk key sorts before every pair key: a scan of the
+        // chunk keys stops at the first `h`.
+        assert!(mark_chunk_key(&ids[2])[..] < mark_pair_key(0, &ids[0])[..]);
+        assert_eq!(mark_chunk_key(&ids[1])[..2], [b'c', 1]);
+        assert_eq!(mark_pair_key(258, &ids[0])[..6], [b'h', 0, 0, 1, 2, 0]);
+        assert_eq!(split_mark_chunk_key(&mark_chunk_key(&ids[2])), Some(ids[2]));
+        assert_eq!(split_mark_chunk_key(&mark_pair_key(1, &ids[2])), None);
+        assert_eq!(split_mark_chunk_key(b"c"), None);
     }
 
     #[test]

@@ -32,6 +32,25 @@
 //!
 //! Snapshots committed while a GC runs were not seen by its mark phase;
 //! their chunks are added to `gc_protect` until that GC ends.
+//!
+//! # Memory
+//! The touched sets are bounded by `limits.touched_mb` for the whole
+//! server: half for the exact sets (every session's, and `gc_protect`;
+//! about 33 bytes per id, counted by their hash tables' capacity), half
+//! for one Bloom filter shared by all sessions ([`bloom`]), allocated only
+//! once the exact sets are full. An id that finds no room in the exact
+//! sets goes into the filter. The sweep treats a filter hit as touched, so
+//! the fence loses nothing: a filter never misses an id put in, and a
+//! false hit only keeps a garbage chunk until the next GC. The proofs do
+//! not trust the filter: `untouched` answers from the exact set alone, so
+//! a has-chunk query or a commit looks an overflowed id up in the store
+//! again (`host_has`), as it would for an id never touched. The filter is
+//! dropped when the last session that used it ends (and no GC still
+//! protects through it). So a push of any size costs the server at most
+//! `limits.touched_mb` of touched ids; past the exact half it pays one
+//! store lookup per overflowed id at commit instead of a memory hit.
+
+mod bloom;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -72,7 +91,10 @@ struct Session {
     name: String,
     kind: SnapshotKind,
     last_seen: Instant,
+    /// The exact part of what it touched (see the module doc).
     touched: HashSet<ChunkId>,
+    /// Some of its touched ids went into the shared filter instead.
+    overflowed: bool,
     /// Whether an operation has taken on proving the set's previous
     /// snapshot for this session (see [`PushGuard::claim_parent`]).
     parent_claimed: bool,
@@ -81,10 +103,121 @@ struct Session {
     revoked: bool,
 }
 
-#[derive(Default)]
+/// Bytes an exact touched id costs, per unit of a set's capacity: the id
+/// and hashbrown's control byte, in a table of buckets 8/7 of its
+/// capacity. Tables are counted by capacity, so this is what is allocated.
+const ENTRY_BYTES: usize = (std::mem::size_of::<ChunkId>() + 1) * 8 / 7 + 1;
+
+/// `limits.touched_mb` by default.
+pub const DEFAULT_TOUCHED_MB: usize = 256;
+
 struct Inner {
     map: HashMap<u64, Session>,
     gc_protect: Option<HashSet<ChunkId>>,
+    /// Touched ids that found no room in the exact sets.
+    overflow: Option<bloom::Bloom>,
+    /// Live sessions with ids in `overflow`.
+    overflow_users: usize,
+    /// `gc_protect` relies on `overflow` too (a session that used it
+    /// finished while the GC runs).
+    gc_overflow: bool,
+    /// Bytes the exact sets (sessions' and `gc_protect`) have allocated.
+    exact_bytes: usize,
+    /// What they may allocate; and the filter's size.
+    exact_budget: usize,
+    overflow_bytes: usize,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        let budget = DEFAULT_TOUCHED_MB << 20;
+        Self {
+            map: HashMap::new(),
+            gc_protect: None,
+            overflow: None,
+            overflow_users: 0,
+            gc_overflow: false,
+            exact_bytes: 0,
+            exact_budget: budget / 2,
+            overflow_bytes: budget / 2,
+        }
+    }
+}
+
+/// Adds `ids` to `set` while the exact budget allows; the rest go to the
+/// filter. Returns whether any did.
+fn add_bounded(
+    set: &mut HashSet<ChunkId>,
+    ids: impl IntoIterator<Item = ChunkId>,
+    exact_bytes: &mut usize,
+    exact_budget: usize,
+    overflow: &mut Option<bloom::Bloom>,
+    overflow_bytes: usize,
+) -> bool {
+    let mut overflowed = false;
+    for id in ids {
+        if set.len() == set.capacity() && !set.contains(&id) {
+            let cap = set.capacity();
+            let grow = cap.max(16);
+            if *exact_bytes + grow * 2 * ENTRY_BYTES <= exact_budget {
+                set.reserve(grow);
+                *exact_bytes += (set.capacity() - cap) * ENTRY_BYTES;
+            } else {
+                overflow.get_or_insert_with(|| bloom::Bloom::new(overflow_bytes)).insert(&id);
+                overflowed = true;
+                continue;
+            }
+        }
+        set.insert(id);
+    }
+    overflowed
+}
+
+impl Inner {
+    /// Gives back what a session that left `map` held.
+    fn release(&mut self, s: &Session) {
+        self.exact_bytes = self.exact_bytes.saturating_sub(s.touched.capacity() * ENTRY_BYTES);
+        if s.overflowed {
+            self.overflow_users -= 1;
+        }
+        self.drop_unused_overflow();
+    }
+
+    fn drop_unused_overflow(&mut self) {
+        if self.overflow_users == 0 && !self.gc_overflow {
+            self.overflow = None;
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Session> {
+        let s = self.map.remove(&id)?;
+        self.release(&s);
+        Some(s)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Session) -> bool) {
+        let gone: Vec<u64> = self.map.iter().filter(|(_, s)| !keep(s)).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.remove(id);
+        }
+    }
+
+    fn touch(&mut self, id: u64, ids: impl IntoIterator<Item = ChunkId>) {
+        let Inner { map, overflow, overflow_users, exact_bytes, exact_budget, overflow_bytes, .. } = self;
+        let Some(s) = map.get_mut(&id) else { return };
+        if add_bounded(&mut s.touched, ids, exact_bytes, *exact_budget, overflow, *overflow_bytes) && !s.overflowed {
+            s.overflowed = true;
+            *overflow_users += 1;
+        }
+    }
+
+    /// Is `c` touched by a live session (of `host`, if given), or
+    /// protected for the running GC? Filter hits count.
+    fn protects(&self, c: &ChunkId, host: Option<&str>) -> bool {
+        self.gc_protect.as_ref().is_some_and(|p| p.contains(c))
+            || self.overflow.as_ref().is_some_and(|o| o.may_contain(c))
+            || self.map.values().any(|s| host.is_none_or(|h| h == s.host) && s.touched.contains(c))
+    }
 }
 
 pub struct Sessions {
@@ -114,12 +247,11 @@ impl PushGuard<'_> {
     /// Records chunks this session relies on.
     pub fn touch(&self, ids: impl IntoIterator<Item = ChunkId>) {
         let mut inner = self.sessions.inner.lock().expect("sessions lock");
-        if let Some(s) = inner.map.get_mut(&self.id) {
-            s.touched.extend(ids);
-        }
+        inner.touch(self.id, ids);
     }
 
-    /// The ids among `ids` this session has not touched.
+    /// The ids among `ids` this session has not touched (or touched only
+    /// through the shared filter, which proves nothing).
     pub fn untouched(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
         self.untouched_at(ids).into_iter().map(|i| ids[i]).collect()
     }
@@ -165,9 +297,16 @@ impl PushGuard<'_> {
     /// what it touched, since its mark phase may not see the new snapshot.
     pub fn finish(self) {
         let mut inner = self.sessions.inner.lock().expect("sessions lock");
-        if let Some(s) = inner.map.remove(&self.id) {
-            if let Some(p) = inner.gc_protect.as_mut() {
-                p.extend(s.touched);
+        let inner = &mut *inner;
+        let Some(s) = inner.map.remove(&self.id) else { return };
+        if inner.gc_protect.is_some() && s.overflowed {
+            inner.gc_overflow = true;
+        }
+        inner.release(&s);
+        let Inner { gc_protect, overflow, exact_bytes, exact_budget, overflow_bytes, gc_overflow, .. } = inner;
+        if let Some(p) = gc_protect.as_mut() {
+            if add_bounded(p, s.touched, exact_bytes, *exact_budget, overflow, *overflow_bytes) {
+                *gc_overflow = true;
             }
         }
     }
@@ -188,6 +327,23 @@ impl crate::commit::CommitSession for &PushGuard<'_> {
 impl Sessions {
     pub fn new(lease: Duration) -> Self {
         Self { fence: RwLock::new(()), inner: Mutex::new(Inner::default()), lease, max: (usize::MAX, usize::MAX) }
+    }
+
+    /// Bounds the touched ids of all sessions to about `bytes`
+    /// (`limits.touched_mb`; see the module doc).
+    pub fn with_touched_budget(self, bytes: usize) -> Self {
+        {
+            let mut inner = self.inner.lock().expect("sessions lock");
+            inner.exact_budget = bytes / 2;
+            inner.overflow_bytes = (bytes / 2).max(64);
+        }
+        self
+    }
+
+    /// Bytes the touched ids hold now: the exact sets and the filter.
+    pub fn touched_bytes(&self) -> usize {
+        let inner = self.inner.lock().expect("sessions lock");
+        inner.exact_bytes + inner.overflow.as_ref().map_or(0, |o| o.bytes())
     }
 
     /// Limits live sessions to `total` and `per_host`.
@@ -237,7 +393,7 @@ impl Sessions {
                 .map(|(id, _)| *id);
             match stale {
                 Some(id) => {
-                    inner.map.remove(&id);
+                    inner.remove(id);
                 }
                 None => return Err(SessionError::HostBusy(host.to_string(), of_host)),
             }
@@ -257,7 +413,7 @@ impl Sessions {
         let _w = self.fence.write().expect("fence");
         let mut inner = self.inner.lock().expect("sessions lock");
         let before = inner.map.len();
-        inner.map.retain(|_, s| s.token != token);
+        inner.retain(|s| s.token != token);
         before - inner.map.len()
     }
 
@@ -275,6 +431,7 @@ impl Sessions {
             kind,
             last_seen: Instant::now(),
             touched: HashSet::new(),
+            overflowed: false,
             parent_claimed: false,
             revoked: false,
         };
@@ -293,7 +450,7 @@ impl Sessions {
             None => return Err(SessionError::Unknown),
         };
         if s.last_seen.elapsed() > self.lease {
-            inner.map.remove(&id);
+            inner.remove(id);
             return Err(SessionError::Expired(self.lease.as_secs()));
         }
         s.last_seen = Instant::now();
@@ -319,7 +476,7 @@ impl Sessions {
     /// a session dropped then can never commit, so its chunks need no
     /// protection from that moment on.
     fn reap(&self, inner: &mut Inner) {
-        inner.map.retain(|_, s| s.last_seen.elapsed() <= self.lease);
+        inner.retain(|s| s.last_seen.elapsed() <= self.lease);
     }
 
     /// Runs `f` (which takes `id` out of service) with pushes fenced out,
@@ -336,7 +493,12 @@ impl Sessions {
     }
 
     pub fn gc_end(&self) {
-        self.inner.lock().expect("sessions lock").gc_protect = None;
+        let mut inner = self.inner.lock().expect("sessions lock");
+        if let Some(p) = inner.gc_protect.take() {
+            inner.exact_bytes = inner.exact_bytes.saturating_sub(p.capacity() * ENTRY_BYTES);
+        }
+        inner.gc_overflow = false;
+        inner.drop_unused_overflow();
     }
 
     /// Runs one sweep step with pushes fenced out. `f` gets a predicate:
@@ -346,11 +508,7 @@ impl Sessions {
         let mut inner = self.inner.lock().expect("sessions lock");
         self.reap(&mut inner);
         let inner = &*inner;
-        let protected = |c: &ChunkId, host: Option<&str>| {
-            inner.gc_protect.as_ref().is_some_and(|p| p.contains(c))
-                || inner.map.values().any(|s| host.is_none_or(|h| h == s.host) && s.touched.contains(c))
-        };
-        f(&protected)
+        f(&|c: &ChunkId, host: Option<&str>| inner.protects(c, host))
     }
 }
 
@@ -439,6 +597,36 @@ mod tests {
         assert!(s.enter(one, "h").unwrap().claim_parent());
         assert!(!s.enter(one, "h").unwrap().claim_parent());
         assert!(s.enter(two, "h").unwrap().claim_parent(), "each session proves its own parent");
+    }
+
+    #[test]
+    fn touched_ids_past_the_budget_still_fence_gc_but_prove_nothing() {
+        let s = Sessions::new(Duration::from_secs(60)).with_touched_budget(64 << 10);
+        let ids: Vec<ChunkId> = (0u32..20_000).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        let a = s.start("h", "n", SnapshotKind::Tree);
+        let b = s.start("g", "n", SnapshotKind::Tree);
+        s.enter(a, "h").unwrap().touch(ids[..10_000].iter().copied());
+        // Bounded: 32 KiB of exact sets at most, and a 32 KiB filter.
+        assert!(s.touched_bytes() <= 64 << 10, "{}", s.touched_bytes());
+        let exact = 10_000 - s.enter(a, "h").unwrap().untouched(&ids[..10_000]).len();
+        assert!(exact > 100 && exact < 10_000, "some exact, the rest overflowed: {exact}");
+        // The sweep spares every touched id, of any host (the filter is shared).
+        assert!(s.sweep(|p| ids[..10_000].iter().all(|c| p(c, None) && p(c, Some("h")))));
+        // Few others look touched; the sweep would keep those a GC longer.
+        let spared = s.sweep(|p| ids[10_000..].iter().filter(|c| p(c, None)).count());
+        assert!(spared < 10_000 / 4, "{spared}");
+        // The other session proves nothing it did not touch itself.
+        assert_eq!(s.enter(b, "g").unwrap().untouched(&ids[..10_000]).len(), 10_000);
+        // Through a GC: what the finished session touched stays protected
+        // until the GC ends, then the filter goes with it.
+        s.gc_begin();
+        s.enter(a, "h").unwrap().finish();
+        assert!(s.sweep(|p| ids[..10_000].iter().all(|c| p(c, None))));
+        s.gc_end();
+        assert!(s.sweep(|p| ids[..10_000].iter().all(|c| !p(c, None))));
+        assert_eq!(s.touched_bytes(), 0, "only b is left, and it touched nothing");
+        s.enter(b, "g").unwrap().touch(ids[..10].iter().copied());
+        assert!(s.enter(b, "g").unwrap().untouched(&ids[..10]).is_empty());
     }
 
     #[test]

@@ -12,20 +12,58 @@
 //! crash in the middle of a sweep leaves a store where every snapshot is
 //! still whole (only unreferenced chunks were being removed); the next GC
 //! finishes the work.
+//!
+//! # Cost
+//! * Mark: one walk of every snapshot's tree, the mark set in memory up
+//!   to `[gc] mark_memory_mb`, then in the `gc_mark` scratch column
+//!   family ([`mark`]): memory stays bounded by configuration, and the
+//!   result is the same.
+//! * Sweep: one pass over `host_chunks` and one over `chunk_meta`
+//!   (metadata only, no chunk data read).
+//! * Reclaim ([`crate::store::ChunkStore::reclaim_space_with`]): the
+//!   metadata column families are compacted; chunk data is rewritten only
+//!   where more than `[gc] rewrite_garbage_percent` of it is garbage (the
+//!   local backend's blob files; an object store's packs are repacked by
+//!   `gc_packs` under its own threshold). A GC after forgetting 1% of a
+//!   store therefore rewrites its metadata, not its data; the bytes it
+//!   wrote are in the report (`bytes_rewritten`) and the metrics.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bkp_common::ChunkId;
+use serde::Deserialize;
 
 use tracing::{error, info, warn};
 
 use crate::commit::{walk_tree, CommitError};
 pub use crate::report::GcReport;
 use crate::sessions::Sessions;
-use crate::store::{Store, StoreError};
+use crate::store::{ReclaimOptions, Store, StoreError};
+
+pub mod mark;
 
 const SWEEP_BATCH: usize = 4096;
+
+/// `[gc]` in the server config.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Memory for the mark set, MiB (about 37 bytes per referenced chunk
+    /// and per (host, chunk) pair); beyond it the set goes to disk.
+    pub mark_memory_mb: usize,
+    /// Chunk data files are rewritten (their live chunks moved, so the
+    /// garbage leaves the disk) once more than this share of their bytes
+    /// is garbage. 0 rewrites at every GC (every freed byte back at once,
+    /// at the cost of rewriting the whole store).
+    pub rewrite_garbage_percent: u8,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self { mark_memory_mb: 256, rewrite_garbage_percent: 25 }
+    }
+}
 
 /// Missing chunks named in [`GcError::Missing`].
 const MISSING_NAMED: usize = 20;
@@ -83,9 +121,14 @@ impl Drop for Epoch<'_> {
     }
 }
 
+/// One run with the default `[gc]` settings.
+pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<GcReport, GcError> {
+    run_with(store, sessions, &GcConfig::default(), hooks)
+}
+
 /// One run, on the calling (blocking) thread: sweep batches take the
 /// write side of `sessions`' fence.
-pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<GcReport, GcError> {
+pub fn run_with(store: &dyn Store, sessions: &Sessions, cfg: &GcConfig, hooks: &GcHooks) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let mut report = GcReport { disk_bytes_before: store.disk_bytes()?, ..Default::default() };
     sessions.gc_begin();
@@ -97,26 +140,20 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
         h();
     }
     let mut hosts: HashMap<String, u32> = HashMap::new();
-    let mut marked: HashSet<ChunkId> = HashSet::new();
-    let mut marked_host: HashSet<(u32, ChunkId)> = HashSet::new();
+    let mut marked = mark::MarkSet::new(store, cfg.mark_memory_mb.saturating_mul(1 << 20))?;
     for s in &summaries {
         let mark_err = |e: String| GcError::Mark(s.id.short(), e);
         // Deleted since the listing: nothing of it needs keeping.
         let Some(snap) = store.snapshot(&s.id).map_err(|e| mark_err(e.to_string()))? else { continue };
         let next = hosts.len() as u32;
         let h = *hosts.entry(snap.host.clone()).or_insert(next);
-        walk_tree(store, &snap.tree, &mut |ids| {
-            for id in ids {
-                marked.insert(*id);
-                marked_host.insert((h, *id));
-            }
-            Ok(())
-        })
-        .map_err(|e: CommitError| mark_err(e.to_string()))?;
+        walk_tree(store, &snap.tree, &mut |ids| marked.insert(h, ids).map_err(CommitError::Store))
+            .map_err(|e: CommitError| mark_err(e.to_string()))?;
         report.snapshots += 1;
     }
-    report.referenced_chunks = marked.len() as u64;
-    check_referenced(store, &marked)?;
+    marked.finish()?;
+    report.mark_spilled = marked.spilled();
+    report.referenced_chunks = check_referenced(store, &marked)?;
     // On a nearly full disk even deletes need room (the WAL, then the
     // compaction that frees the space): the reserve is there for this.
     // Released only now, so that a run refused above keeps it.
@@ -139,8 +176,7 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
     loop {
         let keys = store.host_chunks(after.as_ref(), batch)?;
         let Some(last) = keys.last().cloned() else { break };
-        let candidates: Vec<_> =
-            keys.into_iter().filter(|(h, c)| hosts.get(h).is_none_or(|i| !marked_host.contains(&(*i, *c)))).collect();
+        let candidates = unmarked_pairs(&marked, &hosts, keys)?;
         if !candidates.is_empty() {
             let n = sessions.sweep(|protected| {
                 let doomed: Vec<_> = candidates.into_iter().filter(|(h, c)| !protected(c, Some(h))).collect();
@@ -158,17 +194,17 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
     loop {
         let metas = store.chunk_metas(after.as_ref(), batch)?;
         let Some(last) = metas.last().map(|(id, _)| *id) else { break };
+        let ids: Vec<ChunkId> = metas.iter().map(|(c, _)| *c).collect();
         let mut unreferenced = Vec::new();
-        let mut disowned = Vec::new();
-        for (c, m) in metas {
-            if !marked.contains(&c) {
+        let mut owned = Vec::new();
+        for ((c, m), is_marked) in metas.into_iter().zip(marked.has(&ids, true)?) {
+            if !is_marked {
                 unreferenced.push(c);
             } else if let Some(owner) = m.owner.and_then(|o| store.host_name(o)) {
-                if hosts.get(&owner).is_none_or(|i| !marked_host.contains(&(*i, c))) {
-                    disowned.push((owner, c));
-                }
+                owned.push((owner, c));
             }
         }
+        let disowned = unmarked_pairs(&marked, &hosts, owned)?;
         if !unreferenced.is_empty() || !disowned.is_empty() {
             let (n, freed, d) = sessions.sweep(|protected| {
                 let doomed: Vec<_> = unreferenced.into_iter().filter(|c| !protected(c, None)).collect();
@@ -210,7 +246,17 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
     report.packs_repacked = packs.packs_repacked;
     report.pack_bytes_rewritten = packs.bytes_rewritten;
     drop(epoch);
-    let reclaimed = store.reclaim_space();
+    drop(marked);
+    // Short of space (the reserve had to go): every freed byte back now.
+    let garbage_ratio = if report.reserve_released > 0 { 0.0 } else { cfg.rewrite_garbage_percent as f64 / 100.0 };
+    let reclaimed = store.reclaim_space_with(&ReclaimOptions { garbage_ratio });
+    if let Ok(r) = &reclaimed {
+        report.bytes_rewritten = r.bytes_rewritten;
+        report.bytes_relocated = r.bytes_relocated;
+        report.garbage_bytes_before = r.garbage_before;
+        report.data_bytes_before = r.data_bytes_before;
+    }
+    store.gc_mark_clear()?;
     report.disk_bytes_after = store.disk_bytes()?;
     report.bytes_freed = report.disk_bytes_before.saturating_sub(report.disk_bytes_after);
     report.seconds = started.elapsed().as_secs_f64();
@@ -226,21 +272,50 @@ pub fn run(store: &dyn Store, sessions: &Sessions, hooks: &GcHooks) -> Result<Gc
     Ok(report)
 }
 
+/// The pairs among `pairs` (host name, chunk) that no snapshot of that
+/// host references.
+fn unmarked_pairs(
+    marked: &mark::MarkSet<'_>,
+    hosts: &HashMap<String, u32>,
+    pairs: Vec<(String, ChunkId)>,
+) -> Result<Vec<(String, ChunkId)>, StoreError> {
+    let known: Vec<(u32, ChunkId)> = pairs.iter().filter_map(|(h, c)| hosts.get(h).map(|i| (*i, *c))).collect();
+    let mut found = marked.has_pairs(&known)?.into_iter();
+    Ok(pairs
+        .into_iter()
+        .filter(|(h, _)| {
+            // A host with no snapshot references nothing.
+            !hosts.contains_key(h) || !found.next().expect("one answer per known pair")
+        })
+        .collect())
+}
+
 /// Refuses a run while chunks that snapshots reference are not recorded
 /// as stored: GC must not go on as if the store were whole (one sorted
-/// pass over `chunk_meta`, no chunk data read).
-fn check_referenced(store: &dyn Store, marked: &HashSet<ChunkId>) -> Result<(), GcError> {
-    let mut ids: Vec<ChunkId> = marked.iter().copied().collect();
-    ids.sort_unstable();
-    let recorded = store.recorded_sorted(&ids)?;
-    let missing: Vec<&ChunkId> = ids.iter().zip(&recorded).filter(|(_, r)| !**r).map(|(id, _)| id).collect();
-    if missing.is_empty() {
-        return Ok(());
+/// pass over `chunk_meta`, no chunk data read). Returns how many chunks
+/// are referenced.
+fn check_referenced(store: &dyn Store, marked: &mark::MarkSet<'_>) -> Result<u64, GcError> {
+    let mut missing: Vec<ChunkId> = Vec::new();
+    let mut count = 0u64;
+    let n = marked.sorted_batches::<GcError>(SWEEP_BATCH * 16, |ids| {
+        let recorded = store.recorded_sorted(ids)?;
+        for (id, r) in ids.iter().zip(recorded) {
+            if !r {
+                count += 1;
+                if missing.len() < MISSING_NAMED {
+                    missing.push(*id);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if count == 0 {
+        return Ok(n);
     }
-    let mut named: Vec<String> = missing.iter().take(MISSING_NAMED).map(|id| id.short()).collect();
-    if missing.len() > MISSING_NAMED {
-        named.push(format!("and {} more", missing.len() - MISSING_NAMED));
+    let mut named: Vec<String> = missing.iter().map(|id| id.short()).collect();
+    if count > MISSING_NAMED as u64 {
+        named.push(format!("and {} more", count - MISSING_NAMED as u64));
     }
-    error!(count = missing.len(), "gc refused: referenced chunks are missing: {}", named.join(", "));
-    Err(GcError::Missing { count: missing.len(), named })
+    error!(count, "gc refused: referenced chunks are missing: {}", named.join(", "));
+    Err(GcError::Missing { count: count as usize, named })
 }
