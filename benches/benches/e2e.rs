@@ -30,6 +30,7 @@ fn main() {
                     name: name.to_string(),
                     source: Source::Reader(Box::new(std::io::Cursor::new(d.as_ref().clone()))),
                     zstd_level: 3,
+                    ids: Default::default(),
                 };
                 let r = push(c, opts, Arc::new(Silent)).await.unwrap();
                 (t.elapsed().as_secs_f64(), r.snapshot.id)
