@@ -26,6 +26,11 @@ pub struct FileConfig {
     pub limit_upload: Option<String>,
     /// How long to keep trying a server that does not answer ("5m", "90s").
     pub timeout: Option<String>,
+    /// Key group whose key seals this host's pushes (client-side
+    /// encryption); unset: pushes are not encrypted.
+    pub encryption: Option<String>,
+    /// The group's key file (default `~/.config/bkp/keys/GROUP.key`).
+    pub key_file: Option<PathBuf>,
     /// Named backups, run by `bkp run NAME` / `bkp run --all`.
     #[serde(default)]
     pub backup: Vec<crate::backup_def::BackupDef>,
@@ -242,6 +247,7 @@ mod tests {
             .join("\n");
         let all: FileConfig = toml::from_str(&all).unwrap();
         assert!(all.ca_file.is_some() && all.cache_dir.is_some());
+        assert!(all.encryption.is_some() && all.key_file.is_some());
         bkp_common::rate::parse_rate(all.limit_upload.as_deref().unwrap()).unwrap();
         parse_timeout(all.timeout.as_deref().unwrap()).unwrap();
         // The annotated backup definitions: a tree and a dump, both valid.

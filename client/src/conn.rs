@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bkp_common::blob;
 use bkp_common::io::{read_frame, write_frame};
 use bkp_common::protocol::{ErrorCode, Request, Response, Role, ALPN, MAGIC, VERSION};
 use bkp_common::snapshot::{Incomplete, Snapshot, SnapshotKind, SnapshotSummary};
@@ -610,7 +609,7 @@ impl Client {
         let mut f = self.fetch(vec![id]).await?;
         match f.next_blob().await? {
             Some((_, blob)) => tokio::task::spawn_blocking(move || {
-                blob::decode_verified(&blob, &id).map_err(|e| ClientError::Corrupt(e.into()))
+                crate::crypt::decode_verified(&blob, &id).map_err(ClientError::from)
             })
             .await
             .map_err(|e| ClientError::Task { what: "decoding a chunk", source: e })?,

@@ -94,6 +94,9 @@ pub enum ClientError {
     Task { what: &'static str, source: tokio::task::JoinError },
     #[error("{0}; this is a bug in bkp, please report it")]
     Bug(&'static str),
+    /// A sealed chunk and no key (or not the right one) to open it.
+    #[error("{0}")]
+    Key(String),
     /// The system refused a thread.
     #[error("starting {what}: {source}")]
     Thread { what: &'static str, source: std::io::Error },
@@ -114,6 +117,7 @@ impl ClientError {
             // The commit may have landed: look before pushing again.
             CommitUnknown(_) => false,
             Config(_)
+            | Key(_)
             | Connect(..)
             | Protocol(_)
             | Closed(_)
@@ -135,6 +139,15 @@ impl ClientError {
     /// An I/O error while reading `what` for a backup.
     pub fn source(what: impl Into<String>, source: std::io::Error) -> Self {
         ClientError::Source { what: what.into(), source }
+    }
+}
+
+impl From<crate::crypt::OpenError> for ClientError {
+    fn from(e: crate::crypt::OpenError) -> Self {
+        match e {
+            crate::crypt::OpenError::Blob(b) => ClientError::Corrupt(b.into()),
+            other => ClientError::Key(other.to_string()),
+        }
     }
 }
 

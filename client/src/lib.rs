@@ -6,6 +6,7 @@ pub mod browse;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod crypt;
 pub mod error;
 pub mod mount;
 pub mod parallel_hash;

@@ -4,7 +4,8 @@
 //! offset size field
 //! 0      4    magic "BKPC"
 //! 4      1    version (1)
-//! 5      1    codec: 0 = stored, 1 = zstd frame, 2 = bare zstd frame
+//! 5      1    codec: 0 = stored, 1 = zstd frame, 2 = bare zstd frame,
+//!             3 = sealed (encrypted by the client; layout in [`crate::seal`])
 //! 6      4    raw length, u32 little endian, at most MAX_CHUNK
 //! 10     ..   payload
 //! ```
@@ -23,8 +24,8 @@ use crate::ids::ChunkId;
 pub const MAGIC: &[u8; 4] = b"BKPC";
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 10;
-/// Largest valid blob: a stored (uncompressed) maximum chunk.
-pub const MAX_BLOB: usize = HEADER_LEN + MAX_CHUNK as usize;
+/// Largest valid blob: a sealed stored (uncompressed) maximum chunk.
+pub const MAX_BLOB: usize = HEADER_LEN + MAX_CHUNK as usize + crate::seal::OVERHEAD;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -32,6 +33,9 @@ pub enum Codec {
     Stored = 0,
     Zstd = 1,
     ZstdBare = 2,
+    /// Encrypted by the client ([`crate::seal`]); appended, so a build
+    /// before it refuses such a blob as an unknown codec.
+    Sealed = 3,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -54,6 +58,12 @@ pub enum BlobError {
     Length { got: usize, want: usize },
     #[error("chunk content hashes to {got}, expected {want}")]
     Hash { got: ChunkId, want: ChunkId },
+    #[error("chunk is sealed (encrypted); only a client with its key group's key can read it")]
+    Sealed,
+    #[error("sealed chunk {0}: its ciphertext does not match the hash recorded at upload (damaged or swapped)")]
+    CiphertextHash(ChunkId),
+    #[error("sealed chunk does not open: {0}")]
+    Open(String),
 }
 
 /// Encodes a chunk, compressing it with zstd when that makes it smaller.
@@ -173,6 +183,7 @@ pub fn header(blob: &[u8]) -> Result<Header, BlobError> {
         0 => Codec::Stored,
         1 => Codec::Zstd,
         2 => Codec::ZstdBare,
+        3 => Codec::Sealed,
         c => return Err(BlobError::Codec(c)),
     };
     let raw_len = u32::from_le_bytes(blob[6..10].try_into().expect("4 bytes"));
@@ -192,6 +203,7 @@ pub fn decode(blob: &[u8]) -> Result<Vec<u8>, BlobError> {
         // a zstd bomb stops at MAX_CHUNK.
         Codec::Zstd => decompress(payload, h.raw_len as usize).map_err(BlobError::Corrupt)?,
         Codec::ZstdBare => decompress_bare(payload, h.raw_len as usize).map_err(BlobError::Corrupt)?,
+        Codec::Sealed => return Err(BlobError::Sealed),
     };
     if data.len() != h.raw_len as usize {
         return Err(BlobError::Length { got: data.len(), want: h.raw_len as usize });
@@ -207,6 +219,27 @@ pub fn decode_verified(blob: &[u8], want: &ChunkId) -> Result<Vec<u8>, BlobError
         return Err(BlobError::Hash { got, want: *want });
     }
     Ok(data)
+}
+
+/// What [`check`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// The chunk's length (claimed by the client, for a sealed chunk).
+    pub raw_len: u32,
+    pub sealed: bool,
+}
+
+/// The server's check of a blob stored (or to be stored) under `id`,
+/// whatever its kind: a plain blob is decoded and re-hashed, a sealed one
+/// gets the checks that need no key ([`crate::seal::check`]).
+pub fn check(blob: &[u8], id: &ChunkId) -> Result<Checked, BlobError> {
+    let h = header(blob)?;
+    if h.codec == Codec::Sealed {
+        let raw_len = crate::seal::check(blob, id, h.raw_len)?;
+        return Ok(Checked { raw_len, sealed: true });
+    }
+    let data = decode_verified(blob, id)?;
+    Ok(Checked { raw_len: data.len() as u32, sealed: false })
 }
 
 #[cfg(test)]

@@ -20,9 +20,11 @@ pub const MAX_CHUNK: u32 = 4 * 1024 * 1024;
 #[error("reading input for chunking: {0}")]
 pub struct ChunkReadError(#[from] pub std::io::Error);
 
-/// The fastcdc crate's gear tables (seed 0) and its masks for a 1 MiB
-/// average at normalization level 1 (`FastCDC::new`'s choice).
-struct Gear {
+/// Gear tables and the masks for a 1 MiB average at normalization level 1
+/// (`FastCDC::new`'s choice): the fastcdc crate's public tables (seed 0),
+/// or tables drawn from a key ([`Gear::keyed`]) for an encrypted push, whose
+/// chunk sizes must not fingerprint known files.
+pub struct Gear {
     gear: Box<[u64; 256]>,
     gear_ls: Box<[u64; 256]>,
     mask_s: u64,
@@ -31,11 +33,35 @@ struct Gear {
 
 static GEAR: LazyLock<Gear> = LazyLock::new(|| {
     let (gear, gear_ls) = fastcdc::v2020::get_gear_with_seed(0);
-    let bits = AVG_CHUNK.trailing_zeros() as usize;
-    Gear { gear, gear_ls, mask_s: MASKS[bits + 1], mask_l: MASKS[bits - 1] }
+    Gear::with_tables(gear, gear_ls)
 });
 
 impl Gear {
+    fn with_tables(gear: Box<[u64; 256]>, gear_ls: Box<[u64; 256]>) -> Self {
+        let bits = AVG_CHUNK.trailing_zeros() as usize;
+        Gear { gear, gear_ls, mask_s: MASKS[bits + 1], mask_l: MASKS[bits - 1] }
+    }
+
+    /// The fastcdc crate's tables, which every plain push uses.
+    pub fn public() -> &'static Gear {
+        &GEAR
+    }
+
+    /// Tables drawn from blake3's output stream keyed with `key`: 256
+    /// random words (the crate's seed only XORs one word into its public
+    /// table, which leaves the table recoverable from a few chunk sizes).
+    /// The shifted table is the plain one shifted, as the crate's is.
+    pub fn keyed(key: &[u8; 32]) -> Self {
+        let mut bytes = [0u8; 256 * 8];
+        blake3::Hasher::new_keyed(key).update(b"bkp gear table").finalize_xof().fill(&mut bytes);
+        let mut gear = Box::new([0u64; 256]);
+        for (g, b) in gear.iter_mut().zip(bytes.chunks_exact(8)) {
+            *g = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
+        let gear_ls = Box::new(gear.map(|g| g << 1));
+        Self::with_tables(gear, gear_ls)
+    }
+
     /// Scans the byte pairs of `pairs` (which starts at `base` in the
     /// chunk) as the crate's `cut_gear` does: a cut before the pair's first
     /// byte when the shifted mask matches, after it when the plain one does.
@@ -64,6 +90,11 @@ impl Gear {
 /// dump text, which made the cutter the largest cost of a dump push on a
 /// 2.3 GHz Xeon). The crate's own iterator is the reference in the tests.
 pub fn cut_len(data: &[u8]) -> usize {
+    cut_len_with(&GEAR, data)
+}
+
+/// [`cut_len`] with the given gear tables.
+pub fn cut_len_with(g: &Gear, data: &[u8]) -> usize {
     let (min, avg) = (MIN_CHUNK as usize, AVG_CHUNK as usize);
     let remaining = data.len().min(MAX_CHUNK as usize);
     if remaining <= min {
@@ -72,7 +103,6 @@ pub fn cut_len(data: &[u8]) -> usize {
     // Pairs start at even offsets; a lone last byte is never hashed.
     let normal = (remaining.min(avg) & !1).max(min);
     let end = (remaining & !1).max(normal);
-    let g = &*GEAR;
     let mut hash = 0;
     g.scan(&data[min..normal], min, &mut hash, g.mask_s)
         .or_else(|| g.scan(&data[normal..end], normal, &mut hash, g.mask_l))
@@ -94,6 +124,7 @@ pub fn chunk_reader<R: Read>(reader: R) -> impl Iterator<Item = Result<Vec<u8>, 
 /// more than the data itself for a tree of small files.
 pub struct StreamChunker {
     buf: Vec<u8>,
+    gear: &'static Gear,
 }
 
 impl Default for StreamChunker {
@@ -106,12 +137,17 @@ impl StreamChunker {
     pub fn new() -> Self {
         // Twice the largest chunk: the unread rest is moved to the front
         // only when less than one largest chunk of room is left.
-        Self { buf: vec![0; 2 * MAX_CHUNK as usize] }
+        Self::with_gear(&GEAR)
+    }
+
+    /// A chunker cutting with `gear` (a keyed table, for an encrypted push).
+    pub fn with_gear(gear: &'static Gear) -> Self {
+        Self { buf: vec![0; 2 * MAX_CHUNK as usize], gear }
     }
 
     /// The chunks of `reader`, in order.
     pub fn chunks<R: Read>(&mut self, reader: R) -> StreamChunks<'_, R> {
-        StreamChunks { buf: &mut self.buf, start: 0, end: 0, eof: false, reader }
+        StreamChunks { buf: &mut self.buf, start: 0, end: 0, eof: false, reader, gear: self.gear }
     }
 }
 
@@ -121,6 +157,7 @@ pub struct StreamChunks<'a, R> {
     end: usize,
     eof: bool,
     reader: R,
+    gear: &'static Gear,
 }
 
 impl<R: Read> StreamChunks<'_, R> {
@@ -154,7 +191,7 @@ impl<R: Read> Iterator for StreamChunks<'_, R> {
         if rest.is_empty() {
             return None;
         }
-        let len = cut_len(rest);
+        let len = cut_len_with(self.gear, rest);
         let chunk = rest[..len].to_vec();
         self.start += len;
         Some(Ok(chunk))
@@ -250,6 +287,30 @@ mod tests {
         }
         // Zeros never match a mask: the largest chunk.
         assert_eq!(cut_len(&zeros), max);
+    }
+
+    #[test]
+    fn keyed_gear_cuts_elsewhere_within_the_size_bounds() {
+        let data = pseudo_random(24 << 20, 5);
+        let cuts = |g: &'static Gear| -> Vec<usize> {
+            StreamChunker::with_gear(g).chunks(&data[..]).map(|c| c.unwrap().len()).collect()
+        };
+        let public = cuts(Gear::public());
+        let a = cuts(Box::leak(Box::new(Gear::keyed(&[1; 32]))));
+        let a_again = cuts(Box::leak(Box::new(Gear::keyed(&[1; 32]))));
+        let b = cuts(Box::leak(Box::new(Gear::keyed(&[2; 32]))));
+        assert_eq!(a, a_again, "a key's cuts are deterministic");
+        assert!(a != public && a != b, "another table cuts elsewhere");
+        for lens in [&a, &b] {
+            assert_eq!(lens.iter().sum::<usize>(), data.len());
+            let (last, rest) = lens.split_last().unwrap();
+            assert!(rest.iter().all(|&l| (MIN_CHUNK as usize..=MAX_CHUNK as usize).contains(&l)));
+            assert!(*last <= MAX_CHUNK as usize);
+            // About the 1 MiB average, as the public table gives.
+            assert!((8..=48).contains(&lens.len()), "{} chunks", lens.len());
+        }
+        // The public table is the crate's, unchanged.
+        assert_eq!(public, chunk_reader(&data[..]).map(|c| c.unwrap().len()).collect::<Vec<_>>());
     }
 
     #[test]

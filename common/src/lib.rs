@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod quic;
 #[cfg(feature = "io")]
 pub mod rate;
+pub mod seal;
 pub mod snapshot;
 pub mod tree;
 pub mod zstd_ctx;

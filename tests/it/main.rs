@@ -3,6 +3,7 @@
 
 mod audit;
 mod browse;
+mod crypt;
 mod dos;
 mod email;
 mod excludes;

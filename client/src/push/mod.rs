@@ -52,6 +52,8 @@ pub struct PushOptions {
     pub name: String,
     pub source: Source,
     pub zstd_level: i32,
+    /// Plain, or sealed with a key group's key (`encryption` in client.toml).
+    pub ids: crate::crypt::ChunkIds,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -207,6 +209,13 @@ async fn report(client: &Client, name: &str, kind: SnapshotKind, e: &ClientError
     }
 }
 
+fn cache_name(opts: &PushOptions) -> String {
+    match &opts.ids {
+        crate::crypt::ChunkIds::Plain => opts.name.clone(),
+        crate::crypt::ChunkIds::Sealed(r) => format!("{} (sealed, key {})", opts.name, r.current().key_id()),
+    }
+}
+
 async fn push_inner(
     client: Arc<Client>,
     opts: PushOptions,
@@ -227,12 +236,14 @@ async fn push_inner(
     let session = client.start_push(&opts.name, kind).await?;
     let cache = cache.filter(|_| kind == SnapshotKind::Tree).map(|spec| CacheArgs {
         spec,
-        header: Header { server: client.server.clone(), host: client.host.clone(), name: opts.name.clone() },
+        // A cache of its own per key: the chunk ids it keeps are the key's.
+        header: Header { server: client.server.clone(), host: client.host.clone(), name: cache_name(&opts) },
         client: client.clone(),
         session,
         start_ns,
     });
-    let (sink, pipeline) = pipeline::start(client.clone(), session, opts.zstd_level, progress.clone());
+    let (sink, pipeline) =
+        pipeline::start(client.clone(), session, opts.zstd_level, opts.ids.clone(), progress.clone());
     let name = opts.name.clone();
     let source = opts.source;
     let producer = tokio::task::spawn_blocking(move || produce(source, &name, sink, progress, cache));

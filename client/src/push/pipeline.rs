@@ -25,6 +25,7 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::task::JoinSet;
 
 use crate::conn::Client;
+use crate::crypt::ChunkIds;
 use crate::error::{ClientError, LinkError, Result};
 use crate::progress::Progress;
 
@@ -132,23 +133,32 @@ struct Encoded {
 /// before the producer blocks on the budget, and when the sink is dropped.
 pub struct ChunkSink {
     tx: mpsc::Sender<Vec<RawChunk>>,
+    ids: ChunkIds,
     budget: Arc<Budget>,
     held: Vec<RawChunk>,
     held_bytes: usize,
 }
 
 impl ChunkSink {
-    fn new(tx: mpsc::Sender<Vec<RawChunk>>) -> Self {
-        Self { tx, budget: Budget::new(BUDGET_BYTES), held: Vec::new(), held_bytes: 0 }
+    fn new(tx: mpsc::Sender<Vec<RawChunk>>, ids: ChunkIds) -> Self {
+        Self { tx, ids, budget: Budget::new(BUDGET_BYTES), held: Vec::new(), held_bytes: 0 }
     }
 
+    /// How data chunks are named (plain, or keyed for an encrypted push).
+    pub fn ids(&self) -> &ChunkIds {
+        &self.ids
+    }
+
+    /// Queues a plain chunk (a tree chunk: the server must read it, so it
+    /// is never sealed).
     pub fn send(&mut self, data: Vec<u8>) -> Result<ChunkId> {
         let id = ChunkId::of(&data);
         self.send_hashed(id, data)
     }
 
     /// Queues a chunk whose id the caller computed (`id` must be
-    /// `ChunkId::of(&data)`: the server re-hashes and refuses it otherwise).
+    /// `ChunkId::of(&data)`, or `self.ids().of(&data)` for a data chunk:
+    /// the server re-hashes and refuses it otherwise).
     pub fn send_hashed(&mut self, id: ChunkId, data: Vec<u8>) -> Result<ChunkId> {
         let n = data.len() + ITEM_OVERHEAD;
         let lease = match self.budget.try_acquire(n) {
@@ -223,14 +233,15 @@ pub fn start(
     client: Arc<Client>,
     session: u64,
     level: i32,
+    ids: ChunkIds,
     progress: Arc<dyn Progress>,
 ) -> (ChunkSink, impl std::future::Future<Output = Result<Counters>>) {
     let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<RawChunk>>(QUEUE);
     let (missing_tx, missing_rx) = mpsc::channel::<Vec<RawChunk>>(QUEUE);
     let (blob_tx, blob_rx) = mpsc::channel::<Vec<Encoded>>(QUEUE);
-    let sink = ChunkSink::new(chunk_tx);
+    let sink = ChunkSink::new(chunk_tx, ids.clone());
     let in_flight: InFlight = Default::default();
-    let pool = compress_pool(missing_rx, blob_tx, level);
+    let pool = compress_pool(missing_rx, blob_tx, level, ids);
     let run = async move {
         let query = query_stage(client.clone(), session, chunk_rx, missing_tx, in_flight.clone());
         let upload = upload_stage(client, session, blob_rx, in_flight, progress);
@@ -331,12 +342,13 @@ impl Drop for PanicFlag {
 /// zstd is the costliest step of a first push (~145 MiB/s per core on
 /// SQL text): one worker per core. The workers end when the query stage
 /// closes their input or the upload stage goes away.
-fn compress_pool(rx: mpsc::Receiver<Vec<RawChunk>>, tx: mpsc::Sender<Vec<Encoded>>, level: i32) -> Pool {
+/// An encrypted push seals its data chunks here, after compressing them.
+fn compress_pool(rx: mpsc::Receiver<Vec<RawChunk>>, tx: mpsc::Sender<Vec<Encoded>>, level: i32, ids: ChunkIds) -> Pool {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let rx = Arc::new(Mutex::new(rx));
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for i in 0..workers {
-        let (rx, tx, flag) = (rx.clone(), tx.clone(), PanicFlag(failed.clone()));
+        let (rx, tx, flag, ids) = (rx.clone(), tx.clone(), PanicFlag(failed.clone()), ids.clone());
         let spawned = std::thread::Builder::new().name(format!("bkp-zstd-{i}")).spawn(move || {
             let _flag = flag;
             let mut encoder = blob::Encoder::new(level);
@@ -345,7 +357,7 @@ fn compress_pool(rx: mpsc::Receiver<Vec<RawChunk>>, tx: mpsc::Sender<Vec<Encoded
                 let Some(chs) = rx.lock().ok().and_then(|mut r| r.blocking_recv()) else { return };
                 let out: Vec<Encoded> = chs
                     .into_iter()
-                    .map(|ch| Encoded { id: ch.id, blob: encoder.encode(&ch.data), _lease: ch._lease })
+                    .map(|ch| Encoded { id: ch.id, blob: encode(&ids, &mut encoder, &ch), _lease: ch._lease })
                     .collect();
                 if tx.blocking_send(out).is_err() {
                     return;
@@ -357,6 +369,20 @@ fn compress_pool(rx: mpsc::Receiver<Vec<RawChunk>>, tx: mpsc::Sender<Vec<Encoded
         }
     }
     Pool { failed }
+}
+
+/// A chunk's blob: sealed when it is a data chunk of an encrypted push.
+/// Which kind it is shows in its id: only a sealed chunk's id is the hash
+/// of its key hash (the tree's chunks keep plain ids, for the server).
+fn encode(ids: &ChunkIds, encoder: &mut blob::Encoder, ch: &RawChunk) -> Vec<u8> {
+    if let ChunkIds::Sealed(ring) = ids {
+        let keys = ring.current();
+        let k = keys.key_hash(&ch.data);
+        if bkp_common::seal::id_of_key_hash(&k) == ch.id {
+            return keys.seal_with(encoder, &k, &ch.data).1;
+        }
+    }
+    encoder.encode(&ch.data)
 }
 
 type UploadDone = Result<(Vec<ChunkId>, u64, u64)>;
@@ -461,7 +487,7 @@ mod tests {
     #[test]
     fn sink_sends_in_batches_and_flushes_what_it_holds_when_dropped() {
         let (tx, mut rx) = mpsc::channel(QUEUE);
-        let mut sink = ChunkSink::new(tx);
+        let mut sink = ChunkSink::new(tx, ChunkIds::Plain);
         for i in 0..BATCH_ITEMS + 3 {
             sink.send(vec![i as u8; 10]).unwrap();
         }

@@ -89,7 +89,7 @@ impl<'a> Content<'a> {
         self.size += data.len() as u64;
         self.progress.read(data.len() as u64);
         if self.refs.is_empty() && self.first.is_none() {
-            self.first = Some((ChunkId::of(&data), data));
+            self.first = Some((self.sink.ids().of(&data), data));
             return Ok(());
         }
         if let Some((id, first)) = self.first.take() {
@@ -98,7 +98,8 @@ impl<'a> Content<'a> {
         }
         // The chunk id and the file hash at once for a large chunk: a
         // dump's producer was otherwise bound by hashing on one core.
-        let id = crate::parallel_hash::hash_while(&data, &mut self.hasher, || ChunkId::of(&data));
+        let ids = self.sink.ids();
+        let id = crate::parallel_hash::hash_while(&data, &mut self.hasher, || ids.of(&data));
         self.send(id, data)
     }
 
@@ -112,6 +113,13 @@ impl<'a> Content<'a> {
     /// The chunk list, content hash and size.
     fn finish(mut self) -> Result<(Vec<ChunkRef>, ContentHash, u64)> {
         let hash = match self.first.take() {
+            // A sealed chunk's id is keyed: the content hash (blake3 of
+            // the plaintext, what restore checks) is taken apart.
+            Some((id, only)) if self.sink.ids().sealed() => {
+                let hash = blake3::hash(&only).into();
+                self.send(id, only)?;
+                hash
+            }
             Some((id, only)) => {
                 self.send(id, only)?;
                 ContentHash::from_bytes(*id.as_bytes())
@@ -151,8 +159,9 @@ fn snapshot_path(abs: &Path) -> Vec<u8> {
 impl Producer {
     pub fn new(sink: ChunkSink, progress: Arc<dyn Progress>, excludes: Excludes, cache: Option<Incremental>) -> Self {
         Self {
+            // An encrypted push cuts with its key's gear table.
+            chunker: StreamChunker::with_gear(sink.ids().gear()),
             sink,
-            chunker: StreamChunker::new(),
             tree: TreeEncoder::new(),
             tree_chunker: PushChunker::new(),
             tree_ids: Vec::new(),

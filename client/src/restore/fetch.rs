@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bkp_common::blob;
 use bkp_common::snapshot::Snapshot;
 use bkp_common::tree::{ChunkRef, Entry, TreeDecoder};
 use bkp_common::ChunkId;
@@ -172,7 +171,7 @@ const DECODE_BATCH_BYTES: usize = 1 << 20;
 
 enum Pending {
     /// The outputs of consecutive chunks, in order.
-    Decoding(JoinHandle<Vec<Out>>),
+    Decoding(JoinHandle<Result<Vec<Out>>>),
     Ready(Out),
 }
 
@@ -194,7 +193,7 @@ impl Batch {
         let slot = decoders.clone().acquire_owned().await.expect("semaphore never closed");
         pending.push(Pending::Decoding(tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            blobs.into_iter().map(|(r, b)| decode(r, &b)).collect()
+            blobs.into_iter().map(|(r, b)| decode(r, &b)).collect::<Result<Vec<Out>>>()
         })));
     }
 }
@@ -245,7 +244,7 @@ async fn fetch_segment(client: Arc<Client>, items: Vec<Item>, decoders: Arc<Sema
         match p {
             Pending::Ready(o) => data.push(o),
             Pending::Decoding(h) => {
-                data.extend(h.await.map_err(|e| ClientError::Task { what: "decode task", source: e })?)
+                data.extend(h.await.map_err(|e| ClientError::Task { what: "decode task", source: e })??)
             }
         }
     }
@@ -259,11 +258,14 @@ async fn fetch_segment(client: Arc<Client>, items: Vec<Item>, decoders: Arc<Sema
         .collect())
 }
 
-/// Decompresses one blob and checks it against its id and length.
-fn decode(r: ChunkRef, blob: &[u8]) -> Out {
-    match blob::decode_verified(blob, &r.id) {
+/// Decompresses (or opens) one blob and checks it against its id and
+/// length. A sealed chunk without the key to open it stops the restore:
+/// every other sealed chunk would fail alike.
+fn decode(r: ChunkRef, blob: &[u8]) -> Result<Out> {
+    Ok(match crate::crypt::decode_verified(blob, &r.id) {
         Ok(d) if d.len() == r.len as usize => Out::Data { id: r.id, data: d },
         Ok(d) => Out::Bad { id: r.id, reason: format!("{} bytes where the tree says {}", d.len(), r.len) },
-        Err(e) => Out::Bad { id: r.id, reason: e.to_string() },
-    }
+        Err(crate::crypt::OpenError::Blob(e)) => Out::Bad { id: r.id, reason: e.to_string() },
+        Err(e) => return Err(ClientError::Key(e.to_string())),
+    })
 }

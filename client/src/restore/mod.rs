@@ -59,6 +59,7 @@ pub async fn restore(
     let snap = client.snapshot(id).await?;
     // Before the target is touched: a pattern that matches nothing is an error.
     let total = tally(&client, &snap, &sel).await?;
+    open_first_chunk(&client, &snap).await?;
     let sink: Box<dyn Sink> = match opts.target {
         Some(t) => {
             let p = progress.clone();
@@ -95,6 +96,35 @@ pub async fn verify(
     progress.restore_total(total);
     let sink = Verifier::new(shown_root, progress);
     run(client, snap, sel, Box::new(sink)).await
+}
+
+/// A sealed snapshot restored without its key (or with another group's)
+/// fails here, before the target is touched: its first data chunk is
+/// fetched and opened. A chunk that is only damaged fails its own file
+/// later, as ever.
+async fn open_first_chunk(client: &Arc<Client>, snap: &Snapshot) -> Result<()> {
+    let reader = TreeReader::new(client.clone(), Handle::current(), snap);
+    let first = tokio::task::spawn_blocking(move || -> Result<Option<bkp_common::ChunkId>> {
+        let mut reader = reader;
+        while let Some(e) = reader.next_entry()? {
+            if let Some(r) = match &e {
+                Entry::Chunks(refs) => refs.first(),
+                _ => None,
+            } {
+                return Ok(Some(r.id));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .map_err(|e| ClientError::Task { what: "restore thread", source: e })??;
+    match first {
+        Some(id) => match client.chunk(id).await {
+            Err(e @ ClientError::Key(_)) => Err(e),
+            _ => Ok(()),
+        },
+        None => Ok(()),
+    }
 }
 
 /// The bytes a restore with `sel` writes. With patterns, a pass over the

@@ -235,7 +235,11 @@ async fn run_one(def: &BackupDef, args: &RunArgs, progress: Arc<dyn Progress>) -
     } else {
         Source::Command(def.command.iter().map(Into::into).collect())
     };
-    let opts = PushOptions { name: def.name.clone(), source, zstd_level: def.level.unwrap_or(3) };
+    let ids = match crate::crypt::setup::push_ids() {
+        Ok(ids) => ids,
+        Err(e) => return Outcome::failed(&def.name, e),
+    };
+    let opts = PushOptions { name: def.name.clone(), source, zstd_level: def.level.unwrap_or(3), ids };
     let cache = cache_dir.map(|dir| CacheSpec { dir, read: !args.no_cache });
     let pushed = push_with(client.clone(), opts, cache, progress).await;
     if let Ok(c) = Arc::try_unwrap(client) {

@@ -95,9 +95,10 @@ use bkp_common::{ChunkId, SnapshotId};
 
 use crate::report::JobRecord;
 
-/// A chunk whose blob was decoded and re-hashed by the server. The only
-/// way to build one is [`VerifiedChunk::verify`], so nothing unchecked
-/// reaches the store.
+/// A chunk whose blob was decoded and re-hashed by the server (or, for a
+/// sealed chunk, whose key hash and ciphertext hash were checked: see
+/// `bkp_common::seal`). The only way to build one is
+/// [`VerifiedChunk::verify`], so nothing unchecked reaches the store.
 #[derive(Debug)]
 pub struct VerifiedChunk {
     id: ChunkId,
@@ -107,8 +108,8 @@ pub struct VerifiedChunk {
 
 impl VerifiedChunk {
     pub fn verify(id: ChunkId, blob: Vec<u8>) -> Result<Self, blob::BlobError> {
-        let data = blob::decode_verified(&blob, &id)?;
-        Ok(Self { id, blob, raw_len: data.len() as u32 })
+        let checked = blob::check(&blob, &id)?;
+        Ok(Self { id, blob, raw_len: checked.raw_len })
     }
 
     pub fn id(&self) -> &ChunkId {

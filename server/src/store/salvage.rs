@@ -185,9 +185,7 @@ fn read_cf(
 
 fn valid_for(name: &str) -> Box<Valid> {
     match name {
-        schema::CF_CHUNKS => {
-            Box::new(|k, v| ChunkId::from_slice(k).is_some_and(|id| blob::decode_verified(v, &id).is_ok()))
-        }
+        schema::CF_CHUNKS => Box::new(|k, v| ChunkId::from_slice(k).is_some_and(|id| blob::check(v, &id).is_ok())),
         schema::CF_CHUNK_META => Box::new(|k, v| k.len() == 32 && ChunkMeta::decode(v).is_some()),
         schema::CF_HOST_CHUNKS => Box::new(|k, _| schema::split_host_chunk_key(k).is_some()),
         schema::CF_HOSTS => Box::new(|k, v| std::str::from_utf8(k).is_ok() && HostNum::decode(v).is_some()),
@@ -361,7 +359,7 @@ pub fn salvage(db_dir: &Path) -> Result<SalvageReport, SalvageError> {
     for id in &chunk_ids {
         if !metas.contains(id) {
             let b = store.chunk_blob(id)?.unwrap_or_default();
-            let raw_len = blob::decode_verified(&b, id).map_or(0, |d| d.len() as u32);
+            let raw_len = blob::check(&b, id).map_or(0, |c| c.raw_len);
             let meta = ChunkMeta { raw_len, stored_len: b.len() as u32, owner: None };
             fix.put_cf(store.cf(schema::CF_CHUNK_META), id.as_bytes(), meta.encode());
             report.metas_rebuilt += 1;
