@@ -693,7 +693,7 @@ mod tests {
         crate::tls::init(dir.path()).unwrap();
         let cfg = crate::config::ServerConfig {
             cache_mb: 8,
-            jobs: JobsConfig { prune: None, gc: None, verify: Some("0 3 * * *".into()) },
+            jobs: JobsConfig { prune: None, gc: None, verify: Some("0 3 * * *".into()), ..Default::default() },
             sync: vec![sync_job("offsite", "0 2 * * *"), sync_job("hourly", "0 * * * *")],
             ..Default::default()
         };

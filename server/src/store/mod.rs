@@ -191,6 +191,8 @@ pub struct ContainerScrub {
     pub bad: u64,
     /// The container was missing from the store.
     pub missing: bool,
+}
+
 /// How far [`ChunkStore::reclaim_space_with`] goes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReclaimOptions {
