@@ -602,6 +602,9 @@ fn print_status(s: &crate::status::ServerStatus) {
         if set.skipped > 0 {
             state = format!("{state}, incomplete ({} skipped)", set.skipped);
         }
+        if let Some(o) = &set.copy_of {
+            state = format!("{state}, copy from {o}");
+        }
         println!(
             "{:<32} {:<9} {:>9} {:<8} {:>11} {:>6}  {}",
             escape(&format!("{}/{}", set.host, set.name)),
@@ -621,6 +624,18 @@ fn print_status(s: &crate::status::ServerStatus) {
             Some(r) => format!("FAILED at {}: {}", fmt_time(r.start_ns), escape(r.error.as_deref().unwrap_or(""))),
         };
         println!("job {:<7} {last}{}", j.kind, if j.scheduled { " (scheduled)" } else { "" });
+    }
+    for j in &s.sync {
+        let when = |ns: u64| if ns == 0 { "never".to_string() } else { fmt_time(ns) };
+        println!(
+            "sync {} from {}: {} copies here; last run {}, last success {}; {} set(s) lagging",
+            escape(&j.name),
+            escape(&j.server),
+            j.copies,
+            when(j.last_run_ns),
+            when(j.last_ok_ns),
+            j.lagging_sets
+        );
     }
     let v = &s.verify;
     let cycle = if v.scrub_last_cycle_end_ns == 0 { "never".into() } else { fmt_time(v.scrub_last_cycle_end_ns) };

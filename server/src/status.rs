@@ -25,6 +25,25 @@ pub struct ServerStatus {
     pub quarantined_chunks: u64,
     pub space: SpaceView,
     pub alerts: Vec<AlertView>,
+    /// The `[[sync]]` jobs pulling into this server.
+    #[serde(default)]
+    pub sync: Vec<SyncView>,
+}
+
+/// A `[[sync]]` job: where it pulls from and how many copies it made here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncView {
+    pub name: String,
+    /// The primary's address, as the job last saw it.
+    pub server: String,
+    /// Snapshots here that this job copied.
+    pub copies: u64,
+    /// 0: never.
+    pub last_run_ns: u64,
+    pub last_ok_ns: u64,
+    /// Selected sets whose newest copy lags the primary's by more than
+    /// the job's `max_lag`.
+    pub lagging_sets: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +85,10 @@ pub struct SetView {
     pub skipped: u64,
     #[serde(default)]
     pub skipped_paths: Vec<String>,
+    /// When the newest snapshot is a synced copy: the `[[sync]]` job that
+    /// copied it and its primary, "NAME (host:port)".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_of: Option<String>,
     /// Snapshots of the last [`HISTORY_DAYS`] days, oldest first.
     pub history: Vec<Point>,
 }
@@ -144,6 +167,11 @@ const PATHS_SHOWN: usize = 5;
 /// The report, from what the monitor read and the snapshot list.
 pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: f64, now_ns: u64) -> ServerStatus {
     let damaged_ids: std::collections::HashSet<String> = st.damaged.iter().map(|(id, _)| id.to_hex()).collect();
+    // Which job copied a snapshot: its `synced` list has the id.
+    let origin = |id: &bkp_common::SnapshotId| {
+        let hex = id.to_hex();
+        st.sync.iter().find(|j| j.state.synced.contains_key(&hex)).map(|j| format!("{} ({})", j.name, j.state.server))
+    };
     let since = now_ns.saturating_sub(HISTORY_DAYS * DAY_NS);
     let sets = st
         .sets
@@ -181,6 +209,7 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
                     .map(|i| i.paths.iter().take(PATHS_SHOWN).cloned().collect())
                     .unwrap_or_default(),
                 damaged: st.damaged.iter().filter(|(_, d)| d.host == s.host && d.name == s.name).count() as u64,
+                copy_of: newest.and_then(|x| origin(&x.id)),
                 history,
             }
         })
@@ -220,7 +249,20 @@ pub fn build(st: &Status, summaries: &[SnapshotSummary], disk_free_min_percent: 
         })
         .collect();
     damaged.sort_by(|a, b| (&a.host, &a.name, a.time_ns).cmp(&(&b.host, &b.name, b.time_ns)));
+    let sync = st
+        .sync
+        .iter()
+        .map(|j| SyncView {
+            name: j.name.clone(),
+            server: j.state.server.clone(),
+            copies: summaries.iter().filter(|x| j.state.synced.contains_key(&x.id.to_hex())).count() as u64,
+            last_run_ns: j.state.last_run_ns,
+            last_ok_ns: j.state.last_ok_ns,
+            lagging_sets: j.state.sets.values().filter(|l| l.lag_ns() > j.max_lag.as_nanos() as u64).count() as u64,
+        })
+        .collect();
     ServerStatus {
+        sync,
         generated_ns: now_ns,
         sets,
         jobs,

@@ -87,6 +87,22 @@ fn page(s: &ServerStatus) -> Markup {
                         }
                     }
                 }
+                @if !s.sync.is_empty() {
+                    h2 { "Second site: sync jobs pulling here" }
+                    table id="sync" {
+                        tr { th { "Job" } th { "Primary" } th { "Copies here" } th { "Last run" } th { "Last success" } th { "Sets lagging" } }
+                        @for j in &s.sync {
+                            tr data-sync=(j.name) {
+                                td { (j.name) }
+                                td { (j.server) }
+                                td { (j.copies) }
+                                td { (if j.last_run_ns == 0 { "never".into() } else { time(j.last_run_ns) }) }
+                                td { (if j.last_ok_ns == 0 { "never".into() } else { time(j.last_ok_ns) }) }
+                                @if j.lagging_sets > 0 { td.stale { (j.lagging_sets) } } @else { td.ok { "0" } }
+                            }
+                        }
+                    }
+                }
                 h2 { "Verification" }
                 p {
                     "Scrub: " (format!("{:.0}%", s.verify.scrub_coverage * 100.0)) " of this cycle covered; last full pass "
@@ -126,6 +142,7 @@ fn set_row(set: &SetView, now_ns: u64) -> Markup {
                 @if let Some(e) = set.expected_secs { " (expected every " (ago(e)) ")" }
                 @if set.damaged > 0 { br; span.damaged { (set.damaged) " damaged" } }
                 @if set.skipped > 0 { br; span.failed { "incomplete: " (set.skipped) " files not read" } }
+                @if let Some(o) = &set.copy_of { br; span.copy { "copy from " (o) } }
             }
             td { (bytes(set.size_bytes)) }
             td { (set.snapshots) }
@@ -178,6 +195,7 @@ mod tests {
                 damaged: 1,
                 skipped: 0,
                 skipped_paths: Vec::new(),
+                copy_of: Some("offsite (<b>:7443)".into()),
                 history: vec![
                     Point { id: "01".repeat(32), time_ns: now - 86_400_000_000_000, bytes: 1000, damaged: true },
                     Point { id: "ab".repeat(32), time_ns: now - 10_000_000_000, bytes: 2048, damaged: false },
@@ -204,6 +222,14 @@ mod tests {
                 disk_total_bytes: None,
             },
             alerts: vec![AlertView { key: "k".into(), kind: "stale".into(), summary: "<script>x</script>".into() }],
+            sync: vec![SyncView {
+                name: "offsite".into(),
+                server: "<b>:7443".into(),
+                copies: 7,
+                last_run_ns: 0,
+                last_ok_ns: 0,
+                lagging_sets: 1,
+            }],
         }
     }
 
@@ -212,6 +238,8 @@ mod tests {
         let html = render(&sample());
         assert!(html.contains("web&lt;01&gt;/db&amp;x"), "{html}");
         assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("copy from offsite (&lt;b&gt;:7443)"), "{html}");
+        assert!(html.contains("<tr data-sync=\"offsite\">"), "{html}");
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains(r#"<meta http-equiv="refresh" content="60">"#));
         assert_eq!(html.matches("<rect ").count(), 2);

@@ -46,6 +46,21 @@ fn sync(secondary: &TestServer) -> serde_json::Value {
     rec["figures"].clone()
 }
 
+/// `bkp-server status` (exits non-zero while an alert fires: not asserted).
+fn status_cmd(server: &TestServer, as_json: bool) -> Output {
+    let mut c = Command::new(bin("bkp-server"));
+    c.arg("status");
+    if as_json {
+        c.arg("--json");
+    }
+    c.arg("--data").arg(server.data()).output().unwrap()
+}
+
+fn status_of(server: &TestServer) -> serde_json::Value {
+    let out = status_cmd(server, true);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -130,6 +145,21 @@ fn tree_and_dump_sets_are_copied_and_restore_from_the_secondary() {
     assert!(out.stdout == changed);
     let jobs = stdout(&sec.admin(&["jobs"]));
     assert!(jobs.contains("sync") && jobs.contains("1 snapshots copied"), "{jobs}");
+
+    // The status marks the copies and says where they came from.
+    let origin = format!("primary ({})", primary.addr);
+    let st = status_of(&sec);
+    for set in st["sets"].as_array().unwrap() {
+        assert_eq!(set["copy_of"].as_str(), Some(origin.as_str()), "{set}");
+    }
+    assert_eq!((st["sync"][0]["name"].as_str(), n(&st["sync"][0], "copies")), (Some("primary"), 3), "{st}");
+    let text = stdout(&status_cmd(&sec, false));
+    assert!(text.contains(&format!("copy from {origin}")) && text.contains("sync primary from"), "{text}");
+    // A snapshot pushed to the secondary directly is no copy.
+    sec.push_stdin(&sec.token("local01", Role::Push), "own", b"mine");
+    let st = status_of(&sec);
+    let own = st["sets"].as_array().unwrap().iter().find(|s| s["host"] == "local01").unwrap().clone();
+    assert!(own.get("copy_of").is_none(), "{own}");
 }
 
 #[test]
@@ -229,11 +259,31 @@ fn a_corrupted_chunk_on_the_primary_is_refused_and_never_stored() {
     assert!(rec["error"].as_str().unwrap().contains("1 snapshot(s) not copied"), "{rec}");
     // Every chunk the secondary holds is sound.
     let st = sec.state();
-    let mut after = None;
-    let mut held = 0;
+    let held = all_sound(&st);
+    assert!(st.store().list_snapshots(None, None).unwrap().is_empty());
+    eprintln!("secondary holds {held} sound chunks");
+
+    // Found by the primary's verify: quarantined there, so no longer
+    // served. The copy fails again, reported, and nothing bad is stored.
+    let out =
+        Command::new(bin("bkp-server")).args(["verify", "--full", "--data"]).arg(primary.data()).output().unwrap();
+    assert!(!out.status.success(), "the primary's verify found nothing: {}", stdout(&out));
+    let out = sync_cmd(sec.data());
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let f = json(&out)["figures"].clone();
+    assert_eq!((n(&f, "snapshots_copied"), n(&f, "snapshots_failed")), (0, 1), "{f}");
+    let why = f["failures"][0]["error"].as_str().unwrap();
+    assert!(why.contains("the remote refused"), "{why}");
+    assert!(st.store().list_snapshots(None, None).unwrap().is_empty());
+    all_sound(&st);
+}
+
+/// Checks that every chunk `st` stores hashes to its id; returns how many.
+fn all_sound(st: &bkp_server::ServerState) -> usize {
+    let (mut after, mut held) = (None, 0);
     loop {
         let batch = st.store().chunk_metas(after.as_ref(), 1000).unwrap();
-        let Some(last) = batch.last() else { break };
+        let Some(last) = batch.last() else { return held };
         after = Some(last.0);
         for (id, _) in &batch {
             let blob = st.store().chunk_blob(id).unwrap().unwrap();
@@ -241,8 +291,6 @@ fn a_corrupted_chunk_on_the_primary_is_refused_and_never_stored() {
             held += 1;
         }
     }
-    assert!(st.store().list_snapshots(None, None).unwrap().is_empty());
-    eprintln!("secondary holds {held} sound chunks");
 }
 
 /// Each limit over a 30 s transfer (12 MB of random bytes, so the blobs
