@@ -15,7 +15,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/bkp/target
 CARGO ?= cargo
 
-.PHONY: build demo test lint deb bench bench-scaling bench-micro bench-sync bench-fleet bench-rss fuzz fmt clean-cache
+.PHONY: build demo test lint deb bench bench-scaling bench-micro bench-sync bench-fleet bench-rss bench-gc fuzz fmt clean-cache
 
 build:
 	scripts/install-deps.sh build
@@ -82,6 +82,12 @@ bench-rss: build
 # millions of chunks, loopback end to end.
 bench-micro: build
 	$(CARGO) bench -p bkp-benches
+
+# What a GC rewrites against store size and garbage (a measurement:
+# bytes, not time). BKP_GC_BENCH_MB (1024) of chunk data in a temp dir
+# under BKP_GC_BENCH_DIR (the current directory).
+bench-gc: build
+	$(CARGO) bench -p bkp-benches --bench gc_cost
 
 # Every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each (not in CI).
 # cargo-fuzz's default (address) sanitizer needs a nightly compiler; where

@@ -79,6 +79,18 @@
 //!   tried again by the next put or commit; the `bucket` alert and
 //!   `bkp_s3_*` metrics come from [`store::ChunkStore::backend_stats`].
 //!
+//! # Memory and GC cost
+//! What grows with the data is bounded by configuration: the touched sets
+//! of all push sessions by `limits.touched_mb` (exact sets, then one
+//! shared filter that fences GC but proves nothing: [`sessions`]), a GC's
+//! mark set by `[gc] mark_memory_mb` (then the `gc_mark` scratch column
+//! family, same result: [`gc::mark`]), job records by `[jobs]
+//! record_days` ([`jobs`]). A GC's reclaim step rewrites chunk data only
+//! where more than `[gc] rewrite_garbage_percent` of it is garbage
+//! ([`store::ChunkStore::reclaim_space_with`]; the local backend's policy
+//! is in `store::rocks::chunks`, the design in docs/ARCHITECTURE.md
+//! "Garbage collection").
+//!
 //! # Which operations may overlap
 //! The one table; `store`, `gc` and docs/ARCHITECTURE.md link here.
 //!

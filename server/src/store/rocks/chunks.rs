@@ -182,8 +182,9 @@ impl ChunkStore for LocalChunks {
     }
 
     /// Metadata column families are compacted whole (their deletes go);
-    /// chunk data only where it pays, from an estimate of its garbage (see
-    /// the module doc): blob files are rewritten only when more than
+    /// chunk data only where it pays, from an estimate of its garbage:
+    /// the SST files of `chunks` when their size is at most the garbage,
+    /// blob files only when more than
     /// `garbage_ratio` of their bytes is garbage, the oldest quarter per
     /// pass, until the garbage is under half of that.
     fn reclaim_space_with(&self, opts: &ReclaimOptions) -> Result<ReclaimStats, StoreError> {
@@ -235,13 +236,27 @@ impl ChunkStore for LocalChunks {
             ..Default::default()
         };
         let worth = |garbage: u64, total: u64, ratio: f64| garbage > 0 && garbage as f64 > ratio * total as f64;
-        if worth(blob_garbage, blob_total, opts.garbage_ratio) {
-            // A full reclaim relocates every blob file at once (as every
-            // GC did before); otherwise the oldest quarter of them per
-            // pass (at least one file), until the garbage is under half the
-            // threshold: relocated chunks go to new files, so each pass
-            // takes the next oldest.
-            let full = opts.garbage_ratio <= 0.0;
+        let full = opts.garbage_ratio <= 0.0;
+        let relocate = worth(blob_garbage, blob_total, opts.garbage_ratio);
+        // Step 1, SST files only (blob GC stays off): drops deleted keys
+        // and the small chunks stored inline, frees every blob file with
+        // nothing live left, and makes RocksDB's garbage figures exact. It
+        // rewrites the SST files of `chunks` (keys, blob references, small
+        // chunks; each level the data passes through, measured about twice
+        // their size), so it runs when that is at most the garbage, or
+        // before a relocation. It also leaves every key in one
+        // level, so that the relocation below moves each blob once (a
+        // compaction per level, each relocating again, made the old
+        // cutoff-1.0 reclaim write up to twice the live data).
+        let garbage = blob_garbage + inline_garbage;
+        let sst_pass = relocate || (garbage > 0 && (full || garbage >= sst_total));
+        if sst_pass && compact(schema::CF_CHUNKS, 0) && relocate {
+            // Step 2: the oldest quarter of the blob files (at least one)
+            // per pass: their live blobs are moved to new files, which
+            // are the newest, so each pass takes the next oldest. Until
+            // the garbage is under half the threshold (none, for a full
+            // reclaim); a quarter at a time also needs only a quarter of
+            // the room.
             let set = |on: bool, cutoff: f64| {
                 let cutoff = cutoff.to_string();
                 db.set_options_cf(
@@ -253,28 +268,23 @@ impl ChunkStore for LocalChunks {
                 )
                 .map_err(db_err)
             };
-            for _ in 0..if full { 1 } else { 4 } {
+            for pass in 0..if full { 8 } else { 4 } {
+                let total = prop(chunks, LIVE_BLOB_FILE_SIZE);
+                let ratio = if pass == 0 { opts.garbage_ratio } else { opts.garbage_ratio / 2.0 };
+                if !worth(prop(chunks, LIVE_BLOB_FILE_GARBAGE_SIZE), total, ratio) {
+                    break;
+                }
                 let files = prop(chunks, NUM_BLOB_FILES).max(1);
                 // RocksDB relocates the files before index cutoff x files.
-                let cutoff = if full { 1.0 } else { ((files.div_ceil(4) as f64 + 0.5) / files as f64).min(1.0) };
+                let cutoff = ((files.div_ceil(4) as f64 + 0.5) / files as f64).min(1.0);
                 set(true, cutoff)?;
-                let total = prop(chunks, LIVE_BLOB_FILE_SIZE);
-                if !compact(schema::CF_CHUNKS, (total as f64 * cutoff) as u64) {
+                let ran = compact(schema::CF_CHUNKS, (total as f64 * cutoff) as u64);
+                set(false, cutoff)?;
+                if !ran {
                     break;
                 }
                 stats.relocation_passes += 1;
-                // Exact now: the compaction read every key of `chunks`.
-                let garbage = prop(chunks, LIVE_BLOB_FILE_GARBAGE_SIZE);
-                if !worth(garbage, prop(chunks, LIVE_BLOB_FILE_SIZE), opts.garbage_ratio / 2.0) {
-                    break;
-                }
             }
-            set(false, 0.25)?;
-        } else if worth(inline_garbage, sst_total, opts.garbage_ratio) {
-            // Small chunks are stored in the SST files: rewriting those
-            // drops them (and blob files with nothing live left), with no
-            // blob relocated.
-            compact(schema::CF_CHUNKS, 0);
         }
         let (written, relocated) = self.db.write_counters();
         stats.bytes_rewritten = written.saturating_sub(written_before);
