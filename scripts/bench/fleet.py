@@ -27,7 +27,9 @@ four backups), BENCH_FLEET_HOSTS (1,4,16), BENCH_FLEET_HOST_MB (64 MB
 pushed per host), BENCH_FLEET_CHUNK_BYTES (64: prefill chunk size; 20 M
 chunks take ~4 GB on disk), BENCH_FLEET_DIR (work/fleet under the bench
 data; the store stays there between sizes and is deleted at the end,
-unless BENCH_FLEET_KEEP=1). A quick run:
+unless BENCH_FLEET_KEEP=1; BENCH_FLEET_REUSE=1 starts from a kept store,
+BENCH_FLEET_GC_ALONE=0 skips the GC-alone pass, BENCH_FLEET_KEY0 the
+first XOR key: above the keys the kept store's run used). A quick run:
 
   BENCH_FLEET_CHUNKS=20000,200000 BENCH_FLEET_HOSTS=1,4 BENCH_FLEET_HOST_MB=16 make bench-fleet
 """
@@ -281,6 +283,13 @@ def gc_alone(server):
             "disk_before": before.get("store_disk_bytes", 0)}
 
 
+def rewritten(gc):
+    """Bytes the GC report says it rewrote; a local store's report has no
+    such figure (the GC-alone table measures what the server wrote)."""
+    ks = [k for k in gc if "rewritten" in k]
+    return f"{sum(gc[k] for k in ks) / 1e6:.0f} MB" if ks else "n/a"
+
+
 def label(chunks):
     x = chunks / BASE
     return f"{x:.0f}x" if x >= 1 else f"{x:.2f}x"
@@ -309,7 +318,7 @@ def table(meta, sizes):
                 f"{r['server_cpu_s_per_snapshot']:.2f} | {r['probe']['p50_ms']:.1f} / {r['probe']['p95_ms']:.1f} | "
                 f"{statistics.median(r['commit_s']):.2f} / {max(r['commit_s']):.2f} | "
                 f"{r['server']['rss_kb'] / 1024:.0f} | {r['client_rss_kb'] / 1024:.0f} | {r['gc'].get('seconds', 0):.1f} | "
-                f"{r['gc'].get('chunks_deleted', 0)} | {r['gc_bytes_rewritten'] / 1e6:.0f} MB | {r['verify_mb_s']:.1f} | "
+                f"{r['gc'].get('chunks_deleted', 0)} | {rewritten(r['gc'])} | {r['verify_mb_s']:.1f} | "
                 f"{ratio:.2f} |")
     lines += ["", "GC alone after forgetting 1% of the prefill (no other load; bytes written = the server "
                   "process's write_bytes during the run):", "",
@@ -330,16 +339,23 @@ def main():
     for b in (BKP, BKP_SERVER, FLEET):
         if not b.exists():
             die(f"{b} is missing: run `cargo build --release --workspace --bins` with this CARGO_TARGET_DIR")
-    variants = sum(HOSTS) * len(SIZES)
+    variants = sum(HOSTS) * len(SIZES) + int(ENV.get("BENCH_FLEET_KEY0", "1")) - 1
     if variants > 254:
         die(f"{variants} host inputs: at most 254 distinct XOR keys; fewer sizes or hosts")
     started = datetime.datetime.now()
-    rmtree(DIR)
-    DIR.mkdir(parents=True)
+    fp_file = DIR / "fingerprint"
+    if ENV.get("BENCH_FLEET_REUSE") == "1" and fp_file.exists():
+        # A store a previous run kept (BENCH_FLEET_KEEP=1): prefill tops it up.
+        fingerprint = fp_file.read_text().strip()
+    else:
+        rmtree(DIR)
+        DIR.mkdir(parents=True)
+        fingerprint = output([BKP_SERVER, "init", "--data", DATA_DIR]).strip().split("\n")[-1]
+        fp_file.write_text(fingerprint + "\n")
     base = base_data()
-    fingerprint = output([BKP_SERVER, "init", "--data", DATA_DIR]).strip().split("\n")[-1]
     server = Server()
-    sizes, key = [], 1
+    # A reused store already holds the data of the keys its run used.
+    sizes, key = [], int(ENV.get("BENCH_FLEET_KEY0", "1"))
     for chunks in SIZES:
         lab = label(chunks)
         log(f"prefill to {chunks} chunks ({lab})")
@@ -353,8 +369,9 @@ def main():
             log(f"{lab} n={n}: push {r['aggregate_push_mb_s']:.1f} MB/s, restore {r['aggregate_restore_mb_s']:.1f} MB/s,"
                 f" server CPU {r['server_cpu_s_per_gb']:.1f} s/GB, GC {r['gc'].get('seconds', 0):.1f} s")
             s["rounds"].append(r)
-        log(f"{lab}: GC alone")
-        s["gc_alone"] = gc_alone(server)
+        if ENV.get("BENCH_FLEET_GC_ALONE", "1") != "0":
+            log(f"{lab}: GC alone")
+            s["gc_alone"] = gc_alone(server)
         sizes.append(s)
         # What is done so far survives an interrupted run.
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,9 @@ where new MB is what was sent (bkp's report), scaled back from stored to
 raw bytes with the data's compression ratio. Everything else (reading
 and writing files, QUIC and TLS, RocksDB, waiting) is above the floor.
 Share = floor / wall: 100% would be every core busy with these stages
-only. The incremental tree push chunks only the changed files, whose
+only. On a shared machine wall times include other processes' turns, so
+the table also gives floor CPU / bkp's CPU (client + server rusage),
+which load moves much less. The incremental tree push chunks only the changed files, whose
 bytes bkp does not report: its floor counts the new chunks only.
 """
 
@@ -65,12 +67,15 @@ def markdown(med, fl, labels):
              f"dump: FastCDC {t['fastcdc']:.0f} / {d['fastcdc']:.0f}, blake3 ids {t['blake3_ids']:.0f} / "
              f"{d['blake3_ids']:.0f}, zstd 3 {t['zstd3']:.0f} / {d['zstd3']:.0f}, decode + re-hash "
              f"{t['decode_rehash']:.0f} / {d['decode_rehash']:.0f}; scripts/bench/floor.py says how):", "",
-             "| step | wall s | floor s | share of floor | client + server CPU s |", "|---|---:|---:|---:|---:|"]
+             "| step | wall s | floor s | share of floor (floor / wall) | client + server CPU s | floor CPU s "
+             "| floor CPU / CPU |", "|---|---:|---:|---:|---:|---:|---:|"]
     for step in STEPS:
         m = med[step].get("bkp")
         if not m:
             continue
         fs = floor_seconds(step, m, fl)
         cpu = m["user"] + m["sys"] + m.get("server_user", 0) + m.get("server_sys", 0)
-        lines.append(f"| {labels[step]} | {m['wall']:.2f} | {fs:.2f} | {100 * fs / m['wall']:.0f}% | {cpu:.1f} |")
+        fcpu = fs * fl["cores"]
+        lines.append(f"| {labels[step]} | {m['wall']:.2f} | {fs:.2f} | {100 * fs / m['wall']:.0f}% | {cpu:.1f} | "
+                     f"{fcpu:.2f} | {100 * fcpu / cpu:.0f}% |")
     return lines

@@ -12,7 +12,7 @@ size) on the inputs that could make it grow, against issue 23's bound of
               every file from the metadata cache) and restored
 
 The inputs are generated under BKP_RSS_DIR (default ~/.cache/bkp/rss, on
-disk: ~4.1 GB and 2 M inodes) and deleted afterwards; restores go to
+disk: ~4.1 GB and 2 M inodes; BKP_RSS_BIG_MB=0 leaves the big file out) and deleted afterwards; restores go to
 /dev/shm when it has room. Results go to the bench results directory.
 """
 
@@ -87,6 +87,25 @@ def step(t, name, op, label, **kw):
     return m
 
 
+def big_file(t):
+    rows = []
+    big = DIR / "input-big" / "big.bin"
+    big.parent.mkdir()
+    log(f"writing a {BIG_BYTES / 1e9:.1f} GB file")
+    make_big(big)
+    rows.append(step(t, "push 4 GB file", "backup_tree", "big", src=big.parent))
+    target = restore_root() / "big"
+    rmtree(target)
+    target.mkdir(parents=True)
+    rows.append(step(t, "restore 4 GB file", "restore_tree", "big", target=target))
+    got = t.restored_tree(target, big.parent) / "big.bin"
+    if subprocess.run(["cmp", "-s", big, got]).returncode != 0:
+        die(f"restored {got} differs from {big}")
+    rmtree(target)
+    big.unlink()
+    return rows
+
+
 def main():
     started = datetime.datetime.now()
     rmtree(DIR)
@@ -95,20 +114,8 @@ def main():
     try:
         t = tools.Bkp(DIR / "run")
         t.init()
-        big = DIR / "input-big" / "big.bin"
-        big.parent.mkdir()
-        log(f"writing a {BIG_BYTES / 1e9:.1f} GB file")
-        make_big(big)
-        rows.append(step(t, "push 4 GB file", "backup_tree", "big", src=big.parent))
-        target = restore_root() / "big"
-        rmtree(target)
-        target.mkdir(parents=True)
-        rows.append(step(t, "restore 4 GB file", "restore_tree", "big", target=target))
-        got = t.restored_tree(target, big.parent) / "big.bin"
-        if subprocess.run(["cmp", "-s", big, got]).returncode != 0:
-            die(f"restored {got} differs from {big}")
-        rmtree(target)
-        big.unlink()
+        if BIG_BYTES:
+            rows += big_file(t)
         many = DIR / "input-many"
         log(f"creating {DIRS * PER_DIR + FLAT} empty files")
         make_many(many)
