@@ -272,12 +272,13 @@ fn execute(cli: Cli) -> Result<()> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async move {
+                let shutdown = shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
                 let state = ServerState::open_from(&data, cfg.clone(), source)?;
                 crate::control::start_delay_for_tests();
                 let endpoint = bind(&data, cfg.listen)?;
                 eprintln!("bkp-server listening on {}", endpoint.local_addr()?);
                 let hangup = tokio::spawn(reload_on_hangup(state.clone()));
-                crate::server::serve(endpoint, state, shutdown_signal()).await.context("serving")?;
+                crate::server::serve(endpoint, state, shutdown).await.context("serving")?;
                 hangup.abort();
                 Ok(())
             })
@@ -907,13 +908,20 @@ fn salvage_store(data: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now, and returns what waits
+/// for either. Installed before anything says "serving": a supervisor
+/// (or a test) that stops the server as soon as it is up must not find
+/// the signal lost or the default action killing it mid-start.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// The clap definition, for generating man pages and shell completions
